@@ -1,0 +1,86 @@
+"""Sampling parameters and the one function that turns logits into the distribution sampled from.
+
+`logits_to_probs` is used for the target in plain decoding *and* in verification, and by drafters for
+their proposal distribution q, so every path processes logits identically (SPEC §1, pitfall 2).
+Order of operations, as in HF transformers: temperature → top-k → top-p, then softmax in float32.
+Temperature 0 means greedy: the distribution is the one-hot of the argmax, which makes the rejection
+rule reduce exactly to "accept while the draft equals the target's argmax" (SPEC §1 step 5).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from dspark.errors import RequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 → greedy; top_k 0 → off; top_p 1.0 → off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        t, k, p = self.temperature, self.top_k, self.top_p
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise RequestError(f"temperature must be a finite number ≥ 0, got {t!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise RequestError(f"top_k must be an integer ≥ 0 (0 = off), got {k!r}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 < p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _probs_one_setting(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [N, V] → probs [N, V] float32 for one parameter setting."""
+    logits = logits.to(torch.float32)
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(torch.float32)
+    scaled = logits / params.temperature
+    if 0 < params.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, params.top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        drop_sorted = mass_before >= params.top_p  # keep the smallest prefix whose mass reaches top_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def logits_to_probs(logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParams]) -> torch.Tensor:
+    """Distribution actually sampled from. logits [..., V] (any float dtype) → float32 [..., V].
+
+    `params` is one setting for all rows, or one per row of the leading dimension.
+    """
+    if isinstance(params, SamplingParams):
+        shape = logits.shape
+        return _probs_one_setting(logits.reshape(-1, shape[-1]), params).reshape(shape)
+    if len(params) != logits.shape[0]:
+        raise ValueError(f"{len(params)} sampling settings for {logits.shape[0]} rows")
+    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    groups: dict[SamplingParams, list[int]] = {}
+    for row, p in enumerate(params):
+        groups.setdefault(p, []).append(row)
+    for p, rows in groups.items():
+        index = torch.tensor(rows, device=logits.device)
+        out[index] = logits_to_probs(logits[index], p)
+    return out
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from probs [N, V] (float32) → [N] long."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,1 @@
+"""The generation loop: plain and speculative decoding over the target runner."""

@@ -1,0 +1,230 @@
+"""The generation loop: a batch of prompts in, token ids and statistics out.
+
+One round for every unfinished sequence (SPEC §1):
+  1. the drafter proposes up to k tokens (none in plain decoding);
+  2. the target runs [x0, d_1..d_ℓ] for all sequences in one ragged forward (ℓ may differ, 0 allowed);
+  3. `verify` accepts a prefix and emits a correction or bonus token;
+  4. the target KV cache is rolled back to x0 + accepted drafts; the emitted tokens are cut at the first
+     stop token (an accepted stop token ends the sequence with no bonus) and at max_new_tokens.
+Plain decoding is the same loop with ℓ = 0, so both use identical target processing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from dspark.decoding.sampling import SamplingParams, logits_to_probs, sample
+from dspark.decoding.verification import verify
+from dspark.engine.stats import RoundRecord, SpecStats
+from dspark.errors import RequestError
+from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter
+from dspark.models.target_runner import TargetRunner
+
+
+@dataclass
+class SequenceResult:
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated tokens (stop token included when generation stopped on one)
+    finish_reason: str  # "stop" (stop token) or "length" (max_new_tokens)
+    stats: SpecStats
+    rounds: list[RoundRecord] = field(default_factory=list)
+
+
+@dataclass
+class GenerationOutput:
+    sequences: list[SequenceResult]
+    stats: SpecStats  # pooled over all rounds of all sequences
+    elapsed_s: float  # wall time of the whole call, prefill included
+
+    @property
+    def num_generated(self) -> int:
+        return sum(len(s.token_ids) for s in self.sequences)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.num_generated / self.elapsed_s if self.elapsed_s > 0 else float("inf")
+
+
+@dataclass
+class _Active:
+    index: int
+    seq_id: int
+    prompt: list[int]
+    generated: list[int]
+    sampling: SamplingParams
+    max_new_tokens: int
+    pending_features: torch.Tensor | None
+    stats: SpecStats = field(default_factory=SpecStats)
+    rounds: list[RoundRecord] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def last_token(self) -> int:
+        return self.generated[-1]
+
+
+def _per_sequence(value, count: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise RequestError(f"{name}: {len(value)} values for {count} prompts")
+        return list(value)
+    return [value] * count
+
+
+def _cut(tokens: list[int], stop_ids: frozenset[int], room: int) -> tuple[list[int], str | None]:
+    """Cut emitted tokens at the first stop token (kept) and at the remaining budget."""
+    for i, tok in enumerate(tokens):
+        if tok in stop_ids:
+            if i + 1 <= room:
+                return tokens[: i + 1], "stop"
+            break
+    if len(tokens) >= room:
+        return tokens[:room], "length"
+    return tokens, None
+
+
+def generate(
+    runner: TargetRunner,
+    prompts: Sequence[Sequence[int]],
+    *,
+    sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+    max_new_tokens: int | Sequence[int] = 64,
+    drafter: Drafter | None = None,
+    num_draft_tokens: int | None = None,
+    stop_token_ids: Sequence[int] = (),
+    seed: int | None = 0,
+    record_rounds: bool = False,
+) -> GenerationOutput:
+    """Generate continuations for a batch of tokenised prompts, with or without a drafter.
+
+    num_draft_tokens: drafts proposed per round (default: the drafter's trained block size).
+    stop_token_ids: generation of a sequence ends after it emits one of these.
+    seed: seeds the one generator used for target sampling, verification and drafting (None: random).
+    """
+    count = len(prompts)
+    samplings = _per_sequence(sampling, count, "sampling")
+    budgets = _per_sequence(max_new_tokens, count, "max_new_tokens")
+    k = 0
+    if drafter is not None:
+        k = drafter.max_draft_tokens if num_draft_tokens is None else num_draft_tokens
+        if k < 0:
+            raise RequestError(f"num_draft_tokens must be ≥ 0, got {k}")
+        drafter.check_num_draft_tokens(k)
+        drafter.check_target(runner.config)
+    for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
+        if len(prompt) == 0:
+            raise RequestError(f"prompt {i} is empty")
+        if not isinstance(budget, int) or budget < 1:
+            raise RequestError(f"max_new_tokens must be an integer ≥ 1, got {budget!r}")
+        if len(prompt) + budget > runner.max_context:
+            raise RequestError(
+                f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={budget} it needs "
+                f"{len(prompt) + budget} positions, beyond the model's context of {runner.max_context}"
+            )
+    stop_ids = frozenset(int(t) for t in stop_token_ids)
+    generator = torch.Generator(device=runner.device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    layers = drafter.feature_layer_ids if drafter is not None else ()
+    start_time = time.perf_counter()
+
+    seq_ids = [runner.new_sequence() for _ in range(count)]
+    active: list[_Active] = []
+    done: list[_Active] = []
+    try:
+        out = runner.forward(seq_ids, [list(p) for p in prompts], all_logits=False, feature_layer_ids=layers)
+        first = sample(logits_to_probs(out.logits, samplings), generator).tolist()
+        features = out.split(out.features) if out.features is not None else [None] * count
+        for i in range(count):
+            state = _Active(i, seq_ids[i], list(prompts[i]), [], samplings[i], budgets[i], features[i])
+            emitted, reason = _cut([first[i]], stop_ids, budgets[i])
+            state.generated.extend(emitted)
+            state.finish_reason = reason
+            (done if reason else active).append(state)
+        while active:
+            _round(runner, active, drafter, k, layers, stop_ids, generator, record_rounds)
+            still = []
+            for state in active:
+                (done if state.finish_reason else still).append(state)
+                if state.finish_reason and drafter is not None:
+                    drafter.release(state.seq_id)
+            active = still
+    finally:
+        for seq_id in seq_ids:
+            runner.free_sequence(seq_id)
+        if drafter is not None:
+            for state in active:
+                drafter.release(state.seq_id)
+    elapsed = time.perf_counter() - start_time
+    done.sort(key=lambda s: s.index)
+    total = SpecStats()
+    results = []
+    for s in done:
+        total.merge(s.stats)
+        results.append(SequenceResult(s.prompt, s.generated, s.finish_reason, s.stats, s.rounds))
+    return GenerationOutput(sequences=results, stats=total, elapsed_s=elapsed)
+
+
+def _round(
+    runner: TargetRunner,
+    active: list[_Active],
+    drafter: Drafter | None,
+    k: int,
+    layers: tuple[int, ...],
+    stop_ids: frozenset[int],
+    generator: torch.Generator,
+    record_rounds: bool,
+) -> None:
+    batch = len(active)
+    # Drafts are only worth proposing if the round can still emit them plus one target token.
+    limits = []
+    for s in active:
+        room = s.max_new_tokens - len(s.generated)
+        context_room = runner.max_context - runner.length(s.seq_id) - 1
+        limits.append(max(0, min(k, room - 1, context_room)))
+    if drafter is not None and any(limits):
+        inputs = [
+            DraftInput(s.seq_id, s.prompt + s.generated, s.pending_features, limit, s.sampling)
+            for s, limit in zip(active, limits)
+        ]
+        proposal = drafter.propose(inputs, generator)
+    else:
+        proposal = DraftProposal.empty(batch)
+    verify_lens = torch.minimum(proposal.lengths, torch.tensor(limits, dtype=torch.long))
+    width = int(verify_lens.max()) if batch else 0
+    drafts = proposal.tokens[:, :width]
+    starts = [runner.length(s.seq_id) for s in active]
+    new_tokens = [[s.last_token] + drafts[b, : int(verify_lens[b])].tolist() for b, s in enumerate(active)]
+    out = runner.forward([s.seq_id for s in active], new_tokens, all_logits=True, feature_layer_ids=layers)
+
+    # Target distributions, padded to [B, width + 1, V]; processed exactly as in plain decoding.
+    per_seq_logits = out.split(out.logits)
+    target_probs = torch.zeros(batch, width + 1, out.logits.shape[-1], dtype=torch.float32, device=out.logits.device)
+    for b, (s, logits) in enumerate(zip(active, per_seq_logits)):
+        target_probs[b, : logits.shape[0]] = logits_to_probs(logits, s.sampling)
+    draft_probs = None if proposal.probs is None else proposal.probs[:, :width].to(target_probs.device)
+    result = verify(target_probs, drafts.to(target_probs.device), verify_lens, draft_probs, generator)
+    accepted = result.num_accepted.tolist()
+    next_tokens = result.next_tokens.tolist()
+    features = out.split(out.features) if out.features is not None else [None] * batch
+
+    for b, s in enumerate(active):
+        n = accepted[b]
+        runner.truncate(s.seq_id, starts[b] + 1 + n)  # keep x0 and the accepted drafts
+        s.pending_features = None if features[b] is None else features[b][: 1 + n]
+        emitted = drafts[b, :n].tolist() + [next_tokens[b]]
+        emitted, reason = _cut(emitted, stop_ids, s.max_new_tokens - len(s.generated))
+        s.generated.extend(emitted)
+        s.finish_reason = reason
+        record = RoundRecord(
+            drafted=int(proposal.lengths[b]), verified=int(verify_lens[b]), accepted=n, emitted=len(emitted)
+        )
+        s.stats.add(record)
+        if record_rounds:
+            s.rounds.append(record)

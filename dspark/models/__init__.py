@@ -1,0 +1,1 @@
+"""Models: the target runner (decoder over a paged KV cache), model families, checkpoints, drafters."""

@@ -1,0 +1,77 @@
+"""The drafter interface, shaped to fit every drafter of SPEC §2.
+
+A round, per sequence: the generation loop hands the drafter the token history (the last token, x0 or
+"anchor", is the target's newest token and not yet processed by the target), the target features of the
+positions verified since the previous round (feature-conditioned drafters: DSpark, DFlash, EAGLE-3,
+MTP), and how many tokens it may propose. The drafter returns tokens, the exact float32 distributions
+it sampled them from (or None if deterministic), and optionally per-position confidences c_k
+(DSpark's confidence head: P(slot k survives | slots < k accepted), SPEC §2.4).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from dspark.decoding.sampling import SamplingParams
+from dspark.errors import RequestError
+
+
+@dataclass
+class DraftInput:
+    """What a drafter sees of one sequence in one round."""
+
+    seq_id: int  # stable handle of the request for the drafter's own state (its KV cache, ...)
+    token_ids: Sequence[int]  # prompt + generated so far; token_ids[-1] is x0, not yet run by the target
+    new_features: torch.Tensor | None  # [n_new, L·H] target features of positions newly verified
+    max_tokens: int  # at most this many drafts are useful this round (≥ 0)
+    sampling: SamplingParams
+
+
+@dataclass
+class DraftProposal:
+    """Drafts for B sequences, padded to K = max proposed length."""
+
+    tokens: torch.Tensor  # [B, K] long (padding: 0)
+    lengths: torch.Tensor  # [B] long, proposed per sequence (≤ its max_tokens)
+    probs: torch.Tensor | None = None  # [B, K, V] float32: the exact q each draft was sampled from
+    confidences: torch.Tensor | None = None  # [B, K] float32 in (0, 1): conditional survival c_k
+
+    @classmethod
+    def empty(cls, batch: int) -> "DraftProposal":
+        return cls(tokens=torch.zeros(batch, 0, dtype=torch.long), lengths=torch.zeros(batch, dtype=torch.long))
+
+
+class Drafter(ABC):
+    """Base class. Subclasses set `name`, `max_draft_tokens` and, if they read target features,
+    `feature_layer_ids` (target decoder layers whose raw outputs they condition on, SPEC §2.1)."""
+
+    name: str = "drafter"
+    max_draft_tokens: int = 7
+    feature_layer_ids: tuple[int, ...] = ()
+    provides_confidence: bool = False
+
+    @property
+    def needs_target_features(self) -> bool:
+        return bool(self.feature_layer_ids)
+
+    def check_num_draft_tokens(self, num: int) -> None:
+        """Refuse to propose more tokens than the drafter was trained for (SPEC §6 field failure)."""
+        if num > self.max_draft_tokens:
+            raise RequestError(
+                f"drafter '{self.name}' proposes at most {self.max_draft_tokens} tokens per round "
+                f"(its trained block size); {num} were requested"
+            )
+
+    def check_target(self, target_config) -> None:
+        """Raise if this drafter cannot serve the given target (vocabulary, hidden size, ...)."""
+
+    @abstractmethod
+    def propose(self, batch: list[DraftInput], generator: torch.Generator | None = None) -> DraftProposal:
+        """Propose up to `max_tokens` drafts for every sequence of the batch."""
+
+    def release(self, seq_id: int) -> None:
+        """Forget a finished sequence's state."""

@@ -1,0 +1,45 @@
+"""Resolve `--drafter` values: a built-in model-free name ("ngram") or a drafter checkpoint folder,
+dispatched on `architectures` in its config.json to the loader a drafter module registered."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from dspark.errors import CheckpointError, ConfigError
+from dspark.models.drafters.base import Drafter
+
+_FOLDER_LOADERS: dict[str, Callable[..., Drafter]] = {}
+
+
+def register_drafter(architecture: str, loader: Callable[..., Drafter]) -> None:
+    """Register `loader(folder, **kwargs) -> Drafter` for checkpoints whose config names `architecture`."""
+    _FOLDER_LOADERS[architecture] = loader
+
+
+def load_drafter(spec: str, *, num_draft_tokens: int | None = None, **kwargs) -> Drafter:
+    """`spec`: "ngram" or a checkpoint folder."""
+    if spec == "ngram":
+        from dspark.models.drafters.ngram import NgramDrafter
+
+        return NgramDrafter(num_draft_tokens=num_draft_tokens or 7)
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise ConfigError(f"--drafter {spec!r}: neither a built-in drafter name (ngram) nor an existing folder")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: missing; a drafter folder needs config.json and model.safetensors")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+    archs = config.get("architectures") or []
+    for arch in archs:
+        if arch in _FOLDER_LOADERS:
+            drafter = _FOLDER_LOADERS[arch](folder, **kwargs)
+            if num_draft_tokens is not None:
+                drafter.check_num_draft_tokens(num_draft_tokens)
+            return drafter
+    known = ", ".join(sorted(_FOLDER_LOADERS)) or "none yet"
+    raise CheckpointError(f"{config_path}: drafter architecture {archs!r} is not supported (supported: {known})")

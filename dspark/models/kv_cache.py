@@ -1,0 +1,203 @@
+"""Block-paged KV cache and the metadata of one ragged forward pass.
+
+Storage: per layer, one K pool and one V pool of shape [num_blocks * block_size, num_kv_heads, head_dim]
+("slots"). A sequence owns an ordered list of blocks (its block table); token position p of that
+sequence lives in slot `table[p // block_size] * block_size + p % block_size`. Rolling a sequence back
+is just lowering its length (and returning whole blocks past the new end to the free list): slots past
+the length are overwritten by the next forward.
+
+The pools grow on demand (re-allocated, contents copied) up to `max_blocks`, so a CPU run needs no
+up-front sizing; a server passes a fixed `max_blocks` and treats `CacheCapacityError` as back-pressure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dspark.errors import CacheCapacityError
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs for one ragged batch, built once per forward and shared by all layers.
+
+    B sequences with query lengths q_b (≥ 1) and context lengths c_b (cached tokens + new ones), T = Σ q_b.
+    """
+
+    positions: torch.Tensor  # [T] absolute position of each new token
+    slot_mapping: torch.Tensor  # [T] flat cache slot each new token's K/V is written to
+    query_lens: list[int]  # q_b
+    context_lens: list[int]  # c_b, after this forward's tokens are written
+    gather_slots: torch.Tensor  # [B, max_c] flat slots of each sequence's keys, padded with slot 0
+    padded_index: torch.Tensor  # [T] row of each new token in the padded [B * max_q] query layout
+    attn_mask: torch.Tensor | None  # [B, 1, max_q, max_c] bool, True = may attend; None = attend to all
+    max_query_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.numel())
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.query_lens)
+
+
+class PagedKVCache:
+    """Paged K/V storage for `num_layers` layers plus the per-sequence block tables and lengths."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        block_size: int = 16,
+        initial_blocks: int = 64,
+        max_blocks: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        if block_size <= 0 or initial_blocks <= 0:
+            raise ValueError("block_size and initial_blocks must be positive")
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.block_size = block_size
+        self.max_blocks = max_blocks
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.num_blocks = 0
+        self.k_pools: list[torch.Tensor] = []
+        self.v_pools: list[torch.Tensor] = []
+        self._free_blocks: list[int] = []
+        self._tables: dict[int, list[int]] = {}
+        self._lengths: dict[int, int] = {}
+        self._next_seq_id = 0
+        self._grow(min(initial_blocks, max_blocks) if max_blocks else initial_blocks)
+
+    # -- sequences -------------------------------------------------------------------------------
+    def new_sequence(self) -> int:
+        seq_id = self._next_seq_id
+        self._next_seq_id += 1
+        self._tables[seq_id] = []
+        self._lengths[seq_id] = 0
+        return seq_id
+
+    def free_sequence(self, seq_id: int) -> None:
+        self._free_blocks.extend(reversed(self._tables.pop(seq_id)))
+        del self._lengths[seq_id]
+
+    def length(self, seq_id: int) -> int:
+        return self._lengths[seq_id]
+
+    def truncate(self, seq_id: int, new_length: int) -> None:
+        """Roll a sequence back to its first `new_length` tokens (0 ≤ new_length ≤ current length)."""
+        current = self._lengths[seq_id]
+        if not 0 <= new_length <= current:
+            raise ValueError(f"cannot truncate sequence {seq_id} of length {current} to {new_length}")
+        table = self._tables[seq_id]
+        keep = -(-new_length // self.block_size)
+        self._free_blocks.extend(reversed(table[keep:]))
+        del table[keep:]
+        self._lengths[seq_id] = new_length
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free_blocks)
+
+    # -- storage ---------------------------------------------------------------------------------
+    def _grow(self, new_num_blocks: int) -> None:
+        slots = new_num_blocks * self.block_size
+        shape = (slots, self.num_kv_heads, self.head_dim)
+        old_slots = self.num_blocks * self.block_size
+        for pools in (self.k_pools, self.v_pools):
+            for layer in range(self.num_layers):
+                fresh = torch.empty(shape, dtype=self.dtype, device=self.device)
+                if layer < len(pools):
+                    fresh[:old_slots].copy_(pools[layer])
+                    pools[layer] = fresh
+                else:
+                    pools.append(fresh)
+        self._free_blocks = list(range(new_num_blocks - 1, self.num_blocks - 1, -1)) + self._free_blocks
+        self.num_blocks = new_num_blocks
+
+    def _reserve(self, seq_id: int, new_length: int) -> None:
+        table = self._tables[seq_id]
+        needed = -(-new_length // self.block_size) - len(table)
+        if needed <= 0:
+            return
+        if needed > len(self._free_blocks):
+            target = max(self.num_blocks * 2, self.num_blocks + needed - len(self._free_blocks))
+            if self.max_blocks is not None:
+                target = min(target, self.max_blocks)
+            if target - self.num_blocks + len(self._free_blocks) < needed:
+                raise CacheCapacityError(
+                    f"KV cache full: sequence {seq_id} needs {needed} more blocks of {self.block_size} tokens, "
+                    f"{len(self._free_blocks)} free of {self.num_blocks} (max_blocks={self.max_blocks})"
+                )
+            self._grow(target)
+        for _ in range(needed):
+            table.append(self._free_blocks.pop())
+
+    def _slots(self, seq_id: int, start: int, end: int) -> torch.Tensor:
+        table = torch.tensor(self._tables[seq_id], dtype=torch.long)
+        positions = torch.arange(start, end, dtype=torch.long)
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    # -- one forward -----------------------------------------------------------------------------
+    def prepare(self, seq_ids: list[int], query_lens: list[int]) -> AttentionMetadata:
+        """Reserve room for `query_lens[b]` new tokens of each sequence, advance their lengths, and build
+        the metadata of the forward that will write them. On failure nothing is changed."""
+        if len(seq_ids) != len(query_lens) or not seq_ids:
+            raise ValueError("need one query length per sequence and at least one sequence")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("a sequence may appear only once per forward")
+        if any(q <= 0 for q in query_lens):
+            raise ValueError("every sequence in a forward needs at least one new token")
+        starts = [self._lengths[s] for s in seq_ids]
+        snapshot = {s: list(self._tables[s]) for s in seq_ids}
+        try:
+            for seq_id, start, q in zip(seq_ids, starts, query_lens):
+                self._reserve(seq_id, start + q)
+        except CacheCapacityError:
+            for seq_id, table in snapshot.items():
+                extra = self._tables[seq_id][len(table):]
+                self._free_blocks.extend(reversed(extra))
+                self._tables[seq_id] = table
+            raise
+        context_lens = [start + q for start, q in zip(starts, query_lens)]
+        batch, max_q, max_c = len(seq_ids), max(query_lens), max(context_lens)
+        positions = torch.cat([torch.arange(s, s + q) for s, q in zip(starts, query_lens)])
+        gather = torch.zeros(batch, max_c, dtype=torch.long)
+        slot_mapping = []
+        for b, (seq_id, start, c) in enumerate(zip(seq_ids, starts, context_lens)):
+            slots = self._slots(seq_id, 0, c)
+            gather[b, :c] = slots
+            slot_mapping.append(slots[start:])
+        padded_index = torch.cat([torch.arange(q) + b * max_q for b, q in enumerate(query_lens)])
+        uniform = all(q == 1 for q in query_lens) and all(c == max_c for c in context_lens)
+        mask = None
+        if not uniform:
+            start_t = torch.tensor(starts).view(batch, 1, 1)
+            q_idx = torch.arange(max_q).view(1, max_q, 1)
+            k_idx = torch.arange(max_c).view(1, 1, max_c)
+            ctx_t = torch.tensor(context_lens).view(batch, 1, 1)
+            q_real = q_idx < torch.tensor(query_lens).view(batch, 1, 1)
+            mask = (k_idx <= start_t + q_idx) & (k_idx < ctx_t) & q_real
+            mask[..., 0] |= ~q_real[..., 0]  # padded query rows attend to one key: no NaN rows
+            mask = mask.unsqueeze(1)
+        for seq_id, c in zip(seq_ids, context_lens):
+            self._lengths[seq_id] = c
+        device = self.device
+        return AttentionMetadata(
+            positions=positions.to(device),
+            slot_mapping=torch.cat(slot_mapping).to(device),
+            query_lens=list(query_lens),
+            context_lens=context_lens,
+            gather_slots=gather.to(device),
+            padded_index=padded_index.to(device),
+            attn_mask=None if mask is None else mask.to(device),
+            max_query_len=max_q,
+        )

@@ -1,0 +1,144 @@
+"""`TargetRunner`: the target model plus the KV cache it owns — the one object decoding talks to.
+
+It serves prefill, plain decoding and verification with the same call: `forward(seq_ids, new_tokens)`
+appends each sequence's new tokens (any count ≥ 1, different per sequence) and returns next-token
+logits for every new position (or only the last), plus, on request, the raw outputs of chosen decoder
+layers (the target features drafters condition on, SPEC §2.1). `truncate` rolls a sequence back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from dspark.errors import RequestError
+from dspark.models.checkpoint import load_state_into
+from dspark.models.config import DecoderConfig, parse_decoder_config, read_config_json
+from dspark.models.decoder import DecoderModel
+from dspark.models.kv_cache import PagedKVCache
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None → float32 on CPU (bf16 matmuls are slow there), bfloat16 on GPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise RequestError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class RunnerOutput:
+    """Result of one ragged forward over B sequences with query lengths q_b (T = Σ q_b)."""
+
+    logits: torch.Tensor  # [T, V] float32 (all positions) or [B, V] (last position of each sequence)
+    query_lens: list[int]
+    features: torch.Tensor | None = None  # [T, L·H] raw layer outputs of the requested layers
+
+    def split(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Split a [T, ...] tensor into per-sequence [q_b, ...] views."""
+        return list(torch.split(tensor, self.query_lens))
+
+
+class TargetRunner:
+    """Owns a `DecoderModel` and its `PagedKVCache`; sequences are integer handles into the cache."""
+
+    def __init__(
+        self,
+        model: DecoderModel,
+        *,
+        cache_block_size: int = 16,
+        max_cache_blocks: int | None = None,
+        name: str = "model",
+    ):
+        self.model = model.eval()
+        self.config: DecoderConfig = model.config
+        self.name = name
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        c = self.config
+        self.cache = PagedKVCache(
+            c.num_layers, c.num_kv_heads, c.head_dim,
+            block_size=cache_block_size, max_blocks=max_cache_blocks, dtype=self.dtype, device=self.device,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None, **kwargs
+    ) -> "TargetRunner":
+        """Load an HF-format folder (config.json + *.safetensors) of a supported family."""
+        folder = Path(folder)
+        device = torch.device(device)
+        config = parse_decoder_config(read_config_json(folder), where=str(folder / "config.json"))
+        torch_dtype = resolve_dtype(dtype, device)
+        with torch.device("meta"):
+            model = DecoderModel(config)
+        optional = ("lm_head.weight",) if config.tie_word_embeddings else ()
+        load_state_into(model, folder, dtype=torch_dtype, device=device, optional=optional)
+        return cls(model, name=str(folder), **kwargs)
+
+    # -- sequence handles ------------------------------------------------------------------------
+    @property
+    def max_context(self) -> int:
+        return self.config.max_position_embeddings
+
+    def new_sequence(self) -> int:
+        return self.cache.new_sequence()
+
+    def free_sequence(self, seq_id: int) -> None:
+        self.cache.free_sequence(seq_id)
+
+    def length(self, seq_id: int) -> int:
+        return self.cache.length(seq_id)
+
+    def truncate(self, seq_id: int, new_length: int) -> None:
+        self.cache.truncate(seq_id, new_length)
+
+    # -- compute ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(
+        self,
+        seq_ids: Sequence[int],
+        new_tokens: Sequence[Sequence[int] | torch.Tensor],
+        *,
+        all_logits: bool = True,
+        feature_layer_ids: tuple[int, ...] = (),
+    ) -> RunnerOutput:
+        """Append `new_tokens[b]` to sequence `seq_ids[b]` and run them through the model in one pass.
+
+        all_logits=True → logits for every new position [T, V] (verification); False → only the last
+        new position of each sequence [B, V] (prefill / plain decoding).
+        """
+        tensors = [torch.as_tensor(t, dtype=torch.long).reshape(-1) for t in new_tokens]
+        query_lens = [int(t.numel()) for t in tensors]
+        for seq_id, q in zip(seq_ids, query_lens):
+            end = self.cache.length(seq_id) + q
+            if end > self.max_context:
+                raise RequestError(
+                    f"sequence {seq_id} would reach {end} tokens, beyond the model's context of {self.max_context}"
+                )
+        vocab = self.config.vocab_size
+        flat = torch.cat(tensors)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= vocab):
+            raise RequestError(f"token id out of range [0, {vocab})")
+        starts = [self.cache.length(s) for s in seq_ids]
+        meta = self.cache.prepare(list(seq_ids), query_lens)
+        try:
+            rows = None
+            if not all_logits:
+                rows = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
+            out = self.model(
+                flat.to(self.device), self.cache, meta, logits_rows=rows, feature_layer_ids=tuple(feature_layer_ids)
+            )
+        except BaseException:
+            for seq_id, start in zip(seq_ids, starts):
+                self.cache.truncate(seq_id, start)
+            raise
+        return RunnerOutput(logits=out.logits, query_lens=query_lens, features=out.features)
