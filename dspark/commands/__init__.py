@@ -1,0 +1,1 @@
+"""One module per CLI subcommand; imported lazily so `dspark --help` stays fast."""

@@ -1,0 +1,56 @@
+"""`dspark generate`: tokenise, run plain or speculative decoding, print text or JSON."""
+
+from __future__ import annotations
+
+from dspark.cli import print_json
+from dspark.decoding.sampling import SamplingParams
+from dspark.engine.generation import generate
+from dspark.errors import RequestError
+from dspark.models.drafters import load_drafter
+from dspark.models.target_runner import TargetRunner
+from dspark.models.tokenizer import load_tokenizer, render_prompt, stop_token_ids
+
+
+def run_generate(args) -> int:
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.max_new_tokens < 1:
+        raise RequestError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
+    runner = TargetRunner.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.model)
+    drafter = None
+    if args.drafter is not None:
+        drafter = load_drafter(args.drafter, num_draft_tokens=args.num_draft_tokens)
+    prompts = [render_prompt(tokenizer, text, args.chat) for text in args.prompt]
+    stops = stop_token_ids(args.model, tokenizer, runner.config.eos_token_ids)
+    out = generate(
+        runner, prompts, sampling=sampling, max_new_tokens=args.max_new_tokens, drafter=drafter,
+        num_draft_tokens=args.num_draft_tokens, stop_token_ids=stops, seed=args.seed,
+    )
+    outputs = []
+    for seq in out.sequences:
+        shown = seq.token_ids[:-1] if seq.finish_reason == "stop" else seq.token_ids
+        outputs.append({
+            "text": tokenizer.decode(shown, skip_special_tokens=True),
+            "token_ids": seq.token_ids,
+            "finish_reason": seq.finish_reason,
+            "mean_accepted_length": seq.stats.mean_accepted_length if drafter else None,
+        })
+    if args.json:
+        summary = dict(outputs[0]) if len(outputs) == 1 else {}
+        summary.update({
+            "mean_accepted_length": out.stats.mean_accepted_length if drafter else None,
+            "acceptance_rate": out.stats.acceptance_rate if drafter else None,
+            "tokens_per_second": out.tokens_per_second,
+            "num_generated_tokens": out.num_generated,
+            "elapsed_s": out.elapsed_s,
+            "drafter": args.drafter,
+            "outputs": outputs,
+            "spec_decode": out.stats.to_dict() if drafter else None,
+        })
+        print_json(summary)
+    else:
+        for item in outputs:
+            print(item["text"])
+        tau = f", τ = {out.stats.mean_accepted_length:.2f}" if drafter else ""
+        print(f"[{out.num_generated} tokens in {out.elapsed_s:.2f} s, {out.tokens_per_second:.1f} tok/s{tau}]")
+    return 0
