@@ -573,27 +573,85 @@ def test_cache_capacity_error_changes_nothing(qwen3, qwen3_reference):
     sid = runner.new_sequence()
     runner.forward([sid], [tokens[:6]])
     free = runner.cache.num_free_blocks
+    assert free == 1
     with pytest.raises(CacheCapacityError):
         runner.forward([sid], [tokens[6:13]])  # 13 tokens > 12 slots
     assert runner.length(sid) == 6
     assert runner.cache.num_free_blocks == free
 
-    # A batch where the first sequence fits but the second does not: neither changes.
-    other = runner.new_sequence()
-    with pytest.raises(CacheCapacityError):
-        runner.forward([sid, other], [tokens[6:8], tokens[:5]])
-    assert runner.length(sid) == 6 and runner.length(other) == 0
-    assert runner.cache.num_free_blocks == free
-
     # The cache content is intact: continuing within capacity gives the reference logits.
     out = runner.forward([sid], [tokens[6:12]]).logits
     assert rel_err(out, ref_logits[6:12]) < HF_TOL
-    assert runner.cache.num_blocks == 3
+    assert runner.cache.num_blocks == 3 and runner.cache.num_free_blocks == 0
     # Freeing makes room again.
     runner.free_sequence(sid)
     assert runner.cache.num_free_blocks == 3
+    other = runner.new_sequence()
     out = runner.forward([other], [tokens[:12]]).logits
     assert rel_err(out, ref_logits[:12]) < HF_TOL
+
+
+def test_cache_capacity_error_in_batch_rolls_back_every_sequence(qwen3, qwen3_reference):
+    """The first sequence of a batch reserves a block, the second cannot: the first one's reservation
+    must be undone (its block back on the free list and *off* its block table)."""
+    _, folder = qwen3
+    tokens, ref_logits = qwen3_reference
+    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_block_size=4, max_cache_blocks=4)
+    sid, other = runner.new_sequence(), runner.new_sequence()
+    runner.forward([sid], [tokens[:6]])  # 2 blocks
+    assert runner.cache.num_free_blocks == 2
+    other_tokens = tokens_of(8, seed=90)
+    with pytest.raises(CacheCapacityError):
+        runner.forward([sid, other], [tokens[6:9], other_tokens + [1]])  # needs 1 + 3 blocks, 2 free
+    assert runner.length(sid) == 6 and runner.length(other) == 0
+    assert runner.cache.num_free_blocks == 2
+
+    # `other` takes both free blocks; `sid` then has no room to reach a third block...
+    other_logits = runner.forward([other], [other_tokens]).logits
+    assert runner.cache.num_free_blocks == 0
+    with pytest.raises(CacheCapacityError):
+        runner.forward([sid], [tokens[6:9]])
+    # ...but still fits within its own two blocks, and nobody's cache was overwritten.
+    out = runner.forward([sid], [tokens[6:8]]).logits
+    assert rel_err(out, ref_logits[6:8]) < HF_TOL
+    runner.free_sequence(sid)
+    more = runner.forward([other], [[5]]).logits
+    clean = run_alone(TargetRunner.from_pretrained(folder, dtype="float32"), other_tokens + [5])
+    assert rel_err(torch.cat([other_logits, more]), clean) < SELF_TOL
+
+
+def test_failure_inside_the_model_rolls_the_sequences_back(qwen3, qwen3_reference, monkeypatch):
+    _, folder = qwen3
+    tokens, ref_logits = qwen3_reference
+    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_block_size=4)
+    a, b = runner.new_sequence(), runner.new_sequence()
+    runner.forward([a], [tokens[:10]])
+    free = runner.cache.num_free_blocks
+    layer = runner.model.model.layers[1]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(layer, "forward", boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        runner.forward([a, b], [tokens[10:20], tokens[:7]])
+    assert runner.length(a) == 10 and runner.length(b) == 0
+    assert runner.cache.num_free_blocks == free
+    monkeypatch.undo()
+    out = runner.forward([a, b], [tokens[10:20], tokens[:7]])
+    la, lb = out.split(out.logits)
+    assert rel_err(la, ref_logits[10:20]) < HF_TOL
+    assert rel_err(lb, ref_logits[:7]) < HF_TOL
+
+
+@pytest.mark.parametrize("layer_ids", [(3,), (0, 7), (-2,)])
+def test_out_of_range_feature_layer_is_rejected(qwen3, layer_ids):
+    _, folder = qwen3
+    runner = TargetRunner.from_pretrained(folder, dtype="float32")
+    sid = runner.new_sequence()
+    with pytest.raises(ValueError, match=str(layer_ids[-1])):
+        runner.forward([sid], [[1, 2, 3]], feature_layer_ids=layer_ids)
+    assert runner.length(sid) == 0
 
 
 # -- request validation ---------------------------------------------------------------------------

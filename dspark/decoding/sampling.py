@@ -71,6 +71,8 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams | Sequence[Samp
         return _probs_one_setting(logits.reshape(-1, shape[-1]), params).reshape(shape)
     if len(params) != logits.shape[0]:
         raise ValueError(f"{len(params)} sampling settings for {logits.shape[0]} rows")
+    if all(p == params[0] for p in params):
+        return logits_to_probs(logits, params[0])
     out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
     groups: dict[SamplingParams, list[int]] = {}
     for row, p in enumerate(params):

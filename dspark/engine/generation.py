@@ -188,7 +188,8 @@ def _round(
         room = s.max_new_tokens - len(s.generated)
         context_room = runner.max_context - runner.length(s.seq_id) - 1
         limits.append(max(0, min(k, room - 1, context_room)))
-    if drafter is not None and any(limits):
+    drafter_called = drafter is not None and any(limits)
+    if drafter_called:
         inputs = [
             DraftInput(s.seq_id, s.prompt + s.generated, s.pending_features, limit, s.sampling)
             for s, limit in zip(active, limits)
@@ -204,10 +205,14 @@ def _round(
     out = runner.forward([s.seq_id for s in active], new_tokens, all_logits=True, feature_layer_ids=layers)
 
     # Target distributions, padded to [B, width + 1, V]; processed exactly as in plain decoding.
-    per_seq_logits = out.split(out.logits)
-    target_probs = torch.zeros(batch, width + 1, out.logits.shape[-1], dtype=torch.float32, device=out.logits.device)
-    for b, (s, logits) in enumerate(zip(active, per_seq_logits)):
-        target_probs[b, : logits.shape[0]] = logits_to_probs(logits, s.sampling)
+    row_params = [s.sampling for s, q in zip(active, out.query_lens) for _ in range(q)]
+    flat_probs = logits_to_probs(out.logits, row_params)
+    if all(q == width + 1 for q in out.query_lens):
+        target_probs = flat_probs.view(batch, width + 1, -1)
+    else:
+        target_probs = flat_probs.new_zeros(batch, width + 1, flat_probs.shape[-1])
+        rows = torch.cat([torch.arange(q) + b * (width + 1) for b, q in enumerate(out.query_lens)])
+        target_probs.view(batch * (width + 1), -1)[rows.to(flat_probs.device)] = flat_probs
     draft_probs = None if proposal.probs is None else proposal.probs[:, :width].to(target_probs.device)
     result = verify(target_probs, drafts.to(target_probs.device), verify_lens, draft_probs, generator)
     accepted = result.num_accepted.tolist()
@@ -217,7 +222,10 @@ def _round(
     for b, s in enumerate(active):
         n = accepted[b]
         runner.truncate(s.seq_id, starts[b] + 1 + n)  # keep x0 and the accepted drafts
-        s.pending_features = None if features[b] is None else features[b][: 1 + n]
+        if features[b] is not None:
+            verified = features[b][: 1 + n]
+            unconsumed = None if drafter_called else s.pending_features
+            s.pending_features = verified if unconsumed is None else torch.cat([unconsumed, verified])
         emitted = drafts[b, :n].tolist() + [next_tokens[b]]
         emitted, reason = _cut(emitted, stop_ids, s.max_new_tokens - len(s.generated))
         s.generated.extend(emitted)

@@ -73,6 +73,7 @@ class PagedKVCache:
         self.v_pools: list[torch.Tensor] = []
         self._free_blocks: list[int] = []
         self._tables: dict[int, list[int]] = {}
+        self._slot_tensors: dict[int, torch.Tensor] = {}  # flat slots of every reserved position, per sequence
         self._lengths: dict[int, int] = {}
         self._next_seq_id = 0
         self._grow(min(initial_blocks, max_blocks) if max_blocks else initial_blocks)
@@ -82,12 +83,13 @@ class PagedKVCache:
         seq_id = self._next_seq_id
         self._next_seq_id += 1
         self._tables[seq_id] = []
+        self._slot_tensors[seq_id] = torch.zeros(0, dtype=torch.long)
         self._lengths[seq_id] = 0
         return seq_id
 
     def free_sequence(self, seq_id: int) -> None:
         self._free_blocks.extend(reversed(self._tables.pop(seq_id)))
-        del self._lengths[seq_id]
+        del self._lengths[seq_id], self._slot_tensors[seq_id]
 
     def length(self, seq_id: int) -> int:
         return self._lengths[seq_id]
@@ -101,6 +103,7 @@ class PagedKVCache:
         keep = -(-new_length // self.block_size)
         self._free_blocks.extend(reversed(table[keep:]))
         del table[keep:]
+        self._slot_tensors[seq_id] = self._slot_tensors[seq_id][: keep * self.block_size]
         self._lengths[seq_id] = new_length
 
     @property
@@ -138,13 +141,15 @@ class PagedKVCache:
                     f"{len(self._free_blocks)} free of {self.num_blocks} (max_blocks={self.max_blocks})"
                 )
             self._grow(target)
-        for _ in range(needed):
-            table.append(self._free_blocks.pop())
+        fresh = [self._free_blocks.pop() for _ in range(needed)]
+        table.extend(fresh)
+        offsets = torch.arange(self.block_size, dtype=torch.long)
+        new_slots = (torch.tensor(fresh, dtype=torch.long).unsqueeze(1) * self.block_size + offsets).view(-1)
+        self._slot_tensors[seq_id] = torch.cat([self._slot_tensors[seq_id], new_slots])
 
     def _slots(self, seq_id: int, start: int, end: int) -> torch.Tensor:
-        table = torch.tensor(self._tables[seq_id], dtype=torch.long)
-        positions = torch.arange(start, end, dtype=torch.long)
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+        """Flat slots of positions [start, end) of a sequence (already reserved)."""
+        return self._slot_tensors[seq_id][start:end]
 
     # -- one forward -----------------------------------------------------------------------------
     def prepare(self, seq_ids: list[int], query_lens: list[int]) -> AttentionMetadata:
@@ -166,6 +171,7 @@ class PagedKVCache:
                 extra = self._tables[seq_id][len(table):]
                 self._free_blocks.extend(reversed(extra))
                 self._tables[seq_id] = table
+                self._slot_tensors[seq_id] = self._slot_tensors[seq_id][: len(table) * self.block_size]
             raise
         context_lens = [start + q for start, q in zip(starts, query_lens)]
         batch, max_q, max_c = len(seq_ids), max(query_lens), max(context_lens)

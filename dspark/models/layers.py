@@ -63,8 +63,9 @@ def paged_attention(
     # [B, max_q, Hkv, G, D] -> [B, Hkv, G * max_q, D]
     packed = padded.view(batch, max_q, num_kv, groups, head_dim).permute(0, 2, 3, 1, 4)
     packed = packed.reshape(batch, num_kv, groups * max_q, head_dim)
-    keys = k_pool[meta.gather_slots].transpose(1, 2)  # [B, Hkv, max_c, D]
-    values = v_pool[meta.gather_slots].transpose(1, 2)
+    flat_slots = meta.gather_slots.view(-1)
+    keys = k_pool.index_select(0, flat_slots).view(batch, max_c, num_kv, head_dim).transpose(1, 2)  # [B, Hkv, max_c, D]
+    values = v_pool.index_select(0, flat_slots).view(batch, max_c, num_kv, head_dim).transpose(1, 2)
     mask = meta.attn_mask
     if mask is not None and groups > 1:
         mask = mask.expand(batch, 1, max_q, max_c).repeat(1, 1, groups, 1)

@@ -124,6 +124,7 @@ class TargetRunner:
                 raise RequestError(
                     f"sequence {seq_id} would reach {end} tokens, beyond the model's context of {self.max_context}"
                 )
+        self.model.validate_feature_layers(tuple(feature_layer_ids))
         vocab = self.config.vocab_size
         flat = torch.cat(tensors)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= vocab):

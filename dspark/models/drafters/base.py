@@ -26,8 +26,8 @@ class DraftInput:
 
     seq_id: int  # stable handle of the request for the drafter's own state (its KV cache, ...)
     token_ids: Sequence[int]  # prompt + generated so far; token_ids[-1] is x0, not yet run by the target
-    new_features: torch.Tensor | None  # [n_new, L·H] target features of positions newly verified
-    max_tokens: int  # at most this many drafts are useful this round (≥ 0)
+    new_features: torch.Tensor | None  # [n_new, L·H] target features of positions verified since the last call
+    max_tokens: int  # at most this many drafts are useful this round (≥ 0; at 0 still ingest new_features)
     sampling: SamplingParams
 
 
