@@ -19,7 +19,7 @@ def run_generate(args) -> int:
     tokenizer = load_tokenizer(args.model)
     drafter = None
     if args.drafter is not None:
-        drafter = load_drafter(args.drafter, num_draft_tokens=args.num_draft_tokens)
+        drafter = load_drafter(args.drafter, num_draft_tokens=args.num_draft_tokens, device=args.device, dtype=args.dtype)
     prompts = [render_prompt(tokenizer, text, args.chat) for text in args.prompt]
     stops = stop_token_ids(args.model, tokenizer, runner.config.eos_token_ids)
     out = generate(

@@ -24,6 +24,7 @@ class AttentionMetadata:
     """Everything attention needs for one ragged batch, built once per forward and shared by all layers.
 
     B sequences with query lengths q_b (≥ 1) and context lengths c_b (cached tokens + new ones), T = Σ q_b.
+    Drafters may also write n_b K/V-only rows per sequence before its queries (`kv_only_*`).
     """
 
     positions: torch.Tensor  # [T] absolute position of each new token
@@ -34,6 +35,8 @@ class AttentionMetadata:
     padded_index: torch.Tensor  # [T] row of each new token in the padded [B * max_q] query layout
     attn_mask: torch.Tensor | None  # [B, 1, max_q, max_c] bool, True = may attend; None = attend to all
     max_query_len: int
+    kv_only_positions: torch.Tensor | None = None  # [Σ n_b] positions of K/V-only rows (drafter context)
+    kv_only_slot_mapping: torch.Tensor | None = None  # [Σ n_b] their cache slots
 
     @property
     def num_tokens(self) -> int:
@@ -152,20 +155,34 @@ class PagedKVCache:
         return self._slot_tensors[seq_id][start:end]
 
     # -- one forward -----------------------------------------------------------------------------
-    def prepare(self, seq_ids: list[int], query_lens: list[int]) -> AttentionMetadata:
-        """Reserve room for `query_lens[b]` new tokens of each sequence, advance their lengths, and build
-        the metadata of the forward that will write them. On failure nothing is changed."""
-        if len(seq_ids) != len(query_lens) or not seq_ids:
+    def prepare(
+        self,
+        seq_ids: list[int],
+        query_lens: list[int],
+        *,
+        kv_only_lens: list[int] | None = None,
+        causal: bool = True,
+    ) -> AttentionMetadata:
+        """Reserve room for the new tokens of each sequence, advance their lengths, and build the metadata
+        of the forward that will write them. On failure nothing is changed.
+
+        Sequence b gets `kv_only_lens[b]` K/V-only rows (default 0; drafters' context features: written, no
+        query) followed by `query_lens[b]` query rows. causal=True: query i sees keys up to its own position
+        (decoding, verification); causal=False: every query sees every key of its sequence (a draft block
+        attends bidirectionally within itself, SPEC §2.2).
+        """
+        kv_only = kv_only_lens or [0] * len(seq_ids)
+        if len(seq_ids) != len(query_lens) or len(kv_only) != len(seq_ids) or not seq_ids:
             raise ValueError("need one query length per sequence and at least one sequence")
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError("a sequence may appear only once per forward")
-        if any(q <= 0 for q in query_lens):
-            raise ValueError("every sequence in a forward needs at least one new token")
+        if any(q <= 0 for q in query_lens) or any(n < 0 for n in kv_only):
+            raise ValueError("every sequence in a forward needs at least one query token")
         starts = [self._lengths[s] for s in seq_ids]
         snapshot = {s: list(self._tables[s]) for s in seq_ids}
         try:
-            for seq_id, start, q in zip(seq_ids, starts, query_lens):
-                self._reserve(seq_id, start + q)
+            for seq_id, start, n, q in zip(seq_ids, starts, kv_only, query_lens):
+                self._reserve(seq_id, start + n + q)
         except CacheCapacityError:
             for seq_id, table in snapshot.items():
                 extra = self._tables[seq_id][len(table):]
@@ -173,25 +190,30 @@ class PagedKVCache:
                 self._tables[seq_id] = table
                 self._slot_tensors[seq_id] = self._slot_tensors[seq_id][: len(table) * self.block_size]
             raise
-        context_lens = [start + q for start, q in zip(starts, query_lens)]
+        query_starts = [start + n for start, n in zip(starts, kv_only)]
+        context_lens = [qs + q for qs, q in zip(query_starts, query_lens)]
         batch, max_q, max_c = len(seq_ids), max(query_lens), max(context_lens)
-        positions = torch.cat([torch.arange(s, s + q) for s, q in zip(starts, query_lens)])
+        positions = torch.cat([torch.arange(s, s + q) for s, q in zip(query_starts, query_lens)])
         gather = torch.zeros(batch, max_c, dtype=torch.long)
-        slot_mapping = []
-        for b, (seq_id, start, c) in enumerate(zip(seq_ids, starts, context_lens)):
+        slot_mapping, kv_only_slots, kv_only_positions = [], [], []
+        for b, (seq_id, start, qs, c) in enumerate(zip(seq_ids, starts, query_starts, context_lens)):
             slots = self._slots(seq_id, 0, c)
             gather[b, :c] = slots
-            slot_mapping.append(slots[start:])
+            slot_mapping.append(slots[qs:])
+            kv_only_slots.append(slots[start:qs])
+            kv_only_positions.append(torch.arange(start, qs))
         padded_index = torch.cat([torch.arange(q) + b * max_q for b, q in enumerate(query_lens)])
-        uniform = all(q == 1 for q in query_lens) and all(c == max_c for c in context_lens)
+        uniform = all(q == 1 for q in query_lens) or not causal
+        uniform = uniform and all(c == max_c for c in context_lens) and all(q == max_q for q in query_lens)
         mask = None
         if not uniform:
-            start_t = torch.tensor(starts).view(batch, 1, 1)
             q_idx = torch.arange(max_q).view(1, max_q, 1)
             k_idx = torch.arange(max_c).view(1, 1, max_c)
             ctx_t = torch.tensor(context_lens).view(batch, 1, 1)
             q_real = q_idx < torch.tensor(query_lens).view(batch, 1, 1)
-            mask = (k_idx <= start_t + q_idx) & (k_idx < ctx_t) & q_real
+            mask = (k_idx < ctx_t) & q_real
+            if causal:
+                mask &= k_idx <= torch.tensor(query_starts).view(batch, 1, 1) + q_idx
             mask[..., 0] |= ~q_real[..., 0]  # padded query rows attend to one key: no NaN rows
             mask = mask.unsqueeze(1)
         for seq_id, c in zip(seq_ids, context_lens):
@@ -206,4 +228,6 @@ class PagedKVCache:
             padded_index=padded_index.to(device),
             attn_mask=None if mask is None else mask.to(device),
             max_query_len=max_q,
+            kv_only_positions=torch.cat(kv_only_positions).to(device),
+            kv_only_slot_mapping=torch.cat(kv_only_slots).to(device),
         )

@@ -120,7 +120,7 @@ class RotaryEmbedding(torch.nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]. Rotate-half convention (HF Llama/Qwen)."""
+    """x: [..., T, heads, head_dim]; cos/sin: [..., T, head_dim]. Rotate-half convention (HF Llama/Qwen)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)

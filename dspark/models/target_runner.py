@@ -61,6 +61,7 @@ class TargetRunner:
         self.model = model.eval()
         self.config: DecoderConfig = model.config
         self.name = name
+        self.hf_config: dict = {}  # the target's config.json, when loaded from a folder
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         c = self.config
@@ -76,13 +77,16 @@ class TargetRunner:
         """Load an HF-format folder (config.json + *.safetensors) of a supported family."""
         folder = Path(folder)
         device = torch.device(device)
-        config = parse_decoder_config(read_config_json(folder), where=str(folder / "config.json"))
+        hf_config = read_config_json(folder)
+        config = parse_decoder_config(hf_config, where=str(folder / "config.json"))
         torch_dtype = resolve_dtype(dtype, device)
         with torch.device("meta"):
             model = DecoderModel(config)
         optional = ("lm_head.weight",) if config.tie_word_embeddings else ()
         load_state_into(model, folder, dtype=torch_dtype, device=device, optional=optional)
-        return cls(model, name=str(folder), **kwargs)
+        runner = cls(model, name=str(folder), **kwargs)
+        runner.hf_config = hf_config
+        return runner
 
     # -- sequence handles ------------------------------------------------------------------------
     @property

@@ -11,6 +11,14 @@ from dspark.errors import CheckpointError, ConfigError
 from dspark.models.drafters.base import Drafter
 
 _FOLDER_LOADERS: dict[str, Callable[..., Drafter]] = {}
+BUILTIN_DRAFTER_MODULES = ("dspark.models.drafters.dspark",)
+
+
+def _import_builtin_drafters() -> None:
+    import importlib
+
+    for module in BUILTIN_DRAFTER_MODULES:
+        importlib.import_module(module)
 
 
 def register_drafter(architecture: str, loader: Callable[..., Drafter]) -> None:
@@ -23,7 +31,7 @@ def load_drafter(spec: str, *, num_draft_tokens: int | None = None, **kwargs) ->
     if spec == "ngram":
         from dspark.models.drafters.ngram import NgramDrafter
 
-        return NgramDrafter(num_draft_tokens=num_draft_tokens or 7)
+        return NgramDrafter(num_draft_tokens=7 if num_draft_tokens is None else num_draft_tokens)
     folder = Path(spec)
     if not folder.is_dir():
         raise ConfigError(f"--drafter {spec!r}: neither a built-in drafter name (ngram) nor an existing folder")
@@ -34,6 +42,7 @@ def load_drafter(spec: str, *, num_draft_tokens: int | None = None, **kwargs) ->
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+    _import_builtin_drafters()
     archs = config.get("architectures") or []
     for arch in archs:
         if arch in _FOLDER_LOADERS:

@@ -1,0 +1,396 @@
+"""DSpark and DFlash drafters: the parallel backbone with context fusion and KV injection (SPEC §2.2),
+DSpark's sequential head and confidence head (SPEC §2.3–2.4, paper §3.1–3.2.1), the released checkpoint
+layout (SPEC §7), and the `Drafter` that plugs them into the generation loop.
+
+Backbone, per round and sequence (anchor x0 at position a = number of verified tokens):
+  ctx   = RMSNorm(W_c · concat(target layer outputs))           computed once, shared by all draft layers
+  block = [emb(x0), emb(mask), ..., emb(mask)]                  γ inputs → γ predictions (slot k at a + k)
+  layer: queries from the block; keys/values = [K/V(ctx) for positions < a ; K/V(block)], RoPE at each
+         row's own position; the block attends to all context before the anchor and bidirectionally to
+         itself — never to the anchor's own features.
+  U_k   = lm_head(norm(h_k))                                     base logits of all γ slots in one pass
+The drafter keeps its own paged KV cache of context K/V (positions < a); each round it appends the newly
+verified positions, runs the block, and drops the block's K/V again.
+
+DFlash is the same model with markov_rank = 0 and no confidence head (as in DeepSpec, whose "DFlash"
+baseline already uses the anchor-as-first-slot layout).
+
+Where SPEC and paper differ (position weights exp(−k/4) vs exp(−(k−1)/γ)) the training code follows SPEC
+(DeepSpec's constant), so that our checkpoints behave like the released ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dspark.decoding.sampling import SamplingParams, logits_to_probs, sample
+from dspark.errors import CheckpointError, RequestError
+from dspark.models.checkpoint import load_state_into, save_folder_atomically, save_safetensors
+from dspark.models.config import DecoderConfig, read_config_json
+from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter
+from dspark.models.drafters.dspark_config import ARCHITECTURE_NAMES, DSparkConfig, parse_dspark_config
+from dspark.models.drafters.heads import SEQUENTIAL_HEADS, ConfidenceHead
+from dspark.models.drafters.registry import register_drafter
+from dspark.models.kv_cache import AttentionMetadata, PagedKVCache
+from dspark.models.layers import Attention, GatedMLP, RMSNorm, paged_attention
+from dspark.models.rope import RotaryEmbedding, apply_rotary
+from dspark.models.target_runner import resolve_dtype
+
+
+class DraftAttention(Attention):
+    """Attention whose keys and values also come from the fused target context (KV injection)."""
+
+    def context_kv(self, ctx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ctx [..., S, H] → k, v [..., S, Hkv, D] (k normed per head if Qwen3, rotated at its positions)."""
+        shape = ctx.shape[:-1]
+        k = self.k_proj(ctx).view(*shape, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(ctx).view(*shape, self.num_kv_heads, self.head_dim)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return apply_rotary(k, cos, sin), v
+
+    def forward_paged(self, x, cos, sin, ctx, ctx_cos, ctx_sin, k_pool, v_pool, meta: AttentionMetadata):
+        """Inference. x [Tq, H] block rows; ctx [Tc, H] newly verified context rows (may be empty)."""
+        q, k, v = self.project_qkv(x, cos, sin)
+        if ctx.shape[0]:
+            kc, vc = self.context_kv(ctx, ctx_cos, ctx_sin)
+            k_pool.index_copy_(0, meta.kv_only_slot_mapping, kc.to(k_pool.dtype))
+            v_pool.index_copy_(0, meta.kv_only_slot_mapping, vc.to(v_pool.dtype))
+        k_pool.index_copy_(0, meta.slot_mapping, k.to(k_pool.dtype))
+        v_pool.index_copy_(0, meta.slot_mapping, v.to(v_pool.dtype))
+        out = paged_attention(q, k_pool, v_pool, meta, self.scale)
+        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim))
+
+    def forward_dense(self, x, cos, sin, ctx, ctx_cos, ctx_sin, mask):
+        """Training. x [N, Q, H] (all blocks of a sequence), ctx [N, S, H], mask [N, Q, S + Q] bool."""
+        n, length = x.shape[0], x.shape[1]
+        q = self.q_proj(x).view(n, length, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(n, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(n, length, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        kc, vc = self.context_kv(ctx, ctx_cos, ctx_sin)
+        keys = torch.cat([kc, k], dim=1).transpose(1, 2)  # [N, Hkv, S + Q, D]
+        values = torch.cat([vc, v], dim=1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask.unsqueeze(1), scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(n, length, self.num_heads * self.head_dim))
+
+
+class DraftLayer(nn.Module):
+    """Pre-norm decoder block with the target's layer shapes; context enters only as keys/values."""
+
+    def __init__(self, c: DecoderConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = DraftAttention(
+            c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+            qkv_bias=c.qkv_bias, o_bias=c.o_bias, qk_norm=c.qk_norm, eps=c.rms_norm_eps,
+        )
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+
+    def forward_paged(self, h, cos, sin, ctx, ctx_cos, ctx_sin, k_pool, v_pool, meta):
+        h = h + self.self_attn.forward_paged(self.input_layernorm(h), cos, sin, ctx, ctx_cos, ctx_sin, k_pool, v_pool, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward_dense(self, h, cos, sin, ctx, ctx_cos, ctx_sin, mask):
+        h = h + self.self_attn.forward_dense(self.input_layernorm(h), cos, sin, ctx, ctx_cos, ctx_sin, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def block_attention_mask(anchor_positions: torch.Tensor, block_valid: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
+    """Training mask [N, A·γ, S + A·γ]: block b sees context j < anchor_b and every slot of its own block.
+
+    anchor_positions [N, A] long; block_valid [N, A] bool (dummy blocks see only themselves: no NaN rows).
+    """
+    n, num_anchors = anchor_positions.shape
+    device = anchor_positions.device
+    query_block = torch.arange(num_anchors, device=device).repeat_interleave(block_size)  # [A·γ]
+    ctx_idx = torch.arange(seq_len, device=device)
+    anchors = anchor_positions[:, query_block]  # [N, A·γ]
+    sees_ctx = (ctx_idx.view(1, 1, -1) < anchors.unsqueeze(-1)) & block_valid[:, query_block].unsqueeze(-1)
+    same_block = (query_block.view(-1, 1) == query_block.view(1, -1)).unsqueeze(0).expand(n, -1, -1)
+    return torch.cat([sees_ctx, same_block], dim=-1)
+
+
+class DSparkModel(nn.Module):
+    """The drafter network; module names are the released checkpoints' tensor names (SPEC §7)."""
+
+    def __init__(self, config: DSparkConfig):
+        super().__init__()
+        self.config = config
+        c = config.layers
+        hidden, vocab = c.hidden_size, c.vocab_size
+        self.embed_tokens = nn.Embedding(vocab, hidden)
+        self.fc = nn.Linear(len(config.target_layer_ids) * hidden, hidden, bias=False)
+        self.hidden_norm = RMSNorm(hidden, c.rms_norm_eps)
+        self.layers = nn.ModuleList(DraftLayer(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(hidden, c.rms_norm_eps)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        self.markov_head = None
+        if config.markov_rank > 0:
+            self.markov_head = SEQUENTIAL_HEADS[config.markov_head_type](vocab, hidden, config.markov_rank)
+        self.confidence_head = None
+        if config.enable_confidence_head:
+            self.confidence_head = ConfidenceHead(hidden, config.markov_rank if config.confidence_head_with_markov else 0)
+        self.rotary = RotaryEmbedding(c.rope, c.head_dim, c.max_position_embeddings)
+
+    # -- pieces shared by inference and training ----------------------------------------------------
+    def fuse_context(self, features: torch.Tensor) -> torch.Tensor:
+        """[..., L·H] concatenated target layer outputs → [..., H] (SPEC §2.2 context fusion)."""
+        return self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
+
+    def block_token_ids(self, anchor_tokens: torch.Tensor) -> torch.Tensor:
+        """[...] anchors → [..., γ] = [x0, mask, ..., mask]."""
+        ids = torch.full((*anchor_tokens.shape, self.config.block_size), self.config.mask_token_id,
+                         dtype=torch.long, device=anchor_tokens.device)
+        ids[..., 0] = anchor_tokens
+        return ids
+
+    def heads(
+        self, hidden: torch.Tensor, prev_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher-forced draft logits and confidence logits for whole blocks.
+
+        hidden [N, γ, H] post-norm block states; prev_tokens [N, γ] = [x0, x_1, ..., x_{γ−1}] →
+        (logits [N, γ, V] float32 incl. the sequential bias, confidence logits [N, γ] float32 or None).
+        """
+        logits = self.lm_head(hidden).float()
+        if self.markov_head is not None:
+            logits = logits + self.markov_head.block_bias(prev_tokens, hidden).float()
+        return logits, self._confidence(hidden, prev_tokens)
+
+    def _confidence(self, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor | None:
+        if self.confidence_head is None:
+            return None
+        prev_emb = self.markov_head.markov_w1(prev_tokens) if self.config.confidence_head_with_markov else None
+        return self.confidence_head(hidden, prev_emb)
+
+    # -- inference ------------------------------------------------------------------------------------
+    def forward_block(
+        self, cache: PagedKVCache, handles: list[int], new_features: list[torch.Tensor], anchor_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """Append each sequence's new context rows to `cache`, run its block, drop the block's K/V.
+
+        new_features[b]: [n_b, L·H]; anchor_tokens [B]. Returns post-norm block hidden states [B, γ, H].
+        """
+        gamma = self.config.block_size
+        anchors_at = [cache.length(h) + f.shape[0] for h, f in zip(handles, new_features)]
+        meta = cache.prepare(handles, [gamma] * len(handles), kv_only_lens=[f.shape[0] for f in new_features], causal=False)
+        try:
+            dtype = self.fc.weight.dtype
+            ctx = self.fuse_context(torch.cat(new_features)) if meta.kv_only_positions.numel() else \
+                torch.zeros(0, self.config.layers.hidden_size, dtype=dtype, device=anchor_tokens.device)
+            h = self.embed_tokens(self.block_token_ids(anchor_tokens).view(-1))
+            cos, sin = self.rotary(meta.positions, h.dtype)
+            ctx_cos, ctx_sin = self.rotary(meta.kv_only_positions, h.dtype)
+            for index, layer in enumerate(self.layers):
+                h = layer.forward_paged(h, cos, sin, ctx, ctx_cos, ctx_sin, cache.k_pools[index], cache.v_pools[index], meta)
+        finally:
+            for handle, anchor in zip(handles, anchors_at):
+                cache.truncate(handle, min(anchor, cache.length(handle)))
+        return self.norm(h).view(len(handles), gamma, -1)
+
+    # -- training -------------------------------------------------------------------------------------
+    def forward_train(
+        self, features: torch.Tensor, anchor_positions: torch.Tensor, anchor_tokens: torch.Tensor, block_valid: torch.Tensor
+    ) -> torch.Tensor:
+        """All blocks of a batch in one pass.
+
+        features [N, S, L·H] (target layer outputs of every position), anchor_positions [N, A],
+        anchor_tokens [N, A], block_valid [N, A] bool → post-norm block hidden states [N, A, γ, H].
+        """
+        n, seq_len = features.shape[:2]
+        num_anchors, gamma = anchor_positions.shape[1], self.config.block_size
+        ctx = self.fuse_context(features)
+        h = self.embed_tokens(self.block_token_ids(anchor_tokens).view(n, num_anchors * gamma))
+        positions = (anchor_positions.unsqueeze(-1) + torch.arange(gamma, device=h.device)).view(n, -1)
+        cos, sin = self.rotary(positions, h.dtype)
+        ctx_cos, ctx_sin = self.rotary(torch.arange(seq_len, device=h.device).expand(n, -1), h.dtype)
+        mask = block_attention_mask(anchor_positions, block_valid, seq_len, gamma)
+        for layer in self.layers:
+            h = layer.forward_dense(h, cos, sin, ctx, ctx_cos, ctx_sin, mask)
+        return self.norm(h).view(n, num_anchors, gamma, -1)
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, *, device="cpu", dtype=None) -> "DSparkModel":
+        folder = Path(folder)
+        config = parse_dspark_config(read_config_json(folder), where=str(folder / "config.json"))
+        with torch.device("meta"):
+            model = cls(config)
+        load_state_into(model, folder, dtype=resolve_dtype(dtype, torch.device(device)), device=device)
+        return model
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write config.json + model.safetensors (released layout) atomically; returns the folder."""
+        state = self.state_dict()
+
+        def write(tmp: Path) -> None:
+            (tmp / "config.json").write_text(json.dumps(self.config.to_hf_dict(), indent=2) + "\n")
+            save_safetensors(state, tmp / "model.safetensors")
+
+        folder = Path(folder)
+        save_folder_atomically(folder, write)
+        return folder
+
+
+def dspark_config_for_target(
+    target_hf_config: dict,
+    *,
+    target_layer_ids: tuple[int, ...],
+    mask_token_id: int,
+    num_draft_layers: int = 5,
+    block_size: int = 7,
+    markov_rank: int = 256,
+    markov_head_type: str = "vanilla",
+    enable_confidence_head: bool = True,
+    confidence_head_with_markov: bool = True,
+    num_anchors: int = 512,
+) -> DSparkConfig:
+    """A drafter config with the target's layer shapes (DeepSpec's construction, SPEC §7).
+    markov_rank=0 and enable_confidence_head=False give DFlash."""
+    hf = dict(target_hf_config)
+    hf.update(
+        num_target_layers=target_hf_config["num_hidden_layers"],
+        num_hidden_layers=num_draft_layers,
+        block_size=block_size,
+        target_layer_ids=list(target_layer_ids),
+        mask_token_id=mask_token_id,
+        num_anchors=num_anchors,
+        markov_rank=markov_rank,
+        markov_head_type=markov_head_type,
+        enable_confidence_head=enable_confidence_head,
+        confidence_head_with_markov=confidence_head_with_markov and enable_confidence_head and markov_rank > 0,
+    )
+    return parse_dspark_config(hf, where="drafter config")
+
+
+def init_from_target(config: DSparkConfig, target, *, seed: int = 0, std: float = 0.02) -> DSparkModel:
+    """A freshly initialised drafter for `target` (a `DecoderModel`): trainable weights ~ N(0, std²), norms 1,
+    biases 0; input embedding and LM head copied from the target (frozen in training, SPEC §2.2)."""
+    param = next(target.parameters())
+    with torch.device(param.device):
+        model = DSparkModel(config).to(param.dtype)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name.endswith("norm.weight"):
+                tensor.fill_(1.0)
+            elif name.endswith(".bias"):
+                tensor.zero_()
+            else:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
+        model.embed_tokens.weight.copy_(target.model.embed_tokens.weight)
+        model.lm_head.weight.copy_(target.output_embeddings())
+    return model.eval()
+
+
+class DSparkDrafter(Drafter):
+    """Runs a `DSparkModel` as a drafter: one backbone pass, then the sequential sampling loop.
+
+    Each slot's draft is sampled from the exact float32 distribution logits_to_probs(U_k + B_k) under the
+    request's own sampling parameters, and that tensor is returned as q (SPEC §1 pitfall 1).
+    Confidences c_k = σ(confidence logit) use the token actually sampled at slot k−1.
+    """
+
+    def __init__(self, model: DSparkModel, *, cache_block_size: int = 16):
+        self.model = model.eval()
+        cfg = model.config
+        self.name = "dflash" if cfg.is_dflash else f"dspark-{cfg.markov_head_type}"
+        self.max_draft_tokens = cfg.block_size
+        self.feature_layer_ids = cfg.target_layer_ids
+        self.provides_confidence = model.confidence_head is not None
+        param = model.fc.weight
+        c = cfg.layers
+        self.cache = PagedKVCache(
+            c.num_layers, c.num_kv_heads, c.head_dim, block_size=cache_block_size, dtype=param.dtype, device=param.device
+        )
+        self._handles: dict[int, int] = {}
+
+    def check_target(self, target_config: DecoderConfig) -> None:
+        c = self.model.config
+        problems = []
+        if target_config.vocab_size != c.layers.vocab_size:
+            problems.append(f"vocab_size {c.layers.vocab_size} vs target {target_config.vocab_size}")
+        if target_config.hidden_size != c.layers.hidden_size:
+            problems.append(f"hidden_size {c.layers.hidden_size} vs target {target_config.hidden_size}")
+        if target_config.num_layers != c.num_target_layers:
+            problems.append(f"num_target_layers {c.num_target_layers} vs target's {target_config.num_layers} layers")
+        if problems:
+            raise CheckpointError(f"drafter '{self.name}' was built for another target: {'; '.join(problems)}")
+
+    @torch.inference_mode()
+    def propose(self, batch: list[DraftInput], generator: torch.Generator | None = None) -> DraftProposal:
+        handles, feats = [], []
+        device = self.model.fc.weight.device
+        for item in batch:
+            if item.new_features is None:
+                raise RequestError(f"drafter '{self.name}' needs target features (layers {self.feature_layer_ids})")
+            handle = self._handles.get(item.seq_id)
+            if handle is None:
+                handle = self._handles[item.seq_id] = self.cache.new_sequence()
+            if self.cache.length(handle) + item.new_features.shape[0] != len(item.token_ids) - 1:
+                raise RequestError(
+                    f"sequence {item.seq_id}: drafter context ({self.cache.length(handle)} + {item.new_features.shape[0]} "
+                    f"positions) does not end right before the anchor (position {len(item.token_ids) - 1})"
+                )
+            handles.append(handle)
+            feats.append(item.new_features.to(device))
+        anchors = torch.tensor([item.token_ids[-1] for item in batch], dtype=torch.long, device=device)
+        hidden = self.model.forward_block(self.cache, handles, feats, anchors)
+        tokens, probs, confidences = self.sample_block(hidden, anchors, [item.sampling for item in batch], generator)
+        lengths = torch.tensor([min(item.max_tokens, self.max_draft_tokens) for item in batch], dtype=torch.long)
+        return DraftProposal(tokens=tokens.cpu(), lengths=lengths, probs=probs, confidences=confidences)
+
+    def sample_block(
+        self, hidden: torch.Tensor, anchors: torch.Tensor, samplings: list[SamplingParams], generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Sequential stage (paper Eq. 4): left to right, p_k = softmax(U_k + B_k(x_{k−1})), sample x_k.
+
+        hidden [B, γ, H] → tokens [B, γ], probs [B, γ, V] float32 (exactly what was sampled from),
+        confidences [B, γ] in (0, 1) or None.
+        """
+        model = self.model
+        base = model.lm_head(hidden).float()
+        batch, gamma = hidden.shape[:2]
+        head = model.markov_head
+        state = head.initial_state(batch, hidden[:, 0]) if head is not None else None
+        prev = anchors
+        tokens, probs, conf_logits = [], [], []
+        for k in range(gamma):
+            logits = base[:, k]
+            if head is not None:
+                bias, state = head.step(prev, hidden[:, k], state)
+                logits = logits + bias.float()
+            if model.confidence_head is not None:
+                prev_emb = head.markov_w1(prev) if model.config.confidence_head_with_markov else None
+                conf_logits.append(model.confidence_head(hidden[:, k], prev_emb))
+            q = logits_to_probs(logits, samplings)
+            prev = sample(q, generator)
+            tokens.append(prev)
+            probs.append(q)
+        confidences = torch.sigmoid(torch.stack(conf_logits, dim=1)) if conf_logits else None
+        return torch.stack(tokens, dim=1), torch.stack(probs, dim=1), confidences
+
+    def release(self, seq_id: int) -> None:
+        handle = self._handles.pop(seq_id, None)
+        if handle is not None:
+            self.cache.free_sequence(handle)
+
+
+def load_dspark_drafter(folder: str | Path, *, device="cpu", dtype=None) -> DSparkDrafter:
+    return DSparkDrafter(DSparkModel.from_pretrained(folder, device=device, dtype=dtype))
+
+
+for _architecture in ARCHITECTURE_NAMES.values():
+    register_drafter(_architecture, load_dspark_drafter)

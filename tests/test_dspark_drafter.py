@@ -1,0 +1,310 @@
+"""DSpark / DFlash drafters (random weights): released checkpoint layout, train/inference parity of the
+parallel backbone, teacher-forced heads = the sequential sampling loop, and losslessness of the whole
+pipeline (greedy equality and exact sampling distribution) for every head type."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dspark.decoding.sampling import SamplingParams
+from dspark.engine.generation import generate
+from dspark.errors import CheckpointError, RequestError
+from dspark.models.drafters import load_drafter
+from dspark.models.drafters.dspark import DSparkDrafter, DSparkModel, dspark_config_for_target, init_from_target
+from dspark.models.drafters.dspark_config import parse_dspark_config
+from dspark.models.kv_cache import PagedKVCache
+from dspark.models.random_init import build_random_model
+from dspark.models.target_runner import TargetRunner
+from test_sampling_distribution import ALPHA, _assert_matches, run_gof
+from test_sampling_distribution import runner as dist_runner  # noqa: F401  (fixture: V=8 float64 target)
+
+VARIANTS = {
+    "dspark-vanilla": dict(markov_rank=8, markov_head_type="vanilla"),
+    "dspark-gated": dict(markov_rank=8, markov_head_type="gated"),
+    "dspark-rnn": dict(markov_rank=8, markov_head_type="rnn"),
+    "dspark-no-markov-in-confidence": dict(markov_rank=8, confidence_head_with_markov=False),
+    "dflash": dict(markov_rank=0, enable_confidence_head=False),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    folder = build_random_model(
+        tmp_path_factory.mktemp("dspark") / "target", "tiny-qwen3", seed=4, init_std=0.3, with_tokenizer=False,
+        vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+    )
+    return TargetRunner.from_pretrained(folder, dtype="float64")
+
+
+def make_drafter(target, variant: str, *, std: float = 0.3, seed: int = 0, block_size: int = 5, layers=(0, 2)) -> DSparkModel:
+    config = dspark_config_for_target(
+        target.hf_config, target_layer_ids=layers, mask_token_id=target.config.vocab_size - 1,
+        num_draft_layers=2, block_size=block_size, **VARIANTS[variant],
+    )
+    return init_from_target(config, target.model, seed=seed, std=std)
+
+
+def target_features(target, tokens, layers):
+    seq = target.new_sequence()
+    try:
+        return target.forward([seq], [tokens], feature_layer_ids=layers).features
+    finally:
+        target.free_sequence(seq)
+
+
+# ------------------------------------------------------------------------------------------------
+# Released checkpoint layout (SPEC §7)
+# ------------------------------------------------------------------------------------------------
+
+def spec_tensor_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes SPEC §7 lists for a released checkpoint, written out independently."""
+    h, v, r = hf["hidden_size"], hf["vocab_size"], hf["markov_rank"]
+    heads, kv, d, inter = hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"], hf["intermediate_size"]
+    shapes = {
+        "embed_tokens.weight": (v, h), "fc.weight": (h, len(hf["target_layer_ids"]) * h),
+        "hidden_norm.weight": (h,), "norm.weight": (h,), "lm_head.weight": (v, h),
+    }
+    for i in range(hf["num_hidden_layers"]):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (heads * d, h), p + "self_attn.k_proj.weight": (kv * d, h),
+            p + "self_attn.v_proj.weight": (kv * d, h), p + "self_attn.o_proj.weight": (h, heads * d),
+            p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,),
+            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter),
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+        })
+    if r:
+        shapes["markov_head.markov_w1.weight"] = (v, r)
+        shapes["markov_head.markov_w2.weight"] = (v, r)
+        if hf["markov_head_type"] == "rnn":
+            shapes["markov_head.joint_proj.weight"] = (3 * r, 2 * r + h)
+            shapes["markov_head.joint_proj.bias"] = (3 * r,)
+        if hf["markov_head_type"] == "gated":
+            shapes["markov_head.gate_proj.weight"] = (r, h + r)
+            shapes["markov_head.gate_proj.bias"] = (r,)
+    if hf["enable_confidence_head"]:
+        width = h + (r if hf["confidence_head_with_markov"] else 0)
+        shapes["confidence_head.proj.weight"] = (1, width)
+        shapes["confidence_head.proj.bias"] = (1,)
+    return shapes
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_save_writes_exactly_the_released_layout_and_reloads_bit_exact(target, variant, tmp_path):
+    model = make_drafter(target, variant)
+    folder = model.save_pretrained(tmp_path / variant)
+    hf = json.loads((folder / "config.json").read_text())
+    assert hf["architectures"] == ["Qwen3DSparkModel"] and hf["tie_word_embeddings"] is False
+    for key in ("num_target_layers", "block_size", "target_layer_ids", "mask_token_id", "num_anchors",
+                "markov_rank", "markov_head_type", "enable_confidence_head", "confidence_head_with_markov"):
+        assert key in hf
+    assert hf["num_hidden_layers"] == 2 and hf["num_target_layers"] == 4
+    tensors = load_file(str(folder / "model.safetensors"))
+    assert {k: tuple(t.shape) for k, t in tensors.items()} == spec_tensor_shapes(hf)
+    reloaded = DSparkModel.from_pretrained(folder, dtype="float64")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
+
+
+def test_hand_written_released_style_checkpoint_loads(target, tmp_path):
+    """A folder built here from SPEC §7 alone (bf16 tensors, target config + draft fields) loads through
+    `--drafter DIR` and drafts; every tensor lands where its name says."""
+    hf = dict(target.hf_config)
+    hf.update(architectures=["Qwen3DSparkModel"], num_hidden_layers=3, num_target_layers=4, block_size=7,
+              target_layer_ids=[0, 1, 2], mask_token_id=23, num_anchors=512, markov_rank=8,
+              markov_head_type="vanilla", enable_confidence_head=True, confidence_head_with_markov=True,
+              tie_word_embeddings=False, torch_dtype="bfloat16")
+    gen = torch.Generator().manual_seed(0)
+    tensors = {n: (torch.randn(s, generator=gen) * 0.1).to(torch.bfloat16) for n, s in spec_tensor_shapes(hf).items()}
+    folder = tmp_path / "released"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(hf))
+    save_file(tensors, str(folder / "model.safetensors"))
+    drafter = load_drafter(str(folder), num_draft_tokens=7, dtype="float64")
+    assert isinstance(drafter, DSparkDrafter) and drafter.max_draft_tokens == 7
+    assert drafter.feature_layer_ids == (0, 1, 2) and drafter.provides_confidence
+    state = drafter.model.state_dict()
+    for name, tensor in tensors.items():
+        assert torch.equal(state[name], tensor.to(torch.float64)), name
+    out = generate(target, [[1, 2, 3]], max_new_tokens=12, drafter=drafter, seed=0)
+    plain = generate(target, [[1, 2, 3]], max_new_tokens=12, seed=0)
+    assert out.sequences[0].token_ids == plain.sequences[0].token_ids
+    with pytest.raises(RequestError, match="block size"):
+        load_drafter(str(folder), num_draft_tokens=8)
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        ({"block_size": 0}, "block_size"),
+        ({"markov_head_type": "lstm"}, "markov_head_type"),
+        ({"target_layer_ids": [2, 1]}, "target_layer_ids"),
+        ({"target_layer_ids": [0, 9]}, "target_layer_ids"),
+        ({"mask_token_id": 999}, "mask_token_id"),
+        ({"markov_rank": 0, "confidence_head_with_markov": True}, "Markov"),
+        ({"block_size": None}, "block_size"),
+    ],
+)
+def test_bad_drafter_config_is_named(target, edit, needle):
+    hf = make_drafter(target, "dspark-vanilla").config.to_hf_dict()
+    hf.update(edit)
+    with pytest.raises(CheckpointError, match=needle):
+        parse_dspark_config(hf)
+
+
+def test_drafter_for_another_target_is_refused(target, tmp_path):
+    other = TargetRunner.from_pretrained(
+        build_random_model(tmp_path / "other", "tiny-qwen3", with_tokenizer=False, vocab_size=24, hidden_size=64,
+                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+        dtype="float64",
+    )
+    drafter = DSparkDrafter(make_drafter(target, "dspark-vanilla"))
+    with pytest.raises(CheckpointError, match="hidden_size"):
+        generate(other, [[1, 2]], max_new_tokens=4, drafter=drafter)
+
+
+def test_more_drafts_than_block_size_is_refused(target):
+    drafter = DSparkDrafter(make_drafter(target, "dspark-vanilla", block_size=5))
+    with pytest.raises(RequestError, match="block size"):
+        generate(target, [[1, 2]], max_new_tokens=4, drafter=drafter, num_draft_tokens=6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Train / inference parity
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["dspark-vanilla", "dflash"])
+@torch.no_grad()
+def test_batched_training_blocks_equal_inference_one_anchor_at_a_time(target, variant):
+    """forward_train (all anchors of a sequence in one masked pass) equals forward_block (paged drafter cache,
+    one anchor per call, context ingested incrementally across calls, block dropped after each)."""
+    model = make_drafter(target, variant)
+    layers = model.config.target_layer_ids
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 23, (30,), generator=gen)
+    feats = target_features(target, tokens.tolist(), layers)
+    anchors = torch.tensor([2, 3, 9, 17, 25])
+    valid = torch.ones(1, len(anchors), dtype=torch.bool)
+    trained = model.forward_train(feats[None], anchors[None], tokens[anchors][None], valid)[0]
+    cache = PagedKVCache(2, 2, 8, block_size=4, dtype=torch.float64)
+    handle, seen = cache.new_sequence(), 0
+    for i, anchor in enumerate(anchors.tolist()):
+        hidden = model.forward_block(cache, [handle], [feats[seen:anchor]], tokens[anchor : anchor + 1])[0]
+        seen = anchor
+        assert cache.length(handle) == anchor  # context kept, block dropped
+        torch.testing.assert_close(hidden, trained[i], rtol=1e-9, atol=1e-9)
+
+
+@torch.no_grad()
+def test_dummy_blocks_do_not_change_real_blocks(target):
+    model = make_drafter(target, "dspark-vanilla")
+    tokens = torch.arange(20) % 23
+    feats = target_features(target, tokens.tolist(), model.config.target_layer_ids)
+    real = model.forward_train(feats[None], torch.tensor([[4, 11]]), tokens[[4, 11]][None], torch.ones(1, 2, dtype=torch.bool))
+    padded = model.forward_train(
+        feats[None], torch.tensor([[4, 0, 11]]), tokens[[4, 0, 11]][None], torch.tensor([[True, False, True]])
+    )
+    assert torch.isfinite(padded).all()
+    torch.testing.assert_close(padded[:, [0, 2]], real, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@torch.no_grad()
+def test_teacher_forced_heads_equal_the_sampling_loop(target, variant):
+    """The sequential loop samples slot k from softmax(U_k + B_k(x_{k−1})); the teacher-forced training API fed
+    the same previous tokens must give exactly those distributions and confidences."""
+    model = make_drafter(target, variant)
+    drafter = DSparkDrafter(model)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, model.config.block_size, 32, generator=gen, dtype=torch.float64)
+    anchors = torch.randint(0, 23, (6,), generator=gen)
+    tokens, probs, confidences = drafter.sample_block(hidden, anchors, [SamplingParams(temperature=1.0)] * 6, gen)
+    prev = torch.cat([anchors[:, None], tokens[:, :-1]], dim=1)
+    logits, conf_logits = model.heads(hidden, prev)
+    torch.testing.assert_close(torch.softmax(logits, -1).float(), probs, rtol=1e-5, atol=1e-7)
+    if model.confidence_head is None:
+        assert confidences is None and conf_logits is None
+    else:
+        torch.testing.assert_close(torch.sigmoid(conf_logits), confidences)
+        assert ((confidences > 0) & (confidences < 1)).all()
+    if model.markov_head is not None:  # the sequential bias really depends on the previous token
+        other_prev = (prev + 1) % 23
+        assert not torch.allclose(model.heads(hidden, other_prev)[0], logits)
+
+
+# ------------------------------------------------------------------------------------------------
+# Losslessness through the generation loop
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_greedy_speculative_equals_plain(target, variant):
+    rng = random.Random(7)
+    prompts = [[rng.randrange(23) for _ in range(rng.randint(1, 12))] for _ in range(48)]
+    budgets = [rng.randint(1, 20) for _ in prompts]
+    drafter = DSparkDrafter(make_drafter(target, variant, std=0.5))
+    stop = (5,)
+    accepted = 0
+    for start in range(0, len(prompts), 16):
+        sl = slice(start, start + 16)
+        plain = generate(target, prompts[sl], max_new_tokens=budgets[sl], stop_token_ids=stop, seed=start)
+        spec = generate(target, prompts[sl], max_new_tokens=budgets[sl], stop_token_ids=stop, seed=start,
+                        drafter=drafter, num_draft_tokens=[3, 5, 1][start // 16 % 3])
+        assert [s.token_ids for s in spec.sequences] == [s.token_ids for s in plain.sequences]
+        assert spec.stats.verified_tokens > 0
+        accepted += spec.stats.accepted_tokens
+    assert accepted > 0  # the accept path (not only rejections) is exercised
+    assert not drafter._handles and drafter.cache.num_free_blocks == drafter.cache.num_blocks  # all released
+
+
+# Exact sampling distribution (procedure, power and α from test_sampling_distribution: V = 8 target).
+
+def dist_drafter(dist_runner, variant, block_size=3):
+    model = make_drafter(dist_runner, variant, std=0.8, block_size=block_size, layers=(0, 1))
+    return DSparkDrafter(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "variant, sampling",
+    [
+        ("dspark-vanilla", SamplingParams(temperature=1.0)),
+        ("dspark-rnn", SamplingParams(temperature=0.7, top_k=3)),
+        ("dflash", SamplingParams(temperature=1.0, top_p=0.8)),
+    ],
+)
+def test_sampled_output_has_the_target_distribution(dist_runner, variant, sampling):
+    drafter = dist_drafter(dist_runner, variant)
+    pvalue, info = run_gof(dist_runner, sampling, drafter=drafter, num_draft_tokens=3)
+    _assert_matches(pvalue, info)
+    assert info["accepted"] > 0 and info["longest_round1"] == 3
+
+
+@pytest.mark.slow
+def test_control_drafter_reporting_wrong_q_is_rejected(dist_runner):
+    """Negative control with the real DSpark drafter: report softmax(U_k) (without the Markov bias the
+    draft was sampled with) as q — the same chi-square procedure must reject it."""
+    drafter = dist_drafter(dist_runner, "dspark-vanilla")
+    real_sample_block = drafter.sample_block
+
+    def wrong_q(hidden, anchors, samplings, generator):
+        tokens, probs, conf = real_sample_block(hidden, anchors, samplings, generator)
+        return tokens, torch.softmax(drafter.model.lm_head(hidden).float(), -1), conf
+
+    drafter.sample_block = wrong_q
+    pvalue, info = run_gof(dist_runner, SamplingParams(temperature=1.0), drafter=drafter, num_draft_tokens=3)
+    assert pvalue < ALPHA, info
