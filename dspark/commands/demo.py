@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dspark.cli import print_json
+from dspark.cli import add_runtime_args, print_json
 from dspark.decoding.sampling import SamplingParams
 from dspark.engine.generation import generate
 from dspark.models.drafters.ngram import NgramDrafter
@@ -40,6 +40,15 @@ def demo_model_folder() -> tuple[Path, bool]:
         return folder, False
     build_random_model(folder, "tiny-qwen3", seed=RANDOM_MODEL_SEED, init_std=RANDOM_MODEL_STD)
     return folder, True
+
+
+def register(sub) -> None:
+    demo = sub.add_parser("demo", help="plain vs speculative decoding side by side on a built-in model")
+    demo.add_argument("--model", default=None, help="model folder (default: a tiny random Qwen3 built on first use)")
+    demo.add_argument("--max-new-tokens", type=int, default=96)
+    demo.add_argument("--json", action="store_true")
+    add_runtime_args(demo)
+    demo.set_defaults(handler=run_demo)
 
 
 def run_demo(args) -> int:

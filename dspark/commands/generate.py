@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-from dspark.cli import print_json
+from dspark.cli import add_runtime_args, add_sampling_args, print_json
 from dspark.decoding.sampling import SamplingParams
 from dspark.engine.generation import generate
 from dspark.errors import RequestError
 from dspark.models.drafters import load_drafter
 from dspark.models.target_runner import TargetRunner
 from dspark.models.tokenizer import load_tokenizer, render_prompt, stop_token_ids
+
+
+def register(sub) -> None:
+    gen = sub.add_parser("generate", help="generate text with plain or speculative decoding")
+    gen.add_argument("--model", required=True, help="HF-format model folder (config.json + *.safetensors + tokenizer)")
+    gen.add_argument("--prompt", required=True, action="append", help="prompt text; repeat for a batch")
+    gen.add_argument("--drafter", default=None, help="'ngram' or a drafter checkpoint folder; omitted = plain decoding")
+    gen.add_argument("--num-draft-tokens", type=int, default=None, help="drafts per round (default: drafter block size)")
+    gen.add_argument("--chat", action="store_true", help="render the prompt as one user turn with the chat template")
+    add_sampling_args(gen)
+    add_runtime_args(gen)
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.set_defaults(handler=run_generate)
 
 
 def run_generate(args) -> int:
