@@ -41,6 +41,7 @@ class RunnerOutput:
     logits: torch.Tensor  # [T, V] float32 (all positions) or [B, V] (last position of each sequence)
     query_lens: list[int]
     features: torch.Tensor | None = None  # [T, L·H] raw layer outputs of the requested layers
+    final_hidden: torch.Tensor | None = None  # [T, H] post-final-norm hidden states (training targets)
 
     def split(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Split a [T, ...] tensor into per-sequence [q_b, ...] views."""
@@ -114,11 +115,14 @@ class TargetRunner:
         *,
         all_logits: bool = True,
         feature_layer_ids: tuple[int, ...] = (),
+        return_final_hidden: bool = False,
     ) -> RunnerOutput:
         """Append `new_tokens[b]` to sequence `seq_ids[b]` and run them through the model in one pass.
 
         all_logits=True → logits for every new position [T, V] (verification); False → only the last
         new position of each sequence [B, V] (prefill / plain decoding).
+        return_final_hidden: also return the post-norm hidden state of every new position [T, H] (the
+        target's own next-token distribution is lm_head of it; drafter losses need it, SPEC §2.5).
         """
         tensors = [torch.as_tensor(t, dtype=torch.long).reshape(-1) for t in new_tokens]
         query_lens = [int(t.numel()) for t in tensors]
@@ -140,10 +144,11 @@ class TargetRunner:
             if not all_logits:
                 rows = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
             out = self.model(
-                flat.to(self.device), self.cache, meta, logits_rows=rows, feature_layer_ids=tuple(feature_layer_ids)
+                flat.to(self.device), self.cache, meta, logits_rows=rows, feature_layer_ids=tuple(feature_layer_ids),
+                return_final_hidden=return_final_hidden,
             )
         except BaseException:
             for seq_id, start in zip(seq_ids, starts):
                 self.cache.truncate(seq_id, start)
             raise
-        return RunnerOutput(logits=out.logits, query_lens=query_lens, features=out.features)
+        return RunnerOutput(logits=out.logits, query_lens=query_lens, features=out.features, final_hidden=out.final_hidden)
