@@ -1,0 +1,124 @@
+"""The training loop: it learns, it resumes exactly, and data parallelism equals one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dspark.config import from_dict
+from dspark.errors import ConfigError
+from dspark.models.drafters.dspark import DSparkModel
+from dspark.models.random_init import build_random_model
+from dspark.models.target_runner import TargetRunner
+from dspark.training.config import TrainConfig, load_train_config
+from dspark.training.trainer import Sample, Trainer, lr_at
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory):
+    return build_random_model(
+        tmp_path_factory.mktemp("trainer") / "target", "tiny-qwen3", seed=6, init_std=0.3, with_tokenizer=False,
+        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+    )
+
+
+def make_samples(count: int, seed: int = 0) -> list[Sample]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        length = int(torch.randint(12, 30, (1,), generator=gen))
+        ids = torch.randint(0, 39, (length,), generator=gen)
+        mask = torch.zeros(length, dtype=torch.bool)
+        mask[length // 3 :] = True
+        out.append(Sample(ids, mask))
+    return out
+
+
+def make_config(target_dir, output_dir, **train) -> TrainConfig:
+    data = {
+        "preset": None,
+        "model": {"target": str(target_dir), "draft_layers": 1, "block_size": 4, "markov_rank": 8,
+                  "target_layer_ids": [0, 2], "init_std": 0.05},
+        "data": {"train": "unused.jsonl", "num_anchors": 6},
+        "optim": {"lr": 3e-3, "warmup_ratio": 0.2},
+        "train": dict({"output_dir": str(output_dir), "batch_size": 4, "micro_batch_size": 2, "max_steps": 6,
+                       "checkpoint_every": 2, "log_every": 1, "progress": False, "chunk_blocks": 5}, **train),
+    }
+    return from_dict(TrainConfig, data)
+
+
+def test_lr_schedule_warms_up_then_decays(target_dir, tmp_path):
+    config = make_config(target_dir, tmp_path, max_steps=10)
+    lrs = [lr_at(s, 10, config) for s in range(10)]
+    assert lrs[0] == pytest.approx(3e-3 / 2) and lrs[1] == pytest.approx(3e-3)  # ceil(0.2 × 10) = 2 warmup steps
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] < 3e-4
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(target_dir, tmp_path):
+    config = make_config(target_dir, tmp_path, max_steps=12, batch_size=4, checkpoint_every=100)
+    trainer = Trainer(config, make_samples(4))
+    losses = [trainer.train_step()["loss"] for _ in range(12)]
+    assert losses[-1] < 0.8 * losses[0], losses
+    # embeddings and LM head stay the target's
+    assert torch.equal(trainer.model.embed_tokens.weight, trainer.target.model.model.embed_tokens.weight)
+    assert torch.equal(trainer.model.lm_head.weight, trainer.target.model.output_embeddings())
+
+
+class KilledAfter(Trainer):
+    """Simulates a process killed right after optimizer step `kill_at` (and its checkpoint)."""
+
+    kill_at = 4
+
+    def train_step(self):
+        if self.step == self.kill_at:
+            raise KeyboardInterrupt
+        return super().train_step()
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(target_dir, tmp_path):
+    samples = make_samples(8)
+    straight = Trainer(make_config(target_dir, tmp_path / "straight"), samples)
+    straight.fit()
+    killed = KilledAfter(make_config(target_dir, tmp_path / "resumed"), samples)
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    assert (tmp_path / "resumed" / "latest").read_text().strip() == "step_4"
+    resumed = Trainer(make_config(target_dir, tmp_path / "resumed"), samples)
+    resumed.fit()
+    assert resumed.step == straight.step == 6
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    final = DSparkModel.from_pretrained(tmp_path / "resumed" / "step_6" / "drafter")
+    for name, tensor in final.state_dict().items():
+        assert torch.equal(tensor, straight.model.state_dict()[name]), name
+    assert not any(p.name.startswith(".") for p in (tmp_path / "resumed").iterdir())  # no half-written folder
+    assert (tmp_path / "straight" / "tensorboard").is_dir()
+
+
+def test_config_errors_are_named(target_dir, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("preset: dspark\nmodel:\n  target: x\n  bogus: 1\ndata:\n  train: y\n")
+    with pytest.raises(ConfigError, match="bogus"):
+        load_train_config(cfg)
+    cfg.write_text("preset: nope\nmodel:\n  target: x\ndata:\n  train: y\n")
+    with pytest.raises(ConfigError, match="preset"):
+        load_train_config(cfg)
+    cfg.write_text("preset: dflash\nmodel:\n  target: x\ndata:\n  train: y\n")
+    config = load_train_config(cfg, ["optim.lr=0.001", "train.batch_size=16"])
+    assert config.model.markov_rank == 0 and config.optim.ce_weight == 1.0 and config.optim.lr == 0.001
+    with pytest.raises(ConfigError, match="multiple"):
+        Trainer(make_config(target_dir, tmp_path / "o", batch_size=3, micro_batch_size=2), make_samples(4))
