@@ -122,3 +122,61 @@ def test_config_errors_are_named(target_dir, tmp_path):
     assert config.model.markov_rank == 0 and config.optim.ce_weight == 1.0 and config.optim.lr == 0.001
     with pytest.raises(ConfigError, match="multiple"):
         Trainer(make_config(target_dir, tmp_path / "o", batch_size=3, micro_batch_size=2), make_samples(4))
+
+
+def write_tokenised(path, samples):
+    with path.open("w") as handle:
+        for s in samples:
+            handle.write(json.dumps({"input_ids": s.input_ids.tolist(), "loss_mask": s.loss_mask.int().tolist()}) + "\n")
+
+
+def write_yaml(path, target_dir, data_path):
+    path.write_text(
+        "preset: dspark\n"
+        f"model:\n  target: {target_dir}\n  draft_layers: 1\n  block_size: 4\n  markov_rank: 8\n  target_layer_ids: [0, 2]\n"
+        f"data:\n  train: {data_path}\n  num_anchors: 6\n"
+        "optim:\n  lr: 0.003\n"
+        "train:\n  batch_size: 4\n  micro_batch_size: 1\n  max_steps: 2\n  checkpoint_every: 2\n  progress: false\n"
+    )
+
+
+def test_two_gloo_processes_under_torchrun_equal_one_process(target_dir, tmp_path):
+    from dspark.cli import main
+
+    data = tmp_path / "train.jsonl"
+    write_tokenised(data, make_samples(8, seed=3))
+    cfg = tmp_path / "train.yaml"
+    write_yaml(cfg, target_dir, data)
+    assert main(["train", "--config", str(cfg), f"train.output_dir={tmp_path / 'one'}"]) == 0
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "dspark", "train", "--config", str(cfg),
+         f"train.output_dir={tmp_path / 'two'}"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = DSparkModel.from_pretrained(tmp_path / "one" / "step_2" / "drafter")
+    two = DSparkModel.from_pretrained(tmp_path / "two" / "step_2" / "drafter")
+    meta = json.loads((tmp_path / "two" / "step_2" / "trainer_state.json").read_text())
+    assert meta["world_size"] == 2
+    start = DSparkModel.from_pretrained(tmp_path / "one" / "step_2" / "drafter")
+    changed = False
+    for name, tensor in one.state_dict().items():
+        torch.testing.assert_close(two.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    trainer = Trainer(make_config(target_dir, tmp_path / "fresh"), make_samples(4))
+    for name, tensor in trainer.model.state_dict().items():
+        changed |= not torch.allclose(tensor, start.state_dict()[name])
+    assert changed  # the two steps really moved the weights
+
+
+def test_train_command_reports_bad_data(target_dir, tmp_path, capsys):
+    from dspark.cli import main
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"input_ids": [1, 2, 3], "loss_mask": [1, 1]}\n')
+    cfg = tmp_path / "train.yaml"
+    write_yaml(cfg, target_dir, data)
+    assert main(["train", "--config", str(cfg), f"train.output_dir={tmp_path / 'out'}"]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

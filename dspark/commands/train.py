@@ -1,0 +1,54 @@
+"""`dspark train --config FILE.yaml [section.key=value ...]`: train a drafter against a frozen target.
+
+Single process: `dspark train --config c.yaml`. Several processes / GPUs / nodes: launch the same command
+with torchrun (`torchrun --nproc_per_node N -m dspark train --config c.yaml`); the process group is set up
+from torchrun's environment (gloo on CPU, NCCL on GPU). A run restarted with the same output_dir resumes
+from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from dspark.cli import print_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a drafter (DSpark, DFlash) against a frozen target")
+    p.add_argument("--config", default=None, help="YAML config (sections model/data/optim/train; optional `preset`)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=3e-4 train.max_steps=100")
+    p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    p.set_defaults(handler=run_train)
+
+
+def run_train(args) -> int:
+    from dspark.training.config import load_train_config
+    from dspark.training.data_loading import load_samples
+    from dspark.training.trainer import Trainer
+
+    config = load_train_config(args.config, args.overrides)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        backend = "nccl" if config.train.device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            config.train.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        dist.init_process_group(backend=backend)
+    try:
+        samples = load_samples(config.data.train, config.model.target, config.data.max_length)
+        trainer = Trainer(config, samples)
+        final = trainer.fit()
+        if trainer.rank == 0:
+            summary = {"checkpoint": str(final), "drafter": str(final / "drafter"), "steps": trainer.step}
+            if args.json:
+                print_json(summary)
+            else:
+                print(json.dumps(summary))
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    return 0
