@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -180,3 +181,25 @@ def test_train_command_reports_bad_data(target_dir, tmp_path, capsys):
     assert main(["train", "--config", str(cfg), f"train.output_dir={tmp_path / 'out'}"]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_bfloat16_parameters_keep_float32_master_weights(target_dir, tmp_path):
+    trainer = Trainer(make_config(target_dir, tmp_path, dtype="bfloat16", max_steps=3), make_samples(4))
+    first = trainer.train_step()
+    second = trainer.train_step()
+    assert math.isfinite(first["loss"]) and math.isfinite(second["loss"])
+    for (name, param), master in zip(trainer.trainable, trainer.master):
+        assert param.dtype == torch.bfloat16 and master.dtype == torch.float32
+        assert torch.equal(param, master.to(torch.bfloat16)), name
+    # the masters carry updates finer than bf16 resolution
+    assert any(not torch.equal(m, m.to(torch.bfloat16).float()) for m in trainer.master)
+
+
+def test_corrupted_checkpoint_is_reported_not_half_loaded(target_dir, tmp_path):
+    from dspark.errors import CheckpointError
+
+    samples = make_samples(4)
+    Trainer(make_config(target_dir, tmp_path / "run", max_steps=2), samples).fit()
+    (tmp_path / "run" / "step_2" / "trainer_state.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="step_2"):
+        Trainer(make_config(target_dir, tmp_path / "run", max_steps=4), samples).fit()

@@ -289,13 +289,14 @@ class Trainer:
         if not pointer.is_file():
             return False
         folder = self.output / pointer.read_text().strip()
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             meta = json.loads((folder / "trainer_state.json").read_text())
             tensors = load_file(str(folder / "trainer_state.safetensors"))
             drafter = DSparkModel.from_pretrained(folder / "drafter", device=self.device, dtype=self.model.fc.weight.dtype)
-        except (OSError, json.JSONDecodeError, CheckpointError) as exc:
+        except (OSError, json.JSONDecodeError, SafetensorError, CheckpointError) as exc:
             raise CheckpointError(f"{folder}: cannot resume from this checkpoint ({exc})") from None
         if drafter.config.to_hf_dict() != self.model.config.to_hf_dict():
             raise CheckpointError(f"{folder}: checkpoint drafter config differs from this run's config")
