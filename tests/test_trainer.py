@@ -203,3 +203,13 @@ def test_corrupted_checkpoint_is_reported_not_half_loaded(target_dir, tmp_path):
     (tmp_path / "run" / "step_2" / "trainer_state.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="step_2"):
         Trainer(make_config(target_dir, tmp_path / "run", max_steps=4), samples).fit()
+
+
+def test_shipped_example_config_is_valid():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "train_dspark.yaml"
+    config = load_train_config(path, ["model.target=/some/target", "data.train=/some/data.jsonl"])
+    assert config.model.markov_rank == 256 and config.optim.tv_weight == 0.9 and config.train.dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="model.target"):
+        load_train_config(path)
