@@ -19,7 +19,7 @@ import sys
 from dspark.errors import DSparkError
 
 # Subcommand modules under dspark.commands, in the order `dspark --help` lists them.
-COMMAND_MODULES = ("generate", "demo", "train")
+COMMAND_MODULES = ("generate", "demo", "train", "data")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:

@@ -213,3 +213,31 @@ def test_shipped_example_config_is_valid():
     assert config.model.markov_rank == 256 and config.optim.tv_weight == 0.9 and config.train.dtype == "bfloat16"
     with pytest.raises(ConfigError, match="model.target"):
         load_train_config(path)
+
+
+def test_training_from_a_feature_cache_equals_online_features(tmp_path):
+    """Conversations → (a) online target features, (b) `dspark data cache` (float32) → same trained weights.
+    A cache built for other target layers is refused before training starts."""
+    from dspark.cli import main
+
+    target = build_random_model(tmp_path / "target", "tiny-qwen3", seed=2, init_std=0.1)
+    data = tmp_path / "conv.jsonl"
+    with data.open("w") as handle:
+        for i in range(4):
+            conv = [{"role": "user", "content": f"question {i}: what is {i} + {i}?"},
+                    {"role": "assistant", "content": f"The answer is {2 * i}. " * (2 + i)}]
+            handle.write(json.dumps({"conversations": conv}) + "\n")
+    cache = tmp_path / "cache"
+    assert main(["data", "cache", "--target", str(target), "--data", str(data), "--layers", "0,2",
+                 "--output", str(cache), "--dtype", "float32", "--no-progress"]) == 0
+    cfg = tmp_path / "train.yaml"
+    write_yaml(cfg, target, data)
+    common = ["model.target_layer_ids=[0, 2]", "train.max_steps=2"]
+    assert main(["train", "--config", str(cfg), f"train.output_dir={tmp_path / 'online'}"] + common) == 0
+    assert main(["train", "--config", str(cfg), f"data.train={cache}", f"train.output_dir={tmp_path / 'cached'}"] + common) == 0
+    online = DSparkModel.from_pretrained(tmp_path / "online" / "step_2" / "drafter")
+    cached = DSparkModel.from_pretrained(tmp_path / "cached" / "step_2" / "drafter")
+    for name, tensor in online.state_dict().items():
+        torch.testing.assert_close(cached.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    other_layers = ["model.target_layer_ids=[1, 3]", "train.max_steps=2"]
+    assert main(["train", "--config", str(cfg), f"data.train={cache}", f"train.output_dir={tmp_path / 'x'}"] + other_layers) == 2

@@ -78,6 +78,8 @@ class Trainer:
         if not self.target.hf_config:
             raise ConfigError("the target must be loaded from a model folder: its config.json seeds the drafter's")
         self.model = self._build_model()
+        if hasattr(samples, "validate"):  # a feature cache: it must match this target and these layers
+            samples.validate(self.model.config.target_layer_ids, self.target.config.hidden_size, config.model.target)
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if n not in FROZEN]
         for name, param in self.model.named_parameters():
             param.requires_grad_(name not in FROZEN)
@@ -129,20 +131,25 @@ class Trainer:
         seqs = [self.samples[i] for i in indices]
         ids = [s.input_ids[: d.max_length] for s in seqs]
         masks = [s.loss_mask[: d.max_length].bool() for s in seqs]
-        layers = self.model.config.target_layer_ids
-        handles = [self.target.new_sequence() for _ in seqs]
-        try:
-            out = self.target.forward(handles, ids, feature_layer_ids=layers, return_final_hidden=True)
-        finally:
-            for h in handles:
-                self.target.free_sequence(h)
+        if all(hasattr(s, "features") for s in seqs):  # from the feature cache
+            seq_feats = [s.features[: d.max_length].to(self.device) for s in seqs]
+            seq_final = [s.final_hidden[: d.max_length].to(self.device) for s in seqs]
+        else:  # online: the frozen target in this process
+            handles = [self.target.new_sequence() for _ in seqs]
+            try:
+                out = self.target.forward(handles, ids, feature_layer_ids=self.model.config.target_layer_ids,
+                                          return_final_hidden=True)
+            finally:
+                for h in handles:
+                    self.target.free_sequence(h)
+            seq_feats, seq_final = out.split(out.features), out.split(out.final_hidden)
         longest = max(len(x) for x in ids)
         n = len(seqs)
-        feats = out.features.new_zeros(n, longest, out.features.shape[-1])
-        final = out.final_hidden.new_zeros(n, longest, out.final_hidden.shape[-1])
+        feats = seq_feats[0].new_zeros(n, longest, seq_feats[0].shape[-1])
+        final = seq_final[0].new_zeros(n, longest, seq_final[0].shape[-1])
         input_ids = torch.zeros(n, longest, dtype=torch.long)
         loss_mask = torch.zeros(n, longest, dtype=torch.bool)
-        for row, (f, h, x, m) in enumerate(zip(out.split(out.features), out.split(out.final_hidden), ids, masks)):
+        for row, (f, h, x, m) in enumerate(zip(seq_feats, seq_final, ids, masks)):
             feats[row, : len(x)], final[row, : len(x)] = f, h
             input_ids[row, : len(x)], loss_mask[row, : len(x)] = x, m
         positions, valid = [], []

@@ -11,7 +11,7 @@ from dspark.errors import CheckpointError, ConfigError
 from dspark.models.drafters.base import Drafter
 
 _FOLDER_LOADERS: dict[str, Callable[..., Drafter]] = {}
-BUILTIN_DRAFTER_MODULES = ("dspark.models.drafters.dspark",)
+BUILTIN_DRAFTER_MODULES = ("dspark.models.drafters.dspark", "dspark.models.drafters.eagle3", "dspark.models.drafters.mtp")
 
 
 def _import_builtin_drafters() -> None:

@@ -1,0 +1,590 @@
+"""EAGLE-3 drafter (SPEC §2.7; Li et al., arXiv 2503.01840, in the variant DeepSpec trains as its baseline:
+full target vocabulary, frozen copies of the target's embedding and LM head, `block_size` = TTT length = 7).
+
+One decoder layer with the target's layer shapes. Row t (RoPE position t) pairs a hidden state g_t with the
+embedding of the *next* token x_{t+1} and predicts x_{t+2}:
+    u_t      = [input_layernorm(emb(x_{t+1})) ; hidden_norm(g_t)]                         [2H]
+    a_t      = o_proj(attention(q_proj u_t, k_proj u_t, v_proj u_t))  (q/k/v: 2H → heads·D, o: heads·D → H)
+    r_t      = g_t + a_t ;   o_t = r_t + mlp(post_attention_layernorm(r_t))                [H]
+    logits_t = lm_head(norm(o_t))                                                          [V]  → x_{t+2}
+Attention is causal over the drafter's own rows (Qwen3: per-head q/k RMSNorm, as in the target).
+g_t = fc(concat of the target's layer outputs at t) (L·H → H, SPEC §2.1) for verified positions; while
+drafting, g is the layer's own output o (before the final norm) of the previous row.
+
+Inference, per round and sequence (anchor x0 = token_ids[-1] at position a; verified positions 0..a−1):
+  1. ingest the newly verified rows t (g_t = fc(f_t), token x_{t+1}; for t = a−1 that is x0) into the
+     drafter's paged KV cache, where they stay;
+  2. d_1 ~ q_1 = logits_to_probs(logits(o_{a−1})) — the last context row's output predicts x_{a+1};
+  3. for k ≥ 1: draft row at position a+k−1 with g = o of the previous row and token d_k gives o, and
+     d_{k+1} ~ q_{k+1} = logits_to_probs(logits(o));
+  4. roll the cache back to a (drafted rows are dropped; the next round's verified rows replace them).
+Each q_k is the exact float32 tensor d_k was sampled from and is returned as the draft distribution.
+
+Training-time test (TTT, `forward_train`), stated in "chain" indexing: chain t is the sequence of drafts
+started from verified position t (anchor a = t+1). For steps k = 0..K−1 (K = block_size):
+  - input: token x_{t+1+k}, RoPE position t+k, g = fc(f_t) for k = 0 and the step k−1 output o^{k−1}_t else;
+  - attention: the query of (step k, chain t) sees the step-0 keys of rows s ≤ t and the keys of steps
+    1..k of chain t (its own chain, itself included) — nothing else;
+  - output: logits^k_t predicts x_{t+2+k}.
+This is exactly what inference computes for anchor a = t+1 when the drafts are teacher-forced to
+d_j = x_{t+1+j}: step 0 of chain t is context row a−1 and step k is draft row a+k−1 (same token, same
+RoPE position, same g, same visible keys). In position indexing (position p = t+k), step k's g at
+position p is step k−1's output at position p−1, and its query sees the context rows < p−k+1 plus its
+chain. It is the mask of DeepSpec/SpecForge (causal on step-0 keys, "diagonal" on later steps).
+Loss (`eagle3_ttt_loss`): soft cross-entropy of logits^k_t against p_t = softmax(target lm_head(target
+final hidden at t+1+k)) (the target's distribution over the same token x_{t+2+k}), supervised where
+x_{t+2+k} exists and is a response token, weights 0.8^k, each step a mean over its supervised rows.
+
+Checkpoint (HF-style folder: config.json = the target's config + `architectures: ["Eagle3DraftModel"]`,
+`num_hidden_layers: 1`, `num_target_layers`, `target_layer_ids`, `block_size`, `tie_word_embeddings:
+false`; model.safetensors). Tensor names follow the EAGLE-3 / SpecForge layout (one `midlayer`, no d2t/t2d
+since the draft vocabulary is the target's):
+  embed_tokens.weight [V, H], fc.weight [H, L·H], norm.weight [H], lm_head.weight [V, H],
+  midlayer.hidden_norm.weight [H], midlayer.input_layernorm.weight [H],
+  midlayer.self_attn.q_proj.weight [heads·D, 2H], midlayer.self_attn.k_proj.weight [kv·D, 2H],
+  midlayer.self_attn.v_proj.weight [kv·D, 2H], midlayer.self_attn.o_proj.weight [H, heads·D]
+  (+ `.bias` where the target family has them), midlayer.self_attn.{q,k}_norm.weight [D] (Qwen3),
+  midlayer.post_attention_layernorm.weight [H], midlayer.mlp.{gate,up}_proj.weight [I, H],
+  midlayer.mlp.down_proj.weight [H, I].
+
+The runtime shared with the MTP drafter (one causal layer over its own cache, row t fed by the target
+feature at t and token x_{t+1}) is `CausalFeatureDrafter` below.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dspark.decoding.sampling import logits_to_probs, sample
+from dspark.errors import CheckpointError, RequestError
+from dspark.models.checkpoint import load_state_into, save_folder_atomically, save_safetensors
+from dspark.models.config import DecoderConfig, parse_decoder_config, read_config_json
+from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter
+from dspark.models.drafters.registry import register_drafter
+from dspark.models.kv_cache import PagedKVCache
+from dspark.models.layers import Attention, GatedMLP, RMSNorm
+from dspark.models.rope import RotaryEmbedding, apply_rotary
+from dspark.models.target_runner import resolve_dtype
+
+ARCHITECTURE = "Eagle3DraftModel"
+STEP_LOSS_DECAY = 0.8
+FROZEN_PREFIXES = ("embed_tokens.", "lm_head.")  # copies of the target's, never trained
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------
+
+def parse_feature_drafter_fields(
+    hf: dict[str, Any], where: str, kind: str
+) -> tuple[DecoderConfig, int, tuple[int, ...]]:
+    """Shared part of the one-layer drafters' configs: the layer shapes (parsed with the target family's
+    rules), `num_target_layers` and `target_layer_ids`. Returns (layers, num_target_layers, ids)."""
+    missing = [f for f in ("num_target_layers", "target_layer_ids") if hf.get(f) is None]
+    if missing:
+        raise CheckpointError(f"{where}: drafter field(s) {', '.join(missing)} missing (not an {kind} checkpoint?)")
+    target_like = {k: v for k, v in hf.items() if k != "architectures"}
+    target_like["tie_word_embeddings"] = False
+    layers = parse_decoder_config(target_like, where)
+    if layers.num_layers != 1:
+        raise CheckpointError(
+            f"{where}: an {kind} drafter has exactly one decoder layer, num_hidden_layers={layers.num_layers}"
+        )
+    num_target_layers = hf["num_target_layers"]
+    if not isinstance(num_target_layers, int) or isinstance(num_target_layers, bool) or num_target_layers < 1:
+        raise CheckpointError(f"{where}: num_target_layers must be a positive integer, got {num_target_layers!r}")
+    ids = hf["target_layer_ids"]
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise CheckpointError(f"{where}: target_layer_ids must be a non-empty list of integers, got {ids!r}")
+    if any(not -1 <= i < num_target_layers for i in ids) or any(a >= b for a, b in zip(ids, ids[1:])):
+        raise CheckpointError(
+            f"{where}: target_layer_ids {ids} must be strictly increasing in [-1, {num_target_layers - 1}] "
+            "(-1 = embedding output)"
+        )
+    return layers, num_target_layers, tuple(ids)
+
+
+@dataclass(frozen=True)
+class Eagle3Config:
+    layers: DecoderConfig  # shapes of the draft layer (= the target's), num_layers = 1
+    num_target_layers: int
+    target_layer_ids: tuple[int, ...]
+    block_size: int = 7  # drafts per round = TTT steps it was trained with
+    hf_config: dict | None = None  # the full config.json (target fields included), written back on save
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        out = copy.deepcopy(self.hf_config or {})
+        out.update(
+            architectures=[ARCHITECTURE],
+            num_hidden_layers=1,
+            num_target_layers=self.num_target_layers,
+            target_layer_ids=list(self.target_layer_ids),
+            block_size=self.block_size,
+            tie_word_embeddings=False,
+        )
+        return out
+
+
+def parse_eagle3_config(hf: dict[str, Any], where: str = "config.json") -> Eagle3Config:
+    """Validate an EAGLE-3 drafter config.json and build an `Eagle3Config`."""
+    layers, num_target_layers, ids = parse_feature_drafter_fields(hf, where, "EAGLE-3")
+    block = hf.get("block_size", 7)
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+        raise CheckpointError(f"{where}: block_size must be a positive integer, got {block!r}")
+    return Eagle3Config(layers, num_target_layers, ids, block, hf_config=dict(hf))
+
+
+def eagle3_config_for_target(
+    target_hf_config: dict, *, target_layer_ids: tuple[int, ...], block_size: int = 7
+) -> Eagle3Config:
+    """An EAGLE-3 config with the target's layer shapes (DeepSpec's construction; SPEC §2.7)."""
+    hf = dict(target_hf_config)
+    hf.update(
+        num_target_layers=target_hf_config["num_hidden_layers"], num_hidden_layers=1,
+        target_layer_ids=list(target_layer_ids), block_size=block_size,
+    )
+    return parse_eagle3_config(hf, where="drafter config")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pieces shared with the MTP drafter
+# ---------------------------------------------------------------------------------------------------
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for bf16/fp16/fp32 tensors, float64 for float64 (logits, softmax statistics)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def shift_left(x: torch.Tensor, shift: int, pad: float | int | bool = 0) -> torch.Tensor:
+    """[N, S, ...] → same shape with out[:, t] = x[:, t + shift] (`pad` past the end)."""
+    out = torch.full_like(x, pad)
+    if shift < x.shape[1]:
+        out[:, : x.shape[1] - shift] = x[:, shift:]
+    return out
+
+
+def dense_qkv(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """x [N, S, in] → q [N, Hq, S, D], k, v [N, Hkv, S, D] (q/k normed if Qwen3, rotated at their positions)."""
+    n, length = x.shape[:2]
+    q = attn.q_proj(x).view(n, length, attn.num_heads, attn.head_dim)
+    k = attn.k_proj(x).view(n, length, attn.num_kv_heads, attn.head_dim)
+    v = attn.v_proj(x).view(n, length, attn.num_kv_heads, attn.head_dim)
+    if attn.q_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def chain_attention(
+    q: torch.Tensor,
+    ctx_k: torch.Tensor,
+    ctx_v: torch.Tensor,
+    chain_k: list[torch.Tensor],
+    chain_v: list[torch.Tensor],
+    scale: float,
+) -> torch.Tensor:
+    """TTT attention. q [N, Hq, S, D]; ctx_k/ctx_v [N, Hkv, S, D] (step-0 rows); chain_k/chain_v: lists of
+    [N, Hkv, S, D] (one per later step). Query row t sees ctx rows s ≤ t and row t of every chain tensor.
+    With empty chains this is plain causal attention. Returns [N, Hq, S, D]."""
+    groups = q.shape[1] // ctx_k.shape[1]
+
+    def per_head(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(groups, dim=1) if groups > 1 else t
+
+    length = q.shape[2]
+    scores = (q @ per_head(ctx_k).transpose(-1, -2)) * scale  # [N, Hq, S, S]
+    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    if chain_k:
+        diagonal = torch.stack([(q * per_head(k)).sum(-1) for k in chain_k], dim=-1) * scale  # [N, Hq, S, j]
+        scores = torch.cat([scores, diagonal], dim=-1)
+    weights = torch.softmax(scores.to(compute_dtype(q.dtype)), dim=-1).to(q.dtype)
+    out = weights[..., :length] @ per_head(ctx_v)
+    for j, v in enumerate(chain_v):
+        out = out + weights[..., length + j, None] * per_head(v)
+    return out
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """−Σ_v softmax(target)_v · log softmax(logits)_v over the last axis, in float32 (float64 if given)."""
+    dtype = compute_dtype(logits.dtype)
+    p_t = torch.softmax(target_logits.to(dtype), dim=-1)
+    return -(p_t * torch.log_softmax(logits.to(dtype), dim=-1)).sum(-1)
+
+
+class DraftCheckpointMixin:
+    """`from_pretrained` / `save_pretrained` for a drafter module with `config.to_hf_dict()` and a
+    `parse_config(hf, where)` static method; plus the parameters a trainer may update."""
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, *, device="cpu", dtype=None):
+        folder = Path(folder)
+        config = cls.parse_config(read_config_json(folder), where=str(folder / "config.json"))
+        with torch.device("meta"):
+            model = cls(config)
+        load_state_into(model, folder, dtype=resolve_dtype(dtype, torch.device(device)), device=device)
+        return model
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write config.json + model.safetensors atomically; returns the folder."""
+        state = self.state_dict()
+
+        def write(tmp: Path) -> None:
+            (tmp / "config.json").write_text(json.dumps(self.config.to_hf_dict(), indent=2) + "\n")
+            save_safetensors(state, tmp / "model.safetensors")
+
+        folder = Path(folder)
+        save_folder_atomically(folder, write)
+        return folder
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every parameter except the frozen embedding and LM head (copies of the target's)."""
+        return [p for name, p in self.named_parameters() if not name.startswith(FROZEN_PREFIXES)]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Layer output o [..., H] (before the final norm) → logits [..., V] in float32 (float64 for float64)."""
+        return self.lm_head(self.norm(hidden)).to(compute_dtype(hidden.dtype))
+
+
+def init_draft_weights(model: nn.Module, target, *, seed: int = 0, std: float = 0.02) -> nn.Module:
+    """Initialise a freshly built one-layer drafter for `target` (a `DecoderModel`), in the target's dtype and
+    device: trainable weights ~ N(0, std²), norms 1, biases 0; embedding and LM head copied from the target."""
+    param = next(target.parameters())
+    model = model.to(device=param.device, dtype=param.dtype)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name.endswith("norm.weight"):
+                tensor.fill_(1.0)
+            elif name.endswith(".bias"):
+                tensor.zero_()
+            else:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
+        model.embed_tokens.weight.copy_(target.model.embed_tokens.weight)
+        model.lm_head.weight.copy_(target.output_embeddings())
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The EAGLE-3 network
+# ---------------------------------------------------------------------------------------------------
+
+class Eagle3Attention(Attention):
+    """Attention whose q/k/v projections read the 2H-wide input and whose output projection writes H."""
+
+    def __init__(self, c: DecoderConfig):
+        super().__init__(
+            2 * c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+            qkv_bias=c.qkv_bias, o_bias=c.o_bias, qk_norm=c.qk_norm, eps=c.rms_norm_eps,
+        )
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
+
+
+class Eagle3Layer(nn.Module):
+    """The single draft layer ("midlayer"): [norm(emb) ; norm(g)] → attention → residual on g → MLP."""
+
+    def __init__(self, c: DecoderConfig):
+        super().__init__()
+        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Eagle3Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+
+    def layer_input(self, emb: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """emb, g [..., H] → [..., 2H] = [input_layernorm(emb) ; hidden_norm(g)]."""
+        return torch.cat([self.input_layernorm(emb), self.hidden_norm(g)], dim=-1)
+
+    def _finish(self, g: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        h = g + attended
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward_paged(self, emb, g, cos, sin, k_pool, v_pool, meta) -> torch.Tensor:
+        """Inference. emb, g [T, H] (ragged rows of several sequences) → o [T, H]; writes the rows' K/V."""
+        return self._finish(g, self.self_attn(self.layer_input(emb, g), cos, sin, k_pool, v_pool, meta))
+
+    def forward_ttt(self, emb, g, cos, sin, ctx_kv, chain_kv):
+        """Training, one TTT step. emb, g [N, S, H]; cos/sin [N, S, D]; ctx_kv: (k, v) of step 0 or None (this
+        is step 0); chain_kv: (k, v) of steps 1..k−1. Returns (o [N, S, H], this step's k, v [N, Hkv, S, D])."""
+        attn = self.self_attn
+        q, k, v = dense_qkv(attn, self.layer_input(emb, g), cos, sin)
+        if ctx_kv is None:
+            ctx_k, ctx_v, chain_k, chain_v = k, v, [], []
+        else:
+            (ctx_k, ctx_v), chain_k, chain_v = ctx_kv, [c[0] for c in chain_kv] + [k], [c[1] for c in chain_kv] + [v]
+        out = chain_attention(q, ctx_k, ctx_v, chain_k, chain_v, attn.scale)
+        n, length = emb.shape[:2]
+        attended = attn.o_proj(out.transpose(1, 2).reshape(n, length, attn.num_heads * attn.head_dim))
+        return self._finish(g, attended), k, v
+
+
+class Eagle3Model(DraftCheckpointMixin, nn.Module):
+    """The EAGLE-3 drafter network; module names are the checkpoint's tensor names (module docstring)."""
+
+    parse_config = staticmethod(parse_eagle3_config)
+
+    def __init__(self, config: Eagle3Config):
+        super().__init__()
+        self.config = config
+        c = config.layers
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.fc = nn.Linear(len(config.target_layer_ids) * c.hidden_size, c.hidden_size, bias=False)
+        self.midlayer = Eagle3Layer(c)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(c.rope, c.head_dim, c.max_position_embeddings)
+
+    @property
+    def feature_width(self) -> int:
+        return self.fc.in_features
+
+    # -- inference ------------------------------------------------------------------------------------
+    def ingest(
+        self, cache: PagedKVCache, handles: list[int], features: list[torch.Tensor], next_tokens: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Append context rows to `cache` (kept): sequence b gets rows for its next n_b positions.
+
+        features[b] [n_b ≥ 1, L·H] target features of those positions; next_tokens[b] [n_b] the token after
+        each (x_{t+1}). Returns per sequence the rows' outputs o [n_b, H]. On failure the cache is unchanged.
+        """
+        starts = [cache.length(h) for h in handles]
+        meta = cache.prepare(handles, [f.shape[0] for f in features])
+        try:
+            g = self.fc(torch.cat(features).to(self.fc.weight.dtype))
+            emb = self.embed_tokens(torch.cat(next_tokens))
+            cos, sin = self.rotary(meta.positions, g.dtype)
+            out = self.midlayer.forward_paged(emb, g, cos, sin, cache.k_pools[0], cache.v_pools[0], meta)
+        except BaseException:
+            for handle, start in zip(handles, starts):
+                cache.truncate(handle, start)
+            raise
+        return list(torch.split(out, [f.shape[0] for f in features]))
+
+    def draft_step(
+        self, cache: PagedKVCache, handles: list[int], hidden: torch.Tensor, tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """One autoregressive draft row per sequence, appended to `cache` (the caller rolls it back).
+        hidden [B, H] = o of each sequence's previous row (fed back as g); tokens [B] = the draft just sampled.
+        Returns o [B, H] of the new rows."""
+        meta = cache.prepare(handles, [1] * len(handles))
+        emb = self.embed_tokens(tokens)
+        cos, sin = self.rotary(meta.positions, hidden.dtype)
+        return self.midlayer.forward_paged(emb, hidden, cos, sin, cache.k_pools[0], cache.v_pools[0], meta)
+
+    # -- training -------------------------------------------------------------------------------------
+    def forward_train(
+        self, features: torch.Tensor, input_ids: torch.Tensor, num_steps: int | None = None
+    ) -> torch.Tensor:
+        """Training-time test, unrolled over `num_steps` (default block_size) steps (module docstring).
+
+        features [N, S, L·H] target layer outputs of every position; input_ids [N, S] (right-padded rows
+        are fine: attention is causal, so padding never reaches real rows). Returns logits [K, N, S, V]
+        (float32; float64 for a float64 model) with logits[k, :, t] predicting x_{t+2+k}; rows whose input
+        token x_{t+1+k} lies past the sequence are computed on padding (token 0) and must not be supervised.
+        """
+        steps = self.config.block_size if num_steps is None else num_steps
+        n, length = input_ids.shape
+        g = self.fc(features.to(self.fc.weight.dtype))
+        rows = torch.arange(length, device=input_ids.device)
+        ctx_kv, chain_kv, logits = None, [], []
+        for k in range(steps):
+            emb = self.embed_tokens(shift_left(input_ids, k + 1))
+            cos, sin = self.rotary((rows + k).expand(n, -1), g.dtype)
+            g, key, value = self.midlayer.forward_ttt(emb, g, cos, sin, ctx_kv, chain_kv)
+            if ctx_kv is None:
+                ctx_kv = (key, value)
+            else:
+                chain_kv.append((key, value))
+            logits.append(self.logits(g))
+        return torch.stack(logits)
+
+
+@dataclass
+class TTTLossOutput:
+    total: torch.Tensor  # scalar, differentiable: Σ_k 0.8^k · (Σ_t m_kt CE_kt) / D_k
+    step_losses: torch.Tensor  # [K] detached mean soft CE per step
+    step_accuracy: torch.Tensor  # [K] detached: argmax draft == argmax target, over supervised rows
+    denominators: torch.Tensor  # [K] D_k used (supervised rows per step)
+
+
+def ttt_supervision(loss_mask: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """loss_mask [N, S] bool (1 on response tokens) → [K, N, S] bool: (step k, row t) is supervised iff its
+    label x_{t+2+k} exists and is a response token."""
+    n, length = loss_mask.shape
+    out = torch.zeros(num_steps, n, length, dtype=torch.bool, device=loss_mask.device)
+    for k in range(num_steps):
+        out[k] = shift_left(loss_mask.bool(), k + 2, pad=False)
+    return out
+
+
+def eagle3_ttt_loss(
+    step_logits: torch.Tensor,
+    target_final_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    decay: float = STEP_LOSS_DECAY,
+    denominators: torch.Tensor | None = None,
+) -> TTTLossOutput:
+    """The TTT loss (SPEC §2.7). step_logits [K, N, S, V] from `forward_train`; target_final_hidden [N, S, H]
+    (the target's post-norm hidden state: p_t at position p = softmax(lm_head(·)) over token p+1);
+    lm_head_weight [V, H] (the frozen head shared with the target); loss_mask [N, S].
+
+    Step k, row t is scored against the target distribution at position t+1+k with soft cross-entropy,
+    weight decay^k, averaged over the step's supervised rows (`ttt_supervision`). `denominators` [K]
+    replaces the per-step counts (a data-parallel trainer sums them over ranks first)."""
+    steps = step_logits.shape[0]
+    supervised = ttt_supervision(loss_mask, steps)
+    counts = supervised.flatten(1).sum(-1).to(torch.float32)
+    denom = counts if denominators is None else denominators.to(torch.float32)
+    with torch.no_grad():
+        target_logits = F.linear(target_final_hidden.to(lm_head_weight.dtype), lm_head_weight)
+    total = step_logits.new_zeros((), dtype=torch.float32)
+    losses, accuracy = [], []
+    for k in range(steps):
+        labels = shift_left(target_logits, k + 1)
+        ce = soft_cross_entropy(step_logits[k], labels)
+        m = supervised[k]
+        step_sum = (ce * m).sum().float()
+        total = total + decay**k * step_sum / denom[k].clamp_min(1.0)
+        with torch.no_grad():
+            losses.append(step_sum / counts[k].clamp_min(1.0))
+            hits = (step_logits[k].argmax(-1) == labels.argmax(-1)) & m
+            accuracy.append(hits.sum().float() / counts[k].clamp_min(1.0))
+    return TTTLossOutput(total, torch.stack(losses).detach(), torch.stack(accuracy), denom)
+
+
+def init_eagle3_from_target(config: Eagle3Config, target, *, seed: int = 0, std: float = 0.02) -> Eagle3Model:
+    """A freshly initialised EAGLE-3 drafter for `target` (a `DecoderModel`), see `init_draft_weights`."""
+    with torch.device(next(target.parameters()).device):
+        model = Eagle3Model(config)
+    return init_draft_weights(model, target, seed=seed, std=std)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runtime: the Drafter (shared with MTP)
+# ---------------------------------------------------------------------------------------------------
+
+class CausalFeatureDrafter(Drafter):
+    """Runs a one-layer causal drafter whose row t is fed by the target feature at t and token x_{t+1}
+    (EAGLE-3, MTP). The model provides `ingest`, `logits`, `feature_width`, `config` (layers,
+    num_target_layers, target_layer_ids, block_size) and, if block_size > 1, `draft_step`.
+
+    Per sequence the drafter keeps its own paged KV cache of the verified context rows and the output o of
+    the last one (row a−1, whose token is the anchor), from which the first draft is sampled; drafted rows
+    are dropped after each round. Every draft is sampled from q = logits_to_probs(logits, the request's
+    sampling parameters) and exactly that float32 tensor is returned (SPEC §1 pitfall 1).
+    """
+
+    def __init__(self, model, *, name: str, cache_block_size: int = 16):
+        self.model = model.eval()
+        cfg = model.config
+        self.name = name
+        self.max_draft_tokens = cfg.block_size
+        self.feature_layer_ids = cfg.target_layer_ids
+        param = model.lm_head.weight
+        c = cfg.layers
+        self.cache = PagedKVCache(
+            1, c.num_kv_heads, c.head_dim, block_size=cache_block_size, dtype=param.dtype, device=param.device
+        )
+        self._handles: dict[int, int] = {}
+        self._last_hidden: dict[int, torch.Tensor] = {}  # seq_id → o of its last context row [H]
+
+    def check_target(self, target_config: DecoderConfig) -> None:
+        c = self.model.config
+        problems = []
+        if target_config.vocab_size != c.layers.vocab_size:
+            problems.append(f"vocab_size {c.layers.vocab_size} vs target {target_config.vocab_size}")
+        if target_config.hidden_size != c.layers.hidden_size:
+            problems.append(f"hidden_size {c.layers.hidden_size} vs target {target_config.hidden_size}")
+        if target_config.num_layers != c.num_target_layers:
+            problems.append(f"num_target_layers {c.num_target_layers} vs target's {target_config.num_layers} layers")
+        if problems:
+            raise CheckpointError(f"drafter '{self.name}' was built for another target: {'; '.join(problems)}")
+
+    def _ingest(self, batch: list[DraftInput]) -> list[int]:
+        """Validate the batch, ingest its new context rows; returns the cache handles."""
+        device = self.model.lm_head.weight.device
+        handles, todo = [], []
+        for item in batch:
+            if item.new_features is None:
+                raise RequestError(f"drafter '{self.name}' needs target features (layers {self.feature_layer_ids})")
+            handle = self._handles.get(item.seq_id)
+            if handle is None:
+                handle = self._handles[item.seq_id] = self.cache.new_sequence()
+            seen, n_new = self.cache.length(handle), item.new_features.shape[0]
+            if seen + n_new != len(item.token_ids) - 1:
+                raise RequestError(
+                    f"sequence {item.seq_id}: drafter context ({seen} + {n_new} positions) does not end right "
+                    f"before the anchor (position {len(item.token_ids) - 1})"
+                )
+            if n_new and item.new_features.shape[-1] != self.model.feature_width:
+                raise RequestError(
+                    f"sequence {item.seq_id}: target features are {item.new_features.shape[-1]} wide, drafter "
+                    f"'{self.name}' expects {self.model.feature_width} (layers {self.feature_layer_ids})"
+                )
+            if n_new == 0 and item.seq_id not in self._last_hidden:
+                raise RequestError(f"sequence {item.seq_id}: no verified position before the anchor to draft from")
+            handles.append(handle)
+            if n_new:
+                tokens = torch.as_tensor(list(item.token_ids[seen + 1 :]), dtype=torch.long, device=device)
+                todo.append((item.seq_id, handle, item.new_features.to(device), tokens))
+        if todo:
+            outputs = self.model.ingest(self.cache, [t[1] for t in todo], [t[2] for t in todo], [t[3] for t in todo])
+            for (seq_id, *_), rows in zip(todo, outputs):
+                self._last_hidden[seq_id] = rows[-1].clone()  # not a view pinning all rows
+        return handles
+
+    @torch.inference_mode()
+    def propose(self, batch: list[DraftInput], generator: torch.Generator | None = None) -> DraftProposal:
+        handles = self._ingest(batch)
+        limits = [max(0, min(item.max_tokens, self.max_draft_tokens)) for item in batch]
+        width, count = max(limits, default=0), len(batch)
+        if width == 0:
+            return DraftProposal.empty(count)
+        hidden = torch.stack([self._last_hidden[item.seq_id] for item in batch])
+        device, vocab = hidden.device, self.model.config.layers.vocab_size
+        tokens = torch.zeros(count, width, dtype=torch.long, device=device)
+        probs = torch.zeros(count, width, vocab, dtype=torch.float32, device=device)
+        verified = [self.cache.length(h) for h in handles]
+        try:
+            for k in range(width):
+                rows = [b for b in range(count) if limits[b] > k]
+                index = torch.tensor(rows, dtype=torch.long, device=device)
+                if k > 0:
+                    step_handles = [handles[b] for b in rows]
+                    stepped = self.model.draft_step(self.cache, step_handles, hidden[index], tokens[index, k - 1])
+                    hidden = hidden.index_copy(0, index, stepped)
+                q = logits_to_probs(self.model.logits(hidden[index]), [batch[b].sampling for b in rows])
+                tokens[index, k] = sample(q, generator)
+                probs[index, k] = q
+        finally:
+            for handle, length in zip(handles, verified):
+                self.cache.truncate(handle, length)
+        return DraftProposal(tokens=tokens.cpu(), lengths=torch.tensor(limits, dtype=torch.long), probs=probs)
+
+    def release(self, seq_id: int) -> None:
+        handle = self._handles.pop(seq_id, None)
+        self._last_hidden.pop(seq_id, None)
+        if handle is not None:
+            self.cache.free_sequence(handle)
+
+
+class Eagle3Drafter(CausalFeatureDrafter):
+    def __init__(self, model: Eagle3Model, *, cache_block_size: int = 16):
+        super().__init__(model, name="eagle3", cache_block_size=cache_block_size)
+
+
+def load_eagle3_drafter(folder: str | Path, *, device="cpu", dtype=None) -> Eagle3Drafter:
+    return Eagle3Drafter(Eagle3Model.from_pretrained(folder, device=device, dtype=dtype))
+
+
+register_drafter(ARCHITECTURE, load_eagle3_drafter)
