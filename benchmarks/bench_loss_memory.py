@@ -448,7 +448,8 @@ def unit_bytes(cfg: dict) -> int:
 
 
 def fit_loss(rows: list[dict]) -> dict:
-    """Least squares: peak ≈ a + b·P + k_unchunked·U·[one chunk] + k_chunked·U·[several chunks]."""
+    """Least squares over both regimes at once: peak ≈ a + b_u·P + k_u·U for unchunked runs (one chunk)
+    and a + b_c·P + k_c·U for chunked runs (several chunks), a shared."""
     import torch
 
     xs, ys = [], []
@@ -456,10 +457,10 @@ def fit_loss(rows: list[dict]) -> dict:
         c = r["config"]
         u, p = unit_bytes(c), c["vocab"] * c["rank"] * 4
         chunked = c["chunk"] < c["blocks"]
-        xs.append([1.0, p, 0.0 if chunked else u, u if chunked else 0.0])
+        xs.append([1.0, 0.0 if chunked else p, p if chunked else 0.0, 0.0 if chunked else u, u if chunked else 0.0])
         ys.append([float(r["rss_peak_delta"])])
     x, y = torch.tensor(xs, dtype=torch.float64), torch.tensor(ys, dtype=torch.float64)
-    names = ["a_bytes", "b_per_P", "k_unchunked", "k_chunked"]
+    names = ["a_bytes", "b_unchunked", "b_chunked", "k_unchunked", "k_chunked"]
     # Drop a column that has no support (e.g. a sweep with no chunked runs).
     keep = [i for i in range(x.shape[1]) if bool(x[:, i].abs().sum() > 0)]
     sol = torch.linalg.lstsq(x[:, keep], y).solution.squeeze(1)
@@ -473,18 +474,22 @@ def fit_loss(rows: list[dict]) -> dict:
                               measured=r["rss_peak_delta"], predicted=yp, residual=r["rss_peak_delta"] - yp,
                               residual_pct=100 * (r["rss_peak_delta"] - yp) / r["rss_peak_delta"]))
     rel = [abs(res["residual_pct"]) for res in residuals]
-    return dict(model="peak ≈ a + b·P + k·U; U = blocks_in_flight·γ·V·4 B, P = V·r·4 B", coefficients=coef,
+    return dict(model="peak ≈ a + b·P + k·U (b, k per regime); U = blocks_in_flight·γ·V·4 B, P = V·r·4 B", coefficients=coef,
                 points=len(rows), max_abs_residual_pct=max(rel), residuals=residuals)
 
 
 def loss_model_bytes(fit: dict, blocks: int, chunk: int, gamma: int, vocab: int, rank: int) -> float:
     c = fit["coefficients"]
     u = min(chunk, blocks) * gamma * vocab * 4
-    k = c["k_chunked"] if chunk < blocks else c["k_unchunked"]
-    return (c["a_bytes"] or 0.0) + (c["b_per_P"] or 0.0) * vocab * rank * 4 + k * u
+    regime = "chunked" if chunk < blocks else "unchunked"
+    k, b = c[f"k_{regime}"], c[f"b_{regime}"]
+    if k is None:  # the sweep had no run of this regime: fall back to the other one
+        other = "unchunked" if regime == "chunked" else "chunked"
+        k, b = c[f"k_{other}"], c[f"b_{other}"]
+    return (c["a_bytes"] or 0.0) + (b or 0.0) * vocab * rank * 4 + k * u
 
 
-def extrapolate(meta: dict, fit_used: dict, fit_name: str) -> dict:
+def extrapolate(meta: dict, fits: dict, fit_name: str) -> dict:
     """Memory budget on one GPU for the target setting, per chunk size."""
     t, hf = TARGET, QWEN3_4B
     vocab, hidden, rank, gamma, anchors, seq = hf["vocab_size"], hf["hidden_size"], t["markov_rank"], t["gamma"], t["anchors"], t["seq_len"]
@@ -508,6 +513,9 @@ def extrapolate(meta: dict, fit_used: dict, fit_name: str) -> dict:
         "fp32 master + fp32 grad accumulators + AdamW m, v": trainable * 16,
     }
     extra_attn = q_tokens * kv_tokens * heads * 4  # one fp32 [heads, Q, S+Q] matrix
+    fit_used = fits[fit_name]
+    loss_by_fit = {name: {chunk: loss_model_bytes(f, anchors, chunk, gamma, vocab, rank) for chunk in (512, 64, 16)}
+                   for name, f in fits.items()}
     budgets = {}
     for attention in ("fused", "math"):
         acts = meta["activations"][attention]
@@ -529,7 +537,7 @@ def extrapolate(meta: dict, fit_used: dict, fit_name: str) -> dict:
                                fits=(peak + slack) / GIB <= GPU_USABLE_GIB)
         budgets[attention] = dict(activation_bytes=act_bytes, layer_backward_transient_bytes=layer_bwd, chunks=rows)
     return dict(
-        loss_fit_used=fit_name,
+        loss_fit_used=fit_name, loss_bytes_by_fit=loss_by_fit,
         parameters=dict(target=target_params, drafter_trainable=trainable, drafter_trainable_formula=trainable_formula,
                         drafter_frozen=frozen, markov=markov),
         static=static, budgets=budgets, gpu_usable_gib=GPU_USABLE_GIB,
@@ -566,18 +574,29 @@ def build_configs(args) -> list[dict]:
                 key = ("loss", "float32", vocab, blocks, c)
                 if key not in seen:
                     seen.add(key)
-                    cfgs.append(dict(base, kind="loss", dtype="float32", vocab=vocab, blocks=blocks, chunk=c))
-    for spec in args.bf16.split(";") if args.bf16 else []:
-        vocab, blocks, chunk = spec.split(",")
-        blocks = int(blocks)
-        c = blocks if chunk == "all" else min(int(chunk), blocks)
-        cfgs.append(dict(base, kind="loss", dtype="bfloat16", vocab=int(vocab), blocks=blocks, chunk=c))
+                    cfgs.append(dict(base, kind="loss", dtype="float32", vocab=vocab, blocks=blocks, chunk=c,
+                                     tracker=base["tracker"] and vocab * blocks <= args.tracker_max))
+    for dtype, specs in (("float32", args.extra), ("bfloat16", args.bf16)):
+        for spec in specs.split(";") if specs else []:
+            vocab, blocks, chunk = spec.split(",")
+            blocks = int(blocks)
+            c = blocks if chunk == "all" else min(int(chunk), blocks)
+            key = ("loss", dtype, int(vocab), blocks, c)
+            if key not in seen:
+                seen.add(key)
+                # bf16 matmuls are slow on this CPU (no AVX-512 BF16): one measured pass, no tracker pass.
+                cfgs.append(dict(base, kind="loss", dtype=dtype, vocab=int(vocab), blocks=blocks, chunk=c,
+                                 tracker=base["tracker"] and dtype == "float32" and int(vocab) * blocks <= args.tracker_max))
     if args.no_grad_hidden:  # hidden that does not require grad: the loss skips checkpointing
         vocab, blocks, chunk = (int(x) for x in args.no_grad_hidden.split(","))
         cfgs.append(dict(base, kind="loss", dtype="float32", vocab=vocab, blocks=blocks, chunk=chunk,
                          hidden_requires_grad=False))
+    step_chunks = []
     for chunk in args.step_chunks.split(",") if args.step_chunks else []:
         c = args.step_blocks if chunk == "all" else min(int(chunk), args.step_blocks)
+        if c in step_chunks:
+            continue
+        step_chunks.append(c)
         cfgs.append(dict(base, kind="step", dtype="float32", vocab=args.step_vocab, blocks=args.step_blocks, chunk=c,
                          layers=args.step_layers, seq_len=args.step_seq, heads=8, kv_heads=2, head_dim=args.hidden // 8,
                          intermediate=3 * args.hidden))
@@ -592,22 +611,27 @@ def fmt_mb(x: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--vocab", default="16384,32768,65536")
-    parser.add_argument("--blocks", default="64,128,256")
+    parser.add_argument("--vocab", default="16384,32768")
+    parser.add_argument("--blocks", default="32,64,128")
     parser.add_argument("--chunks", default="all,64,16", help="chunk_blocks values; 'all' = no chunking")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--gamma", type=int, default=7)
     parser.add_argument("--rank", type=int, default=256, help="Markov rank r")
-    parser.add_argument("--bf16", default="16384,128,all;16384,128,64;16384,128,16;32768,64,all;32768,64,16",
+    parser.add_argument("--extra", default="8192,128,all;8192,128,64;8192,128,16;65536,64,all;65536,64,16;"
+                        "16384,256,all;16384,256,64;16384,256,16",
+                        help="';'-separated V,blocks,chunk: more float32 loss runs")
+    parser.add_argument("--bf16", default="8192,32,all;8192,64,all;8192,64,16;16384,32,all;16384,32,16;16384,64,all;16384,64,16",
                         help="';'-separated V,blocks,chunk loss runs with bf16 parameters (the trainer's bf16 mode)")
     parser.add_argument("--no-grad-hidden", default="32768,256,16",
                         help="V,blocks,chunk: one loss run whose hidden does not require grad ('' to skip)")
-    parser.add_argument("--step-vocab", type=int, default=32768)
+    parser.add_argument("--step-vocab", type=int, default=16384)
     parser.add_argument("--step-blocks", type=int, default=128)
     parser.add_argument("--step-seq", type=int, default=1024)
     parser.add_argument("--step-layers", type=int, default=5)
     parser.add_argument("--step-chunks", default="all,64,16")
     parser.add_argument("--no-tracker", action="store_true", help="skip the second (torch MemTracker) pass")
+    parser.add_argument("--tracker-max", type=int, default=16384 * 64,
+                        help="run the MemTracker pass only for float32 loss runs with V·blocks up to this (time)")
     parser.add_argument("--jobs", type=int, default=2, help="workers in parallel (memory is per process)")
     parser.add_argument("--quick", action="store_true", help="a small sweep (a smoke test of the script)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loss_memory_cpu.json"))
@@ -616,7 +640,8 @@ def main() -> None:
         worker_main(args.worker)
         return
     if args.quick:
-        args.vocab, args.blocks, args.bf16, args.step_blocks, args.step_seq = "16384", "32,64", "16384,64,all;16384,64,16", 32, 256
+        args.vocab, args.blocks, args.extra, args.step_blocks, args.step_seq = "16384", "32,64", "16384,128,64", 32, 256
+        args.bf16 = "8192,32,all;8192,32,16;16384,32,all;16384,32,16"
         args.no_grad_hidden = "16384,64,16"
     import torch
 
@@ -645,10 +670,11 @@ def main() -> None:
     for r in step_rows:
         c = r["config"]
         loss = loss_model_bytes(fits["float32"], c["blocks"], c["chunk"], c["gamma"], c["vocab"], c["rank"])
-        r["predicted_peak"] = r["saved"]["saved_bytes"] + loss + r["trainable_param_bytes"]
-        r["prediction_note"] = "saved activations (hooks) + fitted loss model + trainable-parameter gradients"
+        r["predicted_peak"] = r["saved"]["saved_bytes"] + loss
+        r["prediction_note"] = ("saved activations (hooks) + fitted float32 loss model; the layers' parameter "
+                                "gradients only appear after the loss tensors are freed")
 
-    extrapolation = extrapolate(meta, fits[used], used)
+    extrapolation = extrapolate(meta, fits, used)
     payload = dict(
         benchmark="drafter loss memory (CPU measurement + arithmetic)",
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), machine=machine_info(),
@@ -685,14 +711,14 @@ def print_report(p: dict) -> None:
         print(f"| {c['dtype']} | {c['vocab']} | {c['blocks']} | {chunk} | {fmt_mb(u)} | {fmt_mb(r['rss_peak_delta'])} | "
               f"{fmt_mb(tracker) if tracker is not None else '—'} | {r['rss_peak_delta'] / u:.2f} | "
               f"{fmt_mb(pred) if pred else '—'} | {res} |")
-    print("\n## Fits (peak ≈ a + b·P + k·U; U = blocks_in_flight·γ·V·4 B, P = V·r·4 B)\n")
-    print("| params | a (MB) | b (× P) | k unchunked (× U) | k chunked (× U) | points | max |residual| |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n## Fits (peak ≈ a + b·P + k·U per regime; U = blocks_in_flight·γ·V·4 B, P = V·r·4 B)\n")
+    print("| params | a (MB) | b unchunked (× P) | k unchunked (× U) | b chunked (× P) | k chunked (× U) | points | max abs residual |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    num = lambda v: f"{v:.2f}" if v is not None else "—"  # noqa: E731
     for name, f in p["fits"].items():
         c = f["coefficients"]
-        kc = f"{c['k_chunked']:.2f}" if c["k_chunked"] is not None else "—"
-        ku = f"{c['k_unchunked']:.2f}" if c["k_unchunked"] is not None else "—"
-        print(f"| {name} | {fmt_mb(c['a_bytes'])} | {c['b_per_P']:.2f} | {ku} | {kc} | {f['points']} | {f['max_abs_residual_pct']:.1f}% |")
+        print(f"| {name} | {fmt_mb(c['a_bytes'] or 0)} | {num(c['b_unchunked'])} | {num(c['k_unchunked'])} | "
+              f"{num(c['b_chunked'])} | {num(c['k_chunked'])} | {f['points']} | {f['max_abs_residual_pct']:.1f}% |")
     if p["step_measurements"]:
         c0 = p["step_measurements"][0]["config"]
         print(f"\n## Whole drafter step (forward_train + loss + backward), CPU fp32: V={c0['vocab']}, H={c0['hidden']}, "
@@ -720,8 +746,9 @@ def print_report(p: dict) -> None:
     for attention, label in (("fused", "fused attention kernel"), ("math", "math-fallback attention")):
         b = e["budgets"][attention]
         print(f"| drafter activations saved for backward ({label}) | " + " | ".join(f"{b['activation_bytes'] / GIB:.2f}" for _ in chunks) + " |")
-    b = e["budgets"]["fused"]["chunks"]
-    print("| loss peak (k · chunk·γ·V·4 B + fitted terms) | " + " | ".join(f"{b[c]['loss_bytes'] / GIB:.2f}" for c in chunks) + " |")
+    for name, losses in e["loss_bytes_by_fit"].items():
+        mark = " (used below)" if name == e["loss_fit_used"] else ""
+        print(f"| loss peak, {name}-parameter fit{mark} | " + " | ".join(f"{losses[c] / GIB:.2f}" for c in chunks) + " |")
     for attention, label in (("fused", "fused attention"), ("math", "math-fallback attention")):
         b = e["budgets"][attention]["chunks"]
         print(f"| **total, {label}** (+10 % allocator slack) | " + " | ".join(

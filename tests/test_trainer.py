@@ -241,3 +241,26 @@ def test_training_from_a_feature_cache_equals_online_features(tmp_path):
         torch.testing.assert_close(cached.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     other_layers = ["model.target_layer_ids=[1, 3]", "train.max_steps=2"]
     assert main(["train", "--config", str(cfg), f"data.train={cache}", f"train.output_dir={tmp_path / 'x'}"] + other_layers) == 2
+
+
+@pytest.mark.parametrize("preset", ["dflash", "eagle3", "mtp"])
+def test_every_drafter_kind_trains_and_its_checkpoint_drafts_losslessly(target_dir, tmp_path, preset):
+    from dspark.engine.generation import generate
+    from dspark.models.drafters import load_drafter
+    from dspark.training.config import PRESETS
+
+    config = make_config(target_dir, tmp_path / preset, max_steps=10, checkpoint_every=10)
+    for section, values in PRESETS[preset].items():
+        for key, value in values.items():
+            setattr(getattr(config, section), key, value)
+    if preset == "mtp":
+        config.model.target_layer_ids = None
+    trainer = Trainer(config, make_samples(4))
+    losses = [trainer.train_step()["loss"] for _ in range(10)]
+    assert losses[-1] < 0.9 * losses[0], losses
+    folder = trainer.save_checkpoint() / "drafter"
+    drafter = load_drafter(str(folder), dtype="float32")
+    prompts = [[1, 2, 3], [5, 6], [7]]
+    plain = generate(trainer.target, prompts, max_new_tokens=12, seed=0)
+    spec = generate(trainer.target, prompts, max_new_tokens=12, seed=0, drafter=drafter)
+    assert [s.token_ids for s in spec.sequences] == [s.token_ids for s in plain.sequences]

@@ -16,7 +16,7 @@ from typing import Any
 from dspark.config import apply_overrides, from_dict, load_yaml
 from dspark.errors import ConfigError
 
-DRAFTER_KINDS = ("dspark", "dflash")
+DRAFTER_KINDS = ("dspark", "dflash", "eagle3", "mtp")
 
 
 @dataclass
@@ -87,6 +87,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"drafter": "dflash", "markov_rank": 0, "confidence_head": False},
         "optim": {"ce_weight": 1.0, "tv_weight": 0.0, "confidence_weight": 0.0},
     },
+    "eagle3": {"model": {"drafter": "eagle3", "draft_layers": 1, "markov_rank": 0, "confidence_head": False}},
+    "mtp": {"model": {"drafter": "mtp", "draft_layers": 1, "block_size": 1, "markov_rank": 0, "confidence_head": False}},
 }
 
 
@@ -121,8 +123,15 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("data.train: a training JSONL file is required")
     if m.drafter not in DRAFTER_KINDS:
         raise ConfigError(f"model.drafter: {m.drafter!r} is not one of {', '.join(DRAFTER_KINDS)}")
-    if m.drafter == "dflash" and (m.markov_rank or m.confidence_head):
-        raise ConfigError("model.drafter=dflash has no Markov or confidence head: set markov_rank: 0, confidence_head: false")
+    if m.drafter != "dspark" and (m.markov_rank or m.confidence_head):
+        raise ConfigError(
+            f"model.drafter={m.drafter} has no Markov or confidence head: set markov_rank: 0, confidence_head: false "
+            f"(or use preset: {m.drafter})"
+        )
+    if m.drafter in ("eagle3", "mtp") and m.draft_layers != 1:
+        raise ConfigError(f"model.drafter={m.drafter} has exactly one layer: set draft_layers: 1")
+    if m.drafter == "mtp" and m.block_size != 1:
+        raise ConfigError("model.drafter=mtp drafts one token: set block_size: 1")
     checks = [
         (m.draft_layers >= 1, "model.draft_layers must be ≥ 1"),
         (m.block_size >= 1, "model.block_size must be ≥ 1"),

@@ -2,10 +2,11 @@
 
 One optimizer step = `batch_size` sequences over all processes, split into micro-batches of
 `micro_batch_size` per process (gradient accumulation). For each micro-batch: target features come from
-the frozen target in this process (online, no disk cache); anchors are drawn per sequence from a
-generator seeded by (seed, epoch, sample index), so the draw does not depend on which process runs the
-sample; the drafter runs all blocks in one masked pass and the chunked loss is a token-weighted mean
-whose denominator is summed over the whole step (all micro-batches, all processes) first.
+the frozen target in this process (online) or from a feature cache; the drafter kind's recipe
+(`dspark.training.recipes`: DSpark / DFlash, EAGLE-3, MTP-1) derives its inputs — for DSpark, anchors drawn
+per sequence from a generator seeded by (seed, epoch, sample index), so the draw does not depend on which
+process runs the sample — and computes its loss as a mean whose denominator is summed over the whole step
+(all micro-batches, all processes) first.
 
 Precision: gradients accumulate in float32 master buffers; with `train.dtype: bfloat16` the parameters are
 stored in bf16 and AdamW updates float32 master copies that are cast back after each step.
@@ -33,11 +34,8 @@ import torch.distributed as dist
 from dspark.config import to_dict
 from dspark.errors import CheckpointError, ConfigError
 from dspark.models.checkpoint import save_folder_atomically, save_safetensors
-from dspark.models.drafters.dspark import DSparkModel, dspark_config_for_target, init_from_target
 from dspark.models.target_runner import TargetRunner
-from dspark.training.anchors import build_blocks, sample_anchor_positions
-from dspark.training.config import TrainConfig, default_target_layer_ids
-from dspark.training.losses import LossWeights, drafter_block_loss, position_weights
+from dspark.training.config import TrainConfig
 
 FROZEN = ("embed_tokens.weight", "lm_head.weight")  # shared with the target, never trained (SPEC §2.2)
 
@@ -77,7 +75,11 @@ class Trainer:
         self.target = target or TargetRunner.from_pretrained(config.model.target, device=self.device)
         if not self.target.hf_config:
             raise ConfigError("the target must be loaded from a model folder: its config.json seeds the drafter's")
-        self.model = self._build_model()
+        from dspark.training.recipes import RECIPES
+
+        self.recipe = RECIPES[config.model.drafter](config)
+        self.param_dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
+        self.model = self.recipe.build(self.target, t.seed).to(device=self.device, dtype=self.param_dtype).train()
         if hasattr(samples, "validate"):  # a feature cache: it must match this target and these layers
             samples.validate(self.model.config.target_layer_ids, self.target.config.hidden_size, config.model.target)
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if n not in FROZEN]
@@ -93,23 +95,7 @@ class Trainer:
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.step = 0
         self.output = Path(t.output_dir)
-        self.weights = LossWeights(o.ce_weight, o.tv_weight, o.confidence_weight, o.position_decay)
         self.writer = None
-
-    # -- setup ---------------------------------------------------------------------------------------
-    def _build_model(self) -> DSparkModel:
-        m, target = self.config.model, self.target
-        layer_ids = m.target_layer_ids or default_target_layer_ids(target.config.num_layers)
-        mask_id = target.config.vocab_size - 1 if m.mask_token_id is None else m.mask_token_id
-        draft_config = dspark_config_for_target(
-            target.hf_config, target_layer_ids=tuple(layer_ids), mask_token_id=mask_id,
-            num_draft_layers=m.draft_layers, block_size=m.block_size, markov_rank=m.markov_rank,
-            markov_head_type=m.markov_head_type, enable_confidence_head=m.confidence_head,
-            num_anchors=self.config.data.num_anchors,
-        )
-        model = init_from_target(draft_config, target.model, seed=self.config.train.seed, std=m.init_std)
-        dtype = torch.bfloat16 if self.config.train.dtype == "bfloat16" else torch.float32
-        return model.to(device=self.device, dtype=dtype).train()
 
     # -- data ----------------------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> torch.Tensor:
@@ -126,8 +112,10 @@ class Trainer:
         return batch[self.rank * share : (self.rank + 1) * share], epoch
 
     def _prepare(self, indices: list[int], epoch: int) -> dict:
-        """Target features and blocks of one micro-batch (padded to its longest sequence)."""
-        t, d = self.config.train, self.config.data
+        """One micro-batch, padded to its longest sequence: input_ids, loss_mask [N, S], target features
+        [N, S, L·H] and final hidden states [N, S, H] (from the feature cache or computed online), plus
+        whatever the drafter's recipe derives from them (DSpark: anchors and blocks)."""
+        d = self.config.data
         seqs = [self.samples[i] for i in indices]
         ids = [s.input_ids[: d.max_length] for s in seqs]
         masks = [s.loss_mask[: d.max_length].bool() for s in seqs]
@@ -152,62 +140,42 @@ class Trainer:
         for row, (f, h, x, m) in enumerate(zip(seq_feats, seq_final, ids, masks)):
             feats[row, : len(x)], final[row, : len(x)] = f, h
             input_ids[row, : len(x)], loss_mask[row, : len(x)] = x, m
-        positions, valid = [], []
-        for row, index in enumerate(indices):
-            gen = torch.Generator().manual_seed((t.seed * 1_000_003 + epoch) * 10_000_019 + index)
-            p, v = sample_anchor_positions(loss_mask[row : row + 1], d.num_anchors, gen)
-            positions.append(p)
-            valid.append(v)
-        positions, valid = torch.cat(positions), torch.cat(valid)
-        blocks = build_blocks(input_ids, loss_mask, positions, valid, self.model.config.block_size)
-        dtype = self.model.fc.weight.dtype
-        hidden_size = final.shape[-1]
-        target_hidden = final.gather(1, blocks.target_rows.view(n, -1, 1).expand(-1, -1, hidden_size))
-        return dict(
-            features=feats.clone().to(self.device, dtype), blocks=blocks,
-            target_hidden=target_hidden.view(*blocks.labels.shape, hidden_size).clone().to(self.device, dtype),
+        batch = dict(
+            input_ids=input_ids, loss_mask=loss_mask, sample_indices=list(indices),
+            features=feats.clone().to(self.device, self.param_dtype),
+            final_hidden=final.clone().to(self.device, self.param_dtype),
         )
+        self.recipe.prepare(batch, epoch)
+        return batch
 
     # -- one optimizer step --------------------------------------------------------------------------
     def train_step(self) -> dict:
         t = self.config.train
         indices, epoch = self._my_samples(self.step)
         micro = [self._prepare(indices[i : i + t.micro_batch_size], epoch) for i in range(0, len(indices), t.micro_batch_size)]
-        denominator = sum(position_weights(mb["blocks"].supervised, self.weights.decay).sum() for mb in micro)
-        denominator = self._all_reduce(denominator.clone().to(self.device))
-        totals = {"loss": 0.0, "ce": 0.0, "tv": 0.0, "conf": 0.0}
-        acceptance, taus = [], []
+        denominator = sum(self.recipe.denominator(mb) for mb in micro)
+        denominator = self._all_reduce(torch.as_tensor(denominator, dtype=torch.float32).clone().to(self.device))
+        total = 0.0
+        logged: dict[str, list] = {}
         for mb in micro:
-            blocks = mb["blocks"]
-            hidden = self.model.forward_train(mb["features"], blocks.anchor_positions.to(self.device),
-                                              blocks.anchor_tokens.to(self.device), blocks.valid.to(self.device))
-            flat = lambda x: x.flatten(0, 1).to(self.device)  # noqa: E731
-            out = drafter_block_loss(
-                self.model.heads, hidden.flatten(0, 1), flat(blocks.prev_tokens), flat(blocks.labels),
-                flat(blocks.supervised), mb["target_hidden"].flatten(0, 1), self.model.lm_head.weight,
-                weights=self.weights, denominator=denominator, chunk_blocks=t.chunk_blocks,
-            )
-            out.total.backward()
+            loss, stats = self.recipe.loss(self.model, mb, denominator)
+            loss.backward()
             for acc, (_, p) in zip(self.grads, self.trainable):
                 if p.grad is not None:
                     acc += p.grad.float()
                     p.grad = None
-            totals["loss"] += float(out.total.detach())
-            for key, value in (("ce", out.ce), ("tv", out.tv), ("conf", out.conf)):
-                totals[key] += float(value)
-            acceptance.append(out.acceptance_per_position)
-            if not math.isnan(float(out.expected_tau)):
-                taus.append(float(out.expected_tau))
+            total += float(loss.detach())
+            for key, value in stats.items():
+                logged.setdefault(key, []).append(torch.as_tensor(value, dtype=torch.float64))
         for acc in self.grads:
             self._all_reduce(acc)
-        stats = self._apply_gradients()
+        result = self._apply_gradients()
         self.step += 1
-        for key in totals:
-            totals[key] = float(self._all_reduce(torch.tensor(totals[key], device=self.device)))
-        stats.update(totals)
-        stats["acceptance_per_position"] = torch.stack(acceptance).mean(0).tolist()
-        stats["expected_tau"] = sum(taus) / len(taus) if taus else float("nan")
-        return stats
+        result["loss"] = float(self._all_reduce(torch.tensor(total, device=self.device)))
+        for key, values in logged.items():  # per-micro-batch means, averaged over micro-batches and processes
+            mean = self._all_reduce(torch.stack(values).mean(0).to(self.device)) / self.world
+            result[key] = mean.tolist()
+        return result
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -245,7 +213,7 @@ class Trainer:
             stats = self.train_step()
             if self.rank == 0:
                 progress.update(1)
-                progress.set_postfix(loss=f"{stats['loss']:.4f}", tau=f"{stats['expected_tau']:.2f}")
+                progress.set_postfix(loss=f"{stats['loss']:.4f}")
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
                     self._log(stats)
             if self.step % t.checkpoint_every == 0 or self.step == self.total_steps:
@@ -256,11 +224,13 @@ class Trainer:
         return last or self.output / (self.output / "latest").read_text().strip()
 
     def _log(self, stats: dict) -> None:
-        w = self.writer
-        for key in ("loss", "ce", "tv", "conf", "lr", "grad_norm", "expected_tau"):
-            w.add_scalar(f"train/{key}", stats[key], self.step)
-        for k, value in enumerate(stats["acceptance_per_position"]):
-            w.add_scalar(f"train/acceptance@{k}", value, self.step)
+        """Scalars as train/<name>; per-position lists as train/<name>@k (e.g. teacher-forced acceptance)."""
+        for key, value in stats.items():
+            if isinstance(value, list):
+                for k, item in enumerate(value):
+                    self.writer.add_scalar(f"train/{key}@{k}", item, self.step)
+            else:
+                self.writer.add_scalar(f"train/{key}", value, self.step)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -302,11 +272,14 @@ class Trainer:
         try:
             meta = json.loads((folder / "trainer_state.json").read_text())
             tensors = load_file(str(folder / "trainer_state.safetensors"))
-            drafter = DSparkModel.from_pretrained(folder / "drafter", device=self.device, dtype=self.model.fc.weight.dtype)
+            drafter = self.recipe.model_class.from_pretrained(folder / "drafter", device=self.device, dtype=self.param_dtype)
         except (OSError, json.JSONDecodeError, SafetensorError, CheckpointError) as exc:
             raise CheckpointError(f"{folder}: cannot resume from this checkpoint ({exc})") from None
         if drafter.config.to_hf_dict() != self.model.config.to_hf_dict():
             raise CheckpointError(f"{folder}: checkpoint drafter config differs from this run's config")
+        missing = [f"master.{i}" for i in range(len(self.master)) if f"master.{i}" not in tensors]
+        if missing:
+            raise CheckpointError(f"{folder}: trainer state lacks {', '.join(missing[:3])} (another drafter's checkpoint?)")
         with torch.no_grad():
             self.model.load_state_dict(drafter.state_dict())
             for i, master in enumerate(self.master):
