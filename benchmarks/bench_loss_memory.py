@@ -373,30 +373,16 @@ def _count_target_params(hf: dict) -> int:
     return sum(p.numel() for p in target.parameters())
 
 
-def worker_meta(cfg: dict) -> dict:
-    """Saved-for-backward activations of the full-size drafter forward, on the meta device."""
+def _meta_saved(model, seq: int, anchors: int, gamma: int, feature_dim: int, dtype) -> dict:
+    """forward_train on the meta device under the saved-tensor hooks, with the SDPA dispatch as it is
+    ("math": the meta dispatch picks the math path) and with the fused-kernel stand-in ("fused")."""
     import torch
     import torch.nn.functional as F
 
-    from dspark.models.drafters.dspark import DSparkModel, dspark_config_for_target
-
-    t = TARGET
-    hf = dict(QWEN3_4B)
-    config = dspark_config_for_target(
-        hf, target_layer_ids=(1, 9, 17, 25, 33), mask_token_id=hf["vocab_size"] - 1,
-        num_draft_layers=t["draft_layers"], block_size=t["gamma"], markov_rank=t["markov_rank"],
-        num_anchors=t["anchors"],
-    )
-    with torch.device("meta"):
-        model = DSparkModel(config).to(torch.bfloat16)
-    params = {n: p.numel() for n, p in model.named_parameters()}
-    seq, anchors, gamma = t["seq_len"], t["anchors"], t["gamma"]
-    features = torch.empty(1, seq, t["fused_layers"] * hf["hidden_size"], dtype=torch.bfloat16, device="meta")
+    features = torch.empty(1, seq, feature_dim, dtype=dtype, device="meta")
     positions = torch.arange(anchors, device="meta").view(1, anchors)
     anchor_tokens = torch.zeros(1, anchors, dtype=torch.long, device="meta")
     valid = torch.ones(1, anchors, dtype=torch.bool, device="meta")
-    for name, p in model.named_parameters():
-        p.requires_grad_(name not in FROZEN)
     out = {}
     native = F.scaled_dot_product_attention
     for variant in ("fused", "math"):
@@ -410,7 +396,36 @@ def worker_meta(cfg: dict) -> dict:
             F.scaled_dot_product_attention = native
         out[variant] = _summarize_saved(saved, anchors * gamma, seq + anchors * gamma)
         out[variant]["output_bytes"] = hidden.numel() * hidden.element_size()
-    return dict(drafter_params=params, target_params=_count_target_params(hf), activations=out)
+    return out
+
+
+def worker_meta(cfg: dict) -> dict:
+    """Saved-for-backward activations of the full-size drafter forward, on the meta device (and, as a check
+    of the method, of the reduced-size step configuration that is also measured for real on the CPU)."""
+    import torch
+
+    from dspark.models.drafters.dspark import DSparkModel, dspark_config_for_target
+
+    check = None
+    if cfg.get("check"):
+        c = cfg["check"]
+        small = _build_drafter(c, c["layers"], getattr(torch, c["dtype"]), device="meta")
+        check = dict(config=c, activations=_meta_saved(small, c["seq_len"], c["blocks"], c["gamma"], 5 * c["hidden"],
+                                                       getattr(torch, c["dtype"])))
+    t = TARGET
+    hf = dict(QWEN3_4B)
+    config = dspark_config_for_target(
+        hf, target_layer_ids=(1, 9, 17, 25, 33), mask_token_id=hf["vocab_size"] - 1,
+        num_draft_layers=t["draft_layers"], block_size=t["gamma"], markov_rank=t["markov_rank"],
+        num_anchors=t["anchors"],
+    )
+    with torch.device("meta"):
+        model = DSparkModel(config).to(torch.bfloat16)
+    params = {n: p.numel() for n, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in FROZEN)
+    out = _meta_saved(model, t["seq_len"], t["anchors"], t["gamma"], t["fused_layers"] * hf["hidden_size"], torch.bfloat16)
+    return dict(drafter_params=params, target_params=_count_target_params(hf), activations=out, reduced_check=check)
 
 
 WORKERS = {"loss": worker_loss, "step": worker_step, "meta": worker_meta}
@@ -600,7 +615,8 @@ def build_configs(args) -> list[dict]:
         cfgs.append(dict(base, kind="step", dtype="float32", vocab=args.step_vocab, blocks=args.step_blocks, chunk=c,
                          layers=args.step_layers, seq_len=args.step_seq, heads=8, kv_heads=2, head_dim=args.hidden // 8,
                          intermediate=3 * args.hidden))
-    cfgs.append(dict(kind="meta"))
+    steps = [c for c in cfgs if c["kind"] == "step"]
+    cfgs.append(dict(kind="meta", check=steps[0] if steps else None))
     return cfgs
 
 
@@ -620,7 +636,7 @@ def main() -> None:
     parser.add_argument("--extra", default="8192,128,all;8192,128,64;8192,128,16;65536,64,all;65536,64,16;"
                         "16384,256,all;16384,256,64;16384,256,16",
                         help="';'-separated V,blocks,chunk: more float32 loss runs")
-    parser.add_argument("--bf16", default="8192,32,all;8192,64,all;8192,64,16;16384,32,all;16384,32,16;16384,64,all;16384,64,16",
+    parser.add_argument("--bf16", default="8192,32,all;8192,64,all;8192,64,16;8192,128,64;16384,32,all;16384,64,all;16384,64,16",
                         help="';'-separated V,blocks,chunk loss runs with bf16 parameters (the trainer's bf16 mode)")
     parser.add_argument("--no-grad-hidden", default="32768,256,16",
                         help="V,blocks,chunk: one loss run whose hidden does not require grad ('' to skip)")
@@ -734,6 +750,12 @@ def print_report(p: dict) -> None:
                   f"{fmt_mb(r['rss_after_forward_delta'])} | {fmt_mb(r['saved']['saved_bytes'])} | "
                   f"{fmt_mb(r['saved']['attention_matrix_bytes'])} | {fmt_mb(r['predicted_peak'])} | "
                   f"{100 * (r['rss_peak_delta'] - r['predicted_peak']) / r['rss_peak_delta']:+.1f}% |")
+        check = (p["meta_accounting"].get("reduced_check") or {}).get("activations")
+        if check:
+            real = p["step_measurements"][0]["saved"]["saved_bytes"]
+            print(f"\nSame step shapes on the meta device (the method used for the extrapolation): saved activations "
+                  f"{fmt_mb(check['fused']['saved_bytes'])} MB with the fused-kernel stand-in, "
+                  f"{fmt_mb(check['math']['saved_bytes'])} MB with the math path; hooks on the real CPU run: {fmt_mb(real)} MB.")
     e = p["extrapolation"]
     s = e["shapes"]
     print(f"\n## Extrapolation: one 80 GB GPU ({e['gpu_usable_gib']} GiB usable), {s['anchors']} anchors × γ={s['gamma']} × "

@@ -21,7 +21,6 @@ from dspark.models.kv_cache import PagedKVCache
 from dspark.models.random_init import build_random_model
 from dspark.models.target_runner import TargetRunner
 from test_sampling_distribution import ALPHA, _assert_matches, run_gof
-from test_sampling_distribution import runner as dist_runner  # noqa: F401  (fixture: V=8 float64 target)
 
 VARIANTS = {
     "dspark-vanilla": dict(markov_rank=8, markov_head_type="vanilla"),
@@ -31,13 +30,6 @@ VARIANTS = {
     "dflash": dict(markov_rank=0, enable_confidence_head=False),
 }
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

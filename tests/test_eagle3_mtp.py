@@ -38,17 +38,9 @@ from dspark.models.kv_cache import PagedKVCache
 from dspark.models.random_init import build_random_model
 from dspark.models.target_runner import TargetRunner
 from test_sampling_distribution import _assert_matches, run_gof
-from test_sampling_distribution import runner as dist_runner  # noqa: F401  (fixture: V=8 float64 target)
 
 KINDS = ("eagle3", "mtp")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,6 @@ from dspark.decoding.verification import verify
 from dspark.engine.generation import generate
 from dspark.errors import RequestError
 from dspark.models.drafters.ngram import NgramDrafter
-from dspark.models.random_init import build_random_model
 from dspark.models.target_runner import TargetRunner
 
 from drafters_for_tests import BiasedQDrafter, RandomDrafter
@@ -56,23 +55,12 @@ TARGET_POWER = 0.85  # ... with at least this power (asserted ≥ 0.8)
 PROMPT = [7, 3, 7, 3, 7]  # repeats, so the n-gram drafter finds matches
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matmuls: one intra-op thread is much faster than two fighting over a busy 2-core machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory):
-    folder = build_random_model(
-        tmp_path_factory.mktemp("dist") / "tiny", "tiny-qwen3", seed=2, init_std=0.6, with_tokenizer=False,
-        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=32,
-    )
-    return TargetRunner.from_pretrained(folder, dtype="float64")
+def runner(dist_runner):
+    """The V = 8 float64 target of these tests (built in conftest.py, shared with the drafter test files)."""
+    assert dist_runner.config.vocab_size == V
+    return dist_runner
 
 
 # --------------------------------------------------------------------------------------------------

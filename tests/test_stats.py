@@ -118,13 +118,6 @@ def test_merge_property(first, second):
 # What the generation loop records
 # ------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):

@@ -15,17 +15,9 @@ from dspark.config import from_dict
 from dspark.errors import ConfigError
 from dspark.models.drafters.dspark import DSparkModel
 from dspark.models.random_init import build_random_model
-from dspark.models.target_runner import TargetRunner
 from dspark.training.config import TrainConfig, load_train_config
 from dspark.training.trainer import Sample, Trainer, lr_at
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

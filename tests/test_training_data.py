@@ -32,13 +32,6 @@ LAYERS = [0, 2]
 EOT = "<|im_end|>\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):

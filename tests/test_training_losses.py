@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dspark.models.drafters.dspark import dspark_config_for_target, init_from_target
 from dspark.models.random_init import build_random_model
@@ -14,13 +13,6 @@ from dspark.models.target_runner import TargetRunner
 from dspark.training.anchors import build_blocks, sample_anchor_positions
 from dspark.training.losses import LossWeights, drafter_block_loss, position_weights
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_anchors_are_distinct_sorted_valid_candidates():

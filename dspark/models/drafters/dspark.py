@@ -21,7 +21,6 @@ Where SPEC and paper differ (position weights exp(−k/4) vs exp(−(k−1)/γ))
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -30,16 +29,15 @@ from torch import nn
 
 from dspark.decoding.sampling import SamplingParams, logits_to_probs, sample
 from dspark.errors import CheckpointError, RequestError
-from dspark.models.checkpoint import load_state_into, save_folder_atomically, save_safetensors
-from dspark.models.config import DecoderConfig, read_config_json
+from dspark.models.config import DecoderConfig
 from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter
 from dspark.models.drafters.dspark_config import ARCHITECTURE_NAMES, DSparkConfig, parse_dspark_config
 from dspark.models.drafters.heads import SEQUENTIAL_HEADS, ConfidenceHead
+from dspark.models.drafters.common import DraftCheckpointMixin, init_draft_weights
 from dspark.models.drafters.registry import register_drafter
 from dspark.models.kv_cache import AttentionMetadata, PagedKVCache
 from dspark.models.layers import Attention, GatedMLP, RMSNorm, paged_attention
 from dspark.models.rope import RotaryEmbedding, apply_rotary
-from dspark.models.target_runner import resolve_dtype
 
 
 class DraftAttention(Attention):
@@ -122,8 +120,11 @@ def block_attention_mask(anchor_positions: torch.Tensor, block_valid: torch.Tens
     return torch.cat([sees_ctx, same_block], dim=-1)
 
 
-class DSparkModel(nn.Module):
-    """The drafter network; module names are the released checkpoints' tensor names (SPEC §7)."""
+class DSparkModel(DraftCheckpointMixin, nn.Module):
+    """The drafter network; module names are the released checkpoints' tensor names (SPEC §7).
+    `from_pretrained` / `save_pretrained` read and write that layout (config.json + model.safetensors)."""
+
+    parse_config = staticmethod(parse_dspark_config)
 
     def __init__(self, config: DSparkConfig):
         super().__init__()
@@ -221,28 +222,6 @@ class DSparkModel(nn.Module):
             h = layer.forward_dense(h, cos, sin, ctx, ctx_cos, ctx_sin, mask)
         return self.norm(h).view(n, num_anchors, gamma, -1)
 
-    # -- checkpoints ----------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, *, device="cpu", dtype=None) -> "DSparkModel":
-        folder = Path(folder)
-        config = parse_dspark_config(read_config_json(folder), where=str(folder / "config.json"))
-        with torch.device("meta"):
-            model = cls(config)
-        load_state_into(model, folder, dtype=resolve_dtype(dtype, torch.device(device)), device=device)
-        return model
-
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write config.json + model.safetensors (released layout) atomically; returns the folder."""
-        state = self.state_dict()
-
-        def write(tmp: Path) -> None:
-            (tmp / "config.json").write_text(json.dumps(self.config.to_hf_dict(), indent=2) + "\n")
-            save_safetensors(state, tmp / "model.safetensors")
-
-        folder = Path(folder)
-        save_folder_atomically(folder, write)
-        return folder
-
 
 def dspark_config_for_target(
     target_hf_config: dict,
@@ -278,21 +257,9 @@ def dspark_config_for_target(
 def init_from_target(config: DSparkConfig, target, *, seed: int = 0, std: float = 0.02) -> DSparkModel:
     """A freshly initialised drafter for `target` (a `DecoderModel`): trainable weights ~ N(0, std²), norms 1,
     biases 0; input embedding and LM head copied from the target (frozen in training, SPEC §2.2)."""
-    param = next(target.parameters())
-    with torch.device(param.device):
-        model = DSparkModel(config).to(param.dtype)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.named_parameters():
-            if name.endswith("norm.weight"):
-                tensor.fill_(1.0)
-            elif name.endswith(".bias"):
-                tensor.zero_()
-            else:
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
-        model.embed_tokens.weight.copy_(target.model.embed_tokens.weight)
-        model.lm_head.weight.copy_(target.output_embeddings())
-    return model.eval()
+    with torch.device(next(target.parameters()).device):
+        model = DSparkModel(config)
+    return init_draft_weights(model, target, seed=seed, std=std)
 
 
 class DSparkDrafter(Drafter):

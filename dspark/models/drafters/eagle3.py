@@ -54,7 +54,6 @@ feature at t and token x_{t+1}) is `CausalFeatureDrafter` below.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,18 +64,16 @@ from torch import nn
 
 from dspark.decoding.sampling import logits_to_probs, sample
 from dspark.errors import CheckpointError, RequestError
-from dspark.models.checkpoint import load_state_into, save_folder_atomically, save_safetensors
-from dspark.models.config import DecoderConfig, parse_decoder_config, read_config_json
+from dspark.models.config import DecoderConfig, parse_decoder_config
 from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter
+from dspark.models.drafters.common import DraftCheckpointMixin, compute_dtype, init_draft_weights
 from dspark.models.drafters.registry import register_drafter
 from dspark.models.kv_cache import PagedKVCache
 from dspark.models.layers import Attention, GatedMLP, RMSNorm
 from dspark.models.rope import RotaryEmbedding, apply_rotary
-from dspark.models.target_runner import resolve_dtype
 
 ARCHITECTURE = "Eagle3DraftModel"
 STEP_LOSS_DECAY = 0.8
-FROZEN_PREFIXES = ("embed_tokens.", "lm_head.")  # copies of the target's, never trained
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -158,11 +155,6 @@ def eagle3_config_for_target(
 # Pieces shared with the MTP drafter
 # ---------------------------------------------------------------------------------------------------
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for bf16/fp16/fp32 tensors, float64 for float64 (logits, softmax statistics)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def shift_left(x: torch.Tensor, shift: int, pad: float | int | bool = 0) -> torch.Tensor:
     """[N, S, ...] → same shape with out[:, t] = x[:, t + shift] (`pad` past the end)."""
     out = torch.full_like(x, pad)
@@ -218,59 +210,6 @@ def soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> tor
     dtype = compute_dtype(logits.dtype)
     p_t = torch.softmax(target_logits.to(dtype), dim=-1)
     return -(p_t * torch.log_softmax(logits.to(dtype), dim=-1)).sum(-1)
-
-
-class DraftCheckpointMixin:
-    """`from_pretrained` / `save_pretrained` for a drafter module with `config.to_hf_dict()` and a
-    `parse_config(hf, where)` static method; plus the parameters a trainer may update."""
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, *, device="cpu", dtype=None):
-        folder = Path(folder)
-        config = cls.parse_config(read_config_json(folder), where=str(folder / "config.json"))
-        with torch.device("meta"):
-            model = cls(config)
-        load_state_into(model, folder, dtype=resolve_dtype(dtype, torch.device(device)), device=device)
-        return model
-
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write config.json + model.safetensors atomically; returns the folder."""
-        state = self.state_dict()
-
-        def write(tmp: Path) -> None:
-            (tmp / "config.json").write_text(json.dumps(self.config.to_hf_dict(), indent=2) + "\n")
-            save_safetensors(state, tmp / "model.safetensors")
-
-        folder = Path(folder)
-        save_folder_atomically(folder, write)
-        return folder
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Every parameter except the frozen embedding and LM head (copies of the target's)."""
-        return [p for name, p in self.named_parameters() if not name.startswith(FROZEN_PREFIXES)]
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Layer output o [..., H] (before the final norm) → logits [..., V] in float32 (float64 for float64)."""
-        return self.lm_head(self.norm(hidden)).to(compute_dtype(hidden.dtype))
-
-
-def init_draft_weights(model: nn.Module, target, *, seed: int = 0, std: float = 0.02) -> nn.Module:
-    """Initialise a freshly built one-layer drafter for `target` (a `DecoderModel`), in the target's dtype and
-    device: trainable weights ~ N(0, std²), norms 1, biases 0; embedding and LM head copied from the target."""
-    param = next(target.parameters())
-    model = model.to(device=param.device, dtype=param.dtype)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.named_parameters():
-            if name.endswith("norm.weight"):
-                tensor.fill_(1.0)
-            elif name.endswith(".bias"):
-                tensor.zero_()
-            else:
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
-        model.embed_tokens.weight.copy_(target.model.embed_tokens.weight)
-        model.lm_head.weight.copy_(target.output_embeddings())
-    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -47,13 +47,11 @@ from torch import nn
 from dspark.errors import CheckpointError
 from dspark.models.config import DecoderConfig
 from dspark.models.decoder import DecoderLayer
+from dspark.models.drafters.common import DraftCheckpointMixin, compute_dtype, init_draft_weights
 from dspark.models.drafters.eagle3 import (
     CausalFeatureDrafter,
-    DraftCheckpointMixin,
     chain_attention,
-    compute_dtype,
     dense_qkv,
-    init_draft_weights,
     parse_feature_drafter_fields,
     shift_left,
     soft_cross_entropy,

@@ -1,0 +1,77 @@
+"""Pieces every trained drafter shares: checkpoint folders (config.json + model.safetensors, written
+atomically, read with safetensors only), the frozen-parameter convention, initialisation from a target,
+and the float32-or-wider dtype used for logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dspark.models.checkpoint import load_state_into, save_folder_atomically, save_safetensors
+from dspark.models.config import read_config_json
+from dspark.models.target_runner import resolve_dtype
+
+FROZEN_PREFIXES = ("embed_tokens.", "lm_head.")  # copies of the target's, never trained (SPEC §2.2)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for bf16/fp16/fp32 tensors, float64 for float64 (logits, softmax statistics)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class DraftCheckpointMixin:
+    """`from_pretrained` / `save_pretrained` for a drafter module with `config.to_hf_dict()` and a
+    `parse_config(hf, where)` static method; plus the parameters a trainer may update."""
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, *, device="cpu", dtype=None):
+        folder = Path(folder)
+        config = cls.parse_config(read_config_json(folder), where=str(folder / "config.json"))
+        with torch.device("meta"):
+            model = cls(config)
+        load_state_into(model, folder, dtype=resolve_dtype(dtype, torch.device(device)), device=device)
+        return model
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write config.json + model.safetensors atomically; returns the folder."""
+        state = self.state_dict()
+
+        def write(tmp: Path) -> None:
+            (tmp / "config.json").write_text(json.dumps(self.config.to_hf_dict(), indent=2) + "\n")
+            save_safetensors(state, tmp / "model.safetensors")
+
+        folder = Path(folder)
+        save_folder_atomically(folder, write)
+        return folder
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every parameter except the frozen embedding and LM head (copies of the target's)."""
+        return [p for name, p in self.named_parameters() if not name.startswith(FROZEN_PREFIXES)]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Layer output o [..., H] (before the final norm) → logits [..., V] in float32 (float64 for float64)."""
+        return self.lm_head(self.norm(hidden)).to(compute_dtype(hidden.dtype))
+
+
+def init_draft_weights(model: nn.Module, target, *, seed: int = 0, std: float = 0.02) -> nn.Module:
+    """Initialise a freshly built one-layer drafter for `target` (a `DecoderModel`), in the target's dtype and
+    device: trainable weights ~ N(0, std²), norms 1, biases 0; embedding and LM head copied from the target."""
+    param = next(target.parameters())
+    model = model.to(device=param.device, dtype=param.dtype)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name.endswith("norm.weight"):
+                tensor.fill_(1.0)
+            elif name.endswith(".bias"):
+                tensor.zero_()
+            else:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
+        model.embed_tokens.weight.copy_(target.model.embed_tokens.weight)
+        model.lm_head.weight.copy_(target.output_embeddings())
+    return model.eval()
+
+
