@@ -30,9 +30,23 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+def add_runtime_args(parser: argparse.ArgumentParser, default_threads: int | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--threads", type=int, default=default_threads,
+                        help="CPU intra-op threads (default: PyTorch's); small models often run faster on 1")
+
+
+def apply_threads(args) -> None:
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            from dspark.errors import RequestError
+
+            raise RequestError(f"--threads must be ≥ 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
+        apply_threads(args)
         return args.handler(args)
     except DSparkError as exc:
         print(f"dspark {args.command}: error: {exc}", file=sys.stderr)

@@ -47,7 +47,7 @@ def register(sub) -> None:
     demo.add_argument("--model", default=None, help="model folder (default: a tiny random Qwen3 built on first use)")
     demo.add_argument("--max-new-tokens", type=int, default=96)
     demo.add_argument("--json", action="store_true")
-    add_runtime_args(demo)
+    add_runtime_args(demo, default_threads=1)  # the demo's model is tiny: one thread avoids contention
     demo.set_defaults(handler=run_demo)
 
 
