@@ -497,3 +497,15 @@ def test_load_yaml_and_to_dict(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="list.yaml"):
         load_yaml(tmp_path / "list.yaml")
+
+
+def test_saved_model_folder_follows_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        folder = build_random_model(tmp_path / "perm", "tiny-qwen3", with_tokenizer=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755

@@ -106,6 +106,9 @@ def save_folder_atomically(folder: Path, write: "callable[[Path], None]") -> Non
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the final folder follows the umask
         write(tmp)
         if folder.exists():
             backup = folder.with_name(f".{folder.name}.old-{os.getpid()}")
