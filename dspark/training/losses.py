@@ -111,7 +111,7 @@ def drafter_block_loss(
             continue
         target = target_final_hidden[sl] if need_target else None
         args = (draft_logits_fn, hidden[sl], prev_tokens[sl], target, lm_head_weight, labels[sl], w[sl], need_target)
-        if torch.is_grad_enabled() and hidden.requires_grad:
+        if torch.is_grad_enabled():  # also when only the heads' parameters need gradients
             chunk_sums, acceptance = checkpoint(_chunk_terms, *args, use_reentrant=False)
         else:
             chunk_sums, acceptance = _chunk_terms(*args)

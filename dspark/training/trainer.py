@@ -125,8 +125,8 @@ class Trainer:
         else:  # online: the frozen target in this process
             handles = [self.target.new_sequence() for _ in seqs]
             try:
-                out = self.target.forward(handles, ids, feature_layer_ids=self.model.config.target_layer_ids,
-                                          return_final_hidden=True)
+                out = self.target.forward(handles, ids, all_logits=False, return_final_hidden=True,
+                                          feature_layer_ids=self.model.config.target_layer_ids)
             finally:
                 for h in handles:
                     self.target.free_sequence(h)
