@@ -157,7 +157,6 @@ def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int 
     for _ in range(repeats):
         seconds, _ = timed(lambda: dst.copy_(src), device)
         times.append(seconds)
-    del src, dst
     return 2 * nbytes / statistics.median(times)
 
 

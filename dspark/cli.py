@@ -4,6 +4,9 @@
     dspark generate --model DIR --prompt TEXT [--drafter ngram|DIR] [--temperature F] [--top-k N]
                     [--top-p F] [--max-new-tokens N] [--seed N] [--json]
     dspark demo [--json]
+    dspark data regenerate --target DIR --input FILE.jsonl --output FILE.jsonl [...]
+    dspark data cache --target DIR --data FILE.jsonl --layers 1,9,17 --output DIR [...]
+    dspark train --config FILE.yaml [section.key=value ...]      (torchrun for several processes)
 
 Input errors print one line naming the problem and exit with status 2.
 """
