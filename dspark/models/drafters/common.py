@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dspark.errors import CheckpointError
 from dspark.models.checkpoint import load_state_into, save_folder_atomically, save_safetensors
 from dspark.models.config import read_config_json
 from dspark.models.target_runner import resolve_dtype
@@ -75,3 +76,18 @@ def init_draft_weights(model: nn.Module, target, *, seed: int = 0, std: float = 
     return model.eval()
 
 
+
+
+def check_drafter_target(name: str, drafter_config, target_config) -> None:
+    """Refuse a target this drafter was not built for: vocabulary, hidden size, number of target layers.
+    `drafter_config` has `.layers` (the draft layers' `DecoderConfig`) and `.num_target_layers`."""
+    c = drafter_config
+    problems = []
+    if target_config.vocab_size != c.layers.vocab_size:
+        problems.append(f"vocab_size {c.layers.vocab_size} vs target {target_config.vocab_size}")
+    if target_config.hidden_size != c.layers.hidden_size:
+        problems.append(f"hidden_size {c.layers.hidden_size} vs target {target_config.hidden_size}")
+    if target_config.num_layers != c.num_target_layers:
+        problems.append(f"num_target_layers {c.num_target_layers} vs target's {target_config.num_layers} layers")
+    if problems:
+        raise CheckpointError(f"drafter '{name}' was built for another target: {'; '.join(problems)}")

@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dspark.decoding.sampling import SamplingParams, logits_to_probs, sample
-from dspark.errors import CheckpointError, RequestError
+from dspark.errors import RequestError
 from dspark.models.config import DecoderConfig
 from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter
 from dspark.models.drafters.dspark_config import ARCHITECTURE_NAMES, DSparkConfig, parse_dspark_config
 from dspark.models.drafters.heads import SEQUENTIAL_HEADS, ConfidenceHead
-from dspark.models.drafters.common import DraftCheckpointMixin, init_draft_weights
+from dspark.models.drafters.common import DraftCheckpointMixin, check_drafter_target, init_draft_weights
 from dspark.models.drafters.registry import register_drafter
 from dspark.models.kv_cache import AttentionMetadata, PagedKVCache
 from dspark.models.layers import Attention, GatedMLP, RMSNorm, paged_attention
@@ -285,16 +285,7 @@ class DSparkDrafter(Drafter):
         self._handles: dict[int, int] = {}
 
     def check_target(self, target_config: DecoderConfig) -> None:
-        c = self.model.config
-        problems = []
-        if target_config.vocab_size != c.layers.vocab_size:
-            problems.append(f"vocab_size {c.layers.vocab_size} vs target {target_config.vocab_size}")
-        if target_config.hidden_size != c.layers.hidden_size:
-            problems.append(f"hidden_size {c.layers.hidden_size} vs target {target_config.hidden_size}")
-        if target_config.num_layers != c.num_target_layers:
-            problems.append(f"num_target_layers {c.num_target_layers} vs target's {target_config.num_layers} layers")
-        if problems:
-            raise CheckpointError(f"drafter '{self.name}' was built for another target: {'; '.join(problems)}")
+        check_drafter_target(self.name, self.model.config, target_config)
 
     @torch.inference_mode()
     def propose(self, batch: list[DraftInput], generator: torch.Generator | None = None) -> DraftProposal:

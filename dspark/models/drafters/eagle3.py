@@ -66,7 +66,7 @@ from dspark.decoding.sampling import logits_to_probs, sample
 from dspark.errors import CheckpointError, RequestError
 from dspark.models.config import DecoderConfig, parse_decoder_config
 from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter
-from dspark.models.drafters.common import DraftCheckpointMixin, compute_dtype, init_draft_weights
+from dspark.models.drafters.common import DraftCheckpointMixin, check_drafter_target, compute_dtype, init_draft_weights
 from dspark.models.drafters.registry import register_drafter
 from dspark.models.kv_cache import PagedKVCache
 from dspark.models.layers import Attention, GatedMLP, RMSNorm
@@ -438,16 +438,7 @@ class CausalFeatureDrafter(Drafter):
         self._last_hidden: dict[int, torch.Tensor] = {}  # seq_id → o of its last context row [H]
 
     def check_target(self, target_config: DecoderConfig) -> None:
-        c = self.model.config
-        problems = []
-        if target_config.vocab_size != c.layers.vocab_size:
-            problems.append(f"vocab_size {c.layers.vocab_size} vs target {target_config.vocab_size}")
-        if target_config.hidden_size != c.layers.hidden_size:
-            problems.append(f"hidden_size {c.layers.hidden_size} vs target {target_config.hidden_size}")
-        if target_config.num_layers != c.num_target_layers:
-            problems.append(f"num_target_layers {c.num_target_layers} vs target's {target_config.num_layers} layers")
-        if problems:
-            raise CheckpointError(f"drafter '{self.name}' was built for another target: {'; '.join(problems)}")
+        check_drafter_target(self.name, self.model.config, target_config)
 
     def _ingest(self, batch: list[DraftInput]) -> list[int]:
         """Validate the batch, ingest its new context rows; returns the cache handles."""
