@@ -67,12 +67,7 @@ class DraftAttention(Attention):
     def forward_dense(self, x, cos, sin, ctx, ctx_cos, ctx_sin, mask):
         """Training. x [N, Q, H] (all blocks of a sequence), ctx [N, S, H], mask [N, Q, S + Q] bool."""
         n, length = x.shape[0], x.shape[1]
-        q = self.q_proj(x).view(n, length, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, length, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, length, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self.project_qkv(x, cos, sin)
         kc, vc = self.context_kv(ctx, ctx_cos, ctx_sin)
         keys = torch.cat([kc, k], dim=1).transpose(1, 2)  # [N, Hkv, S + Q, D]
         values = torch.cat([vc, v], dim=1).transpose(1, 2)

@@ -70,7 +70,7 @@ from dspark.models.drafters.common import DraftCheckpointMixin, check_drafter_ta
 from dspark.models.drafters.registry import register_drafter
 from dspark.models.kv_cache import PagedKVCache
 from dspark.models.layers import Attention, GatedMLP, RMSNorm
-from dspark.models.rope import RotaryEmbedding, apply_rotary
+from dspark.models.rope import RotaryEmbedding
 
 ARCHITECTURE = "Eagle3DraftModel"
 STEP_LOSS_DECAY = 0.8
@@ -165,13 +165,7 @@ def shift_left(x: torch.Tensor, shift: int, pad: float | int | bool = 0) -> torc
 
 def dense_qkv(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """x [N, S, in] → q [N, Hq, S, D], k, v [N, Hkv, S, D] (q/k normed if Qwen3, rotated at their positions)."""
-    n, length = x.shape[:2]
-    q = attn.q_proj(x).view(n, length, attn.num_heads, attn.head_dim)
-    k = attn.k_proj(x).view(n, length, attn.num_kv_heads, attn.head_dim)
-    v = attn.v_proj(x).view(n, length, attn.num_kv_heads, attn.head_dim)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    q, k, v = attn.project_qkv(x, cos, sin)
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
