@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,7 +18,6 @@ from dspark.models.drafters.dspark import DSparkModel
 from dspark.models.random_init import build_random_model
 from dspark.training.config import TrainConfig, load_train_config
 from dspark.training.trainer import Sample, Trainer, lr_at
-
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +113,9 @@ def test_config_errors_are_named(target_dir, tmp_path):
     cfg.write_text("preset: dflash\nmodel:\n  target: x\ndata:\n  train: y\n")
     config = load_train_config(cfg, ["optim.lr=0.001", "train.batch_size=16"])
     assert config.model.markov_rank == 0 and config.optim.ce_weight == 1.0 and config.optim.lr == 0.001
+    assert config.train.parallel == "ddp" and load_train_config(cfg, ["train.parallel=fsdp"]).train.parallel == "fsdp"
+    with pytest.raises(ConfigError, match="train.parallel"):
+        load_train_config(cfg, ["train.parallel=zero3"])
     with pytest.raises(ConfigError, match="multiple"):
         Trainer(make_config(target_dir, tmp_path / "o", batch_size=3, micro_batch_size=2), make_samples(4))
 
@@ -133,7 +136,19 @@ def write_yaml(path, target_dir, data_path):
     )
 
 
+def torchrun_train(cfg, *overrides: str) -> None:
+    """`dspark train` in two gloo processes under torchrun."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "dspark", "train", "--config", str(cfg), *overrides],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_two_gloo_processes_under_torchrun_equal_one_process(target_dir, tmp_path):
+    """DDP (the default): two processes, two micro-batches each, equal one process with four."""
     from dspark.cli import main
 
     data = tmp_path / "train.jsonl"
@@ -141,14 +156,7 @@ def test_two_gloo_processes_under_torchrun_equal_one_process(target_dir, tmp_pat
     cfg = tmp_path / "train.yaml"
     write_yaml(cfg, target_dir, data)
     assert main(["train", "--config", str(cfg), f"train.output_dir={tmp_path / 'one'}"]) == 0
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "dspark", "train", "--config", str(cfg),
-         f"train.output_dir={tmp_path / 'two'}"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_train(cfg, f"train.output_dir={tmp_path / 'two'}")
     one = DSparkModel.from_pretrained(tmp_path / "one" / "step_2" / "drafter")
     two = DSparkModel.from_pretrained(tmp_path / "two" / "step_2" / "drafter")
     meta = json.loads((tmp_path / "two" / "step_2" / "trainer_state.json").read_text())
@@ -200,11 +208,14 @@ def test_corrupted_checkpoint_is_reported_not_half_loaded(target_dir, tmp_path):
 def test_shipped_example_config_is_valid():
     from pathlib import Path
 
+    from dspark.models.zoo import builtin_target
+
     path = Path(__file__).resolve().parents[1] / "configs" / "train_dspark.yaml"
     config = load_train_config(path, ["model.target=/some/target", "data.train=/some/data.jsonl"])
     assert config.model.markov_rank == 256 and config.optim.tv_weight == 0.9 and config.train.dtype == "bfloat16"
-    with pytest.raises(ConfigError, match="model.target"):
-        load_train_config(path)
+    with pytest.raises(ConfigError, match="data.train"):
+        load_train_config(path)  # the target defaults to the built-in one; the data has no default
+    assert load_train_config(path, ["data.train=/d.jsonl"]).model.target == str(builtin_target())
 
 
 def test_training_from_a_feature_cache_equals_online_features(tmp_path):
@@ -256,3 +267,47 @@ def test_every_drafter_kind_trains_and_its_checkpoint_drafts_losslessly(target_d
     plain = generate(trainer.target, prompts, max_new_tokens=12, seed=0)
     spec = generate(trainer.target, prompts, max_new_tokens=12, seed=0, drafter=drafter)
     assert [s.token_ids for s in spec.sequences] == [s.token_ids for s in plain.sequences]
+
+
+def test_fsdp_under_torchrun_equals_one_process_writes_plain_checkpoints_and_resumes(target_dir, tmp_path):
+    """train.parallel=fsdp: two gloo processes (sharded float32 masters, sharded AdamW state) equal one
+    process (where fsdp means plain training); the checkpoint has the single-process layout and loads as a
+    drafter; a run killed after step 2 and restarted ends bitwise equal to the uninterrupted one."""
+    from safetensors.torch import load_file
+
+    from dspark.cli import main
+    from dspark.models.drafters import load_drafter
+
+    data = tmp_path / "train.jsonl"
+    write_tokenised(data, make_samples(8, seed=3))
+    cfg = tmp_path / "train.yaml"
+    write_yaml(cfg, target_dir, data)
+    common = ["train.parallel=fsdp", "train.max_steps=4", "model.draft_layers=2"]
+    assert main(["train", "--config", str(cfg), f"train.output_dir={tmp_path / 'one'}", *common]) == 0
+    torchrun_train(cfg, f"train.output_dir={tmp_path / 'two'}", *common)
+    one, two = tmp_path / "one" / "step_4", tmp_path / "two" / "step_4"
+    assert json.loads((two / "trainer_state.json").read_text())["world_size"] == 2
+    assert (two / "drafter" / "config.json").read_text() == (one / "drafter" / "config.json").read_text()
+    for name in ("drafter/model.safetensors", "trainer_state.safetensors"):
+        expected, got = load_file(str(one / name)), load_file(str(two / name))
+        assert expected.keys() == got.keys(), name
+        for key, tensor in expected.items():
+            assert got[key].dtype == tensor.dtype == torch.float32 and got[key].shape == tensor.shape, key
+            torch.testing.assert_close(got[key], tensor, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+    final = load_file(str(two / "drafter" / "model.safetensors"))
+    earlier = load_file(str(tmp_path / "one" / "step_2" / "drafter" / "model.safetensors"))
+    assert not torch.allclose(earlier["layers.1.mlp.up_proj.weight"], final["layers.1.mlp.up_proj.weight"])  # it trains
+    drafter = load_drafter(str(two / "drafter"), dtype="float32")  # what `--drafter DIR` does
+    assert drafter.max_draft_tokens == 4 and torch.equal(drafter.model.fc.weight, final["fc.weight"])
+
+    straight = {name: load_file(str(two / name)) for name in ("drafter/model.safetensors", "trainer_state.safetensors")}
+    shutil.rmtree(two)  # killed after the step-2 checkpoint
+    (tmp_path / "two" / "latest").write_text("step_2\n")
+    step_2 = (tmp_path / "two" / "step_2" / "trainer_state.json").read_text()
+    torchrun_train(cfg, f"train.output_dir={tmp_path / 'two'}", *common)
+    assert (tmp_path / "two" / "step_2" / "trainer_state.json").read_text() == step_2  # resumed, not redone
+    for name, tensors in straight.items():
+        resumed = load_file(str(two / name))
+        for key, tensor in tensors.items():
+            assert torch.equal(resumed[key], tensor), f"{name}: {key}"
+

@@ -1,9 +1,11 @@
 """`dspark train --config FILE.yaml [section.key=value ...]`: train a drafter against a frozen target.
 
 Single process: `dspark train --config c.yaml`. Several processes / GPUs / nodes: launch the same command
-with torchrun (`torchrun --nproc_per_node N -m dspark train --config c.yaml`); the process group is set up
-from torchrun's environment (gloo on CPU, NCCL on GPU). A run restarted with the same output_dir resumes
-from its latest checkpoint.
+with torchrun (`torchrun --nproc_per_node N -m dspark train --config c.yaml`, plus `--nnodes`/rendezvous
+options across nodes); the process group is set up from torchrun's environment (gloo on CPU, NCCL on GPU).
+`train.parallel=ddp` (default) keeps a replica per process; `train.parallel=fsdp` shards the drafter's
+parameters, gradients and optimizer state (large drafters). A run restarted with the same output_dir
+resumes from its latest checkpoint, whatever the number of processes or mode that wrote it.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ DRAFTER_KINDS = ("dspark", "dflash", "eagle3", "mtp")
 
 @dataclass
 class ModelSection:
-    target: str = ""  # target model folder (frozen)
+    target: str = ""  # target model folder (frozen); empty = the built-in target
     drafter: str = "dspark"  # one of DRAFTER_KINDS
     draft_layers: int = 5
     block_size: int = 7
@@ -68,6 +68,7 @@ class TrainSection:
     log_every: int = 10
     chunk_blocks: int = 64  # blocks per loss chunk (bounds the [blocks × γ × V] float32 memory)
     progress: bool = True
+    parallel: str = "ddp"  # under torchrun: ddp (replicas) | fsdp (sharded parameters, gradients, optimizer)
 
 
 @dataclass
@@ -111,6 +112,10 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
             raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         data = _merge(PRESETS[preset], data)
     config = from_dict(TrainConfig, data)
+    if not config.model.target:
+        from dspark.models.zoo import builtin_target
+
+        config.model.target = str(builtin_target())
     validate(config)
     return config
 
@@ -147,6 +152,7 @@ def validate(config: TrainConfig) -> None:
         (t.max_steps is None or t.max_steps >= 1, "train.max_steps must be ≥ 1"),
         (t.checkpoint_every >= 1 and t.log_every >= 1, "train.checkpoint_every and train.log_every must be ≥ 1"),
         (t.dtype in ("float32", "bfloat16"), "train.dtype must be float32 or bfloat16"),
+        (t.parallel in ("ddp", "fsdp"), f"train.parallel must be ddp or fsdp, not {t.parallel!r}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -10,12 +10,21 @@ process runs the sample — and computes its loss as a mean whose denominator is
 
 Precision: gradients accumulate in float32 master buffers; with `train.dtype: bfloat16` the parameters are
 stored in bf16 and AdamW updates float32 master copies that are cast back after each step.
-Data parallelism (torchrun): every process computes gradients for its share; the float32 accumulators
-are all-reduced (summed) once per optimizer step with torch.distributed — the same reduction DDP does,
-without bf16 gradient reductions, and independent of which model method produced the gradients.
+Data parallelism (torchrun), `train.parallel`:
+- `ddp`: every process holds a replica wrapped in DistributedDataParallel; micro-batches but the last of a
+  step run under `no_sync()`, so gradients cross processes once per step. A DDP communication hook makes
+  that reduction a float32 *sum* into the float32 accumulators (the loss already divides by the global
+  denominator; bf16 parameters never get bf16 gradient reductions).
+- `fsdp`: FSDP2 (`fully_shard`) shards the trainable parameters (each DSpark / DFlash draft layer, then
+  the rest) as float32 masters; bf16 compute copies are gathered per unit, gradients reduce-scattered
+  (summed, float32) after every micro-batch and AdamW runs on the shards. The frozen embedding and LM head
+  stay unsharded.
+One process ignores `train.parallel` (nothing to distribute): it trains exactly as without torchrun.
 Checkpoints (every `checkpoint_every` steps and at the end) are written atomically: a loadable drafter
 folder plus `trainer_state.safetensors` / `trainer_state.json` (optimizer moments, master weights, RNG,
-step); `latest` names the newest one and a restarted run resumes from it. No pickle anywhere.
+step); `latest` names the newest one and a restarted run resumes from it. No pickle anywhere. They hold
+full (unsharded) tensors whatever the parallelism, so any run, with any number of processes or either
+mode, resumes from any of them.
 """
 
 from __future__ import annotations
@@ -24,12 +33,15 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dspark.config import to_dict
 from dspark.errors import CheckpointError, ConfigError
@@ -57,6 +69,19 @@ def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * cosine)
 
 
+class RecipeLoss(nn.Module):
+    """A drafter kind's loss as one module `forward`: DDP and FSDP act around `forward` calls, while the
+    recipes call several model methods (forward_train, heads, lm_head)."""
+
+    def __init__(self, recipe, model: nn.Module):
+        super().__init__()
+        self.recipe = recipe
+        self.model = model
+
+    def forward(self, batch: dict, denominator: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return self.recipe.loss(self.model, batch, denominator)
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, samples: Sequence[Sample], target: TargetRunner | None = None):
         self.config = config
@@ -82,11 +107,24 @@ class Trainer:
         self.model = self.recipe.build(self.target, t.seed).to(device=self.device, dtype=self.param_dtype).train()
         if hasattr(samples, "validate"):  # a feature cache: it must match this target and these layers
             samples.validate(self.model.config.target_layer_ids, self.target.config.hidden_size, config.model.target)
-        self.trainable = [(n, p) for n, p in self.model.named_parameters() if n not in FROZEN]
         for name, param in self.model.named_parameters():
             param.requires_grad_(name not in FROZEN)
-        self.master = [p.detach().float().clone() for _, p in self.trainable]
-        self.grads = [torch.zeros_like(m) for m in self.master]
+        self.loss_fn: nn.Module = RecipeLoss(self.recipe, self.model)
+        self.ddp: nn.parallel.DistributedDataParallel | None = None
+        self.sharded = self.world > 1 and t.parallel == "fsdp"
+        if self.sharded:
+            self._fully_shard()
+        elif self.world > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(self.loss_fn)
+            self.ddp.register_comm_hook(None, self._sum_bucket_into_accumulators)
+            self.loss_fn = self.ddp
+        self.trainable = [(n, p) for n, p in self.model.named_parameters() if n not in FROZEN]
+        if self.sharded:  # the float32 shards are the master weights; FSDP accumulates their gradients
+            self.master, self.grads = [p for _, p in self.trainable], []
+        else:
+            self.master = [p.detach().float().clone() for _, p in self.trainable]
+            self.grads = [torch.zeros_like(m) for m in self.master]
+            self._accumulators = {p: acc for (_, p), acc in zip(self.trainable, self.grads)}
         o = config.optim
         for m in self.master:
             m.requires_grad_(True)
@@ -96,6 +134,67 @@ class Trainer:
         self.step = 0
         self.output = Path(t.output_dir)
         self.writer = None
+
+    # -- data parallelism ----------------------------------------------------------------------------
+    def _fully_shard(self) -> None:
+        """FSDP2 over all processes: every draft layer the training pass calls through `forward_dense`
+        (DSpark / DFlash) is one unit, the remaining trainable parameters one root unit (EAGLE-3 and MTP:
+        a single layer whose parts the training pass uses directly, so everything is in the root). The
+        frozen embedding and LM head are left out (replicated, as the target itself is). Sharded parameters
+        are float32 — they are the master weights —, computed in `train.dtype`, gradients summed in float32."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import (
+            MixedPrecisionPolicy,
+            fully_shard,
+            register_fsdp_forward_method,
+        )
+
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name not in FROZEN:
+                    param.data = param.data.float()
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        compute = None if self.param_dtype == torch.float32 else self.param_dtype
+        policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        for layer in getattr(self.model, "layers", ()):
+            if hasattr(layer, "forward_dense"):
+                fully_shard(layer, mesh=mesh, mp_policy=policy)
+                register_fsdp_forward_method(layer, "forward_dense")
+        frozen = {p for name, p in self.model.named_parameters() if name in FROZEN}
+        fully_shard(self.loss_fn, mesh=mesh, mp_policy=policy, ignored_params=frozen)
+        for module in self.loss_fn.modules():  # sum, not average: the loss already has the global denominator
+            if hasattr(module, "set_gradient_divide_factor"):
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
+
+    def _sum_bucket_into_accumulators(self, _state, bucket):
+        """DDP communication hook, run on the last micro-batch of a step: (float32 accumulator of the
+        earlier micro-batches + this bucket's gradients) summed over processes, in float32, into the
+        accumulators. The bucket itself comes back unchanged and is discarded by `train_step`."""
+        accs = [self._accumulators[p] for p in bucket.parameters()]
+        flat = torch.cat([(acc + grad.float()).flatten() for acc, grad in zip(accs, bucket.gradients())])
+
+        def unpack(_future):
+            for acc, summed in zip(accs, flat.split([acc.numel() for acc in accs])):
+                acc.copy_(summed.view_as(acc))
+            return bucket.buffer()
+
+        return dist.all_reduce(flat, async_op=True).get_future().then(unpack)
+
+    def _full(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The whole tensor (on rank 0's CPU for a shard; None on other ranks). Collective for a shard."""
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
+            return tensor.cpu() if self.rank == 0 else None
+        return tensor.detach()
+
+    @staticmethod
+    def _like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """`full` placed as `like` is: this process's shard of it for a DTensor (no communication)."""
+        full = full.to(like.device)
+        if isinstance(like, DTensor):
+            return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+        return full.clone()
 
     # -- data ----------------------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> torch.Tensor:
@@ -157,18 +256,20 @@ class Trainer:
         denominator = self._all_reduce(torch.as_tensor(denominator, dtype=torch.float32).clone().to(self.device))
         total = 0.0
         logged: dict[str, list] = {}
-        for mb in micro:
-            loss, stats = self.recipe.loss(self.model, mb, denominator)
-            loss.backward()
-            for acc, (_, p) in zip(self.grads, self.trainable):
-                if p.grad is not None:
-                    acc += p.grad.float()
-                    p.grad = None
+        for index, mb in enumerate(micro):
+            synced = self.ddp is not None and index == len(micro) - 1  # DDP's hook sums into the accumulators
+            with self.ddp.no_sync() if self.ddp is not None and not synced else nullcontext():
+                loss, stats = self.loss_fn(mb, denominator)
+                loss.backward()
+            if not self.sharded:  # (FSDP accumulates the shards' float32 gradients itself)
+                for acc, (_, p) in zip(self.grads, self.trainable):
+                    if p.grad is not None:
+                        if not synced:
+                            acc += p.grad.float()
+                        p.grad = None
             total += float(loss.detach())
             for key, value in stats.items():
                 logged.setdefault(key, []).append(torch.as_tensor(value, dtype=torch.float64))
-        for acc in self.grads:
-            self._all_reduce(acc)
         result = self._apply_gradients()
         self.step += 1
         result["loss"] = float(self._all_reduce(torch.tensor(total, device=self.device)))
@@ -183,18 +284,26 @@ class Trainer:
         return tensor
 
     def _apply_gradients(self) -> dict:
+        """Clip (global norm: over all shards under FSDP), AdamW step on the float32 masters, then refresh
+        the replicas' parameters (FSDP: the shards are the parameters, only their gradients are dropped)."""
         o = self.config.optim
-        for master, acc in zip(self.master, self.grads):
-            master.grad = acc
+        if not self.sharded:
+            for master, acc in zip(self.master, self.grads):
+                master.grad = acc
         grad_norm = torch.nn.utils.clip_grad_norm_(self.master, o.grad_clip if o.grad_clip > 0 else float("inf"))
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         lr = lr_at(self.step, self.total_steps, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        with torch.no_grad():
-            for (_, p), master, acc in zip(self.trainable, self.master, self.grads):
-                p.copy_(master.to(p.dtype))
-                acc.zero_()
+        if self.sharded:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                for (_, p), master, acc in zip(self.trainable, self.master, self.grads):
+                    p.copy_(master.to(p.dtype))
+                    acc.zero_()
         return {"lr": lr, "grad_norm": float(grad_norm)}
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -234,21 +343,26 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Rank 0 writes `step_<N>/` (drafter folder + trainer state) atomically, then `latest`."""
+        """Rank 0 writes `step_<N>/` (drafter folder + trainer state) atomically, then `latest`. Under FSDP
+        every process first takes part in gathering each tensor whole (one at a time, onto rank 0's CPU),
+        so the checkpoint has the same layout as a single-process one."""
         folder = self.output / f"step_{self.step}"
+        tensors = {}
+        for i, (master, state) in enumerate(zip(self.master, (self.optimizer.state.get(m, {}) for m in self.master))):
+            tensors[f"master.{i}"] = self._full(master)
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    tensors[f"{key}.{i}"] = self._full(state[key])
         if self.rank == 0:
-            tensors = {}
-            for i, (master, state) in enumerate(zip(self.master, (self.optimizer.state.get(m, {}) for m in self.master))):
-                tensors[f"master.{i}"] = master.detach()
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if key in state:
-                        tensors[f"{key}.{i}"] = state[key]
             steps = [float(self.optimizer.state[m]["step"]) for m in self.master if m in self.optimizer.state]
             meta = {"step": self.step, "adam_step": steps[0] if steps else 0.0, "world_size": self.world,
                     "total_steps": self.total_steps, "config": to_dict(self.config), "time": time.time()}
 
             def write(tmp: Path) -> None:
-                self.model.save_pretrained(tmp / "drafter")
+                if self.sharded:
+                    self._save_gathered_drafter(tmp / "drafter", [tensors[f"master.{i}"] for i in range(len(self.master))])
+                else:
+                    self.model.save_pretrained(tmp / "drafter")
                 save_safetensors(tensors, tmp / "trainer_state.safetensors")
                 (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -259,6 +373,17 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         return folder
+
+    def _save_gathered_drafter(self, folder: Path, masters: list[torch.Tensor]) -> None:
+        """Rank 0 under FSDP: the drafter folder from the gathered masters (in `train.dtype`) and the
+        unsharded frozen tensors, written by an unsharded copy of the drafter class."""
+        state = dict(self.model.state_dict())
+        for (name, _), master in zip(self.trainable, masters):
+            state[name] = master.to(self.param_dtype)
+        with torch.device("meta"):
+            whole = type(self.model)(self.model.config)
+        whole.load_state_dict(state, assign=True)
+        whole.save_pretrained(folder)
 
     def resume(self) -> bool:
         """Continue from `output_dir/latest` if it exists. Returns whether a checkpoint was loaded."""
@@ -281,14 +406,20 @@ class Trainer:
         if missing:
             raise CheckpointError(f"{folder}: trainer state lacks {', '.join(missing[:3])} (another drafter's checkpoint?)")
         with torch.no_grad():
-            self.model.load_state_dict(drafter.state_dict())
+            if self.sharded:  # the frozen tensors here; the sharded parameters are the masters below
+                full = drafter.state_dict()
+                for name, param in self.model.named_parameters():
+                    if name in FROZEN:
+                        param.copy_(full[name])
+            else:
+                self.model.load_state_dict(drafter.state_dict())
             for i, master in enumerate(self.master):
-                master.copy_(tensors[f"master.{i}"])
+                master.copy_(self._like(tensors[f"master.{i}"], master))
                 if f"exp_avg.{i}" in tensors:
                     self.optimizer.state[master] = {
                         "step": torch.tensor(meta["adam_step"]),
-                        "exp_avg": tensors[f"exp_avg.{i}"].clone(),
-                        "exp_avg_sq": tensors[f"exp_avg_sq.{i}"].clone(),
+                        "exp_avg": self._like(tensors[f"exp_avg.{i}"], master),
+                        "exp_avg_sq": self._like(tensors[f"exp_avg_sq.{i}"], master),
                     }
         self.step = int(meta["step"])
         return True
