@@ -1,0 +1,30 @@
+"""Confidence-head calibration (SPEC §4, paper §3.2.1 and §5.2): metrics of the prefix survival
+â_k = Π_{i≤k} c_i, Sequential Temperature Scaling, calibration files, online refitting, reliability plots.
+Plots live in `dspark.calibration.plots` (imports matplotlib)."""
+
+from dspark.calibration.calibration_file import (
+    FORMAT,
+    Calibration,
+    drafter_identity,
+    load_calibration,
+    save_calibration,
+)
+from dspark.calibration.metrics import (
+    Rounds,
+    brier_score,
+    ece_per_position,
+    expected_calibration_error,
+    position_metrics,
+    prefix_survival,
+    reliability_data,
+    roc_auc,
+)
+from dspark.calibration.online import OnlineCalibrator
+from dspark.calibration.sts import STSResult, apply_temperatures, calibrate, fit_sts, split_rounds
+
+__all__ = [
+    "FORMAT", "Calibration", "OnlineCalibrator", "Rounds", "STSResult", "apply_temperatures", "brier_score",
+    "calibrate", "drafter_identity", "ece_per_position", "expected_calibration_error", "fit_sts",
+    "load_calibration", "position_metrics", "prefix_survival", "reliability_data", "roc_auc",
+    "save_calibration", "split_rounds",
+]

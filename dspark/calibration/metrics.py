@@ -1,0 +1,283 @@
+"""Calibration metrics of the confidence head (SPEC §4.1, paper §3.2.1 and Fig. 6).
+
+A verification round of a drafter with a confidence head gives, for block positions k = 1..γ, the head's
+conditional confidences c_k ∈ (0, 1) (P(slot k accepted | slots < k accepted)), the number of verified
+drafts ℓ and the accepted prefix length n ≤ ℓ. A set of N rounds is `Rounds`: confidences [N, γ]
+(NaN beyond the drafted slots), verified [N], accepted [N].
+
+Per position k the prediction is the prefix survival â_k = Π_{i≤k} c_i, the event is "slots ≤ k all
+accepted" (n ≥ k), defined only for rounds with ℓ ≥ k. Metrics per position: ECE with equal-width bins
+Σ_b (n_b/N)·|mean â in b − fraction accepted in b|, ROC-AUC (rank-based, ties averaged), Brier score
+mean (â − y)², mean prediction vs mean outcome, counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+DEFAULT_BINS = 20
+EPS = 1e-6  # confidences are clamped to [EPS, 1 − EPS] before a logit
+
+
+def to_numpy(x: Any, dtype: Any = None) -> np.ndarray:
+    """numpy copy-free view of a numpy array, torch tensor (any device) or nested sequence."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
+        x = x.cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def valid_round_mask(confidences: np.ndarray, verified: np.ndarray, accepted: np.ndarray) -> np.ndarray:
+    """[N] bool: 0 ≤ n ≤ ℓ ≤ γ and c_1..c_ℓ finite and in [0, 1] (slots beyond ℓ are not looked at).
+
+    0 and 1 are accepted (a bf16/fp32 sigmoid saturates there) and clamped to [EPS, 1 − EPS] later.
+    """
+    gamma = confidences.shape[1]
+    ok = (verified >= 0) & (verified <= gamma) & (accepted >= 0) & (accepted <= verified)
+    in_range = np.isfinite(confidences) & (confidences >= 0.0) & (confidences <= 1.0)
+    needed = np.arange(1, gamma + 1)[None, :] <= verified[:, None]
+    return ok & np.all(in_range | ~needed, axis=1)
+
+
+def integer_counts(verified: Any, accepted: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ℓ, n) as int64 [N] (−1 where not a finite integer) and the [N] bool mask of integral rows."""
+    ver = to_numpy(verified, np.float64).ravel()
+    acc = to_numpy(accepted, np.float64).ravel()
+    if ver.shape != acc.shape:
+        raise ValueError(f"verified {ver.shape} and accepted {acc.shape} differ in shape")
+    integral = np.isfinite(ver) & np.isfinite(acc) & (ver == np.round(ver)) & (acc == np.round(acc))
+    return np.where(integral, ver, -1).astype(np.int64), np.where(integral, acc, -1).astype(np.int64), integral
+
+
+@dataclass(frozen=True, eq=False)
+class Rounds:
+    """N verification rounds: confidences [N, γ] float64 (raw c_k, NaN where not drafted), verified [N]
+    int64 (ℓ), accepted [N] int64 (n ≤ ℓ). `dropped` counts invalid rows removed by `from_arrays`."""
+
+    confidences: np.ndarray
+    verified: np.ndarray
+    accepted: np.ndarray
+    dropped: int = 0
+
+    @classmethod
+    def from_arrays(cls, confidences: Any, verified: Any, accepted: Any, *, drop_invalid: bool = False) -> "Rounds":
+        """Validate and copy (numpy, torch or lists). Invalid rows (non-integer counts or see
+        `valid_round_mask`) raise ValueError, or are dropped and counted with drop_invalid=True."""
+        conf = np.array(to_numpy(confidences, np.float64), dtype=np.float64)
+        if conf.ndim != 2:
+            raise ValueError(f"confidences must be [N, γ], got shape {conf.shape}")
+        ver, acc, integral = integer_counts(verified, accepted)
+        if ver.shape != (conf.shape[0],):
+            raise ValueError(f"verified and accepted must be [N] with N = {conf.shape[0]}, got {ver.shape}")
+        ok = integral & valid_round_mask(conf, ver, acc)
+        bad = int((~ok).sum())
+        if bad and not drop_invalid:
+            first = int(np.flatnonzero(~ok)[0])
+            raise ValueError(
+                f"{bad} of {len(ok)} rounds are invalid (first: row {first}, verified={to_numpy(verified).ravel()[first]}, "
+                f"accepted={to_numpy(accepted).ravel()[first]}, confidences={conf[first].tolist()}); need integers "
+                f"0 ≤ accepted ≤ verified ≤ γ = {conf.shape[1]} and finite confidences in [0, 1] on the verified slots"
+            )
+        return cls(conf[ok], ver[ok], acc[ok], dropped=bad)
+
+    @property
+    def block_size(self) -> int:
+        return int(self.confidences.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.confidences.shape[0])
+
+    def subset(self, index: np.ndarray) -> "Rounds":
+        return Rounds(self.confidences[index], self.verified[index], self.accepted[index])
+
+    @staticmethod
+    def concat(parts: Sequence["Rounds"]) -> "Rounds":
+        """Rounds of the same block size, one after another."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        if len({p.block_size for p in parts}) != 1:
+            raise ValueError(f"block sizes differ: {[p.block_size for p in parts]}")
+        return Rounds(
+            np.concatenate([p.confidences for p in parts]),
+            np.concatenate([p.verified for p in parts]),
+            np.concatenate([p.accepted for p in parts]),
+            dropped=sum(p.dropped for p in parts),
+        )
+
+
+def as_rounds(rounds: Any) -> Rounds:
+    """A `Rounds`, or a (confidences, verified, accepted) triple validated by `Rounds.from_arrays`."""
+    if isinstance(rounds, Rounds):
+        return rounds
+    if isinstance(rounds, (tuple, list)) and len(rounds) == 3:
+        return Rounds.from_arrays(*rounds)
+    raise TypeError(f"expected Rounds or a (confidences, verified, accepted) triple, got {type(rounds).__name__}")
+
+
+def logits(confidences: np.ndarray) -> np.ndarray:
+    """logit(clamp(c, EPS, 1 − EPS)), NaN kept."""
+    c = np.clip(confidences, EPS, 1.0 - EPS)
+    return np.log(c) - np.log1p(-c)
+
+
+def check_temperatures(temperatures: Any, width: int) -> np.ndarray:
+    """The first `width` temperatures as float64 [width]; ValueError unless ≥ width values, all finite > 0."""
+    temps = to_numpy(temperatures, np.float64).ravel()
+    if temps.size < width:
+        raise ValueError(f"{temps.size} temperatures for {width} block positions")
+    temps = temps[:width]
+    if not np.all(np.isfinite(temps) & (temps > 0)):
+        raise ValueError(f"temperatures must be finite and > 0, got {temps.tolist()}")
+    return temps
+
+
+def calibrated_confidences(confidences: np.ndarray, temperatures: Any = None) -> np.ndarray:
+    """[N, γ] c'_k = σ(logit(c_k)/T_k) (paper §3.2.1), clamped to [EPS, 1 − EPS]; None = raw c_k."""
+    if temperatures is None:
+        return np.clip(confidences, EPS, 1.0 - EPS)
+    temps = check_temperatures(temperatures, confidences.shape[1])
+    return np.clip(1.0 / (1.0 + np.exp(-logits(confidences) / temps)), EPS, 1.0 - EPS)
+
+
+def prefix_survival(confidences: np.ndarray, temperatures: Any = None) -> np.ndarray:
+    """[N, γ] â_k = Π_{i≤k} c'_i (NaN from the first undrafted slot on)."""
+    return np.cumprod(calibrated_confidences(confidences, temperatures), axis=1)
+
+
+def survival_events(rounds: Rounds) -> tuple[np.ndarray, np.ndarray]:
+    """(outcome, mask), both [N, γ] bool: outcome[:, k−1] = n ≥ k, mask[:, k−1] = ℓ ≥ k."""
+    k = np.arange(1, rounds.block_size + 1)[None, :]
+    return rounds.accepted[:, None] >= k, rounds.verified[:, None] >= k
+
+
+def bin_index(pred: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
+    """Equal-width bin of each prediction in [0, 1]: min(⌊p·bins⌋, bins − 1)."""
+    return np.clip((pred * bins).astype(np.int64), 0, bins - 1)
+
+
+def expected_calibration_error(pred: Any, outcome: Any, bins: int = DEFAULT_BINS) -> float | None:
+    """ECE = Σ_b (n_b/N)·|mean p in b − mean y in b| = (1/N)·Σ_b |Σ_{i∈b} (p_i − y_i)|; None if N = 0."""
+    p = to_numpy(pred, np.float64).ravel()
+    y = to_numpy(outcome, np.float64).ravel()
+    if p.size == 0:
+        return None
+    diff = np.bincount(bin_index(p, bins), weights=p - y, minlength=bins)
+    return float(np.abs(diff).sum() / p.size)
+
+
+def ece_grid(pred: np.ndarray, outcome: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
+    """ECE of every row of pred [G, n] against outcome [n] in one bincount: [G]."""
+    g, n = pred.shape
+    if n == 0:
+        return np.zeros(g)
+    index = bin_index(pred, bins) + (np.arange(g) * bins)[:, None]
+    diff = np.bincount(index.ravel(), weights=(pred - outcome[None, :]).ravel(), minlength=g * bins)
+    return np.abs(diff.reshape(g, bins)).sum(axis=1) / n
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of x, tied values sharing the mean of their ranks."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    new = np.r_[True, xs[1:] != xs[:-1]]
+    starts = np.flatnonzero(new)
+    ends = np.r_[starts[1:], xs.size]
+    ranks = np.empty(xs.size)
+    ranks[order] = ((starts + 1 + ends) / 2.0)[np.cumsum(new) - 1]
+    return ranks
+
+
+def roc_auc(pred: Any, outcome: Any) -> float | None:
+    """Mann–Whitney ROC-AUC: P(p_pos > p_neg) + ½·P(tie); None when only one class is present."""
+    p = to_numpy(pred, np.float64).ravel()
+    y = to_numpy(outcome).ravel().astype(bool)
+    pos = int(y.sum())
+    neg = y.size - pos
+    if pos == 0 or neg == 0:
+        return None
+    return float((average_ranks(p)[y].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
+
+
+def brier_score(pred: Any, outcome: Any) -> float | None:
+    """mean (p − y)²; None if empty."""
+    p = to_numpy(pred, np.float64).ravel()
+    y = to_numpy(outcome, np.float64).ravel()
+    return float(np.mean((p - y) ** 2)) if p.size else None
+
+
+def position_data(rounds: Any, temperatures: Any = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per position k = 1..γ: (â_k, y_k) over the rounds with ℓ ≥ k (1-D float64, bool)."""
+    r = as_rounds(rounds)
+    pred = prefix_survival(r.confidences, temperatures)
+    outcome, mask = survival_events(r)
+    return [(pred[mask[:, j], j], outcome[mask[:, j], j]) for j in range(r.block_size)]
+
+
+def ece_per_position(rounds: Any, temperatures: Any = None, bins: int = DEFAULT_BINS) -> list[float | None]:
+    """[γ] ECE of â_k (None where no round verified slot k)."""
+    return [expected_calibration_error(p, y, bins) for p, y in position_data(rounds, temperatures)]
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+def position_metrics(rounds: Any, temperatures: Any = None, bins: int = DEFAULT_BINS) -> dict:
+    """JSON-able metrics of â_k per position and their unweighted means over positions with data.
+
+    {"bins", "block_size", "rounds", "positions": [{"position": k, "count", "accepted", "ece", "auc",
+    "brier", "mean_predicted", "mean_observed"}], "mean": {"ece", "auc", "brier", "mean_predicted",
+    "mean_observed"}}; undefined values (no data, one class for AUC) are None.
+    """
+    r = as_rounds(rounds)
+    rows = []
+    for k, (p, y) in enumerate(position_data(r, temperatures), start=1):
+        rows.append({
+            "position": k,
+            "count": int(p.size),
+            "accepted": int(y.sum()),
+            "ece": expected_calibration_error(p, y, bins),
+            "auc": roc_auc(p, y),
+            "brier": brier_score(p, y),
+            "mean_predicted": float(p.mean()) if p.size else None,
+            "mean_observed": float(y.mean()) if p.size else None,
+        })
+    keys = ("ece", "auc", "brier", "mean_predicted", "mean_observed")
+    return {
+        "bins": bins,
+        "block_size": r.block_size,
+        "rounds": len(r),
+        "positions": rows,
+        "mean": {key: _mean([row[key] for row in rows]) for key in keys},
+    }
+
+
+def reliability_data(rounds: Any, temperatures: Any = None, bins: int = DEFAULT_BINS) -> list[dict]:
+    """Reliability diagram per position k: {"position", "count", "ece", "auc", "lower", "upper" [bins]
+    (bin edges), "mean_predicted", "observed" [bins] (None for empty bins), "count_per_bin" [bins]}."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    out = []
+    for k, (p, y) in enumerate(position_data(rounds, temperatures), start=1):
+        index = bin_index(p, bins)
+        count = np.bincount(index, minlength=bins)
+        sum_p = np.bincount(index, weights=p, minlength=bins)
+        sum_y = np.bincount(index, weights=y.astype(np.float64), minlength=bins)
+        out.append({
+            "position": k,
+            "count": int(p.size),
+            "ece": expected_calibration_error(p, y, bins),
+            "auc": roc_auc(p, y),
+            "lower": edges[:-1].tolist(),
+            "upper": edges[1:].tolist(),
+            "mean_predicted": [float(s / c) if c else None for s, c in zip(sum_p, count)],
+            "observed": [float(s / c) if c else None for s, c in zip(sum_y, count)],
+            "count_per_bin": count.tolist(),
+        })
+    return out

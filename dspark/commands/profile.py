@@ -1,0 +1,62 @@
+"""`dspark profile`: measure this machine's SPS step-time tables (SPEC §5.5), cached for the scheduler.
+
+    dspark profile [--target DIR] [--drafter NAME|DIR|none] [--device cpu|cuda[:N]] [--dtype T]
+        [--context N] [--requests 1,2,4,...] [--lengths 1,2,3,4,6,8] [--repeats N]
+        [--random-shape qwen3-4b [--force]] [--out FILE] [--refresh] [--json] [--threads N]
+
+verify ms: one target step over R requests × L new tokens each at --context tokens of context; draft ms:
+one drafter step (full block) for R requests. Medians of --repeats timed runs, forced monotone (see
+dspark.scheduling.profiler). The profile is cached under $DSPARK_HOME/profiles/ (default
+~/.cache/dspark) and reused unless --refresh; --out FILE also writes a copy. Defaults: CPU context 256,
+R 1,2,4,8, 10 repeats; CUDA context 1024, R 1..256, 20 repeats; L 1,2,3,4,6,8. Without --target the
+built-in target and its DSpark drafter; with --target, no drafter unless --drafter is given.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from dspark.cli import add_runtime_args, print_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("profile", help="measure (or reuse the cached) target/drafter step-time tables for SPS scheduling")
+    p.add_argument("--target", default=None, help="target model folder (default: the built-in target)")
+    p.add_argument("--drafter", default=None,
+                   help="drafter folder, built-in name or 'ngram'; 'none' profiles the target only "
+                        "(default: the built-in drafter with the built-in target, none with --target)")
+    p.add_argument("--context", type=int, default=None, help="context tokens per request (default: 256 CPU, 1024 CUDA)")
+    p.add_argument("--requests", default=None, help="comma-separated request counts R (default: 1,2,4,8 CPU; 1..256 CUDA)")
+    p.add_argument("--lengths", default=None, help="comma-separated new tokens per request L (default: 1,2,3,4,6,8)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per size; the median is kept (default: 10 CPU, 20 CUDA)")
+    p.add_argument("--random-shape", default=None, metavar="SHAPE",
+                   help="profile a random-weight target of this shape (qwen3-4b), built once under $DSPARK_HOME; meant for a GPU")
+    p.add_argument("--force", action="store_true", help="allow --random-shape on a CPU")
+    p.add_argument("--out", default=None, help="also write the profile JSON to this file")
+    p.add_argument("--refresh", action="store_true", help="measure again even if a cached profile exists")
+    p.add_argument("--json", action="store_true", help="print the profile as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    add_runtime_args(p, default_threads=1)
+    p.set_defaults(handler=run_profile)
+
+
+def run_profile(args) -> int:
+    from dspark.scheduling.profiler import format_table, profile_with_cache
+
+    def progress(message: str) -> None:
+        print(f"dspark profile: {message}", file=sys.stderr, flush=True)
+
+    profile, path, measured = profile_with_cache(
+        args.target, args.drafter, device=args.device, dtype=args.dtype, context=args.context,
+        requests=args.requests, lengths=args.lengths, repeats=args.repeats, refresh=args.refresh,
+        random_shape=args.random_shape, force=args.force, out=args.out,
+        progress=None if args.quiet else progress,
+    )
+    if args.json:
+        print_json(profile)
+        return 0
+    print(format_table(profile))
+    print(f"profile: {path} ({'measured now' if measured else 'cached; --refresh to measure again'})")
+    if args.out:
+        print(f"copy: {args.out}")
+    return 0
