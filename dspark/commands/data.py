@@ -32,7 +32,7 @@ def register(sub) -> None:
     from dspark.training.regenerate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLING
 
     regen = data_sub.add_parser("regenerate", help="answer prompts with the target itself (resumable)")
-    regen.add_argument("--target", required=True, help="target model folder (config.json + *.safetensors + tokenizer)")
+    regen.add_argument("--target", default=None, help="target model folder (default: the built-in target)")
     regen.add_argument("--input", required=True, help="prompt JSONL ({\"turns\": [...]} or {\"conversations\": [...]})")
     regen.add_argument("--output", required=True, help="output JSONL; rerunning the command resumes it")
     regen.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
@@ -49,7 +49,7 @@ def register(sub) -> None:
     regen.set_defaults(handler=run_regenerate)
 
     cache = data_sub.add_parser("cache", help="precompute target features to disk (size printed before writing)")
-    cache.add_argument("--target", required=True, help="target model folder")
+    cache.add_argument("--target", default=None, help="target model folder (default: the built-in target)")
     cache.add_argument("--data", required=True, help="conversation JSONL (e.g. the output of `dspark data regenerate`)")
     cache.add_argument("--layers", required=True, help="comma-separated target layer ids, e.g. 1,9,17,25,33")
     cache.add_argument("--output", required=True, help="cache folder to create")
@@ -64,6 +64,22 @@ def register(sub) -> None:
     cache.add_argument("--model-dtype", default=None, help="target compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     _add_common(cache)
     cache.set_defaults(handler=run_cache)
+
+    corpus = data_sub.add_parser("corpus", help="build the built-in model's corpus (stdlib source + Python docs)")
+    corpus.add_argument("--out", required=True, help="corpus folder to write (replaced atomically)")
+    corpus.add_argument("--stdlib", default=None, help="standard library folder (default: this interpreter's)")
+    corpus.add_argument("--docs", default=None, help="python3.11-doc html/_sources folder (default: apt-get download, pinned)")
+    corpus.add_argument("--cache-dir", default=None, help="where the downloaded .deb is unpacked (default: a temp folder)")
+    corpus.add_argument("--heldout-percent", type=float, default=3.0, help="share of whole files held out for evaluation")
+    corpus.add_argument("--seed", type=int, default=0)
+    corpus.add_argument("--json", action="store_true")
+    corpus.set_defaults(handler=run_corpus)
+
+    tok = data_sub.add_parser("tokenizer", help="train the byte-level BPE tokenizer on a corpus")
+    tok.add_argument("--corpus", required=True, help="folder written by `dspark data corpus`")
+    tok.add_argument("--out", required=True, help="tokenizer folder to write")
+    tok.add_argument("--vocab-size", type=int, default=4096)
+    tok.set_defaults(handler=run_tokenizer)
 
 
 def _add_common(parser) -> None:
@@ -111,8 +127,34 @@ def _check_positive(name: str, value: int | None) -> None:
         raise ConfigError(f"{name} must be ≥ 1, got {value}")
 
 
+def run_corpus(args) -> int:
+    from dspark.training.corpus import build_corpus
+
+    if not 0 < args.heldout_percent < 100:
+        raise ConfigError(f"--heldout-percent must be in (0, 100), got {args.heldout_percent}")
+    manifest = build_corpus(args.out, stdlib_dir=args.stdlib, docs_dir=args.docs, cache_dir=args.cache_dir,
+                            heldout_percent=args.heldout_percent, seed=args.seed)
+    if args.json:
+        print_json(manifest)
+    else:
+        print(f"{args.out}: {manifest['documents']['train']} training and {manifest['documents']['heldout']} held-out files, "
+              f"{manifest['characters']['train'] / 1e6:.1f} M training characters")
+    return 0
+
+
+def run_tokenizer(args) -> int:
+    from dspark.training.tokenizer_training import train_tokenizer
+
+    print(train_tokenizer(args.corpus, args.out, args.vocab_size))
+    return 0
+
+
 def run_regenerate(args) -> int:
     from pathlib import Path
+
+    from dspark.models.zoo import resolve_target
+
+    args.target = resolve_target(args.target)
 
     from dspark.decoding.sampling import SamplingParams
     from dspark.models.drafters import load_drafter
@@ -156,6 +198,10 @@ def run_regenerate(args) -> int:
 
 def run_cache(args) -> int:
     from pathlib import Path
+
+    from dspark.models.zoo import resolve_target
+
+    args.target = resolve_target(args.target)
 
     from dspark.models.config import parse_decoder_config, read_config_json
     from dspark.models.target_runner import TargetRunner

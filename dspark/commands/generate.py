@@ -13,9 +13,10 @@ from dspark.models.tokenizer import load_tokenizer, render_prompt, stop_token_id
 
 def register(sub) -> None:
     gen = sub.add_parser("generate", help="generate text with plain or speculative decoding")
-    gen.add_argument("--model", required=True, help="HF-format model folder (config.json + *.safetensors + tokenizer)")
+    gen.add_argument("--model", default=None, help="HF-format model folder (default: the built-in target)")
     gen.add_argument("--prompt", required=True, action="append", help="prompt text; repeat for a batch")
-    gen.add_argument("--drafter", default=None, help="'ngram' or a drafter checkpoint folder; omitted = plain decoding")
+    gen.add_argument("--drafter", default=None,
+                     help="'ngram', a built-in drafter name (dspark, dspark-rnn, dflash, eagle3, mtp) or a folder; omitted = plain decoding")
     gen.add_argument("--num-draft-tokens", type=int, default=None, help="drafts per round (default: drafter block size)")
     gen.add_argument("--chat", action="store_true", help="render the prompt as one user turn with the chat template")
     add_sampling_args(gen)
@@ -25,6 +26,11 @@ def register(sub) -> None:
 
 
 def run_generate(args) -> int:
+    from dspark.models.zoo import resolve_drafter, resolve_target
+
+    args.model = resolve_target(args.model)
+    if args.drafter is not None:
+        args.drafter = resolve_drafter(args.drafter)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.max_new_tokens < 1:
         raise RequestError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")

@@ -1,0 +1,1 @@
+"""Offline evaluation (SPEC §3): τ tables, per-position acceptance, plots."""

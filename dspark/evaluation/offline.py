@@ -1,0 +1,141 @@
+"""The paper's offline evaluation (SPEC §3, Table 1 and Fig. 2).
+
+Chain drafting with a fixed block (every drafted token is verified, no scheduler), per data set:
+τ = emitted tokens over all rounds / rounds, pooled over samples (accepted drafts + the correction or
+bonus token per round); drafted / verified / accepted counts; position-wise *conditional acceptance*
+P(slot k accepted | slots < k accepted) and *prefix survival* P(slots ≤ k all accepted). Domain and
+macro averages are unweighted means of per-set τ. The same target runner serves every drafter; each
+drafter sees the same prompts and the same seeds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dspark.decoding.sampling import SamplingParams
+from dspark.engine.generation import generate
+from dspark.engine.stats import SpecStats
+from dspark.evaluation.datasets import DOMAIN_ORDER, PromptSet
+from dspark.models.drafters import load_drafter
+from dspark.models.target_runner import TargetRunner
+from dspark.models.tokenizer import load_tokenizer, stop_token_ids
+from dspark.training.prompts import render_regeneration_prompt
+
+
+@dataclass
+class EvalSettings:
+    temperature: float = 1.0
+    block_size: int | None = None  # drafts per round; None = each drafter's trained block size
+    max_new_tokens: int = 2048
+    seed: int = 0
+    batch_size: int = 8
+    template_kwargs: dict = field(default_factory=lambda: {"enable_thinking": False})
+
+
+def drafter_label(spec: str) -> str:
+    return Path(spec).name if Path(spec).is_dir() else spec
+
+
+def set_report(stats: SpecStats, samples: int, generated: int, elapsed_s: float, domain: str) -> dict:
+    return {
+        "domain": domain,
+        "tau": stats.mean_accepted_length,
+        "rounds": stats.rounds,
+        "samples": samples,
+        "drafted_tokens": stats.drafted_tokens,
+        "verified_tokens": stats.verified_tokens,
+        "accepted_tokens": stats.accepted_tokens,
+        "emitted_tokens": stats.emitted_tokens,
+        "acceptance_rate": stats.acceptance_rate,
+        "conditional_acceptance": stats.conditional_acceptance,
+        "prefix_survival": stats.prefix_survival,
+        "verified_per_position": list(stats.verified_per_position),
+        "accepted_per_position": list(stats.accepted_per_position),
+        "reached_per_position": list(stats.reached_per_position),
+        "generated_tokens": generated,
+        "elapsed_s": elapsed_s,
+    }
+
+
+def averages(datasets: dict[str, dict]) -> tuple[dict[str, float], float | None]:
+    """Per-domain and macro τ: unweighted means of per-set τ (sets with no rounds skipped)."""
+    taus = {name: r["tau"] for name, r in datasets.items() if r["tau"] is not None}
+    domains = {}
+    for domain in DOMAIN_ORDER:
+        values = [taus[n] for n, r in datasets.items() if r["domain"] == domain and n in taus]
+        if values:
+            domains[domain] = sum(values) / len(values)
+    macro = sum(taus.values()) / len(taus) if taus else None
+    return domains, macro
+
+
+def evaluate_drafter(
+    runner: TargetRunner, tokenizer, stops: list[int], drafter_spec: str, prompt_sets: list[PromptSet],
+    settings: EvalSettings, *, device: str = "cpu", dtype: str | None = None, progress: bool = True,
+) -> dict:
+    """Run one drafter over every prompt set; returns {"datasets", "domains", "macro_tau", ...}."""
+    from tqdm import tqdm
+
+    drafter = load_drafter(drafter_spec, num_draft_tokens=settings.block_size, device=device, dtype=dtype)
+    label = drafter_label(drafter_spec)
+    sampling = SamplingParams(temperature=settings.temperature)
+    total = sum(len(s.samples) for s in prompt_sets)
+    bar = tqdm(total=total, disable=not progress, desc=f"eval {label}", unit="prompt")
+    datasets = {}
+    for prompt_set in prompt_sets:
+        prompts = [render_regeneration_prompt(tokenizer, s, template_kwargs=settings.template_kwargs) for s in prompt_set.samples]
+        stats, generated, started = SpecStats(), 0, time.perf_counter()
+        for b, start in enumerate(range(0, len(prompts), settings.batch_size)):
+            batch = prompts[start:start + settings.batch_size]
+            room = [max(1, min(settings.max_new_tokens, runner.max_context - len(p) - 1)) for p in batch]
+            out = generate(
+                runner, batch, sampling=sampling, max_new_tokens=room, drafter=drafter,
+                num_draft_tokens=settings.block_size, stop_token_ids=stops, seed=settings.seed + b,
+            )
+            stats.merge(out.stats)
+            generated += out.num_generated
+            bar.update(len(batch))
+        datasets[prompt_set.name] = set_report(stats, len(prompts), generated, time.perf_counter() - started, prompt_set.domain)
+    bar.close()
+    domains, macro = averages(datasets)
+    return {"drafter": drafter_spec, "label": label, "block_size": drafter.max_draft_tokens if settings.block_size is None else settings.block_size,
+            "datasets": datasets, "domains": domains, "macro_tau": macro}
+
+
+def evaluate(
+    target: str, drafters: list[str], prompt_sets: list[PromptSet], settings: EvalSettings, *,
+    device: str = "cpu", dtype: str | None = None, progress: bool = True,
+) -> dict:
+    runner = TargetRunner.from_pretrained(target, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(target)
+    stops = stop_token_ids(target, tokenizer, runner.config.eos_token_ids)
+    results = {}
+    for spec in drafters:
+        result = evaluate_drafter(runner, tokenizer, stops, spec, prompt_sets, settings, device=device, dtype=dtype, progress=progress)
+        label = result["label"]
+        while label in results:
+            label += "'"
+        results[label] = result
+    report = {
+        "target": target,
+        "settings": {"temperature": settings.temperature, "block_size": settings.block_size,
+                     "max_new_tokens": settings.max_new_tokens, "seed": settings.seed},
+        "drafters": results,
+        "gains": macro_gains(results),
+    }
+    if len(results) == 1:
+        only = next(iter(results.values()))
+        report.update(datasets=only["datasets"], domains=only["domains"], macro_tau=only["macro_tau"])
+    return report
+
+
+def macro_gains(results: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Relative macro-τ gain (%) of each drafter over each other one: 100 · (τ_a / τ_b − 1)."""
+    gains: dict[str, dict[str, float]] = {}
+    for a, ra in results.items():
+        for b, rb in results.items():
+            if a != b and ra["macro_tau"] and rb["macro_tau"]:
+                gains.setdefault(a, {})[b] = 100.0 * (ra["macro_tau"] / rb["macro_tau"] - 1.0)
+    return gains

@@ -1,0 +1,163 @@
+"""`dspark zoo rebuild`: reproduce the built-in model from scratch (dspark.models.zoo has the layout).
+
+Steps, each resumable (a finished step's output is reused; an interrupted pretraining or drafter run
+resumes from its last checkpoint; regeneration resumes by sample id):
+  1. corpus     dspark.training.corpus.build_corpus                     → WORK/corpus
+  2. tokenizer  byte-level BPE on the training files                    → WORK/tokenizer
+  3. target     dspark pretrain with PRETRAIN_OVERRIDES                 → WORK/pretrain/model
+  4. data       the target regenerates answers to the corpus's training prompts (greedy, REGEN_*)
+                                                                         → WORK/regenerated.jsonl
+  5. drafters   the five drafters of BUILTIN_DRAFTERS, same data, same target layers, block size 7
+                (MTP-1: one token), each one draft layer so its forward costs about a quarter of the
+                target's seven layers (same vocabulary head)             → WORK/drafters/<name>
+  6. install    copy target, drafters and the held-out prompt files into OUT (default: the package's
+                builtin folder) and write manifest.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from dspark.config import to_dict
+from dspark.models.zoo import BUILTIN_DIR, BUILTIN_DRAFTERS
+
+PRETRAIN_OVERRIDES = [
+    "model.vocab_size=4096", "model.hidden_size=256", "model.intermediate_size=768", "model.num_hidden_layers=7",
+    "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.head_dim=64",
+    "model.max_position_embeddings=2048", "data.seq_len=256", "data.chat_fraction=0.5", "optim.lr=2e-3",
+    "train.max_steps=650", "train.batch_size=16", "train.checkpoint_every=50", "train.eval_every=130",
+]
+REGEN_PROMPTS = 1200
+REGEN_MAX_NEW_TOKENS = 128
+REGEN_BATCH_SIZE = 16
+DRAFTER_PRESETS = {"dspark": "dspark", "dspark-rnn": "dspark-rnn", "dflash": "dflash", "eagle3": "eagle3", "mtp": "mtp"}
+DRAFTER_OVERRIDES = [
+    "model.draft_layers=1", "model.block_size=7", "model.target_layer_ids=[1,3,5]", "data.max_length=512",
+    "data.num_anchors=64", "optim.lr=1e-3", "train.batch_size=8", "train.epochs=1", "train.max_steps=200",
+    "train.checkpoint_every=50", "train.log_every=10", "train.chunk_blocks=64",
+]
+DRAFTER_KIND_OVERRIDES = {"mtp": ["model.block_size=1", "model.target_layer_ids=null"]}  # MTP reads the last layer
+
+
+def _log(message: str) -> None:
+    print(f"[zoo {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def build_target(work: Path, *, device: str, progress: bool, stdlib_dir=None, docs_dir=None) -> Path:
+    from dspark.training.corpus import build_corpus
+    from dspark.training.pretrain import Pretrainer, load_pretrain_config
+    from dspark.training.tokenizer_training import train_tokenizer
+
+    corpus = work / "corpus"
+    if not (corpus / "manifest.json").is_file():
+        _log("building the corpus")
+        build_corpus(corpus, stdlib_dir=stdlib_dir, docs_dir=docs_dir, cache_dir=work / "debs")
+    tokenizer = work / "tokenizer"
+    if not (tokenizer / "tokenizer.json").is_file():
+        _log("training the tokenizer")
+        train_tokenizer(corpus, tokenizer)
+    model = work / "pretrain" / "model"
+    if not (model / "config.json").is_file():
+        _log("pretraining the target")
+        config = load_pretrain_config(None, PRETRAIN_OVERRIDES + [
+            f"data.corpus={corpus}", f"data.tokenizer={tokenizer}", f"train.output_dir={work / 'pretrain'}",
+            f"train.device={device}", f"train.progress={str(progress).lower()}",
+        ])
+        Pretrainer(config).fit()
+    return model
+
+
+def build_training_data(work: Path, target: Path, *, device: str, progress: bool) -> Path:
+    from dspark.decoding.sampling import SamplingParams
+    from dspark.models.target_runner import TargetRunner
+    from dspark.models.tokenizer import load_tokenizer, stop_token_ids
+    from dspark.training.feature_cache import target_identity
+    from dspark.training.prompts import read_samples
+    from dspark.training.regenerate import regenerate
+
+    output = work / "regenerated.jsonl"
+    _log("regenerating training answers with the target")
+    tokenizer = load_tokenizer(target)
+    runner = TargetRunner.from_pretrained(target, device=device)
+    regenerate(
+        runner, tokenizer, read_samples(work / "corpus" / "train-prompts.jsonl"), output,
+        stop_token_ids=stop_token_ids(target, tokenizer, runner.config.eos_token_ids),
+        target_identity=target_identity(target), sampling=SamplingParams(), max_new_tokens=REGEN_MAX_NEW_TOKENS,
+        batch_size=REGEN_BATCH_SIZE, limit=REGEN_PROMPTS, progress=progress,
+    )
+    return output
+
+
+def drafter_overrides(name: str, target: Path, data: Path, out: Path, device: str, progress: bool) -> list[str]:
+    return [f"preset={DRAFTER_PRESETS[name]}", *DRAFTER_OVERRIDES, *DRAFTER_KIND_OVERRIDES.get(name, []),
+            f"model.target={target}", f"data.train={data}", f"train.output_dir={out}", f"train.device={device}",
+            f"train.progress={str(progress).lower()}"]
+
+
+def train_drafter(name: str, work: Path, target: Path, data: Path, *, device: str, progress: bool) -> Path:
+    from dspark.training.config import load_train_config
+    from dspark.training.data_loading import load_samples
+    from dspark.training.trainer import Trainer
+
+    out = work / "drafters" / name
+    final = out / "final"
+    if (final / "config.json").is_file():
+        return final
+    _log(f"training drafter {name}")
+    config = load_train_config(None, drafter_overrides(name, target, data, out, device, progress))
+    trainer = Trainer(config, load_samples(config.data.train, config.model.target, config.data.max_length))
+    checkpoint = trainer.fit()
+    tmp = out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint / "drafter", tmp)
+    tmp.rename(final)
+    return final
+
+
+def install(work: Path, target: Path, drafters: dict[str, Path], out: Path) -> dict:
+    """Copy the built artefacts into `out` (replacing what was there) and write manifest.json."""
+    staging = out.parent / f".{out.name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(target, staging / "target")
+    for name, folder in drafters.items():
+        shutil.copytree(folder, staging / "drafters" / name)
+    (staging / "prompts").mkdir()
+    shutil.copy(work / "corpus" / "prompts-code.jsonl", staging / "prompts" / "corpus-code.jsonl")
+    shutil.copy(work / "corpus" / "prompts-prose.jsonl", staging / "prompts" / "corpus-prose.jsonl")
+    if (out / "calibration.json").is_file():
+        shutil.copy(out / "calibration.json", staging / "calibration.json")
+    report = json.loads((target / "pretrain_report.json").read_text())
+    manifest = {
+        "format": "dspark-zoo-v1",
+        "built": time.strftime("%Y-%m-%d"),
+        "corpus": json.loads((work / "corpus" / "manifest.json").read_text()),
+        "target": {"parameters": report["parameters"], "steps": report["steps"], "tokens_seen": report["tokens_seen"],
+                   "heldout_loss_nats": report["heldout_loss_nats"], "heldout_perplexity": report["heldout_perplexity"],
+                   "recipe": PRETRAIN_OVERRIDES},
+        "drafters": {name: {"recipe": drafter_overrides(name, Path("TARGET"), Path("DATA"), Path("OUT"), "cpu", False)}
+                     for name in drafters},
+        "regeneration": {"prompts": REGEN_PROMPTS, "max_new_tokens": REGEN_MAX_NEW_TOKENS, "sampling": "greedy"},
+    }
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return manifest
+
+
+def rebuild(work: str | Path, out: str | Path = BUILTIN_DIR, *, device: str = "cpu", drafters=BUILTIN_DRAFTERS,
+            progress: bool = True, stdlib_dir=None, docs_dir=None) -> dict:
+    work, out = Path(work), Path(out)
+    work.mkdir(parents=True, exist_ok=True)
+    target = build_target(work, device=device, progress=progress, stdlib_dir=stdlib_dir, docs_dir=docs_dir)
+    data = build_training_data(work, target, device=device, progress=progress)
+    built = {name: train_drafter(name, work, target, data, device=device, progress=progress) for name in drafters}
+    manifest = install(work, target, built, out)
+    _log(f"installed into {out}")
+    return {"out": str(out), "work": str(work), "manifest": to_dict(manifest)}
