@@ -1,12 +1,19 @@
 """The `dspark` command line. Each subcommand lives in `dspark/commands/<name>.py`, which provides
 `register(subparsers)` (declares its arguments, sets `handler`) and is imported lazily when run.
 
-    dspark generate --model DIR --prompt TEXT [--drafter ngram|DIR] [--temperature F] [--top-k N]
+    dspark generate [--model DIR] --prompt TEXT [--drafter NAME|DIR] [--temperature F] [--top-k N]
                     [--top-p F] [--max-new-tokens N] [--seed N] [--json]
     dspark demo [--json]
+    dspark eval [--target DIR] [--drafter NAME|DIR ...] [--datasets NAMES|FILES] [--limit N] [...]
+    dspark profile [--target DIR] [--drafter NAME|DIR] [--device D] [--context N] [--requests 1,2,4] [...]
     dspark data regenerate --target DIR --input FILE.jsonl --output FILE.jsonl [...]
     dspark data cache --target DIR --data FILE.jsonl --layers 1,9,17 --output DIR [...]
+    dspark data corpus --out DIR / dspark data tokenizer --corpus DIR --out DIR
     dspark train --config FILE.yaml [section.key=value ...]      (torchrun for several processes)
+    dspark pretrain --config FILE.yaml [section.key=value ...]
+    dspark zoo list [--json] / dspark zoo rebuild [--work DIR]
+
+Every --model/--target/--drafter falls back to the built-in model (dspark.models.zoo) when omitted.
 
 Input errors print one line naming the problem and exit with status 2.
 """
@@ -22,7 +29,7 @@ import sys
 from dspark.errors import DSparkError
 
 # Subcommand modules under dspark.commands, in the order `dspark --help` lists them.
-COMMAND_MODULES = ("generate", "demo", "train", "data")
+COMMAND_MODULES = ("generate", "demo", "eval", "profile", "train", "pretrain", "data", "zoo")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
