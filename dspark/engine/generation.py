@@ -7,6 +7,8 @@ One round for every unfinished sequence (SPEC §1):
   4. the target KV cache is rolled back to x0 + accepted drafts; the emitted tokens are cut at the first
      stop token (an accepted stop token ends the sequence with no bonus) and at max_new_tokens.
 Plain decoding is the same loop with ℓ = 0, so both use identical target processing.
+With a `scheduler` (SPEC §5, dspark.scheduling) step 2 verifies only ℓ = scheduler(confidences, ...) of
+the proposed drafts; every policy there keeps the output distribution exact.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dspark.engine.stats import RoundRecord, SpecStats
 from dspark.errors import RequestError
 from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter
 from dspark.models.target_runner import TargetRunner
+from dspark.scheduling.policies import Scheduler
 
 
 @dataclass
@@ -98,12 +101,16 @@ def generate(
     stop_token_ids: Sequence[int] = (),
     seed: int | None = 0,
     record_rounds: bool = False,
+    scheduler: Scheduler | None = None,
 ) -> GenerationOutput:
     """Generate continuations for a batch of tokenised prompts, with or without a drafter.
 
     num_draft_tokens: drafts proposed per round (default: the drafter's trained block size).
     stop_token_ids: generation of a sequence ends after it emits one of these.
     seed: seeds the one generator used for target sampling, verification and drafting (None: random).
+    record_rounds: keep a RoundRecord per round and sequence (with the drafter's confidences, if any).
+    scheduler: verification-length policy (SPEC §5; None: verify every proposed draft). A policy that
+        needs confidences with a drafter that does not declare `provides_confidence` is a RequestError.
     """
     count = len(prompts)
     samplings = _per_sequence(sampling, count, "sampling")
@@ -115,6 +122,11 @@ def generate(
             raise RequestError(f"num_draft_tokens must be ≥ 0, got {k}")
         drafter.check_num_draft_tokens(k)
         drafter.check_target(runner.config)
+        if scheduler is not None and scheduler.needs_confidences and not drafter.provides_confidence:
+            raise RequestError(
+                f"scheduler '{scheduler.name}' chooses verification lengths from confidences, and drafter "
+                f"'{drafter.name}' provides none; use a drafter with a confidence head, or no scheduler"
+            )
     for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
         if len(prompt) == 0:
             raise RequestError(f"prompt {i} is empty")
@@ -148,19 +160,23 @@ def generate(
             state.finish_reason = reason
             (done if reason else active).append(state)
         while active:
-            _round(runner, active, drafter, k, layers, stop_ids, generator, record_rounds)
+            _round(runner, active, drafter, k, layers, stop_ids, generator, record_rounds, scheduler)
             still = []
             for state in active:
                 (done if state.finish_reason else still).append(state)
                 if state.finish_reason and drafter is not None:
                     drafter.release(state.seq_id)
+                if state.finish_reason and scheduler is not None:
+                    scheduler.release(state.seq_id)
             active = still
     finally:
         for seq_id in seq_ids:
             runner.free_sequence(seq_id)
-        if drafter is not None:
-            for state in active:
+        for state in active:
+            if drafter is not None:
                 drafter.release(state.seq_id)
+            if scheduler is not None:
+                scheduler.release(state.seq_id)
     elapsed = time.perf_counter() - start_time
     done.sort(key=lambda s: s.index)
     total = SpecStats()
@@ -180,6 +196,7 @@ def _round(
     stop_ids: frozenset[int],
     generator: torch.Generator,
     record_rounds: bool,
+    scheduler: Scheduler | None = None,
 ) -> None:
     batch = len(active)
     # Drafts are only worth proposing if the round can still emit them plus one target token.
@@ -197,7 +214,11 @@ def _round(
         proposal = drafter.propose(inputs, generator)
     else:
         proposal = DraftProposal.empty(batch)
-    verify_lens = torch.minimum(proposal.lengths, torch.tensor(limits, dtype=torch.long))
+    limits_t = torch.tensor(limits, dtype=torch.long)
+    verify_lens = torch.minimum(proposal.lengths, limits_t)
+    if scheduler is not None and drafter_called:
+        chosen = scheduler(proposal.confidences, proposal.lengths, limits_t, [s.seq_id for s in active])
+        verify_lens = torch.minimum(chosen.to(torch.long).clamp_min(0), verify_lens)
     width = int(verify_lens.max()) if batch else 0
     drafts = proposal.tokens[:, :width]
     starts = [runner.length(s.seq_id) for s in active]
@@ -218,6 +239,9 @@ def _round(
     accepted = result.num_accepted.tolist()
     next_tokens = result.next_tokens.tolist()
     features = out.split(out.features) if out.features is not None else [None] * batch
+    confidences = None
+    if record_rounds and proposal.confidences is not None:
+        confidences = proposal.confidences.detach().float().cpu().tolist()
 
     for b, s in enumerate(active):
         n = accepted[b]
@@ -230,8 +254,10 @@ def _round(
         emitted, reason = _cut(emitted, stop_ids, s.max_new_tokens - len(s.generated))
         s.generated.extend(emitted)
         s.finish_reason = reason
+        drafted = int(proposal.lengths[b])
         record = RoundRecord(
-            drafted=int(proposal.lengths[b]), verified=int(verify_lens[b]), accepted=n, emitted=len(emitted)
+            drafted=drafted, verified=int(verify_lens[b]), accepted=n, emitted=len(emitted),
+            confidences=None if confidences is None else confidences[b][:drafted],
         )
         s.stats.add(record)
         if record_rounds:

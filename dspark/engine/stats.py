@@ -18,6 +18,10 @@ class RoundRecord:
     verified: int  # tokens sent to the target for verification (ℓ)
     accepted: int  # drafts accepted by the rejection rule (≤ verified)
     emitted: int  # tokens the round added to the output (after stop-token / length cut)
+    # The drafter's conditional confidences c_k of the drafted slots (len = drafted, as reported, before any
+    # scheduling), recorded with generate(record_rounds=True) when the drafter gives them; else None.
+    # With `verified` and `accepted` this replays the round for calibration (SPEC §4) and simulation (§5).
+    confidences: list[float] | None = None
 
 
 @dataclass

@@ -1,0 +1,350 @@
+"""Scheduling keeps speculative decoding lossless (SPEC §5.3): the verification length may depend on the
+confidences of the slots it admits, never on the tokens they were computed after.
+
+1. The paper's Appendix A counterexample, draft → schedule → `verify` simulated many times: a
+   retrospective scheduler (Algorithm 1 without the early stop; it exists only here) outputs A with
+   probability 0.85 instead of the target's 0.7; CausalGreedy and AsyncTopK stay at 0.7.
+2. generate() with every policy and a drafter whose confidence c_k depends on the previously drafted token:
+   the joint of the first 3 sampled tokens matches the exact target distribution (chi-square, the
+   procedure and power requirement of test_sampling_distribution.py), and greedy output equals plain
+   greedy output token for token.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from dspark.decoding.sampling import SamplingParams
+from dspark.decoding.verification import verify
+from dspark.engine.generation import generate
+from dspark.errors import RequestError
+from dspark.models.drafters.base import DraftProposal
+from dspark.scheduling import (
+    AsyncTopK,
+    CausalGreedy,
+    ConfidenceThreshold,
+    FixedLength,
+    SPSProfile,
+    SurvivalThreshold,
+    VerifyAll,
+    sorted_candidates,
+    throughput_path,
+)
+from dspark.scheduling.policies import Scheduler
+
+from drafters_for_tests import OracleDrafter, RandomDrafter
+from test_sampling_distribution import ALPHA, DELTA, chi_square, choose_n_samples, exact_joint, _power
+
+V = 8  # the dist_runner fixture's vocabulary
+
+
+# -------------------------------------------------------------------------------------------------
+# Test-only policy: Algorithm 1 WITHOUT the early stop (the retrospective search of Appendix A)
+# -------------------------------------------------------------------------------------------------
+
+class RetrospectiveGreedy(CausalGreedy):
+    """WRONG on purpose: admits the prefix that maximises Θ over the whole admission path. Whether slot k
+    is verified then depends on c_{k+1}, i.e. on the token x_k itself."""
+
+    name = "retrospective (test only)"
+
+    def _lengths(self, c, full, bad, ids, width):
+        count = full.size
+        values, order = sorted_candidates(np.cumprod(c, axis=1))
+        values = values[values > 0]  # Algorithm 1 line 4: candidates with a > 0
+        theta = throughput_path(values, self.sps_table(count, width), self._base(full, bad), float(count))
+        return np.bincount(order[: int(theta.argmax())] // width, minlength=count)
+
+
+# -------------------------------------------------------------------------------------------------
+# 1. Appendix A
+# -------------------------------------------------------------------------------------------------
+
+APPENDIX_SPS = SPSProfile.from_dict({"verify_ms_by_tokens": {"1": 1000.0, "2": 2000.0, "3": 1000.0 / 0.45}})
+P_TARGET, Q_DRAFT = (0.7, 0.3), (0.5, 0.5)  # over {A, B} = {0, 1}
+N_APPENDIX = 1_000
+
+
+def simulate_appendix_a(scheduler: Scheduler, n: int, seed: int) -> tuple[int, Counter]:
+    """n rounds of one request (id 0, so AsyncTopK sees its own history): x_1 ~ q; c_1 = 0.8, c_2 = 0.9 if
+    x_1 = A else 0; ℓ = scheduler(c); verify with p_1 = (0.7, 0.3). Returns (#first output tokens = A,
+    Counter of ℓ)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.tensor(Q_DRAFT, dtype=torch.float32)
+    drafts = torch.multinomial(q.expand(n, 2), 2, replacement=True, generator=g)  # x_1, x_2 ~ q
+    c = torch.stack([torch.full((n,), 0.8), torch.where(drafts[:, 0] == 0, 0.9, 0.0)], 1)
+    lens = torch.tensor([int(scheduler(c[i: i + 1], [2], [2], [0])[0]) for i in range(n)])
+    p = torch.tensor([P_TARGET, (0.5, 0.5), (0.5, 0.5)], dtype=torch.float32)  # p_2, p_3 do not matter
+    result = verify(p.expand(n, 3, 2), drafts, lens, q.expand(n, 2, 2), g)
+    first = torch.where(result.num_accepted > 0, drafts[:, 0], result.next_tokens)
+    return int((first == 0).sum()), Counter(lens.tolist())
+
+
+def binom_power(n: int, p0: float, p1: float, alpha: float = ALPHA) -> float:
+    """P(the exact two-sided binomial test of p0 rejects at level alpha | k ~ Bin(n, p1))."""
+    k = np.arange(n + 1)
+    pmf0 = stats.binom.pmf(k, n, p0)
+    order = np.sort(pmf0)
+    cum = np.cumsum(order)
+    pvalues = cum[np.searchsorted(order, pmf0 * (1 + 1e-7), side="right") - 1]
+    return float(stats.binom.pmf(k[pvalues < alpha], n, p1).sum())
+
+
+def test_appendix_a_design_has_power():
+    """N = 1000 rounds: the exact binomial test at α = 0.001 tells 0.7 from 0.85 with power ≈ 1 both ways
+    (N ≈ 150 would already give 0.8)."""
+    assert binom_power(N_APPENDIX, 0.7, 0.85) > 0.999
+    assert binom_power(N_APPENDIX, 0.85, 0.7) > 0.999
+    assert binom_power(150, 0.7, 0.85) > 0.8
+
+
+def test_appendix_a_retrospective_scheduler_is_biased():
+    """Negative control: without the early stop x_1 = A gets ℓ = 2 (Θ_2 = 1.134) and B gets ℓ = 0, so
+    P(A) = 0.5 + 0.5 · 0.7 = 0.85. N = 1000, power ≈ 1 (test_appendix_a_design_has_power)."""
+    count, lens = simulate_appendix_a(RetrospectiveGreedy(APPENDIX_SPS), N_APPENDIX, seed=1)
+    assert set(lens) == {0, 2}
+    assert stats.binomtest(count, N_APPENDIX, 0.7).pvalue < ALPHA, count
+    assert stats.binomtest(count, N_APPENDIX, 0.85).pvalue > ALPHA, count
+
+
+def test_appendix_a_causal_greedy_is_exact():
+    """The early stop ends at Θ_1 = 0.9 < Θ_0 = 1.0 before looking at c_2: ℓ = 0, P(A) = 0.7.
+    N = 1000, power ≈ 1 against 0.85."""
+    count, lens = simulate_appendix_a(CausalGreedy(APPENDIX_SPS), N_APPENDIX, seed=2)
+    assert lens == Counter({0: N_APPENDIX})
+    assert stats.binomtest(count, N_APPENDIX, 0.7).pvalue > ALPHA, count
+    assert stats.binomtest(count, N_APPENDIX, 0.85).pvalue < ALPHA, count
+
+
+@pytest.mark.parametrize("lag", [1, 2])
+def test_appendix_a_async_topk_is_exact(lag):
+    """K comes from the request's round `lag` ago (K = 2 after an A, 0 after a B: the global search over
+    those stale values has no early stop), the current x_1 only fills the slots: ℓ ∈ {0, 1, 2} all occur,
+    yet P(A) = 0.7. N = 1000, power ≈ 1 against 0.85."""
+    count, lens = simulate_appendix_a(AsyncTopK(APPENDIX_SPS, lag=lag), N_APPENDIX, seed=3 + lag)
+    assert all(lens[v] > 100 for v in (0, 1, 2)), lens
+    assert stats.binomtest(count, N_APPENDIX, 0.7).pvalue > ALPHA, count
+    assert stats.binomtest(count, N_APPENDIX, 0.85).pvalue < ALPHA, count
+
+
+# -------------------------------------------------------------------------------------------------
+# Drafters whose confidence depends on the previously drafted token
+# -------------------------------------------------------------------------------------------------
+
+CONF_LOGITS = [2.0, -1.0, 1.5, 0.5, -2.0, 1.0, 0.0, 2.5]  # per previous token (x_0 = the anchor)
+
+
+def markov_confidences(tokens: torch.Tensor, anchors: list[int], generator, noise: float = 1.0) -> torch.Tensor:
+    """c_k = σ(w[x_{k−1}] + ε_k), ε ~ N(0, noise²) independent of the tokens; [B, K] like tokens."""
+    prev = torch.cat([torch.tensor(anchors, dtype=torch.long).unsqueeze(1), tokens], 1)[:, : tokens.shape[1]]
+    eps = torch.randn(prev.shape, generator=generator, dtype=torch.float32) * noise
+    return torch.sigmoid(torch.tensor(CONF_LOGITS)[prev] + eps)
+
+
+class MarkovConfidenceDrafter(RandomDrafter):
+    """RandomDrafter (drafts sampled from exactly the reported q) plus Markov confidences."""
+
+    name = "random+markov-confidence"
+    provides_confidence = True
+    noise = 1.0
+
+    def propose(self, batch, generator=None):
+        proposal = super().propose(batch, generator)
+        anchors = [int(item.token_ids[-1]) for item in batch]
+        proposal.confidences = markov_confidences(proposal.tokens, anchors, generator, self.noise)
+        return proposal
+
+
+class NoisyOracleDrafter(OracleDrafter):
+    """Greedy tests: the reference continuation with each draft replaced by a random token with
+    probability 0.3 (deterministic q = None), plus Markov confidences."""
+
+    name = "noisy-oracle"
+    provides_confidence = True
+
+    def propose(self, batch, generator=None):
+        proposal = super().propose(batch, generator)
+        tokens = proposal.tokens
+        wrong = torch.rand(tokens.shape, generator=generator) < 0.3
+        tokens = torch.where(wrong, torch.randint(0, V, tokens.shape, generator=generator), tokens)
+        anchors = [int(item.token_ids[-1]) for item in batch]
+        return DraftProposal(tokens=tokens, lengths=proposal.lengths,
+                             confidences=markov_confidences(tokens, anchors, generator))
+
+
+# Step time 10 ms + 4 ms per extra token each, for any number of requests (R = 1 .. 4096, L = 1 .. 3;
+# beyond L = 3 linear): verifying costs enough that CausalGreedy cuts at a ≈ 0.3–0.6.
+PIPELINE_SPS = SPSProfile.from_dict({"verify_ms": {
+    f"{r}x{length}": 10.0 + 4.0 * (length - 1) for r in (1, 4096) for length in (1, 2, 3)}})
+
+POLICIES = {
+    "verify_all": lambda: VerifyAll(),
+    "fixed_1": lambda: FixedLength(1),
+    "confidence_threshold": lambda: ConfidenceThreshold(0.6),
+    "survival_threshold": lambda: SurvivalThreshold(0.45),
+    "causal_greedy": lambda: CausalGreedy(PIPELINE_SPS),
+    "async_topk": lambda: AsyncTopK(PIPELINE_SPS, prior=[0.6, 0.3, 0.15, 0.07]),
+}
+
+
+# -------------------------------------------------------------------------------------------------
+# 2a. Sampling: exact joint of the first 3 tokens under every policy
+# -------------------------------------------------------------------------------------------------
+
+PROMPT = [7, 3, 7, 3, 7]
+TOP_K3 = SamplingParams(temperature=1.0, top_k=3)
+CHUNK = 4_000
+K_DRAFT = 2  # round 1 verifies ℓ ∈ {0, 1, 2} drafts, which decide tokens 2 and 3
+
+
+def run_pipeline_gof(runner, scheduler, seed, noise=1.0):
+    """Exact joint vs N samples of generate(scheduler=...), N from the power requirement (top-k 3 with
+    this prompt: N = 12 000, df 25, power 0.92 against a 0.02 shift; see test_sampling_distribution)."""
+    exact = exact_joint(runner, PROMPT, TOP_K3)
+    n_samples = choose_n_samples(exact)
+    drafter = MarkovConfidenceDrafter(V, max_draft_tokens=K_DRAFT, scale=0.5, base_logits=[0, 0, 0, 2.0, 0, 0, 0, 0])
+    drafter.noise = noise
+    counts = np.zeros(V**3, dtype=np.int64)
+    round1 = Counter()
+    accepted = 0
+    for chunk in range(n_samples // CHUNK):
+        out = generate(runner, [PROMPT] * CHUNK, sampling=TOP_K3, max_new_tokens=3 + K_DRAFT - 1, drafter=drafter,
+                       num_draft_tokens=K_DRAFT, seed=seed * 1000 + chunk, record_rounds=True, scheduler=scheduler)
+        for seq in out.sequences:
+            counts[np.ravel_multi_index(seq.token_ids[:3], (V,) * 3)] += 1
+            first = seq.rounds[0]
+            round1[first.verified] += 1
+            assert first.drafted == K_DRAFT and len(first.confidences) == K_DRAFT
+        accepted += out.stats.accepted_tokens
+    pvalue, df = chi_square(counts, exact)
+    info = dict(n=n_samples, df=df, power=_power(exact, n_samples), round1_verified=dict(round1),
+                accepted=accepted, impossible=int(counts[exact == 0].sum()))
+    return pvalue, info
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["verify_all", "confidence_threshold", "survival_threshold", "causal_greedy",
+                                    "async_topk"])
+def test_sampling_distribution_is_exact_under_policy(dist_runner, policy):
+    pvalue, info = run_pipeline_gof(dist_runner, POLICIES[policy](), seed=11)
+    assert info["power"] >= 0.8, f"design too weak to detect a {DELTA} shift: {info}"
+    assert info["accepted"] > 0 and info["impossible"] == 0, info
+    if policy != "verify_all":  # the policy really chose different lengths for different requests
+        used = [v for v, n in info["round1_verified"].items() if n >= 0.05 * info["n"]]
+        assert len(used) >= 2, info
+    assert pvalue > ALPHA, f"output distribution differs from the target under {policy}: p={pvalue:.3g} {info}"
+
+
+class PeekingThreshold(Scheduler):
+    """WRONG on purpose (test only): verifies both drafts iff c_2 ≥ 0.7, i.e. admits x_1 on the strength
+    of a confidence computed from x_1."""
+
+    name = "peeking (test only)"
+
+    def _lengths(self, c, full, bad, ids, width):
+        return np.where(c[:, 1] >= 0.7, full, 0) if width >= 2 else np.zeros_like(full)
+
+
+@pytest.mark.slow
+def test_control_anticipating_policy_is_rejected(dist_runner):
+    """Negative control for the procedure above (same N, same power): a policy whose admission of x_1
+    depends on x_1 (through c_2, here without noise) is caught. (With R = 4000 requests per round, the
+    retrospective scheduler's global argmax is set by the population and is not caught here; its
+    per-request bias is the Appendix A test's business.)"""
+    pvalue, info = run_pipeline_gof(dist_runner, PeekingThreshold(), seed=11, noise=0.0)
+    assert pvalue < ALPHA, f"an anticipating policy went undetected: p={pvalue:.3g} {info}"
+
+
+# -------------------------------------------------------------------------------------------------
+# 2b. Greedy: token for token equal to plain greedy decoding under every policy
+# -------------------------------------------------------------------------------------------------
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def greedy_workload(dist_runner):
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, V, int(rng.integers(1, 9))).tolist() for _ in range(48)]
+    budgets = [int(b) for b in rng.integers(2, 20, 48)]
+    plain = generate(dist_runner, prompts, sampling=GREEDY, max_new_tokens=budgets).sequences
+    longest = generate(dist_runner, prompts, sampling=GREEDY, max_new_tokens=20).sequences  # for the oracle
+    return prompts, budgets, [s.token_ids for s in plain], {tuple(p): s.token_ids for p, s in zip(prompts, longest)}
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_greedy_equals_plain_under_policy(dist_runner, greedy_workload, policy):
+    prompts, budgets, plain, references = greedy_workload
+    drafter = NoisyOracleDrafter(references, max_draft_tokens=4)
+    scheduler = POLICIES[policy]()
+    rounds = []
+    for start in range(0, len(prompts), 16):
+        sl = slice(start, start + 16)
+        out = generate(dist_runner, prompts[sl], sampling=GREEDY, max_new_tokens=budgets[sl], drafter=drafter,
+                       num_draft_tokens=4, seed=start, record_rounds=True, scheduler=scheduler)
+        for i, seq in enumerate(out.sequences):
+            assert seq.token_ids == plain[start + i], f"prompt {start + i} under {policy}"
+            rounds.extend(seq.rounds)
+    assert sum(r.accepted for r in rounds) > 50  # long correct prefixes were verified and accepted
+    assert all(len(r.confidences) == r.drafted for r in rounds if r.drafted)
+    cut = sum(r.verified < r.drafted for r in rounds)
+    if policy == "verify_all":
+        assert cut == 0
+    else:
+        assert cut > 0 and sum(r.verified > 0 for r in rounds) > 0, policy
+
+
+# -------------------------------------------------------------------------------------------------
+# generate() contract
+# -------------------------------------------------------------------------------------------------
+
+def test_policy_needing_confidences_refuses_a_drafter_without_them(dist_runner):
+    drafter = RandomDrafter(V, max_draft_tokens=2)
+    for scheduler in (CausalGreedy(PIPELINE_SPS), ConfidenceThreshold(0.5), AsyncTopK(PIPELINE_SPS)):
+        with pytest.raises(RequestError, match="provides none"):
+            generate(dist_runner, [[1, 2]], max_new_tokens=4, drafter=drafter, scheduler=scheduler)
+    for scheduler in (VerifyAll(), FixedLength(1)):  # these need no confidences
+        out = generate(dist_runner, [[1, 2]], max_new_tokens=4, drafter=drafter, scheduler=scheduler)
+        assert len(out.sequences[0].token_ids) == 4
+
+
+class _SilentDrafter(RandomDrafter):
+    """Declares a confidence head but returns no confidences (a drafter bug the loop must survive)."""
+
+    provides_confidence = True
+
+
+def test_verify_all_and_missing_confidences_reproduce_the_unscheduled_run(dist_runner, caplog):
+    """Same seed, same random stream: VerifyAll, and a confidence policy whose drafter sends no
+    confidences (warning, verify-all fallback), give exactly the tokens and stats of scheduler=None."""
+    kwargs = dict(sampling=SamplingParams(temperature=1.0), max_new_tokens=[6, 9, 3, 12], seed=4, record_rounds=True)
+    prompts = [[1, 2, 3], [4], [5, 6], [7, 7, 7]]
+    base = generate(dist_runner, prompts, drafter=_SilentDrafter(V, 3), **kwargs)
+    runs = [generate(dist_runner, prompts, drafter=_SilentDrafter(V, 3), scheduler=VerifyAll(), **kwargs),
+            generate(dist_runner, prompts, drafter=_SilentDrafter(V, 3), scheduler=CausalGreedy(PIPELINE_SPS), **kwargs)]
+    for out in runs:
+        assert [s.token_ids for s in out.sequences] == [s.token_ids for s in base.sequences]
+        assert out.stats.to_dict() == base.stats.to_dict()
+    assert any("no confidences" in r.getMessage() for r in caplog.records)
+    assert all(r.confidences is None for s in base.sequences for r in s.rounds)
+
+
+def test_recorded_confidences_do_not_change_stats(dist_runner):
+    kwargs = dict(sampling=SamplingParams(temperature=1.0), max_new_tokens=10, seed=7,
+                  scheduler=CausalGreedy(PIPELINE_SPS))
+    prompts = [[1, 2, 3], [4, 5]]
+    recorded = generate(dist_runner, prompts, drafter=MarkovConfidenceDrafter(V, 3), record_rounds=True, **kwargs)
+    kwargs["scheduler"] = CausalGreedy(PIPELINE_SPS)
+    plain = generate(dist_runner, prompts, drafter=MarkovConfidenceDrafter(V, 3), **kwargs)
+    assert recorded.stats.to_dict() == plain.stats.to_dict()
+    assert [s.token_ids for s in recorded.sequences] == [s.token_ids for s in plain.sequences]
+    for seq in recorded.sequences:
+        for r in seq.rounds:  # (a round in which the drafter was not called has none)
+            assert r.drafted == 0 or (len(r.confidences) == r.drafted and all(0 < c < 1 for c in r.confidences))
+        assert any(r.confidences for r in seq.rounds)
+    assert all(s.rounds == [] for s in plain.sequences)
