@@ -5,6 +5,10 @@
                     [--top-p F] [--max-new-tokens N] [--seed N] [--json]
     dspark demo [--json]
     dspark eval [--target DIR] [--drafter NAME|DIR ...] [--datasets NAMES|FILES] [--limit N] [...]
+    dspark sweep [--traces FILE] [--drafter LABEL] [--thresholds 0.05:0.95:0.05] [--kind confidence|survival]
+                 [--out DIR] [--json]
+    dspark simulate [--traces FILE] [--profile FILE] [--concurrency 1,2,4,...,256] [--steps N]
+                    [--policies LIST] [--out DIR] [--json] [--seed N]
     dspark profile [--target DIR] [--drafter NAME|DIR] [--device D] [--context N] [--requests 1,2,4] [...]
     dspark data regenerate --target DIR --input FILE.jsonl --output FILE.jsonl [...]
     dspark data cache --target DIR --data FILE.jsonl --layers 1,9,17 --output DIR [...]
@@ -29,7 +33,7 @@ import sys
 from dspark.errors import DSparkError
 
 # Subcommand modules under dspark.commands, in the order `dspark --help` lists them.
-COMMAND_MODULES = ("generate", "demo", "eval", "profile", "train", "pretrain", "data", "zoo")
+COMMAND_MODULES = ("generate", "demo", "eval", "calibrate", "sweep", "simulate", "profile", "train", "pretrain", "data", "zoo")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:

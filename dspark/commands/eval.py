@@ -7,7 +7,12 @@
 Defaults: the built-in target and DSpark drafter, every known set (the paper's nine + the built-in held-out
 corpus prompts), temperature 1.0, 2048 new tokens. Named sets are read from --data-dir (default
 $DSPARK_EVAL_DIR or the nearest shared/data/eval); a named set whose file is missing is reported and
-skipped. `--out DIR` writes eval.json, table.md and, with several drafters, conditional_acceptance.png.
+skipped. `--out DIR` writes eval.json, table.md, traces.json (per-round drafted / verified / accepted counts and
+confidences, replayed by `dspark calibrate`, `dspark sweep` and `dspark simulate`), with several drafters
+conditional_acceptance.png (paper Fig. 2), and for drafters with a confidence head
+reliability_<drafter>.png (paper Fig. 6). Calibration metrics
+(per position ECE, ROC-AUC, Brier, mean predicted vs observed) are in the JSON whenever the drafter has a
+confidence head.
 """
 
 from __future__ import annotations
@@ -35,9 +40,31 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     p.add_argument("--out", default=None, help="folder for eval.json, table.md and the per-position plot")
     p.add_argument("--json", action="store_true", help="print the full report as JSON on stdout")
+    p.add_argument("--calibration", default="auto",
+                   help="calibration file for the confidence head; 'auto' = the built-in one when it fits the drafter; 'none' = raw")
     p.add_argument("--no-progress", action="store_true")
     add_runtime_args(p, default_threads=1)
     p.set_defaults(handler=run_eval)
+
+
+def write_reliability_plots(traces: dict, out: Path) -> dict[str, str]:
+    """One reliability diagram (paper Fig. 6: one panel per block position) per drafter with a confidence head."""
+    import numpy as np
+
+    from dspark.calibration.metrics import Rounds
+    from dspark.calibration.plots import plot_reliability
+    from dspark.evaluation.offline import merge_traces
+
+    paths = {}
+    for label, entry in traces.items():
+        if not entry["has_confidences"]:
+            continue
+        merged = merge_traces(entry["datasets"].values())
+        conf = np.array([[np.nan if v is None else v for v in row] for row in merged["confidences"]], dtype=float)
+        rounds = Rounds.from_arrays(conf, merged["verified"], merged["accepted"], drop_invalid=True)
+        path = out / f"reliability_{label.replace('/', '_')}.png"
+        paths[label] = str(plot_reliability(rounds, path, title=f"{label}: prefix-survival reliability"))
+    return paths
 
 
 def run_eval(args) -> int:
@@ -68,8 +95,8 @@ def run_eval(args) -> int:
         raise ConfigError("no data set could be read: " + ", ".join(f"{m['name']} ({m['path']})" for m in missing))
     settings = EvalSettings(temperature=args.temperature, block_size=args.block_size,
                             max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size)
-    report = evaluate(target, drafters, prompt_sets, settings, device=args.device, dtype=args.dtype,
-                      progress=not args.no_progress)
+    report, traces = evaluate(target, drafters, prompt_sets, settings, device=args.device, dtype=args.dtype,
+                              progress=not args.no_progress, calibration=args.calibration)
     report["missing_datasets"] = missing
     report["settings"]["limit"] = args.limit
     table = tau_table(report)
@@ -80,6 +107,9 @@ def run_eval(args) -> int:
         (out / "table.md").write_text(table + "\n")
         if len(report["drafters"]) > 1:
             report["plot"] = str(plot_conditional_acceptance(report, out / "conditional_acceptance.png"))
+        if traces:
+            (out / "traces.json").write_text(json.dumps(traces) + "\n")
+            report["reliability_plots"] = write_reliability_plots(traces, out)
     if args.json:
         print_json(report)
     else:

@@ -16,8 +16,11 @@ def register(sub) -> None:
     gen.add_argument("--model", default=None, help="HF-format model folder (default: the built-in target)")
     gen.add_argument("--prompt", required=True, action="append", help="prompt text; repeat for a batch")
     gen.add_argument("--drafter", default=None,
-                     help="'ngram', a built-in drafter name (dspark, dspark-rnn, dflash, eagle3, mtp) or a folder; omitted = plain decoding")
+                     help="'ngram', a built-in drafter name (dspark, dspark-rnn, dflash, eagle3, mtp), a folder, or 'none' "
+                          "(plain decoding); default: the built-in DSpark drafter with the built-in target, else none")
     gen.add_argument("--num-draft-tokens", type=int, default=None, help="drafts per round (default: drafter block size)")
+    gen.add_argument("--calibration", default="auto",
+                     help="confidence-head calibration file; 'auto' = the built-in one when it fits the drafter; 'none' = raw")
     gen.add_argument("--chat", action="store_true", help="render the prompt as one user turn with the chat template")
     add_sampling_args(gen)
     add_runtime_args(gen)
@@ -28,8 +31,11 @@ def register(sub) -> None:
 def run_generate(args) -> int:
     from dspark.models.zoo import resolve_drafter, resolve_target
 
+    builtin_model = args.model is None
     args.model = resolve_target(args.model)
-    if args.drafter is not None:
+    if args.drafter == "none" or (args.drafter is None and not builtin_model):
+        args.drafter = None
+    else:
         args.drafter = resolve_drafter(args.drafter)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.max_new_tokens < 1:
@@ -38,7 +44,8 @@ def run_generate(args) -> int:
     tokenizer = load_tokenizer(args.model)
     drafter = None
     if args.drafter is not None:
-        drafter = load_drafter(args.drafter, num_draft_tokens=args.num_draft_tokens, device=args.device, dtype=args.dtype)
+        drafter = load_drafter(args.drafter, num_draft_tokens=args.num_draft_tokens, device=args.device, dtype=args.dtype,
+                               calibration=args.calibration)
     prompts = [render_prompt(tokenizer, text, args.chat) for text in args.prompt]
     stops = stop_token_ids(args.model, tokenizer, runner.config.eos_token_ids)
     out = generate(

@@ -14,9 +14,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from dspark.decoding.sampling import SamplingParams
 from dspark.engine.generation import generate
-from dspark.engine.stats import SpecStats
+from dspark.engine.stats import RoundRecord, SpecStats
 from dspark.evaluation.datasets import DOMAIN_ORDER, PromptSet
 from dspark.models.drafters import load_drafter
 from dspark.models.target_runner import TargetRunner
@@ -71,53 +73,117 @@ def averages(datasets: dict[str, dict]) -> tuple[dict[str, float], float | None]
     return domains, macro
 
 
+def round_arrays(records: list[tuple[int, RoundRecord]], block_size: int) -> dict:
+    """Replayable per-round traces (JSON lists): confidences [N, γ] (null past the drafted slots or without a
+    confidence head), drafted, verified, accepted, emitted, and the prompt index of each round."""
+    conf = np.full((len(records), block_size), np.nan)
+    for i, (_, r) in enumerate(records):
+        if r.confidences:
+            conf[i, : len(r.confidences)] = r.confidences[:block_size]
+    return {
+        "confidences": [[None if np.isnan(v) else float(v) for v in row] for row in conf],
+        "drafted": [r.drafted for _, r in records], "verified": [r.verified for _, r in records],
+        "accepted": [r.accepted for _, r in records],
+        "emitted": [r.emitted for _, r in records], "sample": [i for i, _ in records],
+    }
+
+
+def calibration_report(traces: dict, temperatures) -> dict:
+    """Per-position ECE / AUC / Brier of the prefix-survival prediction (SPEC §4.1) for the confidences the
+    drafter reported, and — when a calibration was applied — for the raw head (c_raw = σ(logit(c) · T))."""
+    from dspark.calibration.metrics import Rounds, position_metrics
+    from dspark.calibration.sts import apply_temperatures
+
+    conf = np.array([[np.nan if v is None else v for v in row] for row in traces["confidences"]], dtype=float)
+    rounds = Rounds.from_arrays(conf, traces["verified"], traces["accepted"], drop_invalid=True)
+    out = {"reported": position_metrics(rounds), "calibrated": temperatures is not None, "dropped_rounds": rounds.dropped}
+    if temperatures is not None:
+        raw = apply_temperatures(conf, [1.0 / t for t in temperatures])
+        out["raw"] = position_metrics(Rounds.from_arrays(raw, traces["verified"], traces["accepted"], drop_invalid=True))
+    return out
+
+
 def evaluate_drafter(
     runner: TargetRunner, tokenizer, stops: list[int], drafter_spec: str, prompt_sets: list[PromptSet],
     settings: EvalSettings, *, device: str = "cpu", dtype: str | None = None, progress: bool = True,
-) -> dict:
-    """Run one drafter over every prompt set; returns {"datasets", "domains", "macro_tau", ...}."""
+    calibration: str | None = "auto",
+) -> tuple[dict, dict]:
+    """Run one drafter over every prompt set → (report {"datasets", "domains", "macro_tau", ...}, traces
+    {set name: round_arrays}; confidences are null for drafters without a confidence head)."""
     from tqdm import tqdm
 
-    drafter = load_drafter(drafter_spec, num_draft_tokens=settings.block_size, device=device, dtype=dtype)
+    drafter = load_drafter(drafter_spec, num_draft_tokens=settings.block_size, device=device, dtype=dtype,
+                           calibration=calibration)
+    temperatures = getattr(drafter, "confidence_temperatures", None)
+    temperatures = None if temperatures is None else temperatures.tolist()
+    gamma = drafter.max_draft_tokens if settings.block_size is None else settings.block_size
     label = drafter_label(drafter_spec)
     sampling = SamplingParams(temperature=settings.temperature)
     total = sum(len(s.samples) for s in prompt_sets)
     bar = tqdm(total=total, disable=not progress, desc=f"eval {label}", unit="prompt")
-    datasets = {}
+    datasets, traces = {}, {}
     for prompt_set in prompt_sets:
         prompts = [render_regeneration_prompt(tokenizer, s, template_kwargs=settings.template_kwargs) for s in prompt_set.samples]
         stats, generated, started = SpecStats(), 0, time.perf_counter()
+        records: list[tuple[int, RoundRecord]] = []
         for b, start in enumerate(range(0, len(prompts), settings.batch_size)):
             batch = prompts[start:start + settings.batch_size]
             room = [max(1, min(settings.max_new_tokens, runner.max_context - len(p) - 1)) for p in batch]
             out = generate(
                 runner, batch, sampling=sampling, max_new_tokens=room, drafter=drafter,
                 num_draft_tokens=settings.block_size, stop_token_ids=stops, seed=settings.seed + b,
+                record_rounds=True,
             )
             stats.merge(out.stats)
+            for i, seq in enumerate(out.sequences):
+                records.extend((start + i, r) for r in seq.rounds)
             generated += out.num_generated
             bar.update(len(batch))
-        datasets[prompt_set.name] = set_report(stats, len(prompts), generated, time.perf_counter() - started, prompt_set.domain)
+        report = set_report(stats, len(prompts), generated, time.perf_counter() - started, prompt_set.domain)
+        traces[prompt_set.name] = dict(round_arrays(records, gamma), domain=prompt_set.domain)
+        if drafter.provides_confidence:
+            report["calibration"] = calibration_report(traces[prompt_set.name], temperatures)
+        datasets[prompt_set.name] = report
     bar.close()
     domains, macro = averages(datasets)
-    return {"drafter": drafter_spec, "label": label, "block_size": drafter.max_draft_tokens if settings.block_size is None else settings.block_size,
-            "datasets": datasets, "domains": domains, "macro_tau": macro}
+    result = {"drafter": drafter_spec, "label": label, "block_size": gamma, "datasets": datasets, "domains": domains,
+              "macro_tau": macro, "confidence_temperatures": temperatures}
+    if drafter.provides_confidence:
+        result["calibration"] = calibration_report(merge_traces(traces.values()), temperatures)
+    return result, traces
+
+
+def merge_traces(parts) -> dict:
+    """Concatenate round traces of several sets (sample indices made distinct per set)."""
+    merged = {"confidences": [], "drafted": [], "verified": [], "accepted": [], "emitted": [], "sample": []}
+    offset = 0
+    for part in parts:
+        for key in ("confidences", "drafted", "verified", "accepted", "emitted"):
+            merged[key].extend(part[key])
+        merged["sample"].extend(offset + i for i in part["sample"])
+        offset += 1 + max(part["sample"], default=-1)
+    return merged
 
 
 def evaluate(
     target: str, drafters: list[str], prompt_sets: list[PromptSet], settings: EvalSettings, *,
-    device: str = "cpu", dtype: str | None = None, progress: bool = True,
-) -> dict:
+    device: str = "cpu", dtype: str | None = None, progress: bool = True, calibration: str | None = "auto",
+) -> tuple[dict, dict]:
+    """Evaluate every drafter → (report, traces {drafter label: {set: round_arrays}})."""
     runner = TargetRunner.from_pretrained(target, device=device, dtype=dtype)
     tokenizer = load_tokenizer(target)
     stops = stop_token_ids(target, tokenizer, runner.config.eos_token_ids)
-    results = {}
+    results, all_traces = {}, {}
     for spec in drafters:
-        result = evaluate_drafter(runner, tokenizer, stops, spec, prompt_sets, settings, device=device, dtype=dtype, progress=progress)
+        result, traces = evaluate_drafter(runner, tokenizer, stops, spec, prompt_sets, settings, device=device,
+                                          dtype=dtype, progress=progress, calibration=calibration)
         label = result["label"]
         while label in results:
             label += "'"
         results[label] = result
+        all_traces[label] = {"drafter": spec, "block_size": result["block_size"], "temperature": settings.temperature,
+                             "has_confidences": "calibration" in result,
+                             "confidence_temperatures": result["confidence_temperatures"], "datasets": traces}
     report = {
         "target": target,
         "settings": {"temperature": settings.temperature, "block_size": settings.block_size,
@@ -128,7 +194,9 @@ def evaluate(
     if len(results) == 1:
         only = next(iter(results.values()))
         report.update(datasets=only["datasets"], domains=only["domains"], macro_tau=only["macro_tau"])
-    return report
+        if "calibration" in only:
+            report["calibration"] = only["calibration"]
+    return report, all_traces
 
 
 def macro_gains(results: dict[str, dict]) -> dict[str, dict[str, float]]:

@@ -10,8 +10,10 @@ resumes from its last checkpoint; regeneration resumes by sample id):
   5. drafters   the five drafters of BUILTIN_DRAFTERS, same data, same target layers, block size 7
                 (MTP-1: one token), each one draft layer so its forward costs about a quarter of the
                 target's seven layers (same vocabulary head)             → WORK/drafters/<name>
-  6. install    copy target, drafters and the held-out prompt files into OUT (default: the package's
-                builtin folder) and write manifest.json.
+  6. calibrate  STS for the DSpark drafter's confidence head on CALIBRATION_PROMPTS training-pool prompts
+                that regeneration did not use (so evaluation sets stay out of sample) → WORK/calibration.json
+  7. install    copy target, drafters, calibration and the held-out prompt files into OUT (default: the
+                package's builtin folder) and write manifest.json.
 """
 
 from __future__ import annotations
@@ -33,13 +35,20 @@ PRETRAIN_OVERRIDES = [
 REGEN_PROMPTS = 1200
 REGEN_MAX_NEW_TOKENS = 128
 REGEN_BATCH_SIZE = 16
+CALIBRATION_PROMPTS = 160
+CALIBRATION_MAX_NEW_TOKENS = 128
 DRAFTER_PRESETS = {"dspark": "dspark", "dspark-rnn": "dspark-rnn", "dflash": "dflash", "eagle3": "eagle3", "mtp": "mtp"}
 DRAFTER_OVERRIDES = [
     "model.draft_layers=1", "model.block_size=7", "model.target_layer_ids=[1,3,5]", "data.max_length=512",
     "data.num_anchors=64", "optim.lr=1e-3", "train.batch_size=8", "train.epochs=1", "train.max_steps=200",
     "train.checkpoint_every=50", "train.log_every=10", "train.chunk_blocks=64",
 ]
-DRAFTER_KIND_OVERRIDES = {"mtp": ["model.block_size=1", "model.target_layer_ids=null"]}  # MTP reads the last layer
+# Each drafter's markov_rank comes from its preset (0 where there is no Markov head); DSpark's rank is scaled
+# with the width as in the paper (256 for hidden 2560 → 32 for hidden 256). MTP reads the last layer.
+DRAFTER_KIND_OVERRIDES = {
+    "dspark": ["model.markov_rank=32"], "dspark-rnn": ["model.markov_rank=32"],
+    "mtp": ["model.block_size=1", "model.target_layer_ids=null"],
+}
 
 
 def _log(message: str) -> None:
@@ -117,7 +126,30 @@ def train_drafter(name: str, work: Path, target: Path, data: Path, *, device: st
     return final
 
 
-def install(work: Path, target: Path, drafters: dict[str, Path], out: Path) -> dict:
+def calibrate_drafter(work: Path, target: Path, drafter: Path, *, device: str, progress: bool) -> Path:
+    """Fit STS for `drafter` on unused training-pool prompts (raw head, temperature 1, verify-all)."""
+    from dspark.calibration.fitting import fit_and_save
+    from dspark.evaluation.datasets import load_set
+    from dspark.evaluation.offline import EvalSettings, evaluate
+
+    out = work / "calibration.json"
+    if out.is_file():
+        return out
+    _log("calibrating the DSpark drafter's confidence head")
+    lines = (work / "corpus" / "train-prompts.jsonl").read_text().splitlines()
+    prompts = work / "calibration-prompts.jsonl"
+    prompts.write_text("\n".join(lines[REGEN_PROMPTS:REGEN_PROMPTS + CALIBRATION_PROMPTS]) + "\n")
+    prompt_set = load_set("calibration", "corpus", prompts, limit=None, seed=0)
+    settings = EvalSettings(temperature=1.0, max_new_tokens=CALIBRATION_MAX_NEW_TOKENS, seed=0, batch_size=16)
+    _, traces = evaluate(str(target), [str(drafter)], [prompt_set], settings, device=device, progress=progress,
+                         calibration="none")
+    entry = next(iter(traces.values()))
+    summary = fit_and_save(entry["datasets"], drafter, entry["block_size"], out)
+    _log(f"ECE before {summary['ece_before']['mean']:.4f}, after {summary['ece_after']['mean']:.4f} (held-out prompts)")
+    return out
+
+
+def install(work: Path, target: Path, drafters: dict[str, Path], out: Path, calibration: Path | None = None) -> dict:
     """Copy the built artefacts into `out` (replacing what was there) and write manifest.json."""
     staging = out.parent / f".{out.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
@@ -127,8 +159,8 @@ def install(work: Path, target: Path, drafters: dict[str, Path], out: Path) -> d
     (staging / "prompts").mkdir()
     shutil.copy(work / "corpus" / "prompts-code.jsonl", staging / "prompts" / "corpus-code.jsonl")
     shutil.copy(work / "corpus" / "prompts-prose.jsonl", staging / "prompts" / "corpus-prose.jsonl")
-    if (out / "calibration.json").is_file():
-        shutil.copy(out / "calibration.json", staging / "calibration.json")
+    if calibration is not None:
+        shutil.copy(calibration, staging / "calibration.json")
     report = json.loads((target / "pretrain_report.json").read_text())
     manifest = {
         "format": "dspark-zoo-v1",
@@ -140,6 +172,7 @@ def install(work: Path, target: Path, drafters: dict[str, Path], out: Path) -> d
         "drafters": {name: {"recipe": drafter_overrides(name, Path("TARGET"), Path("DATA"), Path("OUT"), "cpu", False)}
                      for name in drafters},
         "regeneration": {"prompts": REGEN_PROMPTS, "max_new_tokens": REGEN_MAX_NEW_TOKENS, "sampling": "greedy"},
+        "calibration": json.loads(calibration.read_text()) if calibration is not None else None,
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     old = out.parent / f".{out.name}.old"
@@ -158,6 +191,9 @@ def rebuild(work: str | Path, out: str | Path = BUILTIN_DIR, *, device: str = "c
     target = build_target(work, device=device, progress=progress, stdlib_dir=stdlib_dir, docs_dir=docs_dir)
     data = build_training_data(work, target, device=device, progress=progress)
     built = {name: train_drafter(name, work, target, data, device=device, progress=progress) for name in drafters}
-    manifest = install(work, target, built, out)
+    calibration = None
+    if "dspark" in built:
+        calibration = calibrate_drafter(work, target, built["dspark"], device=device, progress=progress)
+    manifest = install(work, target, built, out, calibration)
     _log(f"installed into {out}")
     return {"out": str(out), "work": str(work), "manifest": to_dict(manifest)}

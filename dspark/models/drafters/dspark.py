@@ -272,6 +272,7 @@ class DSparkDrafter(Drafter):
         self.max_draft_tokens = cfg.block_size
         self.feature_layer_ids = cfg.target_layer_ids
         self.provides_confidence = model.confidence_head is not None
+        self.confidence_temperatures: torch.Tensor | None = None  # [γ] STS temperatures (SPEC §4.2), or raw
         param = model.fc.weight
         c = cfg.layers
         self.cache = PagedKVCache(
@@ -281,6 +282,16 @@ class DSparkDrafter(Drafter):
 
     def check_target(self, target_config: DecoderConfig) -> None:
         check_drafter_target(self.name, self.model.config, target_config)
+
+    def set_calibration(self, temperatures) -> None:
+        """Report calibrated confidences c_k = σ(logit_k / T_k) from now on (None: the raw head)."""
+        if temperatures is None:
+            self.confidence_temperatures = None
+            return
+        temps = torch.as_tensor(temperatures, dtype=torch.float32).flatten()
+        if temps.numel() != self.max_draft_tokens or not bool(torch.isfinite(temps).all() and (temps > 0).all()):
+            raise RequestError(f"drafter '{self.name}': need {self.max_draft_tokens} finite positive temperatures, got {temps.tolist()}")
+        self.confidence_temperatures = temps.to(self.model.fc.weight.device)
 
     @torch.inference_mode()
     def propose(self, batch: list[DraftInput], generator: torch.Generator | None = None) -> DraftProposal:
@@ -332,7 +343,12 @@ class DSparkDrafter(Drafter):
             prev = sample(q, generator)
             tokens.append(prev)
             probs.append(q)
-        confidences = torch.sigmoid(torch.stack(conf_logits, dim=1)) if conf_logits else None
+        confidences = None
+        if conf_logits:
+            stacked = torch.stack(conf_logits, dim=1).float()
+            if self.confidence_temperatures is not None:
+                stacked = stacked / self.confidence_temperatures[:gamma]
+            confidences = torch.sigmoid(stacked)
         return torch.stack(tokens, dim=1), torch.stack(probs, dim=1), confidences
 
     def release(self, seq_id: int) -> None:

@@ -26,8 +26,13 @@ def register_drafter(architecture: str, loader: Callable[..., Drafter]) -> None:
     _FOLDER_LOADERS[architecture] = loader
 
 
-def load_drafter(spec: str, *, num_draft_tokens: int | None = None, **kwargs) -> Drafter:
-    """`spec`: "ngram" or a checkpoint folder."""
+def load_drafter(spec: str, *, num_draft_tokens: int | None = None, calibration: str | None = "auto", **kwargs) -> Drafter:
+    """`spec`: "ngram" or a checkpoint folder.
+
+    calibration (drafters with a confidence head): a calibration file (`dspark calibrate`) to apply, checked
+    against this drafter's weights and block size; "auto" = the built-in calibration when it was fitted for
+    exactly this drafter, else the raw head; None or "none" = the raw head.
+    """
     if spec == "ngram":
         from dspark.models.drafters.ngram import NgramDrafter
 
@@ -49,6 +54,27 @@ def load_drafter(spec: str, *, num_draft_tokens: int | None = None, **kwargs) ->
             drafter = _FOLDER_LOADERS[arch](folder, **kwargs)
             if num_draft_tokens is not None:
                 drafter.check_num_draft_tokens(num_draft_tokens)
+            if drafter.provides_confidence:
+                drafter.set_calibration(_calibration_temperatures(calibration, folder, drafter.max_draft_tokens))
             return drafter
     known = ", ".join(sorted(_FOLDER_LOADERS)) or "none yet"
     raise CheckpointError(f"{config_path}: drafter architecture {archs!r} is not supported (supported: {known})")
+
+
+def _calibration_temperatures(calibration: str | None, folder: Path, block_size: int) -> list[float] | None:
+    from dspark.calibration.calibration_file import drafter_identity, load_calibration
+
+    if calibration is None or calibration == "none":
+        return None
+    if calibration == "auto":
+        from dspark.models.zoo import builtin_calibration
+
+        path = builtin_calibration()
+        if path is None:
+            return None
+        stored = json.loads(path.read_text()).get("drafter", {})
+        mine = drafter_identity(folder)
+        if any(stored.get(k) != mine[k] for k in ("config_sha256", "weights_sha256")):
+            return None
+        calibration = str(path)
+    return list(load_calibration(calibration, drafter_folder=folder, block_size=block_size).temperatures)
