@@ -1,0 +1,686 @@
+"""Trace replay and a discrete-time serving simulator (SPEC §5; paper §5, Fig. 7 and Fig. 8).
+
+Traces are the per-round records of `dspark eval --out DIR` (DIR/traces.json, written by
+`dspark.evaluation.offline.evaluate`): per drafter, per data set, each round's drafted / verified /
+accepted / emitted counts and the drafter's confidences c_1..c_γ, recorded with verify-all.
+
+Replay fact. In a verify-all round the target checks every drafted slot, and rejection sampling decides
+slot k from its own randomness, independently of how many later slots are verified. So if a policy
+verifies only ℓ ≤ drafted slots of that round, it accepts min(accepted_all, ℓ) drafts and emits
+min(accepted_all, ℓ) + 1 tokens (the correction or bonus token). Stop tokens and length cuts are ignored:
+a replayed round always emits accepted + 1. ℓ is also capped by the recorded verified count (equal to
+drafted in verify-all traces), beyond which the outcome is unknown. A replayed round keeps the rest of the trace unchanged (the
+next round is the recorded one), i.e. rounds are treated as draws of decoding states.
+
+Simulator. At concurrency C, C request streams step together for max(steps, ⌈min_rounds / C⌉) steps.
+Each stream walks through the rounds of randomly drawn prompts (the first one from a random round, then
+whole prompts; stream s seeded by (seed, s), so every C shares its first streams with the larger ones), a
+new request id per prompt. Each step, the policy picks ℓ_r for every stream from its round's recorded confidences;
+the step costs verify_ms(B = Σ_r (1 + ℓ_r) tokens, R = C requests) + draft_ms(C) milliseconds (the SPS
+profile, `dspark.scheduling.sps`; drafter and target run one after the other), and stream r emits min(accepted_r, ℓ_r) + 1
+tokens. Every policy of one C replays the same round sequence (paired comparison). Confidence policies see
+the confidences as recorded (calibrated when the recording applied a calibration). Reported per (C, policy):
+
+* throughput_tok_s — all emitted tokens / simulated time (tokens/s);
+* per_user_tok_s — mean over streams of the stream's tokens / simulated time (tokens/s per user; all
+  streams share every step, so this is throughput / C);
+* mean_budget — mean ℓ, draft tokens verified per request per step (the paper's Fig. 8 budget counts the
+  target forward's 1 + ℓ tokens: `mean_budget_tokens`);
+* mean_step_ms, tokens_per_step (per request), acceptance_rate (accepted / verified drafts).
+
+Policies: plain decoding (ℓ = 0, no drafter cost); fixed-n (ℓ = min(n, drafted)); verify-all;
+threshold-t (longest prefix with every c_k ≥ t); causal-greedy (Algorithm 1, SPEC §5.2); async-topk
+(SPEC §5.4); mtp-1 — the traces' MTP-1 drafter (block size 1, label containing "mtp") verifying 1 token,
+or, without one, the DSpark rounds cut to their first slot; its draft cost is draft_ms(C) · scale with
+scale = 1 / draft_layers of the profile (one drafter layer instead of the profile drafter's five).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dspark.errors import ConfigError
+from dspark.scheduling import (
+    AsyncTopK,
+    CausalGreedy,
+    ConfidenceThreshold,
+    FixedLength,
+    SPSProfile,
+    VerifyAll,
+)
+
+DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DEFAULT_STEPS = 400
+DEFAULT_MIN_ROUNDS = 4096  # request-rounds per concurrency at least (more steps at low C)
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_POLICIES = "plain,fixed,verify-all,threshold-0.5,causal-greedy,async-topk,mtp-1"
+RECORD_SETS = ("corpus-code", "corpus-prose", "gsm8k", "mbpp", "mt-bench")
+MATCHED_SPEED_GOAL = 1.6  # per-user speed vs MTP-1 at matched throughput (SPEC §5.6: +57–85 %)
+TIE_TOLERANCE = 0.005  # goal (a): a margin ≥ −0.5 % is a tie (at low load CG and the best fixed length agree)
+
+
+class TraceError(ConfigError):
+    """A traces file is missing, malformed, or lacks the drafter asked for."""
+
+
+# -------------------------------------------------------------------------------------------------
+# Traces
+# -------------------------------------------------------------------------------------------------
+
+def load_traces(path: str | Path) -> dict:
+    """Read and shallowly check a traces.json ({drafter label: {"block_size", "datasets", ...}})."""
+    path = Path(path)
+    if not path.is_file():
+        raise TraceError(f"--traces {path}: no such file (write one with `dspark eval --out DIR`)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise TraceError(f"--traces {path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict) or not data:
+        raise TraceError(f"--traces {path}: expected a JSON object {{drafter label: traces}} as written by "
+                         "`dspark eval --out`")
+    for label, entry in data.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("datasets"), dict) or not entry["datasets"]:
+            raise TraceError(f"--traces {path}: drafter {label!r} has no 'datasets' object of recorded rounds")
+        gamma = entry.get("block_size")
+        if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
+            raise TraceError(f"--traces {path}: drafter {label!r} has block_size {gamma!r}; expected an integer ≥ 1")
+    return data
+
+
+@dataclass
+class Rounds:
+    """All recorded rounds of one drafter (arrays of length N, confidences [N, γ] with NaN where null)."""
+
+    label: str
+    block_size: int
+    confidences: np.ndarray
+    drafted: np.ndarray
+    verified: np.ndarray
+    accepted: np.ndarray
+    emitted: np.ndarray
+    prompt: np.ndarray  # global prompt id (distinct across sets)
+    domain: np.ndarray  # domain name per round (str array)
+    has_confidences: bool
+    sets: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.drafted.size)
+
+    def prompts(self) -> list[np.ndarray]:
+        """Round indices of each prompt, in recorded order."""
+        order = np.argsort(self.prompt, kind="stable")
+        cuts = np.flatnonzero(np.diff(self.prompt[order])) + 1
+        return [part for part in np.split(order, cuts) if part.size]
+
+    def domains(self) -> list[str]:
+        from dspark.evaluation.datasets import DOMAIN_ORDER
+
+        present = list(dict.fromkeys(self.domain.tolist()))
+        return [d for d in DOMAIN_ORDER if d in present] + [d for d in present if d not in DOMAIN_ORDER]
+
+
+def _int_column(values: Any, where: str) -> np.ndarray:
+    if not isinstance(values, list):
+        raise TraceError(f"{where}: expected a list of integers")
+    try:
+        out = np.array(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TraceError(f"{where}: expected a list of integers") from None
+    if out.ndim != 1 or (out.size and (not np.isfinite(out).all() or (out != np.round(out)).any() or out.min() < 0)):
+        raise TraceError(f"{where}: expected a list of non-negative integers")
+    return out.astype(np.int64)
+
+
+def drafter_rounds(traces: dict, label: str, source: str = "traces") -> Rounds:
+    """Parse and validate every round of drafter `label` (TraceError naming the culprit)."""
+    if label not in traces:
+        raise TraceError(f"{source}: no drafter {label!r}; it has {', '.join(map(repr, traces))}")
+    entry = traces[label]
+    gamma = int(entry["block_size"])
+    parts, prompt_offset = [], 0
+    for set_name, data in entry["datasets"].items():
+        where = f"{source}: drafter {label!r}, set {set_name!r}"
+        if not isinstance(data, dict):
+            raise TraceError(f"{where}: expected an object of per-round lists")
+        missing = [k for k in ("confidences", "drafted", "verified", "accepted", "sample") if k not in data]
+        if missing:
+            raise TraceError(f"{where}: missing {', '.join(missing)}")
+        cols = {k: _int_column(data[k], f"{where} '{k}'") for k in ("drafted", "verified", "accepted", "sample")}
+        count = cols["drafted"].size
+        emitted = _int_column(data["emitted"], f"{where} 'emitted'") if "emitted" in data else cols["accepted"] + 1
+        for key, col in (*cols.items(), ("emitted", emitted)):
+            if col.size != count:
+                raise TraceError(f"{where}: '{key}' has {col.size} rounds, 'drafted' has {count}")
+        rows = data["confidences"]
+        if not isinstance(rows, list) or len(rows) != count:
+            raise TraceError(f"{where}: 'confidences' must hold one row per round ({count})")
+        conf = np.full((count, gamma), np.nan)
+        for i, row in enumerate(rows):
+            if row is None:
+                continue
+            if not isinstance(row, list) or len(row) > gamma:
+                raise TraceError(f"{where}: confidences of round {i} must be a list of ≤ {gamma} numbers or nulls")
+            try:
+                conf[i, :len(row)] = np.array([np.nan if v is None else v for v in row], dtype=np.float64)
+            except (TypeError, ValueError):
+                raise TraceError(f"{where}: confidences of round {i} must be numbers or null") from None
+        finite = np.isfinite(conf)
+        if ((conf[finite] < 0) | (conf[finite] > 1)).any() or np.isinf(conf).any():
+            raise TraceError(f"{where}: confidences must lie in [0, 1]")
+        d, v, a = cols["drafted"], cols["verified"], cols["accepted"]
+        bad = np.flatnonzero((d > gamma) | (v > d) | (a > v))
+        if bad.size:
+            i = int(bad[0])
+            raise TraceError(f"{where}: round {i} has drafted={d[i]}, verified={v[i]}, accepted={a[i]}; "
+                             f"need accepted ≤ verified ≤ drafted ≤ block_size {gamma}")
+        domain = str(data.get("domain", "custom"))
+        parts.append((conf, d, v, a, emitted, cols["sample"] + prompt_offset, np.full(count, domain, dtype=object)))
+        prompt_offset += 1 + (int(cols["sample"].max()) if count else -1)
+    cat = [np.concatenate([p[i] for p in parts]) for i in range(7)]
+    if cat[1].size == 0:
+        raise TraceError(f"{source}: drafter {label!r} has no recorded rounds")
+    has_conf = bool(entry.get("has_confidences", True)) and bool(np.isfinite(cat[0]).any())
+    return Rounds(label, gamma, cat[0], *cat[1:6], cat[6].astype(str), has_conf, list(entry["datasets"]))
+
+
+def select_dspark(traces: dict, label: str | None, source: str = "traces") -> Rounds:
+    """The confidence-carrying drafter to schedule: `label`, or the first one with confidences."""
+    if label is not None:
+        rounds = drafter_rounds(traces, label, source)
+        if not rounds.has_confidences:
+            raise TraceError(f"{source}: drafter {label!r} was recorded without confidences (no confidence head); "
+                             "sweeps and confidence schedulers need a DSpark drafter")
+        return rounds
+    for name, entry in traces.items():
+        if entry.get("has_confidences", True) and entry.get("block_size", 0) > 1:
+            rounds = drafter_rounds(traces, name, source)
+            if rounds.has_confidences:
+                return rounds
+    raise TraceError(f"{source}: no drafter with confidences among {', '.join(map(repr, traces))}; "
+                     "record DSpark traces with `dspark eval --out DIR`")
+
+
+def select_mtp(traces: dict, exclude: str | None = None, source: str = "traces") -> Rounds | None:
+    """The MTP-1 drafter of the traces (block size 1, label containing "mtp"), or None."""
+    for name, entry in traces.items():
+        if name != exclude and "mtp" in name.lower() and entry.get("block_size") == 1:
+            return drafter_rounds(traces, name, source)
+    return None
+
+
+def record_builtin_traces(drafters: Sequence[str] = ("dspark",), datasets: Sequence[str] = RECORD_SETS, *,
+                          limit: int = 6, max_new_tokens: int = 128, seed: int = 0, data_dir: str | None = None,
+                          device: str = "cpu", dtype: str | None = None, progress: bool = True) -> dict:
+    """Record verify-all traces with the built-in target and drafters (temperature 1.0; the built-in
+    calibration applied to the confidences). Sets that are not found are skipped."""
+    from dspark.evaluation.datasets import default_data_dir, load_set, resolve_set
+    from dspark.evaluation.offline import EvalSettings, evaluate
+    from dspark.models.zoo import resolve_drafter, resolve_target
+
+    folder = Path(data_dir) if data_dir else default_data_dir()
+    sets = []
+    for spec in datasets:
+        name, domain, path = resolve_set(spec, folder)
+        if path.is_file():
+            sets.append(load_set(name, domain, path, limit=limit, seed=seed))
+    if not sets:
+        raise ConfigError(f"no prompt set found to record traces ({', '.join(datasets)}); give --traces FILE")
+    settings = EvalSettings(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
+    _, traces = evaluate(resolve_target(None), [resolve_drafter(d) for d in drafters], sets, settings,
+                         device=device, dtype=dtype, progress=progress)
+    return traces
+
+
+# -------------------------------------------------------------------------------------------------
+# Replay
+# -------------------------------------------------------------------------------------------------
+
+def replay(accepted: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Verify-all round with `accepted` drafts replayed at ℓ = `lengths` → (accepted, emitted) = (min(a, ℓ),
+    min(a, ℓ) + 1) (module docstring)."""
+    acc = np.minimum(np.asarray(accepted), np.asarray(lengths))
+    return acc, acc + 1
+
+
+# -------------------------------------------------------------------------------------------------
+# Policies
+# -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """One simulated policy: kind ∈ plain | fixed | verify-all | threshold | causal-greedy | async-topk |
+    mtp-1; param = n (fixed) or t (threshold)."""
+
+    kind: str
+    param: float | None = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "fixed":
+            return f"fixed-{int(self.param)}"
+        if self.kind == "threshold":
+            return f"threshold-{self.param:g}"
+        return self.kind
+
+
+_SIMPLE = ("plain", "verify-all", "causal-greedy", "async-topk", "mtp-1")
+
+
+def parse_policies(text: str | Sequence[str], gamma: int | None) -> list[PolicySpec]:
+    """"plain,fixed,fixed-3,verify-all,threshold,threshold-0.7,causal-greedy,async-topk,mtp-1" → specs
+    ("fixed" = every fixed length 1..γ; "threshold" = threshold-0.5; "mtp" = mtp-1). gamma=None checks the
+    names only (no fixed length is expanded or bounded)."""
+    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else [str(s).strip() for s in text]
+    items = [s for s in items if s]
+    if not items:
+        raise ConfigError("--policies: give at least one policy")
+    out: list[PolicySpec] = []
+    for item in items:
+        low = item.lower()
+        if low in _SIMPLE or low == "mtp":
+            out.append(PolicySpec("mtp-1" if low == "mtp" else low))
+        elif low == "fixed":
+            out.extend(PolicySpec("fixed", n) for n in range(1, (gamma or 0) + 1))
+        elif low == "threshold":
+            out.append(PolicySpec("threshold", DEFAULT_THRESHOLD))
+        elif (m := re.fullmatch(r"fixed[-:](\d+)", low)):
+            n = int(m.group(1))
+            if n < 1 or (gamma is not None and n > gamma):
+                bound = "" if gamma is None else f" ≤ the block size {gamma}"
+                raise ConfigError(f"--policies: {item!r} needs a length n ≥ 1{bound}")
+            out.append(PolicySpec("fixed", n))
+        elif (m := re.fullmatch(r"threshold[-:]([0-9.]+)", low)):
+            try:
+                t = float(m.group(1))
+            except ValueError:
+                t = math.nan
+            if not 0 <= t <= 1:
+                raise ConfigError(f"--policies: {item!r} needs a threshold in [0, 1]")
+            out.append(PolicySpec("threshold", t))
+        else:
+            raise ConfigError(f"--policies: unknown policy {item!r}; use plain, fixed, fixed-N, verify-all, "
+                              "threshold, threshold-T, causal-greedy, async-topk, mtp-1")
+    return list(dict.fromkeys(out))
+
+
+def _scheduler(spec: PolicySpec, profile: SPSProfile):
+    if spec.kind == "fixed":
+        return FixedLength(int(spec.param))
+    if spec.kind == "verify-all":
+        return VerifyAll()
+    if spec.kind == "threshold":
+        return ConfidenceThreshold(float(spec.param))
+    if spec.kind == "causal-greedy":
+        return CausalGreedy(profile)
+    if spec.kind == "async-topk":
+        return AsyncTopK(profile)
+    if spec.kind == "mtp-1":
+        return FixedLength(1)
+    return None  # plain
+
+
+def mtp_draft_scale(profile: SPSProfile, override: float | None = None) -> tuple[float, str]:
+    """(factor on draft_ms(C) for MTP-1, how it was chosen): `override`, else 1 / the profile's draft_layers."""
+    if override is not None:
+        if not math.isfinite(override) or override < 0:
+            raise ConfigError(f"--mtp-draft-scale must be a finite number ≥ 0, got {override}")
+        return float(override), "given (--mtp-draft-scale)"
+    layers = profile.metadata.get("draft_layers")
+    if isinstance(layers, int) and not isinstance(layers, bool) and layers >= 1:
+        return 1.0 / layers, f"1 / draft_layers ({layers}) of the profile: one MTP layer"
+    return 1.0, "the profile records no draft_layers: MTP-1 charged the full drafter step"
+
+
+# -------------------------------------------------------------------------------------------------
+# Simulation
+# -------------------------------------------------------------------------------------------------
+
+def stream_rounds(prompts: list[np.ndarray], streams: int, steps: int, seed: int = 0,
+                  salt: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """C streams × `steps` rounds → (round index [steps, C], request id [steps, C]). Each stream starts at a
+    random round of a random prompt, then walks whole randomly drawn prompts; one request id per prompt.
+    Stream s draws from its own generator (seed, salt, s), so a smaller C replays a subset of the streams of
+    a larger one (common random numbers across concurrencies)."""
+    rounds = np.empty((steps, streams), dtype=np.int64)
+    ids = np.empty((steps, streams), dtype=np.int64)
+    next_id = 0
+    for s in range(streams):
+        rng = np.random.default_rng([seed, salt, s])
+        parts, id_parts, have = [], [], 0
+        while have < steps:
+            p = prompts[int(rng.integers(len(prompts)))]
+            if not parts:
+                p = p[int(rng.integers(p.size)):]
+            parts.append(p)
+            id_parts.append(np.full(p.size, next_id))
+            next_id += 1
+            have += p.size
+        rounds[:, s] = np.concatenate(parts)[:steps]
+        ids[:, s] = np.concatenate(id_parts)[:steps]
+    return rounds, ids
+
+
+def _lengths(scheduler, rounds: Rounds, idx: np.ndarray, ids: np.ndarray, limit: int | None) -> np.ndarray:
+    """ℓ [steps, C]: row-wise policies in one call over all steps, cross-request ones step by step."""
+    steps, count = idx.shape
+    full = rounds.verified if limit is None else np.minimum(rounds.verified, limit)
+    if isinstance(scheduler, (FixedLength, VerifyAll, ConfidenceThreshold)):
+        flat = idx.reshape(-1)
+        ell = scheduler(torch.from_numpy(rounds.confidences[flat]), rounds.drafted[flat], full[flat]).numpy()
+        return ell.reshape(steps, count)
+    out = np.empty((steps, count), dtype=np.int64)
+    for t in range(steps):
+        row = idx[t]
+        out[t] = scheduler(torch.from_numpy(rounds.confidences[row]), rounds.drafted[row], full[row], ids[t]).numpy()
+        if isinstance(scheduler, AsyncTopK) and t + 1 < steps:
+            for rid in np.unique(ids[t][ids[t] != ids[t + 1]]):
+                scheduler.release(int(rid))
+    return out
+
+
+def _point(spec: PolicySpec, c: int, ell: np.ndarray, acc_all: np.ndarray, verify_table: np.ndarray,
+           draft_ms: float) -> dict:
+    accepted, emitted = replay(acc_all, ell)
+    batch = c + ell.sum(1)  # B per step
+    step_ms = verify_table[batch - c] + draft_ms
+    total_s = float(step_ms.sum()) / 1000.0
+    per_stream = emitted.sum(0)
+    verified = int(ell.sum())
+    return {
+        "policy": spec.name, "concurrency": c, "steps": int(ell.shape[0]),
+        "throughput_tok_s": float(per_stream.sum()) / total_s,
+        "per_user_tok_s": float(per_stream.mean()) / total_s,
+        "mean_budget": float(ell.mean()),
+        "mean_budget_tokens": 1.0 + float(ell.mean()),
+        "mean_step_ms": float(step_ms.mean()),
+        "tokens_per_step": float(emitted.mean()),
+        "acceptance_rate": float(accepted.sum()) / verified if verified else None,
+    }
+
+
+def simulate(rounds: Rounds, profile: SPSProfile, *, concurrency: Sequence[int] = DEFAULT_CONCURRENCY,
+             steps: int = DEFAULT_STEPS, min_rounds: int = DEFAULT_MIN_ROUNDS,
+             policies: Sequence[PolicySpec] | None = None, seed: int = 0, mtp_rounds: Rounds | None = None,
+             mtp_scale: float | None = None) -> dict:
+    """Run every policy at every concurrency (module docstring) → {"settings", "policies": {name: [points by C]},
+    "notes"}. `rounds`: the DSpark traces; each concurrency C runs max(steps, ⌈min_rounds / C⌉) steps (so low
+    concurrencies still average over many prompts); `mtp_rounds`: MTP-1 traces (else DSpark's first slot);
+    `mtp_scale`: factor on draft_ms for MTP-1 (default `mtp_draft_scale(profile)`)."""
+    if policies is None:
+        policies = parse_policies(DEFAULT_POLICIES, rounds.block_size)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"--steps must be an integer ≥ 1, got {steps!r}")
+    if isinstance(min_rounds, bool) or not isinstance(min_rounds, int) or min_rounds < 0:
+        raise ConfigError(f"--min-rounds must be an integer ≥ 0, got {min_rounds!r}")
+    concurrency = sorted({int(c) for c in concurrency})
+    if not concurrency or concurrency[0] < 1:
+        raise ConfigError("--concurrency: give request counts ≥ 1")
+    scale, scale_note = mtp_draft_scale(profile, mtp_scale)
+    prompts = rounds.prompts()
+    mtp_source = mtp_rounds if mtp_rounds is not None else rounds
+    mtp_prompts = mtp_source.prompts() if mtp_rounds is not None else prompts
+    gamma = max(rounds.block_size, 1)
+    results: dict[str, list[dict]] = {spec.name: [] for spec in policies}
+    for c in concurrency:
+        n_steps = max(steps, -(-min_rounds // c))
+        idx, ids = stream_rounds(prompts, c, n_steps, seed)
+        if any(spec.kind == "mtp-1" for spec in policies):
+            midx, mids = stream_rounds(mtp_prompts, c, n_steps, seed, 1) if mtp_rounds is not None else (idx, ids)
+        b = np.arange(c, c * (1 + gamma) + 1, dtype=np.float64)
+        verify_table = np.maximum.accumulate(np.asarray(profile.verify_ms(b, c), dtype=np.float64))
+        draft = profile.draft_ms(c)
+        for spec in policies:
+            scheduler = _scheduler(spec, profile)
+            if spec.kind == "plain":
+                ell = np.zeros_like(idx)
+                results[spec.name].append(_point(spec, c, ell, rounds.accepted[idx], verify_table, 0.0))
+            elif spec.kind == "mtp-1":
+                ell = _lengths(scheduler, mtp_source, midx, mids, 1)
+                results[spec.name].append(_point(spec, c, ell, mtp_source.accepted[midx], verify_table, draft * scale))
+            else:
+                ell = _lengths(scheduler, rounds, idx, ids, None)
+                results[spec.name].append(_point(spec, c, ell, rounds.accepted[idx], verify_table, draft))
+    notes = []
+    if not profile.has_draft_cost:
+        notes.append("the profile has no draft_ms table: drafting is free in this simulation")
+    mtp_note = (f"MTP-1 from the traces' drafter {mtp_rounds.label!r}" if mtp_rounds is not None else
+                "no MTP-1 drafter in the traces: MTP-1 approximated by the DSpark rounds cut to their first slot")
+    if any(spec.kind == "mtp-1" for spec in policies):
+        notes.append(mtp_note)
+    return {
+        "settings": {"concurrency": concurrency, "steps": steps, "min_rounds": min_rounds, "seed": seed, "block_size": rounds.block_size,
+                     "mtp_draft_scale": scale, "mtp_draft_scale_source": scale_note,
+                     "step_ms": "verify_ms(B = Σ(1 + ℓ), R = C) + draft_ms(C); plain: no draft cost"},
+        "traces": {"drafter": rounds.label, "rounds": len(rounds), "prompts": len(prompts), "sets": rounds.sets,
+                   "mtp_drafter": None if mtp_rounds is None else mtp_rounds.label,
+                   "mtp_rounds": None if mtp_rounds is None else len(mtp_rounds)},
+        "policies": results,
+        "notes": notes,
+    }
+
+
+# -------------------------------------------------------------------------------------------------
+# Goals (issue item 8; SPEC §5.6)
+# -------------------------------------------------------------------------------------------------
+
+def frontier(points: Sequence[dict], x: str = "throughput_tok_s", y: str = "per_user_tok_s") -> tuple[np.ndarray, np.ndarray]:
+    """Pareto frontier of (x, y) points (no other point has both larger x and larger y), by ascending x."""
+    pts = sorted(((p[x], p[y]) for p in points), key=lambda q: (q[0], -q[1]))
+    keep, best = [], -math.inf
+    for px, py in reversed(pts):
+        if py > best:
+            keep.append((px, py))
+            best = py
+    keep.reverse()
+    return np.array([k[0] for k in keep]), np.array([k[1] for k in keep])
+
+
+def matched_ratios(ours: Sequence[dict], base: Sequence[dict], x: str, y: str) -> list[dict]:
+    """y(ours) / y(base) at equal x, where the x ranges of both frontiers overlap: each of our points
+    against the base frontier interpolated linearly in x, and each base point against ours."""
+    ox, oy = frontier(ours, x, y)
+    bx, by = frontier(base, x, y)
+    out = []
+    if ox.size == 0 or bx.size == 0:
+        return out
+    for (px, py, fx, fy, mine) in ((ox, oy, bx, by, True), (bx, by, ox, oy, False)):
+        for xv, yv in zip(px, py):
+            if fx[0] <= xv <= fx[-1]:
+                other = float(np.interp(xv, fx, fy))
+                ours_y, base_y = (yv, other) if mine else (other, yv)
+                if base_y > 0:
+                    out.append({x: float(xv), "ours": float(ours_y), "base": float(base_y),
+                                "ratio": float(ours_y / base_y), "from": "ours" if mine else "base"})
+    return sorted(out, key=lambda r: r[x])
+
+
+def goals(result: dict, policy: str = "causal-greedy") -> dict:
+    """Targets for `policy` (issue item 8): (a) throughput ≥ max(plain, every fixed length) at every
+    concurrency (margin = ours / best − 1; "met" allows ties within TIE_TOLERANCE); (b) per-user tokens/s at the lowest concurrency (1) vs the best fixed length; (c) per-user
+    tokens/s vs MTP-1 at matched throughput (goal ≥ 1.6×), plus throughput vs MTP-1 at matched per-user
+    speed."""
+    pol = result["policies"]
+    if policy not in pol:
+        return {"available": False, "reason": f"policy {policy!r} was not simulated"}
+    ours = {p["concurrency"]: p for p in pol[policy]}
+    baselines = [name for name in pol if name == "plain" or name.startswith("fixed-")]
+    fixed = [name for name in pol if name.startswith("fixed-")]
+    out: dict[str, Any] = {"policy": policy, "available": True}
+    if baselines:
+        rows = []
+        for c, p in ours.items():
+            best = max(baselines, key=lambda n: next(q for q in pol[n] if q["concurrency"] == c)["throughput_tok_s"])
+            best_thr = next(q for q in pol[best] if q["concurrency"] == c)["throughput_tok_s"]
+            rows.append({"concurrency": c, "throughput": p["throughput_tok_s"], "best_baseline": best,
+                         "best_baseline_throughput": best_thr, "margin": p["throughput_tok_s"] / best_thr - 1.0})
+        out["a_throughput_vs_plain_and_fixed"] = {
+            "goal": "throughput ≥ max(plain, every fixed length) at every concurrency",
+            "met": all(r["margin"] >= -TIE_TOLERANCE for r in rows), "tie_tolerance": TIE_TOLERANCE,
+            "met_strictly": all(r["margin"] >= 0 for r in rows), "min_margin": min(r["margin"] for r in rows),
+            "failing_concurrency": [r["concurrency"] for r in rows if r["margin"] < -TIE_TOLERANCE], "points": rows}
+    else:
+        out["a_throughput_vs_plain_and_fixed"] = {"met": None, "reason": "neither plain nor a fixed length simulated"}
+    c0 = min(ours)
+    if fixed:
+        best = max(fixed, key=lambda n: next(q for q in pol[n] if q["concurrency"] == c0)["per_user_tok_s"])
+        best_pu = next(q for q in pol[best] if q["concurrency"] == c0)["per_user_tok_s"]
+        out["b_per_user_at_lowest_concurrency"] = {
+            "goal": "per-user tokens/s at concurrency 1 ≈ the best fixed length (ratio ≈ 1 or above)",
+            "concurrency": c0, "per_user": ours[c0]["per_user_tok_s"], "best_fixed": best,
+            "best_fixed_per_user": best_pu, "ratio": ours[c0]["per_user_tok_s"] / best_pu}
+    else:
+        out["b_per_user_at_lowest_concurrency"] = {"ratio": None, "reason": "no fixed length simulated"}
+    if "mtp-1" in pol:
+        speed = matched_ratios(pol[policy], pol["mtp-1"], "throughput_tok_s", "per_user_tok_s")
+        thr = matched_ratios(pol[policy], pol["mtp-1"], "per_user_tok_s", "throughput_tok_s")
+        ratios = [r["ratio"] for r in speed]
+        out["c_per_user_vs_mtp1_at_matched_throughput"] = {
+            "goal": f"per-user tokens/s ≥ {MATCHED_SPEED_GOAL}× MTP-1's at the same aggregate throughput",
+            "met": (min(ratios) >= MATCHED_SPEED_GOAL) if ratios else None,
+            "min_ratio": min(ratios) if ratios else None, "max_ratio": max(ratios) if ratios else None,
+            "median_ratio": float(np.median(ratios)) if ratios else None, "points": speed,
+            "throughput_ratio_at_matched_per_user": {
+                "min": min(r["ratio"] for r in thr) if thr else None,
+                "max": max(r["ratio"] for r in thr) if thr else None, "points": thr},
+        }
+        if not ratios:
+            out["c_per_user_vs_mtp1_at_matched_throughput"]["reason"] = "the throughput ranges do not overlap"
+    else:
+        out["c_per_user_vs_mtp1_at_matched_throughput"] = {"met": None, "reason": "mtp-1 was not simulated"}
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# Rendering
+# -------------------------------------------------------------------------------------------------
+
+def _style(name: str, fixed_names: list[str]):
+    import matplotlib.pyplot as plt
+
+    if name.startswith("fixed-"):
+        k = fixed_names.index(name)
+        shade = plt.cm.Greys(0.35 + 0.5 * k / max(1, len(fixed_names) - 1))
+        return {"color": shade, "lw": 1.0, "ms": 3, "alpha": 0.9}
+    colors = {"plain": "black", "verify-all": "tab:brown", "causal-greedy": "tab:red", "async-topk": "tab:orange",
+              "mtp-1": "tab:blue"}
+    return {"color": colors.get(name, "tab:green"), "lw": 2.2 if name == "causal-greedy" else 1.6, "ms": 4}
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_frontier(result: dict, path: str | Path, title: str = "") -> Path:
+    """Paper Fig. 7: aggregate throughput (tokens/s) vs per-user tokens/s, one curve per policy through the
+    concurrency points (C written next to the causal-greedy points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pol = result["policies"]
+    fixed_names = [n for n in pol if n.startswith("fixed-")]
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    for name, points in pol.items():
+        xs = [p["per_user_tok_s"] for p in points]
+        ys = [p["throughput_tok_s"] for p in points]
+        ax.plot(xs, ys, marker="o", label=name, **_style(name, fixed_names))
+        if name == "causal-greedy":
+            for p in points:
+                ax.annotate(f"C={p['concurrency']}", (p["per_user_tok_s"], p["throughput_tok_s"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("per-user generation speed (tokens/s/user)")
+    ax.set_ylabel("aggregate throughput (tokens/s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title or "throughput vs per-user speed (paper Fig. 7)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def plot_budget(result: dict, path: str | Path, title: str = "") -> Path:
+    """Paper Fig. 8: (a) aggregate throughput and (b) mean draft tokens verified per request (ℓ) vs
+    concurrency (log2 axis), one curve per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pol = result["policies"]
+    fixed_names = [n for n in pol if n.startswith("fixed-")]
+    fig, axes = plt.subplots(2, 1, figsize=(7.5, 7.4), sharex=True)
+    for name, points in pol.items():
+        cs = [p["concurrency"] for p in points]
+        style = _style(name, fixed_names)
+        axes[0].plot(cs, [p["throughput_tok_s"] for p in points], marker="o", label=name, **style)
+        axes[1].plot(cs, [p["mean_budget"] for p in points], marker="o", label=name, **style)
+    axes[0].set_ylabel("aggregate throughput (tokens/s)")
+    axes[1].set_ylabel("verified drafts per request, mean ℓ\n(paper's budget = 1 + ℓ)")
+    axes[1].set_xlabel("concurrent requests")
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_xticks(result["settings"]["concurrency"])
+    axes[1].set_xticklabels([str(c) for c in result["settings"]["concurrency"]])
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    axes[0].set_title(title or "load-adaptive throughput and verification budget (paper Fig. 8)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def format_table(result: dict, goal: dict | None = None) -> str:
+    """Short text table: throughput (tokens/s) per concurrency for the main policies, CG per-user speed
+    and budget, then the goals."""
+    pol = result["policies"]
+    fixed = [n for n in pol if n.startswith("fixed-")]
+    cols = [n for n in ("plain", "verify-all") if n in pol] + [n for n in pol if n.startswith("threshold-")]
+    cols += [n for n in ("async-topk", "mtp-1", "causal-greedy") if n in pol]
+    header = f"{'C':>5} " + "".join(f"{n[:13]:>14}" for n in cols)
+    if fixed:
+        header += f"{'best fixed':>17}"
+    if "causal-greedy" in pol:
+        header += f"{'CG tok/s/user':>14}{'CG ℓ':>7}"
+    lines = ["aggregate throughput (tokens/s)", header]
+    for i, c in enumerate(result["settings"]["concurrency"]):
+        row = f"{c:>5} " + "".join(f"{pol[n][i]['throughput_tok_s']:>14.0f}" for n in cols)
+        if fixed:
+            best = max(fixed, key=lambda n: pol[n][i]["throughput_tok_s"])
+            row += f"{pol[best][i]['throughput_tok_s']:>10.0f} ({best[6:]:>2}) "
+        if "causal-greedy" in pol:
+            p = pol["causal-greedy"][i]
+            row += f"{p['per_user_tok_s']:>14.1f}{p['mean_budget']:>7.2f}"
+        lines.append(row)
+    if goal and goal.get("available"):
+        a = goal["a_throughput_vs_plain_and_fixed"]
+        b = goal["b_per_user_at_lowest_concurrency"]
+        c = goal["c_per_user_vs_mtp1_at_matched_throughput"]
+        if a.get("met") is not None:
+            fails = ", ".join(f"C={c}" for c in a["failing_concurrency"])
+            lines.append(f"(a) CG throughput ≥ max(plain, fixed) at every C: {'met' if a['met'] else 'NOT met'} "
+                         f"(min margin {100 * a['min_margin']:+.1f} %{'; below at ' + fails if fails else ''})")
+        if b.get("ratio") is not None:
+            lines.append(f"(b) CG per-user speed at C={b['concurrency']} / best fixed ({b['best_fixed']}): {b['ratio']:.3f}")
+        if c.get("min_ratio") is not None:
+            lines.append(f"(c) CG per-user speed / MTP-1 at matched throughput: {c['min_ratio']:.2f}–{c['max_ratio']:.2f}× "
+                         f"(median {c['median_ratio']:.2f}×; goal ≥ {MATCHED_SPEED_GOAL}×: "
+                         f"{'met' if c['met'] else 'NOT met'})")
+        elif "reason" in c:
+            lines.append(f"(c) vs MTP-1: {c['reason']}")
+    for note in result.get("notes", []):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)

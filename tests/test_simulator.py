@@ -1,0 +1,252 @@
+"""Trace replay and the serving simulator (SPEC §5; paper Fig. 7, 8) on synthetic traces built here:
+the replay fact, policy limits under flat / steep profiles, hand-checked throughput arithmetic, the
+goals section, the plots, and the CLI's input errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+
+from dspark.cli import main
+from dspark.evaluation.simulator import (
+    drafter_rounds,
+    goals,
+    matched_ratios,
+    parse_policies,
+    plot_budget,
+    plot_frontier,
+    replay,
+    select_mtp,
+    simulate,
+)
+from dspark.scheduling import FixedLength, SPSProfile, VerifyAll
+
+GAMMA = 5
+# A slice of the shared H100 / Qwen3-4B-shape table (ms), with its 5-layer drafter.
+H100_LIKE = {
+    "device": "H100-like test slice", "draft_layers": 5,
+    "verify_ms": {"1x1": 4.51, "1x2": 4.79, "1x4": 4.84, "1x8": 4.87, "16x1": 5.43, "16x2": 5.73, "16x4": 5.74,
+                  "16x8": 6.26, "64x1": 8.54, "64x2": 9.11, "64x4": 10.28, "64x8": 13.75, "256x1": 22.82,
+                  "256x2": 26.81, "256x4": 34.82, "256x8": 50.52},
+    "draft_ms": {"1": 1.28, "16": 1.59, "64": 2.91, "256": 9.54},
+}
+
+
+def dspark_set(rng, mean, prompts=12, rounds=20, gamma=GAMMA):
+    """Calibrated rounds: c_k ~ Beta around `mean`, slot k accepted with probability c_k (verify-all)."""
+    conf, acc, samp = [], [], []
+    for p in range(prompts):
+        for _ in range(rounds):
+            c = rng.beta(4 * mean, 4 * (1 - mean), size=gamma).clip(0.02, 0.99)
+            acc.append(int(np.cumprod(rng.random(gamma) < c).sum()))
+            conf.append(c.tolist())
+            samp.append(p)
+    n = len(acc)
+    return {"confidences": conf, "drafted": [gamma] * n, "verified": [gamma] * n, "accepted": acc,
+            "emitted": [a + 1 for a in acc], "sample": samp}
+
+
+def make_traces(seed=0, with_mtp=True):
+    rng = np.random.default_rng(seed)
+    traces = {"dspark": {"drafter": "dspark", "block_size": GAMMA, "temperature": 1.0, "has_confidences": True,
+                         "confidence_temperatures": None,
+                         "datasets": {"gsm8k": dict(dspark_set(rng, 0.9), domain="math"),
+                                      "mt-bench": dict(dspark_set(rng, 0.65), domain="chat")}}}
+    if with_mtp:
+        acc = (rng.random(200) < 0.8).astype(int).tolist()
+        traces["mtp"] = {"drafter": "mtp", "block_size": 1, "temperature": 1.0, "has_confidences": False,
+                         "confidence_temperatures": None,
+                         "datasets": {"gsm8k": {"domain": "math", "confidences": [[None]] * 200, "drafted": [1] * 200,
+                                                "verified": [1] * 200, "accepted": acc,
+                                                "emitted": [a + 1 for a in acc],
+                                                "sample": [i // 20 for i in range(200)]}}}
+    return traces
+
+
+def constant_traces(accepted=3, drafted=4, rounds=10):
+    return {"dspark": {"drafter": "dspark", "block_size": drafted, "has_confidences": True, "datasets": {"s": {
+        "domain": "math", "confidences": [[0.9] * drafted] * rounds, "drafted": [drafted] * rounds,
+        "verified": [drafted] * rounds, "accepted": [accepted] * rounds, "emitted": [accepted + 1] * rounds,
+        "sample": [0] * rounds}}}}
+
+
+def point(result, policy, c):
+    return next(p for p in result["policies"][policy] if p["concurrency"] == c)
+
+
+# -------------------------------------------------------------------------------------------------
+# Replay
+# -------------------------------------------------------------------------------------------------
+
+def test_replay_verify_all_reproduces_recorded_tau_and_fixed_length_truncates():
+    rounds = drafter_rounds(make_traces(), "dspark")
+    conf = torch.from_numpy(rounds.confidences)
+    ell = VerifyAll()(conf, rounds.drafted, rounds.verified).numpy()
+    accepted, emitted = replay(rounds.accepted, ell)
+    np.testing.assert_array_equal(emitted, rounds.emitted)
+    assert emitted.mean() == pytest.approx(rounds.emitted.mean())  # τ of the recording
+    for n in range(GAMMA + 1):
+        ell = FixedLength(n)(conf, rounds.drafted, rounds.verified).numpy()
+        accepted, emitted = replay(rounds.accepted, ell)
+        np.testing.assert_array_equal(emitted, np.minimum(rounds.accepted, n) + 1)
+        assert (accepted <= ell).all()
+
+
+def test_causal_greedy_verifies_everything_on_a_flat_profile_and_nothing_on_a_steep_one():
+    rounds = drafter_rounds(make_traces(), "dspark")
+    policies = parse_policies("plain,verify-all,causal-greedy", GAMMA)
+    flat = SPSProfile.from_dict({"verify_ms_by_tokens": {"1": 10.0, "100000": 10.0}})
+    res = simulate(rounds, flat, concurrency=[1, 4, 16], steps=40, min_rounds=0, policies=policies)
+    for c in (1, 4, 16):
+        cg, va = point(res, "causal-greedy", c), point(res, "verify-all", c)
+        assert cg["mean_budget"] == pytest.approx(va["mean_budget"])
+        assert cg["throughput_tok_s"] == pytest.approx(va["throughput_tok_s"])
+    # Step time B³ ms: any extra token costs more than it can return.
+    steep = SPSProfile.from_dict({"verify_ms_by_tokens": {str(2 ** k): float(8 ** k) for k in range(13)}})
+    res = simulate(rounds, steep, concurrency=[1, 4, 16], steps=40, min_rounds=0, policies=policies)
+    for c in (1, 4, 16):
+        cg, plain = point(res, "causal-greedy", c), point(res, "plain", c)
+        assert cg["mean_budget"] == 0
+        assert cg["throughput_tok_s"] == pytest.approx(plain["throughput_tok_s"])
+
+
+def test_throughput_and_per_user_arithmetic_by_hand():
+    """One request (then two), every round drafts 4 and accepts 3; T(B) = 10 + B ms, draft 2 ms (3 ms at R = 2)."""
+    rounds = drafter_rounds(constant_traces(), "dspark")
+    profile = SPSProfile.from_dict({"verify_ms_by_tokens": {"1": 11.0, "1001": 1011.0},
+                                    "draft_ms": {"1": 2.0, "2": 3.0}, "draft_layers": 4})
+    policies = parse_policies("plain,verify-all,fixed-2,mtp-1", 4)
+    res = simulate(rounds, profile, concurrency=[1, 2], steps=7, min_rounds=0, policies=policies)
+    one = {name: point(res, name, 1) for name in res["policies"]}
+    assert one["plain"]["throughput_tok_s"] == pytest.approx(1 / 0.011)  # B = 1: 11 ms, no drafter
+    assert one["verify-all"]["throughput_tok_s"] == pytest.approx(4 / 0.017)  # B = 5: 15 + 2 ms, 3 + 1 tokens
+    assert one["fixed-2"]["throughput_tok_s"] == pytest.approx(3 / 0.015)  # B = 3: 13 + 2 ms, 2 + 1 tokens
+    assert one["mtp-1"]["throughput_tok_s"] == pytest.approx(2 / 0.0125)  # B = 2: 12 + 2/4 ms, 1 + 1 tokens
+    assert one["verify-all"]["mean_step_ms"] == pytest.approx(17.0)
+    assert one["fixed-2"]["mean_budget"] == 2 and one["fixed-2"]["mean_budget_tokens"] == 3
+    assert one["fixed-2"]["acceptance_rate"] == 1.0 and one["verify-all"]["acceptance_rate"] == 0.75
+    for p in one.values():
+        assert p["per_user_tok_s"] == pytest.approx(p["throughput_tok_s"]) and p["steps"] == 7
+    two = point(res, "verify-all", 2)  # B = 10: 20 + 3 ms, 8 tokens
+    assert two["throughput_tok_s"] == pytest.approx(8 / 0.023)
+    assert two["per_user_tok_s"] == pytest.approx(4 / 0.023)
+    assert "no MTP-1 drafter" in " ".join(res["notes"])
+
+
+def test_goals_section_is_computed_against_the_baselines():
+    traces = make_traces()
+    rounds = drafter_rounds(traces, "dspark")
+    mtp = select_mtp(traces, exclude="dspark")
+    assert mtp is not None and mtp.block_size == 1
+    profile = SPSProfile.from_dict(H100_LIKE)
+    res = simulate(rounds, profile, concurrency=[1, 4, 16, 64, 256], steps=60, min_rounds=0, mtp_rounds=mtp)
+    assert res["settings"]["mtp_draft_scale"] == pytest.approx(0.2)
+    assert set(res["policies"]) == {"plain", *(f"fixed-{n}" for n in range(1, GAMMA + 1)), "verify-all",
+                                    "threshold-0.5", "causal-greedy", "async-topk", "mtp-1"}
+    g = goals(res)
+    a = g["a_throughput_vs_plain_and_fixed"]
+    assert len(a["points"]) == 5 and isinstance(a["met"], bool)
+    for row in a["points"]:
+        c = row["concurrency"]
+        best = max(point(res, n, c)["throughput_tok_s"] for n in res["policies"] if n == "plain" or n.startswith("fixed-"))
+        assert row["best_baseline_throughput"] == pytest.approx(best)
+        assert row["margin"] == pytest.approx(point(res, "causal-greedy", c)["throughput_tok_s"] / best - 1)
+    b = g["b_per_user_at_lowest_concurrency"]
+    assert b["concurrency"] == 1 and 0.8 < b["ratio"] < 1.2
+    c = g["c_per_user_vs_mtp1_at_matched_throughput"]
+    assert c["points"] and c["min_ratio"] > 1 and isinstance(c["met"], bool)
+    assert c["min_ratio"] <= c["median_ratio"] <= c["max_ratio"]
+
+
+def test_matched_ratios_interpolate_on_the_frontier():
+    ours = [{"throughput_tok_s": 100.0, "per_user_tok_s": 50.0}, {"throughput_tok_s": 200.0, "per_user_tok_s": 40.0}]
+    base = [{"throughput_tok_s": 50.0, "per_user_tok_s": 30.0}, {"throughput_tok_s": 250.0, "per_user_tok_s": 10.0},
+            {"throughput_tok_s": 40.0, "per_user_tok_s": 5.0}]  # dominated: off the frontier
+    ratios = matched_ratios(ours, base, "throughput_tok_s", "per_user_tok_s")
+    assert [r["ratio"] for r in ratios] == pytest.approx([2.0, 40.0 / 15.0])
+
+
+def test_plots_are_valid_pngs(tmp_path):
+    rounds = drafter_rounds(make_traces(), "dspark")
+    profile = SPSProfile.from_dict(H100_LIKE)
+    res = simulate(rounds, profile, concurrency=[1, 8, 64], steps=20, min_rounds=0)
+    for path in (plot_frontier(res, tmp_path / "fig7.png"), plot_budget(res, tmp_path / "fig8.png")):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.image.imread(path).shape[0] > 100
+
+
+# -------------------------------------------------------------------------------------------------
+# CLI
+# -------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def files(tmp_path):
+    traces = tmp_path / "traces.json"
+    traces.write_text(json.dumps(make_traces()))
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(H100_LIKE))
+    return traces, profile
+
+
+def test_cli_simulate_writes_json_plots_and_goals(files, tmp_path, capsys):
+    traces, profile = files
+    out = tmp_path / "sim"
+    code = main(["simulate", "--traces", str(traces), "--profile", str(profile), "--concurrency", "1,16,128",
+                 "--steps", "30", "--min-rounds", "0", "--out", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    assert report["traces"]["mtp_drafter"] == "mtp" and report["goals"]["available"]
+    assert "extrapolated" not in " ".join(report["notes"])
+    for name in ("simulate.json", "throughput_vs_per_user.png", "budget_vs_concurrency.png"):
+        assert (out / name).stat().st_size > 0
+    code = main(["simulate", "--traces", str(traces), "--profile", str(profile), "--concurrency", "1,512",
+                 "--steps", "5", "--min-rounds", "0", "--policies", "plain,causal-greedy"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "CG tok/s/user" in captured.out and "extrapolated" in captured.out
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such file"),
+    ("not-json", "not readable JSON"),
+    ("ragged", "has 3 rounds"),
+    ("bad-counts", "need accepted ≤ verified"),
+    ("policy", "unknown policy 'fastest'"),
+    ("profile", "missing 'verify_ms'"),
+    ("label", "no drafter 'nope'"),
+    ("no-confidences", "no drafter with confidences"),
+    ("mtp-label", "recorded without confidences"),
+])
+def test_cli_simulate_bad_input_exits_2(files, tmp_path, capsys, case, message):
+    traces, profile = files
+    argv = ["simulate", "--traces", str(traces), "--profile", str(profile), "--concurrency", "1,2", "--steps", "3"]
+    data = make_traces()
+    if case == "missing":
+        argv[2] = str(tmp_path / "absent.json")
+    elif case == "not-json":
+        traces.write_text("{not json")
+    elif case == "ragged":
+        data["dspark"]["datasets"]["gsm8k"]["accepted"] = [1, 2, 3]
+        traces.write_text(json.dumps(data))
+    elif case == "bad-counts":
+        data["dspark"]["datasets"]["gsm8k"]["accepted"][4] = GAMMA + 1
+        traces.write_text(json.dumps(data))
+    elif case == "policy":
+        argv += ["--policies", "plain,fastest"]
+    elif case == "profile":
+        profile.write_text(json.dumps({"draft_ms": {"1": 1.0}}))
+    elif case == "label":
+        argv += ["--drafter", "nope"]
+    elif case == "no-confidences":
+        traces.write_text(json.dumps({"mtp": data["mtp"]}))
+    elif case == "mtp-label":
+        argv += ["--drafter", "mtp"]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("dspark simulate: error:") and message in err and len(err.strip().splitlines()) == 1
