@@ -84,3 +84,48 @@ def test_calibrate_refuses_a_drafter_without_confidence_head(setup, capsys):
     target, _, _, prompts = setup
     code = main(["calibrate", "--target", str(target), "--drafter", "ngram", "--datasets", str(prompts)])
     assert code == 2 and "drafter folder" in capsys.readouterr().err
+
+
+def test_generation_feeds_the_online_calibrator_raw_confidences_and_applies_its_refits(setup):
+    """SPEC §4.3 inside the loop: every verification round reaches the calibrator with the *raw* head's
+    confidences (the drafter's current temperatures undone), refits reach the drafter, and the output is
+    unchanged (greedy output equals plain decoding)."""
+    import numpy as np
+
+    from dspark.calibration.online import OnlineCalibrator
+    from dspark.decoding.sampling import SamplingParams
+    from dspark.engine.generation import generate
+
+    target, drafter_dir, _, _ = setup
+    runner = TargetRunner.from_pretrained(target, dtype="float32")
+    drafter = load_drafter(str(drafter_dir), calibration="none")
+    start = [2.0, 1.5, 0.7, 3.0]
+    drafter.set_calibration(start)
+    calibrator = OnlineCalibrator(block_size=4, refit_every=20, window=400, min_count=5, initial_temperatures=start)
+    prompts = [[5 + i, 9, 11 + i, 30] for i in range(6)]
+    common = dict(sampling=SamplingParams(), max_new_tokens=40, seed=0)
+    spec = generate(runner, prompts, drafter=drafter, calibrator=calibrator, record_rounds=True, **common)
+    plain = generate(runner, prompts, **common)
+    assert [s.token_ids for s in spec.sequences] == [s.token_ids for s in plain.sequences]
+    rounds = [r for s in spec.sequences for r in s.rounds if r.verified > 0]
+    assert calibrator.rounds_seen == len(rounds) and calibrator.refits >= 1
+    assert np.allclose(drafter.confidence_temperatures.numpy(), calibrator.temperatures, rtol=1e-6)
+    # The first rounds were drafted with the starting temperatures: the calibrator holds their raw values.
+    reported = np.array(rounds[0].confidences)  # calibrated with `start` (first round of sequence 0)
+    expected = 1 / (1 + np.exp(-np.log(reported / (1 - reported)) * np.array(start)[: len(reported)]))
+    assert any(np.allclose(row[: len(reported)], expected, atol=1e-5) for row in calibrator.window_rounds().confidences)
+
+
+@pytest.mark.parametrize("policy", ["causal-greedy", "async-topk", "threshold-0.6", "fixed-2"])
+def test_generate_command_with_a_scheduler_and_online_calibration_is_lossless(setup, capsys, tmp_path, policy):
+    target, drafter, _, _ = setup
+    profile = tmp_path / "profile.json"  # steep: every verified token costs as much as a decode step
+    profile.write_text(json.dumps({"verify_ms": {"1x1": 1.0, "1x2": 2.0, "1x3": 3.0, "1x5": 5.0}, "draft_ms": {"1": 0.1}}))
+    base = ["generate", "--model", str(target), "--prompt", "item 3: ababab", "--max-new-tokens", "24", "--json"]
+    plain = run_json(capsys, base + ["--drafter", "none"])
+    spec = run_json(capsys, base + ["--drafter", str(drafter), "--scheduler", policy, "--profile", str(profile),
+                                    "--online-calibration", "3"])
+    assert spec["token_ids"] == plain["token_ids"]
+    assert spec["scheduler"] and spec["online_calibration"]["rounds_seen"] > 0
+    verified = spec["spec_decode"]["verified_tokens"]
+    assert verified < spec["spec_decode"]["drafted_tokens"] or policy == "threshold-0.6"

@@ -21,11 +21,53 @@ def register(sub) -> None:
     gen.add_argument("--num-draft-tokens", type=int, default=None, help="drafts per round (default: drafter block size)")
     gen.add_argument("--calibration", default="auto",
                      help="confidence-head calibration file; 'auto' = the built-in one when it fits the drafter; 'none' = raw")
+    gen.add_argument("--scheduler", default=None,
+                     help="verification policy (SPEC §5): verify-all (default), fixed-N, threshold-T, causal-greedy, async-topk")
+    gen.add_argument("--profile", default=None,
+                     help="SPS profile JSON for causal-greedy / async-topk (default: this machine's, measured once and cached)")
+    gen.add_argument("--online-calibration", type=int, default=None, metavar="N",
+                     help="refit the confidence temperatures every N verification rounds from the outcomes (SPEC §4.3)")
     gen.add_argument("--chat", action="store_true", help="render the prompt as one user turn with the chat template")
     add_sampling_args(gen)
     add_runtime_args(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(handler=run_generate)
+
+
+def make_scheduling(args, drafter):
+    """(scheduler, online calibrator) from --scheduler / --profile / --online-calibration."""
+    if drafter is None:
+        if args.scheduler or args.online_calibration:
+            raise RequestError("--scheduler and --online-calibration need a drafter")
+        return None, None
+    scheduler = None
+    if args.scheduler:
+        from dspark.evaluation.simulator import make_scheduler, parse_policies
+        from dspark.scheduling.sps import SPSProfile
+
+        spec = parse_policies(args.scheduler, drafter.max_draft_tokens)
+        if len(spec) != 1 or spec[0].kind in ("plain", "mtp-1"):
+            raise RequestError(f"--scheduler {args.scheduler!r}: give one of verify-all, fixed-N, threshold-T, causal-greedy, async-topk")
+        profile = None
+        if spec[0].kind in ("causal-greedy", "async-topk"):
+            if args.profile:
+                profile = SPSProfile.load(args.profile)
+            else:
+                from dspark.scheduling.profiler import load_or_profile
+
+                profile = SPSProfile.from_dict(load_or_profile(args.model, args.drafter, device=args.device, dtype=args.dtype))
+        scheduler = make_scheduler(spec[0], profile)
+    calibrator = None
+    if args.online_calibration is not None:
+        if args.online_calibration < 1 or not drafter.provides_confidence:
+            raise RequestError("--online-calibration needs N ≥ 1 and a drafter with a confidence head")
+        from dspark.calibration.online import OnlineCalibrator
+
+        temps = getattr(drafter, "confidence_temperatures", None)
+        calibrator = OnlineCalibrator(drafter.max_draft_tokens, refit_every=args.online_calibration,
+                                      window=max(4 * args.online_calibration, 256), min_count=10,
+                                      initial_temperatures=None if temps is None else temps.tolist())
+    return scheduler, calibrator
 
 
 def run_generate(args) -> int:
@@ -46,11 +88,13 @@ def run_generate(args) -> int:
     if args.drafter is not None:
         drafter = load_drafter(args.drafter, num_draft_tokens=args.num_draft_tokens, device=args.device, dtype=args.dtype,
                                calibration=args.calibration)
+    scheduler, calibrator = make_scheduling(args, drafter)
     prompts = [render_prompt(tokenizer, text, args.chat) for text in args.prompt]
     stops = stop_token_ids(args.model, tokenizer, runner.config.eos_token_ids)
     out = generate(
         runner, prompts, sampling=sampling, max_new_tokens=args.max_new_tokens, drafter=drafter,
-        num_draft_tokens=args.num_draft_tokens, stop_token_ids=stops, seed=args.seed,
+        num_draft_tokens=args.num_draft_tokens, stop_token_ids=stops, seed=args.seed, scheduler=scheduler,
+        calibrator=calibrator,
     )
     outputs = []
     for seq in out.sequences:
@@ -72,6 +116,8 @@ def run_generate(args) -> int:
             "drafter": args.drafter,
             "outputs": outputs,
             "spec_decode": out.stats.to_dict() if drafter else None,
+            "scheduler": repr(scheduler) if scheduler is not None else None,
+            "online_calibration": calibrator.drift_report() if calibrator is not None else None,
         })
         print_json(summary)
     else:

@@ -25,6 +25,7 @@ from dspark.engine.stats import RoundRecord, SpecStats
 from dspark.errors import RequestError
 from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter
 from dspark.models.target_runner import TargetRunner
+from dspark.calibration.online import OnlineCalibrator
 from dspark.scheduling.policies import Scheduler
 
 
@@ -102,6 +103,7 @@ def generate(
     seed: int | None = 0,
     record_rounds: bool = False,
     scheduler: Scheduler | None = None,
+    calibrator: OnlineCalibrator | None = None,
 ) -> GenerationOutput:
     """Generate continuations for a batch of tokenised prompts, with or without a drafter.
 
@@ -111,6 +113,9 @@ def generate(
     record_rounds: keep a RoundRecord per round and sequence (with the drafter's confidences, if any).
     scheduler: verification-length policy (SPEC §5; None: verify every proposed draft). A policy that
         needs confidences with a drafter that does not declare `provides_confidence` is a RequestError.
+    calibrator: online calibration (SPEC §4.3): every round's raw-head confidences and outcomes are fed to
+        it, and the temperatures of each refit are applied to the drafter from the next round on (its
+        `drift_report()` / `metrics()` export the drift). Ignored for drafters without confidences.
     """
     count = len(prompts)
     samplings = _per_sequence(sampling, count, "sampling")
@@ -160,7 +165,7 @@ def generate(
             state.finish_reason = reason
             (done if reason else active).append(state)
         while active:
-            _round(runner, active, drafter, k, layers, stop_ids, generator, record_rounds, scheduler)
+            _round(runner, active, drafter, k, layers, stop_ids, generator, record_rounds, scheduler, calibrator)
             still = []
             for state in active:
                 (done if state.finish_reason else still).append(state)
@@ -187,6 +192,22 @@ def generate(
     return GenerationOutput(sequences=results, stats=total, elapsed_s=elapsed)
 
 
+def feed_calibrator(calibrator: OnlineCalibrator, drafter: Drafter, confidences: torch.Tensor,
+                    verify_lens: torch.Tensor, accepted: torch.Tensor) -> None:
+    """One round's outcomes → the online calibrator, with the raw head's confidences [B, K] (the drafter's
+    current temperatures undone: raw logit = calibrated logit · T_k); after a refit, the new temperatures
+    go to the drafter."""
+    conf = confidences.detach().double().cpu()
+    temps = getattr(drafter, "confidence_temperatures", None)
+    if temps is not None:
+        eps = 1e-12
+        conf = torch.sigmoid(torch.logit(conf.clamp(eps, 1 - eps)) * temps[: conf.shape[1]].double().cpu())
+    refits = calibrator.refits
+    calibrator.observe(conf[:, : calibrator.block_size].numpy(), verify_lens.cpu().numpy(), accepted.cpu().numpy())
+    if calibrator.refits != refits:
+        drafter.set_calibration(calibrator.temperatures.tolist())
+
+
 def _round(
     runner: TargetRunner,
     active: list[_Active],
@@ -197,6 +218,7 @@ def _round(
     generator: torch.Generator,
     record_rounds: bool,
     scheduler: Scheduler | None = None,
+    calibrator: OnlineCalibrator | None = None,
 ) -> None:
     batch = len(active)
     # Drafts are only worth proposing if the round can still emit them plus one target token.
@@ -236,6 +258,8 @@ def _round(
         target_probs.view(batch * (width + 1), -1)[rows.to(flat_probs.device)] = flat_probs
     draft_probs = None if proposal.probs is None else proposal.probs[:, :width].to(target_probs.device)
     result = verify(target_probs, drafts.to(target_probs.device), verify_lens, draft_probs, generator)
+    if calibrator is not None and drafter_called and proposal.confidences is not None:
+        feed_calibrator(calibrator, drafter, proposal.confidences, verify_lens, result.num_accepted)
     accepted = result.num_accepted.tolist()
     next_tokens = result.next_tokens.tolist()
     features = out.split(out.features) if out.features is not None else [None] * batch

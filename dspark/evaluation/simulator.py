@@ -313,7 +313,8 @@ def parse_policies(text: str | Sequence[str], gamma: int | None) -> list[PolicyS
     return list(dict.fromkeys(out))
 
 
-def _scheduler(spec: PolicySpec, profile: SPSProfile):
+def make_scheduler(spec: PolicySpec, profile: SPSProfile | None):
+    """The Scheduler of a policy spec (None for plain decoding); causal-greedy and async-topk need a profile."""
     if spec.kind == "fixed":
         return FixedLength(int(spec.param))
     if spec.kind == "verify-all":
@@ -440,7 +441,7 @@ def simulate(rounds: Rounds, profile: SPSProfile, *, concurrency: Sequence[int] 
         verify_table = np.maximum.accumulate(np.asarray(profile.verify_ms(b, c), dtype=np.float64))
         draft = profile.draft_ms(c)
         for spec in policies:
-            scheduler = _scheduler(spec, profile)
+            scheduler = make_scheduler(spec, profile)
             if spec.kind == "plain":
                 ell = np.zeros_like(idx)
                 results[spec.name].append(_point(spec, c, ell, rounds.accepted[idx], verify_table, 0.0))
