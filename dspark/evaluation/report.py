@@ -44,6 +44,7 @@ def pooled_by_domain(result: dict) -> dict[str, SpecStats]:
 
 def plot_conditional_acceptance(report: dict, path: str | Path) -> Path:
     """Fig. 2: conditional acceptance per block position, one panel per domain, one line per drafter."""
+    from dspark.evaluation.simulator import save_figure
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,9 +67,4 @@ def plot_conditional_acceptance(report: dict, path: str | Path) -> Path:
     axes[0][0].set_ylabel("P(slot k accepted | slots < k accepted)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"conditional acceptance per position (T = {report['settings']['temperature']})")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -577,11 +577,14 @@ def _style(name: str, fixed_names: list[str]):
     return {"color": colors.get(name, "tab:green"), "lw": 2.2 if name == "causal-greedy" else 1.6, "ms": 4}
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write a matplotlib figure to `path` (parents created), close it, return the path."""
     import matplotlib.pyplot as plt
 
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -611,7 +614,7 @@ def plot_frontier(result: dict, path: str | Path, title: str = "") -> Path:
     ax.legend(fontsize=7, ncol=2)
     ax.set_title(title or "throughput vs per-user speed (paper Fig. 7)", fontsize=10)
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return save_figure(fig, path)
 
 
 def plot_budget(result: dict, path: str | Path, title: str = "") -> Path:
@@ -641,7 +644,7 @@ def plot_budget(result: dict, path: str | Path, title: str = "") -> Path:
     axes[0].legend(fontsize=7, ncol=2)
     axes[0].set_title(title or "load-adaptive throughput and verification budget (paper Fig. 8)", fontsize=10)
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return save_figure(fig, path)
 
 
 def format_table(result: dict, goal: dict | None = None) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dspark.errors import ConfigError
-from dspark.evaluation.simulator import Rounds, replay
+from dspark.evaluation.simulator import Rounds, replay, save_figure
 from dspark.scheduling import ConfidenceThreshold, SurvivalThreshold
 
 DEFAULT_THRESHOLDS = "0.05:0.95:0.05"
@@ -127,12 +127,7 @@ def plot_sweep(result: dict, path: str | Path) -> Path:
             handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
             ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper right")
     fig.suptitle(f"static threshold sweep, {result['drafter']} (paper Fig. 5)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def format_sweep_table(result: dict) -> str:
