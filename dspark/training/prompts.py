@@ -201,36 +201,50 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _prefix_length(tokenizer, messages, full: list[int], *, add_generation_prompt: bool, template_kwargs, where: str) -> int:
-    ids = encode(tokenizer, render_text(tokenizer, messages, add_generation_prompt=add_generation_prompt,
-                                        template_kwargs=template_kwargs, where=where))
-    if ids != full[: len(ids)]:
+def _rendered_prefix(tokenizer, messages, full_text: str, *, add_generation_prompt: bool, template_kwargs,
+                     where: str) -> int:
+    """Length (characters) of the rendered first messages, checked to be a text prefix of the whole."""
+    text = render_text(tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                       template_kwargs=template_kwargs, where=where)
+    if not full_text.startswith(text):
         raise ConfigError(
             f"{where}: the chat template does not render this conversation incrementally (the first "
             f"{len(messages)} message(s){' plus the generation prompt' if add_generation_prompt else ''} do not "
-            "tokenise to a prefix of the whole conversation), so the response loss mask cannot be derived; "
+            "render to a prefix of the whole conversation), so the response loss mask cannot be derived; "
             "use single-turn conversations (as `dspark data regenerate` writes) or another template"
         )
-    return len(ids)
+    return len(text)
 
 
 def tokenize_conversation(
     tokenizer, messages: Sequence[dict[str, str]], *, template_kwargs: dict | None = None, where: str = ""
 ) -> TokenizedSample:
-    """Render a whole conversation (no generation prompt) → token ids [S] and the response loss mask [S]."""
-    full = encode(tokenizer, render_text(tokenizer, messages, add_generation_prompt=False,
-                                         template_kwargs=template_kwargs, where=where))
-    mask = torch.zeros(len(full), dtype=torch.bool)
+    """Render a whole conversation (no generation prompt) → token ids [S] and the response loss mask [S].
+
+    The rendered text is cut where each assistant response starts (after its header, i.e. the generation
+    prompt) and ends, and every piece is tokenised on its own: the prompt part gives exactly the ids that
+    inference feeds the target (rendered with the generation prompt and tokenised alone), and a BPE merge
+    can never straddle a prompt/response boundary (byte-level BPE would otherwise merge the header's
+    newline with a response's leading indentation)."""
+    full_text = render_text(tokenizer, messages, add_generation_prompt=False, template_kwargs=template_kwargs, where=where)
+    spans = []
     for j, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         kwargs = dict(template_kwargs=template_kwargs, where=where)
-        start = _prefix_length(tokenizer, messages[:j], full, add_generation_prompt=True, **kwargs)
-        end = _prefix_length(tokenizer, messages[: j + 1], full, add_generation_prompt=False, **kwargs)
+        start = _rendered_prefix(tokenizer, messages[:j], full_text, add_generation_prompt=True, **kwargs)
+        end = _rendered_prefix(tokenizer, messages[: j + 1], full_text, add_generation_prompt=False, **kwargs)
         if end < start:
-            raise ConfigError(f"{where}: assistant message {j} ends (token {end}) before its header ends (token {start})")
-        mask[start:end] = True
-    return TokenizedSample(input_ids=torch.tensor(full, dtype=torch.long), loss_mask=mask)
+            raise ConfigError(f"{where}: assistant message {j} ends (character {end}) before its header ends ({start})")
+        spans.append((start, end))
+    cuts = sorted({0, len(full_text), *(c for span in spans for c in span)})
+    ids: list[int] = []
+    mask: list[bool] = []
+    for a, b in zip(cuts, cuts[1:]):
+        piece = encode(tokenizer, full_text[a:b])
+        ids.extend(piece)
+        mask.extend([any(s <= a and b <= e for s, e in spans)] * len(piece))
+    return TokenizedSample(input_ids=torch.tensor(ids, dtype=torch.long), loss_mask=torch.tensor(mask, dtype=torch.bool))
 
 
 def tokenize_sample(
