@@ -311,3 +311,18 @@ def test_fsdp_under_torchrun_equals_one_process_writes_plain_checkpoints_and_res
         for key, tensor in tensors.items():
             assert torch.equal(resumed[key], tensor), f"{name}: {key}"
 
+
+
+def test_a_micro_batch_with_nothing_to_supervise_contributes_zero(target_dir, tmp_path):
+    """A sample whose response is one token has no anchor position (token i and i+1 both supervised):
+    its micro-batch has a loss without a graph; the step must neither crash nor change because of it."""
+    samples = make_samples(4, seed=3)
+    short = Sample(samples[0].input_ids[:10].clone(), torch.zeros(10, dtype=torch.bool))
+    short.loss_mask[-1] = True
+    with_empty = Trainer(make_config(target_dir, tmp_path / "a", micro_batch_size=1, batch_size=2, max_steps=1),
+                         [samples[1], short])
+    alone = Trainer(make_config(target_dir, tmp_path / "b", micro_batch_size=1, batch_size=1, max_steps=1), [samples[1]])
+    with_empty.train_step()
+    alone.train_step()
+    for (name, a), (_, b) in zip(with_empty.model.named_parameters(), alone.model.named_parameters()):
+        assert torch.equal(a, b), name

@@ -260,6 +260,8 @@ class Trainer:
             synced = self.ddp is not None and index == len(micro) - 1  # DDP's hook sums into the accumulators
             with self.ddp.no_sync() if self.ddp is not None and not synced else nullcontext():
                 loss, stats = self.loss_fn(mb, denominator)
+                if not loss.requires_grad:  # nothing supervised in this micro-batch (e.g. no anchor position)
+                    loss = loss + sum(p.sum() for _, p in self.trainable) * 0.0  # zero gradients, same collectives
                 loss.backward()
             if not self.sharded:  # (FSDP accumulates the shards' float32 gradients itself)
                 for acc, (_, p) in zip(self.grads, self.trainable):
