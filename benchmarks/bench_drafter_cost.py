@@ -49,7 +49,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     target_dir = builtin_target()
     runner = TargetRunner.from_pretrained(target_dir, device=args.device, dtype="float32")
-    lm_head = runner.model.lm_head.weight if hasattr(runner.model, "lm_head") else runner.model.embed_tokens.weight
+    head = getattr(runner.model, "lm_head", None)
+    lm_head = head.weight if head is not None else runner.model.model.embed_tokens.weight
     target_macs = macs_per_token(runner.model) + (lm_head.numel() if runner.config.tie_word_embeddings else 0)
     rows = []
     for name in BUILTIN_DRAFTERS:

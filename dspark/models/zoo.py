@@ -9,7 +9,8 @@ Layout (`dspark/builtin/`, rebuilt from scratch by `dspark zoo rebuild`):
   manifest.json                what was built, by which recipe, with sizes
 
 Every command that takes `--target`/`--model` or `--drafter` falls back to these when none is given, and
-`--drafter NAME` accepts a name of BUILTIN_DRAFTERS (an existing folder of that name wins).
+`--drafter NAME` accepts a name of BUILTIN_DRAFTERS (a model folder of that name in the working directory
+wins; the `dspark/` package folder of a source checkout does not count, having no config.json).
 """
 
 from __future__ import annotations
@@ -60,11 +61,12 @@ def resolve_target(value: str | None) -> str:
 
 
 def resolve_drafter(value: str | None) -> str:
-    """`--drafter` value: None → the built-in DSpark drafter; a built-in name (unless a folder of that name
-    exists) → its folder; anything else ("ngram", a folder) unchanged."""
+    """`--drafter` value: None → the built-in DSpark drafter; a built-in name (unless a model folder of that
+    name, with a config.json, is in the working directory) → its folder; anything else ("ngram", a folder)
+    unchanged."""
     if value is None:
         return str(builtin_drafter(DEFAULT_DRAFTER))
-    if value in BUILTIN_DRAFTERS and not Path(value).is_dir():
+    if value in BUILTIN_DRAFTERS and not (Path(value) / "config.json").is_file():
         return str(builtin_drafter(value))
     return value
 

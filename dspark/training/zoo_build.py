@@ -7,7 +7,7 @@ resumes from its last checkpoint; regeneration resumes by sample id):
   3. target     dspark pretrain with PRETRAIN_OVERRIDES                 → WORK/pretrain/model
   4. data       the target regenerates answers to the corpus's training prompts (greedy, REGEN_*)
                                                                          → WORK/regenerated.jsonl
-  5. drafters   the five drafters of BUILTIN_DRAFTERS, same data, same target layers, block size 7
+  5. drafters   the five drafters of BUILTIN_DRAFTERS (stored in bfloat16), same data, same target layers, block size 7
                 (MTP-1: one token), each one draft layer so its forward costs about a quarter of the
                 target's seven layers (same vocabulary head)             → WORK/drafters/<name>
   6. calibrate  STS for the DSpark drafter's confidence head on CALIBRATION_PROMPTS training-pool prompts
@@ -35,8 +35,8 @@ PRETRAIN_OVERRIDES = [
 REGEN_PROMPTS = 1200
 REGEN_MAX_NEW_TOKENS = 128
 REGEN_BATCH_SIZE = 16
-CALIBRATION_PROMPTS = 160
-CALIBRATION_MAX_NEW_TOKENS = 128
+CALIBRATION_PROMPTS = 600
+CALIBRATION_MAX_NEW_TOKENS = 64
 DRAFTER_PRESETS = {"dspark": "dspark", "dspark-rnn": "dspark-rnn", "dflash": "dflash", "eagle3": "eagle3", "mtp": "mtp"}
 DRAFTER_OVERRIDES = [
     "model.draft_layers=1", "model.block_size=7", "model.target_layer_ids=[1,3,5]", "data.max_length=512",
@@ -122,8 +122,26 @@ def train_drafter(name: str, work: Path, target: Path, data: Path, *, device: st
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(checkpoint / "drafter", tmp)
+    to_bfloat16(tmp)
     tmp.rename(final)
     return final
+
+
+def to_bfloat16(folder: Path) -> None:
+    """Store a model folder's floating-point tensors in bfloat16 (as the released DSpark drafters are): the
+    frozen embedding / LM head copies are the bf16 target's values exactly; the trained weights are rounded.
+    Halves the shipped size; the loaders upcast to the compute dtype."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dspark.models.checkpoint import save_safetensors
+
+    path = folder / "model.safetensors"
+    tensors = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
+    save_safetensors(tensors, path)
+    config = json.loads((folder / "config.json").read_text())
+    config["torch_dtype"] = "bfloat16"
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def calibrate_drafter(work: Path, target: Path, drafter: Path, *, device: str, progress: bool) -> Path:
