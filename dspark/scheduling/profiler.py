@@ -533,32 +533,16 @@ def profile_with_cache(
     return profile, path, measured_now
 
 
-def load_or_profile(
-    target: str | None = None,
-    drafter: str | None = None,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: str | torch.dtype | None = None,
-    context: int | None = None,
-    requests: str | Sequence[int] | None = None,
-    lengths: str | Sequence[int] | None = None,
-    repeats: int | None = None,
-    refresh: bool = False,
-    random_shape: str | None = None,
-    force: bool = False,
-    out: str | Path | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+def load_or_profile(target: str | None = None, drafter: str | None = None, **options: Any) -> dict[str, Any]:
     """This machine's profile of (target, drafter, device, dtype, context): the cached one under
     $DSPARK_HOME/profiles/ when it covers the requested sizes, else measured now and cached.
 
     target: folder, or None for the built-in target. drafter: folder, built-in name, "ngram", "none", or
     None (the built-in drafter with the built-in target; no drafter with an explicit target; a random
-    DSpark drafter of the same shape with `random_shape`). Sizes default to DEFAULTS[device type].
+    DSpark drafter of the same shape with `random_shape`). Sizes default to DEFAULTS[device type]; the
+    other options are those of `profile_with_cache`.
     Returns the profile dict (format: module docstring; `SPSProfile.from_dict` reads it)."""
-    return profile_with_cache(target, drafter, device=device, dtype=dtype, context=context, requests=requests,
-                              lengths=lengths, repeats=repeats, refresh=refresh, random_shape=random_shape,
-                              force=force, out=out, progress=progress)[0]
+    return profile_with_cache(target, drafter, **options)[0]
 
 
 def _measure_plan(plan: _Plan, dev: torch.device, dtype, dtype_short: str, name: str, *, context: int,

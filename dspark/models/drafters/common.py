@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dspark.errors import CheckpointError
+from dspark.errors import CheckpointError, RequestError
 from dspark.models.checkpoint import load_state_into, save_folder_atomically, save_safetensors
 from dspark.models.config import read_config_json
 from dspark.models.target_runner import resolve_dtype
@@ -91,3 +91,20 @@ def check_drafter_target(name: str, drafter_config, target_config) -> None:
         problems.append(f"num_target_layers {c.num_target_layers} vs target's {target_config.num_layers} layers")
     if problems:
         raise CheckpointError(f"drafter '{name}' was built for another target: {'; '.join(problems)}")
+
+
+def context_handle(drafter, cache, handles: dict[int, int], item) -> int:
+    """`item`'s handle in the drafter's own paged cache (created on first use), after checking that the
+    cached context plus the item's new feature rows end right before the anchor. Raises RequestError."""
+    if item.new_features is None:
+        raise RequestError(f"drafter '{drafter.name}' needs target features (layers {drafter.feature_layer_ids})")
+    handle = handles.get(item.seq_id)
+    if handle is None:
+        handle = handles[item.seq_id] = cache.new_sequence()
+    seen, n_new = cache.length(handle), item.new_features.shape[0]
+    if seen + n_new != len(item.token_ids) - 1:
+        raise RequestError(
+            f"sequence {item.seq_id}: drafter context ({seen} + {n_new} positions) does not end right "
+            f"before the anchor (position {len(item.token_ids) - 1})"
+        )
+    return handle

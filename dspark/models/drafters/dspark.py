@@ -33,7 +33,7 @@ from dspark.models.config import DecoderConfig
 from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter
 from dspark.models.drafters.dspark_config import ARCHITECTURE_NAMES, DSparkConfig, parse_dspark_config
 from dspark.models.drafters.heads import SEQUENTIAL_HEADS, ConfidenceHead
-from dspark.models.drafters.common import DraftCheckpointMixin, check_drafter_target, init_draft_weights
+from dspark.models.drafters.common import DraftCheckpointMixin, check_drafter_target, context_handle, init_draft_weights
 from dspark.models.drafters.registry import register_drafter
 from dspark.models.kv_cache import AttentionMetadata, PagedKVCache
 from dspark.models.layers import Attention, GatedMLP, RMSNorm, paged_attention
@@ -298,17 +298,7 @@ class DSparkDrafter(Drafter):
         handles, feats = [], []
         device = self.model.fc.weight.device
         for item in batch:
-            if item.new_features is None:
-                raise RequestError(f"drafter '{self.name}' needs target features (layers {self.feature_layer_ids})")
-            handle = self._handles.get(item.seq_id)
-            if handle is None:
-                handle = self._handles[item.seq_id] = self.cache.new_sequence()
-            if self.cache.length(handle) + item.new_features.shape[0] != len(item.token_ids) - 1:
-                raise RequestError(
-                    f"sequence {item.seq_id}: drafter context ({self.cache.length(handle)} + {item.new_features.shape[0]} "
-                    f"positions) does not end right before the anchor (position {len(item.token_ids) - 1})"
-                )
-            handles.append(handle)
+            handles.append(context_handle(self, self.cache, self._handles, item))
             feats.append(item.new_features.to(device))
         anchors = torch.tensor([item.token_ids[-1] for item in batch], dtype=torch.long, device=device)
         hidden = self.model.forward_block(self.cache, handles, feats, anchors)

@@ -66,7 +66,13 @@ from dspark.decoding.sampling import logits_to_probs, sample
 from dspark.errors import CheckpointError, RequestError
 from dspark.models.config import DecoderConfig, parse_decoder_config
 from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter
-from dspark.models.drafters.common import DraftCheckpointMixin, check_drafter_target, compute_dtype, init_draft_weights
+from dspark.models.drafters.common import (
+    DraftCheckpointMixin,
+    check_drafter_target,
+    compute_dtype,
+    context_handle,
+    init_draft_weights,
+)
 from dspark.models.drafters.registry import register_drafter
 from dspark.models.kv_cache import PagedKVCache
 from dspark.models.layers import Attention, GatedMLP, RMSNorm
@@ -439,17 +445,8 @@ class CausalFeatureDrafter(Drafter):
         device = self.model.lm_head.weight.device
         handles, todo = [], []
         for item in batch:
-            if item.new_features is None:
-                raise RequestError(f"drafter '{self.name}' needs target features (layers {self.feature_layer_ids})")
-            handle = self._handles.get(item.seq_id)
-            if handle is None:
-                handle = self._handles[item.seq_id] = self.cache.new_sequence()
+            handle = context_handle(self, self.cache, self._handles, item)
             seen, n_new = self.cache.length(handle), item.new_features.shape[0]
-            if seen + n_new != len(item.token_ids) - 1:
-                raise RequestError(
-                    f"sequence {item.seq_id}: drafter context ({seen} + {n_new} positions) does not end right "
-                    f"before the anchor (position {len(item.token_ids) - 1})"
-                )
             if n_new and item.new_features.shape[-1] != self.model.feature_width:
                 raise RequestError(
                     f"sequence {item.seq_id}: target features are {item.new_features.shape[-1]} wide, drafter "
