@@ -1,10 +1,23 @@
-"""Rendering of evaluation results: a Table-1-style τ table and the Fig. 2-style per-position plot."""
+"""Rendering of evaluation results: a Table-1-style τ table, the Fig. 2-style per-position plot, and the
+figure writer every evaluation plot uses."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from dspark.engine.stats import SpecStats
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write a matplotlib figure to `path` (parents created), close it, return the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def tau_table(report: dict) -> str:
@@ -44,7 +57,6 @@ def pooled_by_domain(result: dict) -> dict[str, SpecStats]:
 
 def plot_conditional_acceptance(report: dict, path: str | Path) -> Path:
     """Fig. 2: conditional acceptance per block position, one panel per domain, one line per drafter."""
-    from dspark.evaluation.simulator import save_figure
     import matplotlib
 
     matplotlib.use("Agg")

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from dspark.errors import ConfigError
+from dspark.evaluation.report import save_figure
 from dspark.scheduling import (
     AsyncTopK,
     CausalGreedy,
@@ -575,18 +576,6 @@ def _style(name: str, fixed_names: list[str]):
     colors = {"plain": "black", "verify-all": "tab:brown", "causal-greedy": "tab:red", "async-topk": "tab:orange",
               "mtp-1": "tab:blue"}
     return {"color": colors.get(name, "tab:green"), "lw": 2.2 if name == "causal-greedy" else 1.6, "ms": 4}
-
-
-def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Write a matplotlib figure to `path` (parents created), close it, return the path."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
 
 
 def plot_frontier(result: dict, path: str | Path, title: str = "") -> Path:

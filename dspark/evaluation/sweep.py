@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from dspark.errors import ConfigError
-from dspark.evaluation.simulator import Rounds, replay, save_figure
+from dspark.evaluation.report import save_figure
+from dspark.evaluation.simulator import Rounds, replay
 from dspark.scheduling import ConfidenceThreshold, SurvivalThreshold
 
 DEFAULT_THRESHOLDS = "0.05:0.95:0.05"
