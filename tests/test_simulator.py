@@ -146,7 +146,7 @@ def test_goals_section_is_computed_against_the_baselines():
     res = simulate(rounds, profile, concurrency=[1, 4, 16, 64, 256], steps=60, min_rounds=0, mtp_rounds=mtp)
     assert res["settings"]["mtp_draft_scale"] == pytest.approx(0.2)
     assert set(res["policies"]) == {"plain", *(f"fixed-{n}" for n in range(1, GAMMA + 1)), "verify-all",
-                                    "threshold-0.5", "causal-greedy", "async-topk", "mtp-1"}
+                                    "threshold-0.5", "causal-greedy", "causal-greedy-gated", "async-topk", "mtp-1"}
     g = goals(res)
     a = g["a_throughput_vs_plain_and_fixed"]
     assert len(a["points"]) == 5 and isinstance(a["met"], bool)

@@ -110,6 +110,8 @@ def run_simulate(args) -> int:
     if max_r is not None and concurrency[-1] > max_r:
         result["notes"].append(f"the profile measures up to {max_r} requests; larger concurrencies are extrapolated")
     result["goals"] = goals(result)
+    if "causal-greedy-gated" in result["policies"]:
+        result["goals_gated"] = goals(result, "causal-greedy-gated")
     result["profile"] = {"source": profile_how, **{k: v for k, v in profile.metadata.items()
                                                    if isinstance(v, (str, int, float, bool)) or v is None}}
     result["traces"]["source"] = traces_how
@@ -127,7 +129,7 @@ def run_simulate(args) -> int:
     if args.json:
         print_json(result)
     else:
-        print(format_table(result, result["goals"]))
+        print(format_table(result, result["goals"], result.get("goals_gated")))
         if args.out:
             print(f"written {Path(args.out) / 'simulate.json'}, {result['plots']['fig7']}, {result['plots']['fig8']}")
     return 0

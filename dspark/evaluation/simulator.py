@@ -29,8 +29,9 @@ the confidences as recorded (calibrated when the recording applied a calibration
 * mean_step_ms, tokens_per_step (per request), acceptance_rate (accepted / verified drafts).
 
 Policies: plain decoding (ℓ = 0, no drafter cost); fixed-n (ℓ = min(n, drafted)); verify-all;
-threshold-t (longest prefix with every c_k ≥ t); causal-greedy (Algorithm 1, SPEC §5.2); async-topk
-(SPEC §5.4); mtp-1 — the traces' MTP-1 drafter (block size 1, label containing "mtp") verifying 1 token,
+threshold-t (longest prefix with every c_k ≥ t); causal-greedy (Algorithm 1, SPEC §5.2);
+causal-greedy-gated (Algorithm 1 behind `dspark.scheduling.gate.DraftGate`: a step the gate skips runs no
+drafter, costs verify_ms(C) only and emits one token per stream); async-topk (SPEC §5.4); mtp-1 — the traces' MTP-1 drafter (block size 1, label containing "mtp") verifying 1 token,
 or, without one, the DSpark rounds cut to their first slot; its draft cost is draft_ms(C) · scale with
 scale = 1 / draft_layers of the profile (one drafter layer instead of the profile drafter's five).
 """
@@ -58,12 +59,13 @@ from dspark.scheduling import (
     SPSProfile,
     VerifyAll,
 )
+from dspark.scheduling.gate import DraftGate
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DEFAULT_STEPS = 400
 DEFAULT_MIN_ROUNDS = 4096  # request-rounds per concurrency at least (more steps at low C)
 DEFAULT_THRESHOLD = 0.5
-DEFAULT_POLICIES = "plain,fixed,verify-all,threshold-0.5,causal-greedy,async-topk,mtp-1"
+DEFAULT_POLICIES = "plain,fixed,verify-all,threshold-0.5,causal-greedy,causal-greedy-gated,async-topk,mtp-1"
 RECORD_SETS = ("corpus-code", "corpus-prose", "gsm8k", "mbpp", "mt-bench")
 MATCHED_SPEED_GOAL = 1.6  # per-user speed vs MTP-1 at matched throughput (SPEC §5.6: +57–85 %)
 TIE_TOLERANCE = 0.005  # goal (a): a margin ≥ −0.5 % is a tie (at low load CG and the best fixed length agree)
@@ -259,8 +261,8 @@ def replay(accepted: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.nd
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """One simulated policy: kind ∈ plain | fixed | verify-all | threshold | causal-greedy | async-topk |
-    mtp-1; param = n (fixed) or t (threshold)."""
+    """One simulated policy: kind ∈ plain | fixed | verify-all | threshold | causal-greedy |
+    causal-greedy-gated | async-topk | mtp-1; param = n (fixed) or t (threshold)."""
 
     kind: str
     param: float | None = None
@@ -274,7 +276,7 @@ class PolicySpec:
         return self.kind
 
 
-_SIMPLE = ("plain", "verify-all", "causal-greedy", "async-topk", "mtp-1")
+_SIMPLE = ("plain", "verify-all", "causal-greedy", "causal-greedy-gated", "async-topk", "mtp-1")
 
 
 def parse_policies(text: str | Sequence[str], gamma: int | None) -> list[PolicySpec]:
@@ -310,7 +312,7 @@ def parse_policies(text: str | Sequence[str], gamma: int | None) -> list[PolicyS
             out.append(PolicySpec("threshold", t))
         else:
             raise ConfigError(f"--policies: unknown policy {item!r}; use plain, fixed, fixed-N, verify-all, "
-                              "threshold, threshold-T, causal-greedy, async-topk, mtp-1")
+                              "threshold, threshold-T, causal-greedy, causal-greedy-gated, async-topk, mtp-1")
     return list(dict.fromkeys(out))
 
 
@@ -322,7 +324,7 @@ def make_scheduler(spec: PolicySpec, profile: SPSProfile | None):
         return VerifyAll()
     if spec.kind == "threshold":
         return ConfidenceThreshold(float(spec.param))
-    if spec.kind == "causal-greedy":
+    if spec.kind in ("causal-greedy", "causal-greedy-gated"):
         return CausalGreedy(profile)
     if spec.kind == "async-topk":
         return AsyncTopK(profile)
@@ -390,8 +392,29 @@ def _lengths(scheduler, rounds: Rounds, idx: np.ndarray, ids: np.ndarray, limit:
     return out
 
 
+def _gated_lengths(scheduler, gate: DraftGate, rounds: Rounds, idx: np.ndarray, ids: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(ℓ [steps, C], drafted [steps] bool): each step the gate decides from earlier rounds whether the
+    drafter runs; if it does, the scheduler picks ℓ and the gate observes the round's confidences and its
+    verification outcome."""
+    steps, count = idx.shape
+    out = np.zeros((steps, count), dtype=np.int64)
+    drafted = np.zeros(steps, dtype=bool)
+    for t in range(steps):
+        if not gate.should_draft(count):
+            continue
+        row = idx[t]
+        conf = rounds.confidences[row]
+        full = np.minimum(rounds.drafted[row], rounds.verified[row])
+        out[t] = scheduler(torch.from_numpy(conf), rounds.drafted[row], rounds.verified[row], ids[t]).numpy()
+        gate.observe(conf, full, out[t], np.minimum(rounds.accepted[row], out[t]))
+        drafted[t] = True
+    return out, drafted
+
+
 def _point(spec: PolicySpec, c: int, ell: np.ndarray, acc_all: np.ndarray, verify_table: np.ndarray,
-           draft_ms: float) -> dict:
+           draft_ms: float | np.ndarray) -> dict:
+    """draft_ms: the drafter's cost per step (a scalar, or [steps] when a gate skips some steps)."""
     accepted, emitted = replay(acc_all, ell)
     batch = c + ell.sum(1)  # B per step
     step_ms = verify_table[batch - c] + draft_ms
@@ -446,6 +469,11 @@ def simulate(rounds: Rounds, profile: SPSProfile, *, concurrency: Sequence[int] 
             if spec.kind == "plain":
                 ell = np.zeros_like(idx)
                 results[spec.name].append(_point(spec, c, ell, rounds.accepted[idx], verify_table, 0.0))
+            elif spec.kind == "causal-greedy-gated":
+                ell, drafted = _gated_lengths(scheduler, DraftGate(profile), rounds, idx, ids)
+                point = _point(spec, c, ell, rounds.accepted[idx], verify_table, draft * drafted)
+                point["drafted_fraction"] = float(drafted.mean())
+                results[spec.name].append(point)
             elif spec.kind == "mtp-1":
                 ell = _lengths(scheduler, mtp_source, midx, mids, 1)
                 results[spec.name].append(_point(spec, c, ell, mtp_source.accepted[midx], verify_table, draft * scale))
@@ -636,14 +664,15 @@ def plot_budget(result: dict, path: str | Path, title: str = "") -> Path:
     return save_figure(fig, path)
 
 
-def format_table(result: dict, goal: dict | None = None) -> str:
+def format_table(result: dict, goal: dict | None = None, gated_goal: dict | None = None) -> str:
     """Short text table: throughput (tokens/s) per concurrency for the main policies, CG per-user speed
-    and budget, then the goals."""
+    and budget, then the goals (of Algorithm 1, and of Algorithm 1 behind the draft gate when given)."""
     pol = result["policies"]
     fixed = [n for n in pol if n.startswith("fixed-")]
     cols = [n for n in ("plain", "verify-all") if n in pol] + [n for n in pol if n.startswith("threshold-")]
-    cols += [n for n in ("async-topk", "mtp-1", "causal-greedy") if n in pol]
-    header = f"{'C':>5} " + "".join(f"{n[:13]:>14}" for n in cols)
+    cols += [n for n in ("async-topk", "mtp-1", "causal-greedy", "causal-greedy-gated") if n in pol]
+    short = {"causal-greedy-gated": "CG gated"}
+    header = f"{'C':>5} " + "".join(f"{short.get(n, n)[:13]:>14}" for n in cols)
     if fixed:
         header += f"{'best fixed':>17}"
     if "causal-greedy" in pol:
@@ -658,22 +687,30 @@ def format_table(result: dict, goal: dict | None = None) -> str:
             p = pol["causal-greedy"][i]
             row += f"{p['per_user_tok_s']:>14.1f}{p['mean_budget']:>7.2f}"
         lines.append(row)
-    if goal and goal.get("available"):
-        a = goal["a_throughput_vs_plain_and_fixed"]
-        b = goal["b_per_user_at_lowest_concurrency"]
-        c = goal["c_per_user_vs_mtp1_at_matched_throughput"]
-        if a.get("met") is not None:
-            fails = ", ".join(f"C={c}" for c in a["failing_concurrency"])
-            lines.append(f"(a) CG throughput ≥ max(plain, fixed) at every C: {'met' if a['met'] else 'NOT met'} "
-                         f"(min margin {100 * a['min_margin']:+.1f} %{'; below at ' + fails if fails else ''})")
-        if b.get("ratio") is not None:
-            lines.append(f"(b) CG per-user speed at C={b['concurrency']} / best fixed ({b['best_fixed']}): {b['ratio']:.3f}")
-        if c.get("min_ratio") is not None:
-            lines.append(f"(c) CG per-user speed / MTP-1 at matched throughput: {c['min_ratio']:.2f}–{c['max_ratio']:.2f}× "
-                         f"(median {c['median_ratio']:.2f}×; goal ≥ {MATCHED_SPEED_GOAL}×: "
-                         f"{'met' if c['met'] else 'NOT met'})")
-        elif "reason" in c:
-            lines.append(f"(c) vs MTP-1: {c['reason']}")
+    for label, g in (("CG", goal), ("CG gated", gated_goal)):
+        lines.extend(_goal_lines(label, g))
     for note in result.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def _goal_lines(label: str, goal: dict | None) -> list[str]:
+    if not goal or not goal.get("available"):
+        return []
+    lines = []
+    a = goal["a_throughput_vs_plain_and_fixed"]
+    b = goal["b_per_user_at_lowest_concurrency"]
+    c = goal["c_per_user_vs_mtp1_at_matched_throughput"]
+    if a.get("met") is not None:
+        fails = ", ".join(f"C={c}" for c in a["failing_concurrency"])
+        lines.append(f"(a) {label} throughput ≥ max(plain, fixed) at every C: {'met' if a['met'] else 'NOT met'} "
+                     f"(min margin {100 * a['min_margin']:+.1f} %{'; below at ' + fails if fails else ''})")
+    if b.get("ratio") is not None:
+        lines.append(f"(b) {label} per-user speed at C={b['concurrency']} / best fixed ({b['best_fixed']}): {b['ratio']:.3f}")
+    if c.get("min_ratio") is not None:
+        lines.append(f"(c) {label} per-user speed / MTP-1 at matched throughput: {c['min_ratio']:.2f}–{c['max_ratio']:.2f}× "
+                     f"(median {c['median_ratio']:.2f}×; goal ≥ {MATCHED_SPEED_GOAL}×: "
+                     f"{'met' if c['met'] else 'NOT met'})")
+    elif "reason" in c:
+        lines.append(f"(c) {label} vs MTP-1: {c['reason']}")
+    return lines

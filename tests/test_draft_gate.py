@@ -1,0 +1,93 @@
+"""The draft gate (dspark.scheduling.gate): it decides from past rounds whether drafting pays at the current
+load, corrects a biased head with verification outcomes, probes while closed, and in the simulator keeps
+Algorithm 1 from falling below plain decoding when the drafter's cost is not recovered."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dspark.evaluation.simulator import drafter_rounds, parse_policies, simulate
+from dspark.scheduling import DraftGate, SPSProfile
+
+GAMMA = 5
+# Step time grows with the batch's tokens (ms); the drafter costs 2 ms + 0.05 ms per request.
+COSTLY = {"verify_ms_by_tokens": {"1": 10.05, "4096": 215.0}, "draft_ms": {"1": 2.05, "1024": 53.2},
+          "draft_layers": 1}
+
+
+def feed(gate, c, rounds, accept=None, seed=0):
+    """`rounds` rounds with every conditional confidence = c, all slots verified; each slot survives with
+    probability `accept` (default c) given the previous one."""
+    rng = np.random.default_rng(seed)
+    accept = c if accept is None else accept
+    conf = np.full((rounds, GAMMA), c)
+    accepted = np.cumprod(rng.random((rounds, GAMMA)) < accept, axis=1).sum(1)
+    gate.observe(conf, np.full(rounds, GAMMA), np.full(rounds, GAMMA), accepted)
+
+
+def test_gate_drafts_while_it_pays_and_stops_under_load_when_it_does_not():
+    profile = SPSProfile.from_dict(COSTLY)
+    good, weak = DraftGate(profile, probe_every=0), DraftGate(profile, probe_every=0)
+    assert good.should_draft(64) and weak.should_draft(64)  # nothing observed yet: draft
+    feed(good, 0.9, 512)
+    feed(weak, 0.2, 512)
+    assert good.should_draft(1) and good.should_draft(256)
+    assert weak.gain(256) < 1.0 and not weak.should_draft(256)
+    # The same weak drafter pays at low load: one request's step is nearly flat in tokens.
+    flat = SPSProfile.from_dict({"verify_ms_by_tokens": {"1": 10.0, "64": 10.3}, "draft_ms": {"1": 1.0}})
+    cheap = DraftGate(flat, probe_every=0)
+    feed(cheap, 0.6, 512)
+    assert cheap.should_draft(1)
+
+
+def test_outcomes_correct_a_biased_head():
+    """A head that predicts 0.9 per slot while only 10 % survive: without outcomes the gate keeps drafting,
+    with them it stops (the correction ρ ≈ 0.1/0.9 at slot 1)."""
+    profile = SPSProfile.from_dict(COSTLY)
+    blind, informed = DraftGate(profile, probe_every=0), DraftGate(profile, probe_every=0)
+    blind.observe(np.full((512, GAMMA), 0.9), np.full(512, GAMMA))  # no verification outcome given
+    feed(informed, 0.9, 512, accept=0.1)
+    assert blind.should_draft(256)
+    assert informed.correction()[0] == pytest.approx(0.1 / 0.9, rel=0.25)
+    assert not informed.should_draft(256)
+
+
+def test_closed_gate_probes_and_skips_bad_rows():
+    gate = DraftGate(SPSProfile.from_dict(COSTLY), probe_every=4, min_rounds=8)
+    feed(gate, 0.05, 64)
+    decisions = [gate.should_draft(128) for _ in range(12)]
+    assert decisions == [False, False, False, True] * 3
+    before = gate.rounds
+    bad = np.full((3, GAMMA), 0.5)
+    bad[0, 1], bad[1, 0] = np.nan, 1.5
+    gate.observe(bad, np.full(3, GAMMA))
+    assert gate.rounds == before + 1  # only the clean row counts
+    with pytest.raises(ValueError, match="window"):
+        DraftGate(SPSProfile.from_dict(COSTLY), window=0)
+
+
+def weak_traces(seed=0, rounds=600):
+    """A weak, calibrated drafter: conditional c ~ Beta around 0.35; slot k survives with probability c_k."""
+    rng = np.random.default_rng(seed)
+    conf = rng.beta(1.4, 2.6, size=(rounds, GAMMA)).clip(0.02, 0.98)
+    acc = np.cumprod(rng.random((rounds, GAMMA)) < conf, axis=1).sum(1)
+    return {"dspark": {"drafter": "dspark", "block_size": GAMMA, "has_confidences": True, "datasets": {"s": {
+        "domain": "math", "confidences": conf.tolist(), "drafted": [GAMMA] * rounds, "verified": [GAMMA] * rounds,
+        "accepted": acc.tolist(), "emitted": (acc + 1).tolist(), "sample": (np.arange(rounds) // 20).tolist()}}}}
+
+
+def test_gated_algorithm_1_never_falls_below_plain_decoding_where_ungated_does():
+    rounds = drafter_rounds(weak_traces(), "dspark")
+    profile = SPSProfile.from_dict(COSTLY)
+    policies = parse_policies("plain,causal-greedy,causal-greedy-gated", GAMMA)
+    res = simulate(rounds, profile, concurrency=[1, 64, 256], steps=300, min_rounds=0, policies=policies)
+    by = {name: {p["concurrency"]: p for p in pts} for name, pts in res["policies"].items()}
+    assert by["causal-greedy"][256]["throughput_tok_s"] < 0.97 * by["plain"][256]["throughput_tok_s"]
+    for c in (64, 256):
+        assert by["causal-greedy-gated"][c]["throughput_tok_s"] >= 0.98 * by["plain"][c]["throughput_tok_s"]
+        assert by["causal-greedy-gated"][c]["drafted_fraction"] < 0.2
+    # At one request the drafter pays: the gate stays open and the policy is Algorithm 1.
+    assert by["causal-greedy"][1]["throughput_tok_s"] > by["plain"][1]["throughput_tok_s"]
+    assert by["causal-greedy-gated"][1]["drafted_fraction"] == 1.0
+    assert by["causal-greedy-gated"][1]["throughput_tok_s"] == pytest.approx(by["causal-greedy"][1]["throughput_tok_s"])
