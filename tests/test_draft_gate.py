@@ -91,3 +91,72 @@ def test_gated_algorithm_1_never_falls_below_plain_decoding_where_ungated_does()
     assert by["causal-greedy"][1]["throughput_tok_s"] > by["plain"][1]["throughput_tok_s"]
     assert by["causal-greedy-gated"][1]["drafted_fraction"] == 1.0
     assert by["causal-greedy-gated"][1]["throughput_tok_s"] == pytest.approx(by["causal-greedy"][1]["throughput_tok_s"])
+
+
+# -------------------------------------------------------------------------------------------------
+# In the generation loop: skipped rounds are plain decoding steps; output stays exact
+# -------------------------------------------------------------------------------------------------
+
+from collections import Counter  # noqa: E402
+
+from dspark.decoding.sampling import SamplingParams  # noqa: E402
+from dspark.engine.generation import generate  # noqa: E402
+from dspark.errors import RequestError  # noqa: E402
+
+from drafters_for_tests import RandomDrafter  # noqa: E402
+from test_sampling_distribution import ALPHA, chi_square, choose_n_samples, exact_joint, _power  # noqa: E402
+from test_scheduler_lossless import (  # noqa: E402
+    CHUNK, PROMPT, TOP_K3, V, MarkovConfidenceDrafter, NoisyOracleDrafter,
+)
+
+# Drafting never pays here (a drafter as slow as 20 verification steps), so after `min_rounds` the gate stays
+# closed except for its probes: with probe_every=2 it alternates between drafted and plain rounds.
+NEVER_PAYS = SPSProfile.from_dict({"verify_ms_by_tokens": {"1": 10.0, "100000": 100010.0}, "draft_ms": {"1": 200.0}})
+
+
+def alternating_gate():
+    return DraftGate(NEVER_PAYS, probe_every=2, min_rounds=1)
+
+
+def test_generation_with_gate_equals_plain_greedy(dist_runner):
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, V, int(rng.integers(1, 9))).tolist() for _ in range(16)]
+    greedy = SamplingParams(temperature=0.0)
+    plain = generate(dist_runner, prompts, sampling=greedy, max_new_tokens=18).sequences
+    longest = generate(dist_runner, prompts, sampling=greedy, max_new_tokens=20).sequences
+    drafter = NoisyOracleDrafter({tuple(p): s.token_ids for p, s in zip(prompts, longest)}, max_draft_tokens=4)
+    gate = alternating_gate()
+    out = generate(dist_runner, prompts, sampling=greedy, max_new_tokens=18, drafter=drafter, num_draft_tokens=4,
+                   record_rounds=True, gate=gate)
+    assert [s.token_ids for s in out.sequences] == [s.token_ids for s in plain]
+    rounds = [r for s in out.sequences for r in s.rounds]
+    assert sum(r.drafted == 0 for r in rounds) > 10 and sum(r.accepted for r in rounds) > 10
+    report = gate.report()
+    assert report["skipped_steps"] > 0 and report["drafted_steps"] > 0
+    with pytest.raises(RequestError, match="gate needs confidences"):
+        generate(dist_runner, prompts, drafter=RandomDrafter(V, max_draft_tokens=2), gate=alternating_gate())
+
+
+@pytest.mark.slow
+def test_sampling_distribution_is_exact_with_gate(dist_runner):
+    """The joint of the first 3 sampled tokens (exact target distribution vs N samples, chi-square at
+    α = ALPHA with the power requirement of test_sampling_distribution) when the gate alternates drafted
+    and plain rounds; the drafter's confidences depend on its drafted tokens."""
+    exact = exact_joint(dist_runner, PROMPT, TOP_K3)
+    n_samples = choose_n_samples(exact)
+    drafter = MarkovConfidenceDrafter(V, max_draft_tokens=2, scale=0.5, base_logits=[0, 0, 0, 2.0, 0, 0, 0, 0])
+    counts = np.zeros(V**3, dtype=np.int64)
+    first_round = Counter()
+    for chunk in range(n_samples // CHUNK):
+        gate = alternating_gate()
+        if chunk % 2:  # a gate that has seen a round is closed: this chunk starts with a plain round
+            gate.observe(np.full((1, 2), 0.5), [2], [2], [1])
+        out = generate(dist_runner, [PROMPT] * CHUNK, sampling=TOP_K3, max_new_tokens=4, drafter=drafter,
+                       num_draft_tokens=2, seed=70 + chunk, record_rounds=True, gate=gate)
+        for seq in out.sequences:
+            counts[np.ravel_multi_index(seq.token_ids[:3], (V,) * 3)] += 1
+            first_round[seq.rounds[0].drafted] += 1
+    assert first_round[0] > 0 and first_round[2] > 0  # some chunks start with a plain round, some drafted
+    assert _power(exact, n_samples) >= 0.8
+    pvalue, _ = chi_square(counts, exact)
+    assert pvalue > ALPHA, f"output distribution differs from the target with the gate: p={pvalue:.3g}"

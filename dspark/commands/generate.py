@@ -25,6 +25,8 @@ def register(sub) -> None:
                      help="verification policy (SPEC §5): verify-all (default), fixed-N, threshold-T, causal-greedy, async-topk")
     gen.add_argument("--profile", default=None,
                      help="SPS profile JSON for causal-greedy / async-topk (default: this machine's, measured once and cached)")
+    gen.add_argument("--draft-gate", action="store_true",
+                     help="skip the drafter in rounds where, by earlier rounds and the SPS profile, drafting does not pay")
     gen.add_argument("--online-calibration", type=int, default=None, metavar="N",
                      help="refit the confidence temperatures every N verification rounds from the outcomes (SPEC §4.3)")
     gen.add_argument("--chat", action="store_true", help="render the prompt as one user turn with the chat template")
@@ -34,28 +36,31 @@ def register(sub) -> None:
     gen.set_defaults(handler=run_generate)
 
 
+def _profile(args):
+    from dspark.scheduling.sps import SPSProfile
+
+    if args.profile:
+        return SPSProfile.load(args.profile)
+    from dspark.scheduling.profiler import load_or_profile
+
+    return SPSProfile.from_dict(load_or_profile(args.model, args.drafter, device=args.device, dtype=args.dtype))
+
+
 def make_scheduling(args, drafter):
-    """(scheduler, online calibrator) from --scheduler / --profile / --online-calibration."""
+    """(scheduler, online calibrator, draft gate) from --scheduler / --profile / --online-calibration /
+    --draft-gate."""
     if drafter is None:
-        if args.scheduler or args.online_calibration:
-            raise RequestError("--scheduler and --online-calibration need a drafter")
-        return None, None
+        if args.scheduler or args.online_calibration or args.draft_gate:
+            raise RequestError("--scheduler, --online-calibration and --draft-gate need a drafter")
+        return None, None, None
     scheduler = None
     if args.scheduler:
         from dspark.evaluation.simulator import make_scheduler, parse_policies
-        from dspark.scheduling.sps import SPSProfile
 
         spec = parse_policies(args.scheduler, drafter.max_draft_tokens)
         if len(spec) != 1 or spec[0].kind in ("plain", "mtp-1"):
             raise RequestError(f"--scheduler {args.scheduler!r}: give one of verify-all, fixed-N, threshold-T, causal-greedy, async-topk")
-        profile = None
-        if spec[0].kind in ("causal-greedy", "async-topk"):
-            if args.profile:
-                profile = SPSProfile.load(args.profile)
-            else:
-                from dspark.scheduling.profiler import load_or_profile
-
-                profile = SPSProfile.from_dict(load_or_profile(args.model, args.drafter, device=args.device, dtype=args.dtype))
+        profile = _profile(args) if spec[0].kind in ("causal-greedy", "async-topk") else None
         scheduler = make_scheduler(spec[0], profile)
     calibrator = None
     if args.online_calibration is not None:
@@ -67,7 +72,14 @@ def make_scheduling(args, drafter):
         calibrator = OnlineCalibrator(drafter.max_draft_tokens, refit_every=args.online_calibration,
                                       window=max(4 * args.online_calibration, 256), min_count=10,
                                       initial_temperatures=None if temps is None else temps.tolist())
-    return scheduler, calibrator
+    gate = None
+    if args.draft_gate:
+        if not drafter.provides_confidence:
+            raise RequestError("--draft-gate needs a drafter with a confidence head")
+        from dspark.scheduling.gate import DraftGate
+
+        gate = DraftGate(_profile(args))
+    return scheduler, calibrator, gate
 
 
 def run_generate(args) -> int:
@@ -88,13 +100,13 @@ def run_generate(args) -> int:
     if args.drafter is not None:
         drafter = load_drafter(args.drafter, num_draft_tokens=args.num_draft_tokens, device=args.device, dtype=args.dtype,
                                calibration=args.calibration)
-    scheduler, calibrator = make_scheduling(args, drafter)
+    scheduler, calibrator, gate = make_scheduling(args, drafter)
     prompts = [render_prompt(tokenizer, text, args.chat) for text in args.prompt]
     stops = stop_token_ids(args.model, tokenizer, runner.config.eos_token_ids)
     out = generate(
         runner, prompts, sampling=sampling, max_new_tokens=args.max_new_tokens, drafter=drafter,
         num_draft_tokens=args.num_draft_tokens, stop_token_ids=stops, seed=args.seed, scheduler=scheduler,
-        calibrator=calibrator,
+        calibrator=calibrator, gate=gate,
     )
     outputs = []
     for seq in out.sequences:
@@ -118,6 +130,7 @@ def run_generate(args) -> int:
             "spec_decode": out.stats.to_dict() if drafter else None,
             "scheduler": repr(scheduler) if scheduler is not None else None,
             "online_calibration": calibrator.drift_report() if calibrator is not None else None,
+            "draft_gate": None if gate is None else gate.report(),
         })
         print_json(summary)
     else:

@@ -8,7 +8,10 @@ One round for every unfinished sequence (SPEC §1):
      stop token (an accepted stop token ends the sequence with no bonus) and at max_new_tokens.
 Plain decoding is the same loop with ℓ = 0, so both use identical target processing.
 With a `scheduler` (SPEC §5, dspark.scheduling) step 2 verifies only ℓ = scheduler(confidences, ...) of
-the proposed drafts; every policy there keeps the output distribution exact.
+the proposed drafts; every policy there keeps the output distribution exact. With a `gate`
+(dspark.scheduling.gate.DraftGate) step 1 is skipped in rounds where, by earlier rounds, drafting does not
+pay at this batch size: the round is a plain decoding step, and the target features it produces are
+kept for the drafter's next call.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dspark.errors import RequestError
 from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter
 from dspark.models.target_runner import TargetRunner
 from dspark.calibration.online import OnlineCalibrator
+from dspark.scheduling.gate import DraftGate
 from dspark.scheduling.policies import Scheduler
 
 
@@ -104,6 +108,7 @@ def generate(
     record_rounds: bool = False,
     scheduler: Scheduler | None = None,
     calibrator: OnlineCalibrator | None = None,
+    gate: DraftGate | None = None,
 ) -> GenerationOutput:
     """Generate continuations for a batch of tokenised prompts, with or without a drafter.
 
@@ -116,6 +121,9 @@ def generate(
     calibrator: online calibration (SPEC §4.3): every round's raw-head confidences and outcomes are fed to
         it, and the temperatures of each refit are applied to the drafter from the next round on (its
         `drift_report()` / `metrics()` export the drift). Ignored for drafters without confidences.
+    gate: decides before each round, from earlier rounds only, whether the drafter runs (needs a drafter
+        with confidences; a skipped round is a plain decoding step). Lossless: the decision never depends
+        on the round's own tokens.
     """
     count = len(prompts)
     samplings = _per_sequence(sampling, count, "sampling")
@@ -132,6 +140,8 @@ def generate(
                 f"scheduler '{scheduler.name}' chooses verification lengths from confidences, and drafter "
                 f"'{drafter.name}' provides none; use a drafter with a confidence head, or no scheduler"
             )
+        if gate is not None and not drafter.provides_confidence:
+            raise RequestError(f"the draft gate needs confidences, and drafter '{drafter.name}' provides none")
     for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
         if len(prompt) == 0:
             raise RequestError(f"prompt {i} is empty")
@@ -165,7 +175,8 @@ def generate(
             state.finish_reason = reason
             (done if reason else active).append(state)
         while active:
-            _round(runner, active, drafter, k, layers, stop_ids, generator, record_rounds, scheduler, calibrator)
+            _round(runner, active, drafter, k, layers, stop_ids, generator, record_rounds, scheduler, calibrator,
+                   gate)
             still = []
             for state in active:
                 (done if state.finish_reason else still).append(state)
@@ -219,6 +230,7 @@ def _round(
     record_rounds: bool,
     scheduler: Scheduler | None = None,
     calibrator: OnlineCalibrator | None = None,
+    gate: DraftGate | None = None,
 ) -> None:
     batch = len(active)
     # Drafts are only worth proposing if the round can still emit them plus one target token.
@@ -227,7 +239,7 @@ def _round(
         room = s.max_new_tokens - len(s.generated)
         context_room = runner.max_context - runner.length(s.seq_id) - 1
         limits.append(max(0, min(k, room - 1, context_room)))
-    drafter_called = drafter is not None and any(limits)
+    drafter_called = drafter is not None and any(limits) and (gate is None or gate.should_draft(batch))
     if drafter_called:
         inputs = [
             DraftInput(s.seq_id, s.prompt + s.generated, s.pending_features, limit, s.sampling)
@@ -260,6 +272,9 @@ def _round(
     result = verify(target_probs, drafts.to(target_probs.device), verify_lens, draft_probs, generator)
     if calibrator is not None and drafter_called and proposal.confidences is not None:
         feed_calibrator(calibrator, drafter, proposal.confidences, verify_lens, result.num_accepted)
+    if gate is not None and drafter_called and proposal.confidences is not None:
+        gate.observe(proposal.confidences.detach().float().cpu().numpy(), torch.minimum(proposal.lengths, limits_t),
+                     verify_lens, result.num_accepted)
     accepted = result.num_accepted.tolist()
     next_tokens = result.next_tokens.tolist()
     features = out.split(out.features) if out.features is not None else [None] * batch

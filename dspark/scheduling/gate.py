@@ -53,6 +53,8 @@ class DraftGate:
         self.min_verified = int(min_verified)
         self.probe_every = int(probe_every)
         self._closed_steps = 0
+        self.drafted_steps = 0
+        self.skipped_steps = 0
         self._rows: deque[np.ndarray] = deque(maxlen=window)  # [4, K]: a_k, a_k if verified, survived, verified
         self._sum: np.ndarray | None = None
 
@@ -118,16 +120,29 @@ class DraftGate:
         return spec / plain
 
     def should_draft(self, requests: int) -> bool:
-        """Decision for the next step of `requests` active requests (counts the steps kept closed)."""
+        """Decision for the next step of `requests` active requests (counted in drafted_steps /
+        skipped_steps)."""
+        decision = self._decide(requests)
+        if decision:
+            self.drafted_steps += 1
+        else:
+            self.skipped_steps += 1
+        return decision
+
+    def _decide(self, requests: int) -> bool:
         if requests < 1 or self.rounds < self.min_rounds or not self.profile.has_draft_cost:
             return True
         if self.gain(requests) > 1.0 + self.margin:
             self._closed_steps = 0
             return True
         self._closed_steps += 1
-        if self.probe_every and self._closed_steps % self.probe_every == 0:
-            return True
-        return False
+        return bool(self.probe_every) and self._closed_steps % self.probe_every == 0
+
+    def report(self) -> dict:
+        """Counters and the current estimate (for --json output and metrics)."""
+        rho = self.correction()
+        return {"drafted_steps": self.drafted_steps, "skipped_steps": self.skipped_steps,
+                "rounds_observed": self.rounds, "correction": None if rho is None else rho.tolist()}
 
     def __repr__(self) -> str:
         return f"DraftGate(rounds={self.rounds}, margin={self.margin})"
