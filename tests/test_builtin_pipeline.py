@@ -286,3 +286,50 @@ def test_bpe_conversations_tokenise_prompt_and_response_separately(tokenizer_dir
     assert out.input_ids[: len(prompt)].tolist() == prompt
     assert not out.loss_mask[: len(prompt)].any() and out.loss_mask[len(prompt):].all()
     assert tok.decode(out.input_ids[len(prompt):].tolist()) == messages[1]["content"] + "<|im_end|>\n"
+
+
+def test_zoo_rebuild_end_to_end_at_toy_scale(corpus, tokenizer_dir, tmp_path, monkeypatch):
+    """`dspark zoo rebuild`'s whole chain (pretrain → regenerate → feature cache → drafters → calibrate →
+    install) with a toy recipe: drafters reading the shared layers train from the one feature cache, MTP-1 from
+    the regenerated JSONL, and the installed folder loads as a target with its drafters. A second rebuild
+    reuses every finished step."""
+    import shutil
+
+    from dspark.models.drafters import load_drafter
+    from dspark.models.target_runner import TargetRunner
+    from dspark.training import zoo_build
+
+    work, out = tmp_path / "work", tmp_path / "builtin"
+    shutil.copytree(corpus, work / "corpus")
+    shutil.copytree(tokenizer_dir, work / "tokenizer")
+    toy_target = [o.replace("model.max_position_embeddings=128", "model.max_position_embeddings=2048")
+                  for o in pretrain_overrides("", "", "", 8)[3:] if not o.startswith("train.progress")]
+    monkeypatch.setattr(zoo_build, "PRETRAIN_OVERRIDES", toy_target)
+    monkeypatch.setattr(zoo_build, "REGEN_PROMPTS", 6)
+    monkeypatch.setattr(zoo_build, "REGEN_MAX_NEW_TOKENS", 8)
+    monkeypatch.setattr(zoo_build, "CALIBRATION_PROMPTS", 20)
+    monkeypatch.setattr(zoo_build, "CALIBRATION_MAX_NEW_TOKENS", 16)
+    monkeypatch.setattr(zoo_build, "DRAFTER_OVERRIDES", [
+        "model.draft_layers=1", "model.block_size=3", "model.target_layer_ids=[0,1]", "data.max_length=1024",
+        "data.num_anchors=4", "optim.lr=1e-3", "train.batch_size=2", "train.epochs=1", "train.max_steps=2",
+        "train.checkpoint_every=2", "train.log_every=1", "train.chunk_blocks=4",
+    ])
+    monkeypatch.setattr(zoo_build, "DRAFTER_KIND_OVERRIDES", {
+        "dspark": ["model.markov_rank=4"], "mtp": ["model.block_size=1", "model.target_layer_ids=null"]})
+
+    summary = zoo_build.rebuild(work, out, drafters=("dspark", "mtp"), progress=False)
+    cache = json.loads((work / "features" / "manifest.json").read_text())
+    assert cache["complete"] and cache["target_layer_ids"] == [0, 1]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest == summary["manifest"]
+    assert "data.train=FEATURES" in manifest["drafters"]["dspark"]["recipe"]
+    assert "data.train=DATA" in manifest["drafters"]["mtp"]["recipe"]
+    assert manifest["calibration"]["block_size"] == 3
+    target = TargetRunner.from_pretrained(out / "target", dtype="float32")
+    for name, block in (("dspark", 3), ("mtp", 1)):
+        drafter = load_drafter(str(out / "drafters" / name), calibration="none")
+        drafter.check_target(target.config)
+        assert drafter.max_draft_tokens == block
+    stamp = (work / "features" / "manifest.json").stat().st_mtime_ns
+    zoo_build.rebuild(work, out, drafters=("dspark", "mtp"), progress=False)
+    assert (work / "features" / "manifest.json").stat().st_mtime_ns == stamp

@@ -261,6 +261,20 @@ def test_regenerate_is_reproducible_per_seed(runner, tokenizer, model_dir, promp
     assert a.read_bytes() != c.read_bytes()
 
 
+def test_regenerate_split_over_processes_on_batch_boundaries_equals_one_run(runner, tokenizer, model_dir, prompts,
+                                                                             tmp_path):
+    whole, head, tail = (tmp_path / f"{n}.jsonl" for n in ("whole", "head", "tail"))
+    run_regen(runner, tokenizer, model_dir, prompts, whole)
+    run_regen(runner, tokenizer, model_dir, prompts[:6], head)
+    run_regen(runner, tokenizer, model_dir, prompts[6:], tail, first_batch=2)  # batch size 3: samples 6.. = batch 2
+    assert head.read_bytes() + tail.read_bytes() == whole.read_bytes()
+    unseeded = tmp_path / "unseeded.jsonl"
+    run_regen(runner, tokenizer, model_dir, prompts[6:], unseeded)  # batch 0's seed: other samples drawn
+    assert unseeded.read_bytes() != tail.read_bytes()
+    with pytest.raises(ConfigError, match="first_batch"):
+        run_regen(runner, tokenizer, model_dir, prompts, tmp_path / "bad.jsonl", first_batch=-1)
+
+
 def test_regenerate_refuses_other_settings_and_foreign_files(runner, tokenizer, model_dir, prompts, tmp_path):
     out = tmp_path / "out.jsonl"
     run_regen(runner, tokenizer, model_dir, prompts, out, limit=4)

@@ -17,6 +17,8 @@ Resume semantics (unlike DeepSpec, whose line-count resume duplicates/skips samp
   * batches are fixed index ranges of the input: batch b = samples [b·B, (b+1)·B);
   * batch b is generated with the seed `batch_seed(seed, b)`, so its result does not depend on which
     batches ran before; the same settings give the same file (reproducible per seed);
+  * one run can be split over processes on batch boundaries: the process given samples [k·B, …) passes
+    `first_batch=k`, and the outputs concatenated in order equal the single-process file;
   * a batch's rows are appended with one write, then flushed and fsynced;
   * on restart the output is scanned: a torn last line (a kill during a write: no final newline) is cut
     off, ids already present are skipped, a batch whose ids are all present is skipped, and a partially
@@ -159,12 +161,17 @@ def regenerate(
     template_kwargs: dict | None = None,
     progress: bool = True,
     after_batch: Callable[[int], None] | None = None,
+    first_batch: int = 0,
 ) -> RegenerateSummary:
     """Answer every sample's first user turn with the target and append the rows to `output` (JSONL).
 
     target_identity: `feature_cache.target_identity(folder)` of the target (stored in the settings file).
     after_batch(b): called once batch b's rows are durably written (tests use it to simulate a kill).
+    first_batch: the global index of this run's first batch when `samples` is a batch-aligned slice of a
+    larger input split over processes (seeds follow the global index).
     """
+    if isinstance(first_batch, bool) or not isinstance(first_batch, int) or first_batch < 0:
+        raise ConfigError(f"first_batch must be an integer ≥ 0, got {first_batch!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch size must be an integer ≥ 1, got {batch_size!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -217,7 +224,7 @@ def regenerate(
                     continue
                 rows, generated, skipped = _run_batch(
                     runner, tokenizer, members, missing, messages, stop_token_ids=stop_token_ids,
-                    sampling=sampling, max_new_tokens=max_new_tokens, seed=batch_seed(seed, b), drafter=drafter,
+                    sampling=sampling, max_new_tokens=max_new_tokens, seed=batch_seed(seed, first_batch + b), drafter=drafter,
                     num_draft_tokens=num_draft_tokens, template_kwargs=template_kwargs,
                 )
                 summary.num_skipped_too_long += skipped

@@ -5,11 +5,12 @@ resumes from its last checkpoint; regeneration resumes by sample id):
   1. corpus     dspark.training.corpus.build_corpus                     → WORK/corpus
   2. tokenizer  byte-level BPE on the training files                    → WORK/tokenizer
   3. target     dspark pretrain with PRETRAIN_OVERRIDES                 → WORK/pretrain/model
-  4. data       the target regenerates answers to the corpus's training prompts (greedy, REGEN_*)
+  4. data       the target regenerates answers to the corpus's training prompts (sampled, REGEN_*)
                                                                          → WORK/regenerated.jsonl
+                and caches its features at the drafters' shared layers  → WORK/features
   5. drafters   the five drafters of BUILTIN_DRAFTERS (stored in bfloat16), same data, same target layers, block size 7
                 (MTP-1: one token), each one draft layer so its forward costs about a quarter of the
-                target's seven layers (same vocabulary head)             → WORK/drafters/<name>
+                target's eleven layers (same vocabulary head)             → WORK/drafters/<name>
   6. calibrate  STS for the DSpark drafter's confidence head on CALIBRATION_PROMPTS training-pool prompts
                 that regeneration did not use (so evaluation sets stay out of sample) → WORK/calibration.json
   7. install    copy target, drafters, calibration and the held-out prompt files into OUT (default: the
@@ -27,7 +28,7 @@ from dspark.config import to_dict
 from dspark.models.zoo import BUILTIN_DIR, BUILTIN_DRAFTERS
 
 PRETRAIN_OVERRIDES = [
-    "model.vocab_size=4096", "model.hidden_size=256", "model.intermediate_size=768", "model.num_hidden_layers=7",
+    "model.vocab_size=4096", "model.hidden_size=256", "model.intermediate_size=768", "model.num_hidden_layers=11",
     "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.head_dim=64",
     "model.max_position_embeddings=2048", "data.seq_len=256", "data.chat_fraction=0.5", "optim.lr=2e-3",
     "train.max_steps=650", "train.batch_size=16", "train.checkpoint_every=50", "train.eval_every=130",
@@ -35,13 +36,19 @@ PRETRAIN_OVERRIDES = [
 REGEN_PROMPTS = 1200
 REGEN_MAX_NEW_TOKENS = 128
 REGEN_BATCH_SIZE = 16
+# The paper regenerates "with recommended sampling parameters" (§4.1); DeepSpec's Qwen3 defaults are
+# temperature 0.7, top-p 0.8, top-k 20 (deepspec-notes §4.2). Sampled rather than greedy answers keep the
+# drafters' training contexts close to the T = 1 text they are evaluated on (greedy answers of a small
+# target are repetitive, which inflated the confidence head's position-1 estimate at T = 1).
+REGEN_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
+REGEN_SEED = 0
 CALIBRATION_PROMPTS = 600
 CALIBRATION_MAX_NEW_TOKENS = 64
 DRAFTER_PRESETS = {"dspark": "dspark", "dspark-rnn": "dspark-rnn", "dflash": "dflash", "eagle3": "eagle3", "mtp": "mtp"}
 DRAFTER_OVERRIDES = [
-    "model.draft_layers=1", "model.block_size=7", "model.target_layer_ids=[1,3,5]", "data.max_length=512",
-    "data.num_anchors=64", "optim.lr=1e-3", "train.batch_size=8", "train.epochs=1", "train.max_steps=200",
-    "train.checkpoint_every=50", "train.log_every=10", "train.chunk_blocks=64",
+    "model.draft_layers=1", "model.block_size=7", "model.target_layer_ids=[1,5,9]", "data.max_length=512",
+    "data.num_anchors=64", "optim.lr=1e-3", "train.batch_size=8", "train.epochs=1", "train.max_steps=400",
+    "train.checkpoint_every=100", "train.log_every=10", "train.chunk_blocks=64",
 ]
 # Each drafter's markov_rank comes from its preset (0 where there is no Markov head); DSpark's rank is scaled
 # with the width as in the paper (256 for hidden 2560 → 32 for hidden 256). MTP reads the last layer.
@@ -94,10 +101,44 @@ def build_training_data(work: Path, target: Path, *, device: str, progress: bool
     regenerate(
         runner, tokenizer, read_samples(work / "corpus" / "train-prompts.jsonl"), output,
         stop_token_ids=stop_token_ids(target, tokenizer, runner.config.eos_token_ids),
-        target_identity=target_identity(target), sampling=SamplingParams(), max_new_tokens=REGEN_MAX_NEW_TOKENS,
-        batch_size=REGEN_BATCH_SIZE, limit=REGEN_PROMPTS, progress=progress,
+        target_identity=target_identity(target), sampling=SamplingParams(**REGEN_SAMPLING),
+        max_new_tokens=REGEN_MAX_NEW_TOKENS, batch_size=REGEN_BATCH_SIZE, seed=REGEN_SEED, limit=REGEN_PROMPTS,
+        progress=progress,
     )
     return output
+
+
+def _override_value(overrides: list[str], key: str) -> str:
+    return next(o.split("=", 1)[1] for o in overrides if o.startswith(key + "="))
+
+
+def build_features(work: Path, target: Path, data: Path, *, device: str, progress: bool) -> Path:
+    """One bfloat16 feature cache (SPEC §2.1: the raw outputs of the shared target layers and the final hidden
+    state) for every drafter reading `model.target_layer_ids` of DRAFTER_OVERRIDES: the target runs over the
+    regenerated data once instead of once per drafter step."""
+    from dspark.models.target_runner import TargetRunner
+    from dspark.models.tokenizer import load_tokenizer
+    from dspark.training.feature_cache import build_feature_cache, target_identity
+    from dspark.training.prompts import read_samples
+
+    output = work / "features"
+    if (output / "manifest.json").is_file():
+        return output
+    _log("caching the target's features for drafter training")
+    layer_ids = json.loads(_override_value(DRAFTER_OVERRIDES, "model.target_layer_ids"))
+    max_length = int(_override_value(DRAFTER_OVERRIDES, "data.max_length"))
+    runner = TargetRunner.from_pretrained(target, device=device)
+    build_feature_cache(runner, load_tokenizer(target), read_samples(data), output, layer_ids=layer_ids,
+                        target_identity=target_identity(target), max_length=max_length, source=str(data),
+                        progress=progress, log=_log)
+    return output
+
+
+def drafter_data(name: str, regenerated: Path, features: Path) -> Path:
+    """The feature cache for drafters that read the shared target layers; the regenerated JSONL (features
+    computed online) for one that reads other layers (MTP-1: the last layer)."""
+    own_layers = any(o.startswith("model.target_layer_ids=") for o in DRAFTER_KIND_OVERRIDES.get(name, []))
+    return regenerated if own_layers else features
 
 
 def drafter_overrides(name: str, target: Path, data: Path, out: Path, device: str, progress: bool) -> list[str]:
@@ -187,9 +228,11 @@ def install(work: Path, target: Path, drafters: dict[str, Path], out: Path, cali
         "target": {"parameters": report["parameters"], "steps": report["steps"], "tokens_seen": report["tokens_seen"],
                    "heldout_loss_nats": report["heldout_loss_nats"], "heldout_perplexity": report["heldout_perplexity"],
                    "recipe": PRETRAIN_OVERRIDES},
-        "drafters": {name: {"recipe": drafter_overrides(name, Path("TARGET"), Path("DATA"), Path("OUT"), "cpu", False)}
+        "drafters": {name: {"recipe": drafter_overrides(name, Path("TARGET"), drafter_data(name, Path("DATA"), Path("FEATURES")),
+                                                        Path("OUT"), "cpu", False)}
                      for name in drafters},
-        "regeneration": {"prompts": REGEN_PROMPTS, "max_new_tokens": REGEN_MAX_NEW_TOKENS, "sampling": "greedy"},
+        "regeneration": {"prompts": REGEN_PROMPTS, "max_new_tokens": REGEN_MAX_NEW_TOKENS, "sampling": REGEN_SAMPLING,
+                         "seed": REGEN_SEED},
         "calibration": json.loads(calibration.read_text()) if calibration is not None else None,
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -208,7 +251,9 @@ def rebuild(work: str | Path, out: str | Path = BUILTIN_DIR, *, device: str = "c
     work.mkdir(parents=True, exist_ok=True)
     target = build_target(work, device=device, progress=progress, stdlib_dir=stdlib_dir, docs_dir=docs_dir)
     data = build_training_data(work, target, device=device, progress=progress)
-    built = {name: train_drafter(name, work, target, data, device=device, progress=progress) for name in drafters}
+    features = build_features(work, target, data, device=device, progress=progress)
+    built = {name: train_drafter(name, work, target, drafter_data(name, data, features), device=device,
+                                 progress=progress) for name in drafters}
     calibration = None
     if "dspark" in built:
         calibration = calibrate_drafter(work, target, built["dspark"], device=device, progress=progress)
