@@ -66,6 +66,8 @@ def test_generate_batch_of_prompts(model_dir, capsys):
         (["--max-new-tokens", "5000"], "context"),
         (["--drafter", "no-such-drafter"], "no-such-drafter"),
         (["--drafter", "ngram", "--num-draft-tokens", "-1"], "num_draft_tokens"),
+        (["--draft-gate"], "need a drafter"),
+        (["--drafter", "ngram", "--draft-gate"], "confidence head"),
     ],
 )
 def test_generate_rejects_bad_input(model_dir, capsys, extra, needle):
@@ -97,3 +99,16 @@ def test_model_without_tokenizer_is_reported(tmp_path, capsys):
     folder = build_random_model(tmp_path / "notok", "tiny-qwen3", with_tokenizer=False)
     code = main(["generate", "--model", str(folder), "--prompt", "hi"])
     assert code == 2 and "tokenizer" in capsys.readouterr().err
+
+
+def test_generate_with_draft_gate_on_the_builtin_model(tmp_path, capsys):
+    """--draft-gate with the built-in DSpark drafter and a given profile: greedy output equals plain
+    decoding's and the gate's counters are reported."""
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"verify_ms_by_tokens": {"1": 10.0, "64": 12.0}, "draft_ms": {"1": 3.0}}))
+    base = ["generate", "--prompt", "def parse(line):", "--max-new-tokens", "24", "--temperature", "0", "--json"]
+    plain = run_json(capsys, base + ["--drafter", "none"])
+    gated = run_json(capsys, base + ["--scheduler", "causal-greedy", "--profile", str(profile), "--draft-gate"])
+    assert gated["token_ids"] == plain["token_ids"]
+    report = gated["draft_gate"]
+    assert report["drafted_steps"] + report["skipped_steps"] >= 1 and report["rounds_observed"] >= 1
