@@ -274,7 +274,7 @@ def _round(
         feed_calibrator(calibrator, drafter, proposal.confidences, verify_lens, result.num_accepted)
     if gate is not None and drafter_called and proposal.confidences is not None:
         gate.observe(proposal.confidences.detach().float().cpu().numpy(), torch.minimum(proposal.lengths, limits_t),
-                     verify_lens, result.num_accepted)
+                     verify_lens.cpu(), result.num_accepted.cpu())
     accepted = result.num_accepted.tolist()
     next_tokens = result.next_tokens.tolist()
     features = out.split(out.features) if out.features is not None else [None] * batch

@@ -374,41 +374,31 @@ def stream_rounds(prompts: list[np.ndarray], streams: int, steps: int, seed: int
     return rounds, ids
 
 
-def _lengths(scheduler, rounds: Rounds, idx: np.ndarray, ids: np.ndarray, limit: int | None) -> np.ndarray:
-    """ℓ [steps, C]: row-wise policies in one call over all steps, cross-request ones step by step."""
+def _lengths(scheduler, rounds: Rounds, idx: np.ndarray, ids: np.ndarray, limit: int | None,
+             gate: DraftGate | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ℓ [steps, C], drafted [steps] bool): row-wise policies in one call over all steps, cross-request ones
+    (and any policy behind a gate) step by step. With a gate, each step it decides from earlier rounds whether
+    the drafter runs; if it does, the scheduler picks ℓ and the gate observes the round and its outcome."""
     steps, count = idx.shape
     full = rounds.verified if limit is None else np.minimum(rounds.verified, limit)
-    if isinstance(scheduler, (FixedLength, VerifyAll, ConfidenceThreshold)):
+    drafted = np.ones(steps, dtype=bool)
+    if gate is None and isinstance(scheduler, (FixedLength, VerifyAll, ConfidenceThreshold)):
         flat = idx.reshape(-1)
         ell = scheduler(torch.from_numpy(rounds.confidences[flat]), rounds.drafted[flat], full[flat]).numpy()
-        return ell.reshape(steps, count)
-    out = np.empty((steps, count), dtype=np.int64)
+        return ell.reshape(steps, count), drafted
+    out = np.zeros((steps, count), dtype=np.int64)
     for t in range(steps):
         row = idx[t]
+        if gate is not None and not gate.should_draft(count):
+            drafted[t] = False
+            continue
         out[t] = scheduler(torch.from_numpy(rounds.confidences[row]), rounds.drafted[row], full[row], ids[t]).numpy()
+        if gate is not None:
+            gate.observe(rounds.confidences[row], np.minimum(rounds.drafted[row], full[row]), out[t],
+                         np.minimum(rounds.accepted[row], out[t]))
         if isinstance(scheduler, AsyncTopK) and t + 1 < steps:
             for rid in np.unique(ids[t][ids[t] != ids[t + 1]]):
                 scheduler.release(int(rid))
-    return out
-
-
-def _gated_lengths(scheduler, gate: DraftGate, rounds: Rounds, idx: np.ndarray, ids: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(ℓ [steps, C], drafted [steps] bool): each step the gate decides from earlier rounds whether the
-    drafter runs; if it does, the scheduler picks ℓ and the gate observes the round's confidences and its
-    verification outcome."""
-    steps, count = idx.shape
-    out = np.zeros((steps, count), dtype=np.int64)
-    drafted = np.zeros(steps, dtype=bool)
-    for t in range(steps):
-        if not gate.should_draft(count):
-            continue
-        row = idx[t]
-        conf = rounds.confidences[row]
-        full = np.minimum(rounds.drafted[row], rounds.verified[row])
-        out[t] = scheduler(torch.from_numpy(conf), rounds.drafted[row], rounds.verified[row], ids[t]).numpy()
-        gate.observe(conf, full, out[t], np.minimum(rounds.accepted[row], out[t]))
-        drafted[t] = True
     return out, drafted
 
 
@@ -470,15 +460,15 @@ def simulate(rounds: Rounds, profile: SPSProfile, *, concurrency: Sequence[int] 
                 ell = np.zeros_like(idx)
                 results[spec.name].append(_point(spec, c, ell, rounds.accepted[idx], verify_table, 0.0))
             elif spec.kind == "causal-greedy-gated":
-                ell, drafted = _gated_lengths(scheduler, DraftGate(profile), rounds, idx, ids)
+                ell, drafted = _lengths(scheduler, rounds, idx, ids, None, DraftGate(profile))
                 point = _point(spec, c, ell, rounds.accepted[idx], verify_table, draft * drafted)
                 point["drafted_fraction"] = float(drafted.mean())
                 results[spec.name].append(point)
             elif spec.kind == "mtp-1":
-                ell = _lengths(scheduler, mtp_source, midx, mids, 1)
+                ell, _ = _lengths(scheduler, mtp_source, midx, mids, 1)
                 results[spec.name].append(_point(spec, c, ell, mtp_source.accepted[midx], verify_table, draft * scale))
             else:
-                ell = _lengths(scheduler, rounds, idx, ids, None)
+                ell, _ = _lengths(scheduler, rounds, idx, ids, None)
                 results[spec.name].append(_point(spec, c, ell, rounds.accepted[idx], verify_table, draft))
     notes = []
     if not profile.has_draft_cost:

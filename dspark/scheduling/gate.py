@@ -27,8 +27,6 @@ is). Between probes a closed gate sees no new rounds, so its decision changes wi
 
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 
 from dspark.scheduling.sps import SPSProfile
@@ -55,8 +53,11 @@ class DraftGate:
         self._closed_steps = 0
         self.drafted_steps = 0
         self.skipped_steps = 0
-        self._rows: deque[np.ndarray] = deque(maxlen=window)  # [4, K]: a_k, a_k if verified, survived, verified
-        self._sum: np.ndarray | None = None
+        self.window = window
+        # Ring buffer [window, 4, K] of the last rounds: a_k, a_k where verified, survived, verified.
+        self._buffer: np.ndarray | None = None
+        self._filled = 0
+        self._next = 0
 
     def observe(self, confidences, full, verified=None, accepted=None) -> None:
         """One step's rounds: confidences [R, K] (conditional c_k, calibrated), full [R] (slots each round could
@@ -75,34 +76,35 @@ class DraftGate:
         a = np.where(mask, np.cumprod(np.where(mask, c, 1.0), axis=1), 0.0)
         checked = slots < np.minimum(ell, full)[:, None]
         survived = checked & (slots < acc[:, None])
-        if self._sum is None or self._sum.shape[1] != width:
-            self._rows.clear()
-            self._sum = np.zeros((4, width))
-        for r in np.flatnonzero(ok):
-            row = np.stack([a[r], np.where(checked[r], a[r], 0.0), survived[r], checked[r]]).astype(np.float64)
-            if len(self._rows) == self._rows.maxlen:
-                self._sum -= self._rows[0]
-            self._rows.append(row)
-            self._sum += row
+        if self._buffer is None or self._buffer.shape[2] != width:
+            self._buffer = np.zeros((self.window, 4, width))
+            self._filled = self._next = 0
+        rows = np.stack([a, np.where(checked, a, 0.0), survived, checked], axis=1)[ok][-self.window:]
+        slots_in_ring = (self._next + np.arange(len(rows))) % self.window
+        self._buffer[slots_in_ring] = rows
+        self._next = (self._next + len(rows)) % self.window
+        self._filled = min(self.window, self._filled + len(rows))
 
     @property
     def rounds(self) -> int:
-        return len(self._rows)
+        return self._filled
+
+    def _window(self) -> np.ndarray:
+        return self._buffer[: self._filled] if self._filled < self.window else self._buffer
 
     def correction(self) -> np.ndarray | None:
         """ρ [K]: observed / predicted survival on the window's verified slots (1 where too few)."""
-        if not self._rows:
+        if not self._filled:
             return None
-        _, predicted_checked, survived, checked = self._sum
+        _, predicted_checked, survived, checked = self._window().sum(axis=0)
         return np.where((checked >= self.min_verified) & (predicted_checked > 0),
                         survived / np.maximum(predicted_checked, 1e-12), 1.0)
 
     def survivals(self) -> np.ndarray | None:
         """[W, K] corrected prefix survivals of the window's rounds, or None before any round."""
-        if not self._rows:
+        if not self._filled:
             return None
-        a = np.stack([row[0] for row in self._rows])
-        return np.clip(a * self.correction()[None, :], 0.0, 1.0)
+        return np.clip(self._window()[:, 0] * self.correction()[None, :], 0.0, 1.0)
 
     def gain(self, requests: int) -> float:
         """Θ_spec(R) / Θ_plain(R) with the current estimate (1.0 before any round)."""

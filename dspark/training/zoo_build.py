@@ -108,13 +108,9 @@ def build_training_data(work: Path, target: Path, *, device: str, progress: bool
     return output
 
 
-def _override_value(overrides: list[str], key: str) -> str:
-    return next(o.split("=", 1)[1] for o in overrides if o.startswith(key + "="))
-
-
 def build_features(work: Path, target: Path, data: Path, *, device: str, progress: bool) -> Path:
     """One bfloat16 feature cache (SPEC §2.1: the raw outputs of the shared target layers and the final hidden
-    state) for every drafter reading `model.target_layer_ids` of DRAFTER_OVERRIDES: the target runs over the
+    state) for every drafter reading the DSpark recipe's `model.target_layer_ids`: the target runs over the
     regenerated data once instead of once per drafter step."""
     from dspark.models.target_runner import TargetRunner
     from dspark.models.tokenizer import load_tokenizer
@@ -125,20 +121,26 @@ def build_features(work: Path, target: Path, data: Path, *, device: str, progres
     if (output / "manifest.json").is_file():
         return output
     _log("caching the target's features for drafter training")
-    layer_ids = json.loads(_override_value(DRAFTER_OVERRIDES, "model.target_layer_ids"))
-    max_length = int(_override_value(DRAFTER_OVERRIDES, "data.max_length"))
+    shared = _recipe("dspark")
     runner = TargetRunner.from_pretrained(target, device=device)
-    build_feature_cache(runner, load_tokenizer(target), read_samples(data), output, layer_ids=layer_ids,
-                        target_identity=target_identity(target), max_length=max_length, source=str(data),
-                        progress=progress, log=_log)
+    build_feature_cache(runner, load_tokenizer(target), read_samples(data), output,
+                        layer_ids=shared.model.target_layer_ids, target_identity=target_identity(target),
+                        max_length=shared.data.max_length, source=str(data), progress=progress, log=_log)
     return output
 
 
 def drafter_data(name: str, regenerated: Path, features: Path) -> Path:
     """The feature cache for drafters that read the shared target layers; the regenerated JSONL (features
     computed online) for one that reads other layers (MTP-1: the last layer)."""
-    own_layers = any(o.startswith("model.target_layer_ids=") for o in DRAFTER_KIND_OVERRIDES.get(name, []))
-    return regenerated if own_layers else features
+    shared = _recipe(name).model.target_layer_ids == _recipe("dspark").model.target_layer_ids
+    return features if shared else regenerated
+
+
+def _recipe(name: str):
+    """The typed training config of drafter `name`'s recipe (paths left as placeholders)."""
+    from dspark.training.config import load_train_config
+
+    return load_train_config(None, drafter_overrides(name, Path("TARGET"), Path("DATA"), Path("OUT"), "cpu", False))
 
 
 def drafter_overrides(name: str, target: Path, data: Path, out: Path, device: str, progress: bool) -> list[str]:
