@@ -7,7 +7,9 @@ Confidences are drawn once (a pool of 16 [R, γ] float32 matrices, c ~ U(0.3, 1)
 median, 10th and 90th percentile over --repeats calls after --warmup untimed ones, and the median of the
 quietest of --blocks interleaved blocks, in milliseconds.
 
-Scenarios: CausalGreedy; AsyncTopK on a steady batch (same requests every call: the stale survivals are
+Scenarios: CausalGreedy (with its staircase lookahead, the default, and without: Algorithm 1 as
+published); the DraftGate's per-step work (decide, then record one step's rounds, window 4096 rounds);
+AsyncTopK on a steady batch (same requests every call: the stale survivals are
 those sorted `lag` calls ago, one sort per call); AsyncTopK with churn (one request replaced every call:
 stale vectors gathered per request and sorted, two sorts per call); the static ConfidenceThreshold and
 VerifyAll for scale; `sorted_candidates` alone (the packed-key int64 sort both hardware-aware policies
@@ -41,6 +43,7 @@ from dspark.scheduling import (  # noqa: E402
     AsyncTopK,
     CausalGreedy,
     ConfidenceThreshold,
+    DraftGate,
     SPSProfile,
     VerifyAll,
     sorted_candidates,
@@ -122,14 +125,26 @@ def main(argv=None) -> dict:
             return scheduler(pool[i % 16], lengths, limits, churn_ids)
         return call
 
+    def gate_step(gate):
+        verified = np.minimum(lengths.numpy(), limits.numpy())
+        outcomes = [np.minimum(np.cumprod(np.random.default_rng(k).random((R, gamma)) < p.numpy(), 1).sum(1),
+                               verified) for k, p in enumerate(pool)]
+
+        def call(i):  # one step of the serving loop: decide, then record the drafted step's rounds
+            gate.should_draft(R)
+            gate.observe(pool[i % 16].numpy(), verified, verified, outcomes[i % 16])
+        return call
+
     survivals = [p.double().cumprod(1).numpy() for p in pool]
     flat = [torch.from_numpy(a.reshape(-1)) for a in survivals]
     scenarios = {
         "causal_greedy": steady(CausalGreedy(profile)),
+        "causal_greedy_no_lookahead": steady(CausalGreedy(profile, lookahead=False)),
         "async_topk_steady": steady(AsyncTopK(profile)),
         "async_topk_churn": churn(AsyncTopK(profile)),
         "confidence_threshold": steady(ConfidenceThreshold(0.6)),
         "verify_all": steady(VerifyAll()),
+        "draft_gate": gate_step(DraftGate(profile)),
         "sort_only": lambda i: sorted_candidates(survivals[i % 16]),
         "torch_stable_sort": lambda i: torch.sort(flat[i % 16], descending=True, stable=True),
     }

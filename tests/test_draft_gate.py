@@ -16,14 +16,15 @@ COSTLY = {"verify_ms_by_tokens": {"1": 10.05, "4096": 215.0}, "draft_ms": {"1": 
           "draft_layers": 1}
 
 
-def feed(gate, c, rounds, accept=None, seed=0):
-    """`rounds` rounds with every conditional confidence = c, all slots verified; each slot survives with
-    probability `accept` (default c) given the previous one."""
+def feed(gate, c, rounds, accept=None, seed=0, per_step=32):
+    """`rounds` rounds in steps of `per_step` with every conditional confidence = c, all slots verified; each
+    slot survives with probability `accept` (default c) given the previous one."""
     rng = np.random.default_rng(seed)
     accept = c if accept is None else accept
-    conf = np.full((rounds, GAMMA), c)
-    accepted = np.cumprod(rng.random((rounds, GAMMA)) < accept, axis=1).sum(1)
-    gate.observe(conf, np.full(rounds, GAMMA), np.full(rounds, GAMMA), accepted)
+    for start in range(0, rounds, per_step):
+        n = min(per_step, rounds - start)
+        accepted = np.cumprod(rng.random((n, GAMMA)) < accept, axis=1).sum(1)
+        gate.observe(np.full((n, GAMMA), c), np.full(n, GAMMA), np.full(n, GAMMA), accepted)
 
 
 def test_gate_drafts_while_it_pays_and_stops_under_load_when_it_does_not():
@@ -46,7 +47,8 @@ def test_outcomes_correct_a_biased_head():
     with them it stops (the correction ρ ≈ 0.1/0.9 at slot 1)."""
     profile = SPSProfile.from_dict(COSTLY)
     blind, informed = DraftGate(profile, probe_every=0), DraftGate(profile, probe_every=0)
-    blind.observe(np.full((512, GAMMA), 0.9), np.full(512, GAMMA))  # no verification outcome given
+    for _ in range(16):
+        blind.observe(np.full((32, GAMMA), 0.9), np.full(32, GAMMA))  # no verification outcome given
     feed(informed, 0.9, 512, accept=0.1)
     assert blind.should_draft(256)
     assert informed.correction()[0] == pytest.approx(0.1 / 0.9, rel=0.25)
@@ -160,3 +162,78 @@ def test_sampling_distribution_is_exact_with_gate(dist_runner):
     assert _power(exact, n_samples) >= 0.8
     pvalue, _ = chi_square(counts, exact)
     assert pvalue > ALPHA, f"output distribution differs from the target with the gate: p={pvalue:.3g}"
+
+
+# -------------------------------------------------------------------------------------------------
+# The window's histogram and the hysteresis
+# -------------------------------------------------------------------------------------------------
+
+def exact_gain(gate, requests):
+    """Θ_spec / Θ_plain from the window's rounds by one exact sort (what the histogram approximates)."""
+    rows = gate._buffer[: gate.rounds]
+    width = rows.shape[2]
+    values = np.sort(np.clip(rows[:, 0] * gate.correction()[None, :], 0, 1).reshape(-1))[::-1]
+    weight = requests / rows.shape[0]
+    sps = gate.profile.sps_table(requests, requests * (1 + width), include_draft=True)
+    tokens = requests + weight * np.arange(values.size + 1)
+    tau = requests + weight * np.concatenate(([0.0], np.cumsum(values)))
+    spec = (tau * np.interp(tokens, np.arange(sps.size), sps)).max()
+    return spec / (requests * float(gate.profile.sps(requests, requests)[()]))
+
+
+def test_window_histogram_tracks_the_ring_buffer_and_the_exact_gain():
+    rng = np.random.default_rng(3)
+    gate = DraftGate(SPSProfile.from_dict(COSTLY), window=300, bins=512, min_verified=1)
+    for step in range(40):  # 40 steps of 1..40 rounds: the ring wraps several times
+        n = int(rng.integers(1, 41))
+        conf = rng.beta(2, 2, size=(n, GAMMA))
+        full = rng.integers(0, GAMMA + 1, n)
+        ell = np.minimum(rng.integers(0, GAMMA + 1, n), full)
+        acc = np.minimum(np.cumprod(rng.random((n, GAMMA)) < conf, axis=1).sum(1), ell)
+        gate.observe(conf, full, ell, acc)
+    assert gate.rounds == 300
+    ring = gate._buffer
+    cells = np.minimum((ring[:, 0] * 512).astype(int), 511)
+    for k in range(GAMMA):
+        assert (gate._counts[k] == np.bincount(cells[:, k], minlength=512)).all()
+        assert np.allclose(gate._sums[k], np.bincount(cells[:, k], weights=ring[:, 0, k], minlength=512))
+    assert np.allclose(gate._totals, ring.sum(axis=0))
+    for requests in (1, 16, 128, 512):
+        assert gate.gain(requests) == pytest.approx(exact_gain(gate, requests), rel=2e-3)
+
+
+def test_hysteresis_keeps_an_open_gate_open_near_break_even():
+    """A drafter whose estimated gain sits just below 1: an open gate stays open within the hysteresis, a
+    closed one stays closed until the gain exceeds 1 + margin."""
+    profile = SPSProfile.from_dict(COSTLY)
+    probe = DraftGate(profile, probe_every=0)
+    feed(probe, 0.5, 2048)
+    load = next(r for r in range(1, 1024) if probe.gain(r) < 1.0)  # the first load where drafting stops paying
+    gain = probe.gain(load)
+    assert 0.99 < gain < 1.0
+    open_gate, strict = DraftGate(profile, probe_every=0), DraftGate(profile, probe_every=0, hysteresis=0.0)
+    for gate in (open_gate, strict):
+        feed(gate, 0.5, 2048)
+    assert open_gate.should_draft(load) and not strict.should_draft(load)
+    assert not open_gate.should_draft(4 * load)  # far below break-even: closes
+    assert not open_gate.should_draft(load)  # closed: needs a gain above 1 again
+    assert open_gate.should_draft(1)
+    with pytest.raises(ValueError, match="hysteresis"):
+        DraftGate(profile, hysteresis=-0.1)
+
+
+def test_a_step_contributes_at_most_sample_rounds_rotating_over_its_rows():
+    """Once warmed up (min_rounds), a step of 8 rounds gives 4, evenly spaced, the next step the other 4;
+    while warming up every round counts."""
+    warming = DraftGate(SPSProfile.from_dict(COSTLY), sample=4, min_rounds=100)
+    warming.observe(np.full((8, GAMMA), 0.5), np.full(8, GAMMA))
+    assert warming.rounds == 8
+    gate = DraftGate(SPSProfile.from_dict(COSTLY), sample=4, window=64, bins=8, min_rounds=0)
+    conf = np.tile(np.arange(1, 9)[:, None] / 8.0, (1, GAMMA))  # row i has c = (i + 1) / 8 at every slot
+    seen = []
+    for _ in range(2):
+        gate.observe(conf, np.full(8, GAMMA))
+        rounds = gate.rounds  # moves the pending rounds into the window
+        seen.append(gate._buffer[rounds - 4: rounds, 0, 0] * 8)
+    assert gate.rounds == 8
+    assert seen[0].tolist() == [1, 3, 5, 7] and seen[1].tolist() == [2, 4, 6, 8]

@@ -12,6 +12,7 @@ confidences of the slots it admits, never on the tokens they were computed after
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import numpy as np
@@ -113,9 +114,9 @@ def test_appendix_a_retrospective_scheduler_is_biased():
 
 
 def test_appendix_a_causal_greedy_is_exact():
-    """The early stop ends at Θ_1 = 0.9 < Θ_0 = 1.0 before looking at c_2: ℓ = 0, P(A) = 0.7.
+    """Algorithm 1 as published: the early stop ends at Θ_1 = 0.9 < Θ_0 = 1.0 before looking at c_2: ℓ = 0, P(A) = 0.7.
     N = 1000, power ≈ 1 against 0.85."""
-    count, lens = simulate_appendix_a(CausalGreedy(APPENDIX_SPS), N_APPENDIX, seed=2)
+    count, lens = simulate_appendix_a(CausalGreedy(APPENDIX_SPS, lookahead=False), N_APPENDIX, seed=2)
     assert lens == Counter({0: N_APPENDIX})
     assert stats.binomtest(count, N_APPENDIX, 0.7).pvalue > ALPHA, count
     assert stats.binomtest(count, N_APPENDIX, 0.85).pvalue < ALPHA, count
@@ -134,6 +135,60 @@ def test_appendix_a_async_topk_is_exact(lag):
 
 # -------------------------------------------------------------------------------------------------
 # Drafters whose confidence depends on the previously drafted token
+def test_appendix_a_causal_greedy_lookahead_is_exact():
+    """With the staircase lookahead the forecast is the previous round: after an A it promises Θ_2 = 1.134,
+    so x_1 is admitted (ℓ = 2 if x_1 = A, 1 if B, since a_2 = 0 is never admitted); after a B it does not.
+    Whether x_1 is verified never depends on x_1 itself: P(A) = 0.7. N = 1000, power ≈ 1 against 0.85."""
+    count, lens = simulate_appendix_a(CausalGreedy(APPENDIX_SPS), N_APPENDIX, seed=9)
+    assert all(lens[v] > 100 for v in (0, 1, 2)), lens
+    assert stats.binomtest(count, N_APPENDIX, 0.7).pvalue > ALPHA, count
+    assert stats.binomtest(count, N_APPENDIX, 0.85).pvalue < ALPHA, count
+
+
+# -------------------------------------------------------------------------------------------------
+# 1b. Non-anticipation, checked directly: whether slot j of request r is verified must not change when
+# c_{r, j+1..} (which depend on x_{r, j}) change. A staircase profile makes the lookahead act.
+# -------------------------------------------------------------------------------------------------
+
+STAIRS = SPSProfile.from_dict({"verify_ms_by_tokens": {
+    "1": 10.0, "8": 10.5, "9": 16.0, "24": 16.5, "25": 23.0, "48": 24.0, "49": 33.0, "400": 60.0}})
+LINEAR_SPS = SPSProfile.from_dict({"verify_ms_by_tokens": {"1": 11.0, "1001": 1011.0}})  # 10 ms + 1 ms per token
+
+
+def anticipation_found(make, cases: int, seed: int) -> int:
+    """Count of random cases where perturbing a request's later confidences changes whether an earlier
+    slot of that request is verified; every scheduler first sees one random call (its history)."""
+    rng = np.random.default_rng(seed)
+    found = 0
+    for _ in range(cases):
+        rows, width = int(rng.integers(1, 9)), int(rng.integers(2, 6))
+        scheduler = make()
+        full = torch.full((rows,), width)
+        scheduler(torch.as_tensor(rng.uniform(0.3, 1.0, (rows, width))), full)
+        c = rng.uniform(0.2, 1.0, (rows, width))
+        c[rng.random((rows, width)) < 0.05] = 1.0
+        r, j = int(rng.integers(rows)), int(rng.integers(width - 1))  # slot j + 1 (1-based) of request r
+        decisions = set()
+        for later in (0.0, 1.0, rng.uniform(0.0, 1.0, width - j - 1)):  # the extremes and a random draw
+            changed = c.copy()
+            changed[r, j + 1:] = later
+            decisions.add(int(copy.deepcopy(scheduler)(torch.as_tensor(changed), full)[r]) >= j + 1)
+        found += len(decisions) > 1
+    return found
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CausalGreedy(STAIRS, lookahead=False), lambda: CausalGreedy(STAIRS),
+    lambda: AsyncTopK(STAIRS, lag=1), lambda: CausalGreedy(LINEAR_SPS)])
+def test_schedulers_never_anticipate(make):
+    assert anticipation_found(make, cases=400, seed=4) == 0
+
+
+def test_anticipation_check_catches_the_retrospective_scheduler():
+    """Negative control for the check above: the search without early stop is caught."""
+    assert anticipation_found(lambda: RetrospectiveGreedy(STAIRS), cases=400, seed=4) > 5
+
+
 # -------------------------------------------------------------------------------------------------
 
 CONF_LOGITS = [2.0, -1.0, 1.5, 0.5, -2.0, 1.0, 0.0, 2.5]  # per previous token (x_0 = the anchor)
@@ -182,12 +237,18 @@ class NoisyOracleDrafter(OracleDrafter):
 PIPELINE_SPS = SPSProfile.from_dict({"verify_ms": {
     f"{r}x{length}": 10.0 + 4.0 * (length - 1) for r in (1, 4096) for length in (1, 2, 3)}})
 
+# One request's step: 10 ms for its token, 16 ms once it verifies 1–3 drafts (a stair): Algorithm 1 stops at
+# the first draft when a_1 < 0.6, and the lookahead commits past it when the previous round's survivals pay.
+STAIR_SPS = SPSProfile.from_dict({"verify_ms": {
+    f"{r}x{length}": ms for r in (1, 4096) for length, ms in ((1, 10.0), (2, 16.0), (4, 16.0), (5, 22.0))}})
+
 POLICIES = {
     "verify_all": lambda: VerifyAll(),
     "fixed_1": lambda: FixedLength(1),
     "confidence_threshold": lambda: ConfidenceThreshold(0.6),
     "survival_threshold": lambda: SurvivalThreshold(0.45),
     "causal_greedy": lambda: CausalGreedy(PIPELINE_SPS),
+    "causal_greedy_stairs": lambda: CausalGreedy(STAIR_SPS),
     "async_topk": lambda: AsyncTopK(PIPELINE_SPS, prior=[0.6, 0.3, 0.15, 0.07]),
 }
 
@@ -228,7 +289,7 @@ def run_pipeline_gof(runner, scheduler, seed, noise=1.0):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", ["verify_all", "confidence_threshold", "survival_threshold", "causal_greedy",
+@pytest.mark.parametrize("policy", ["verify_all", "confidence_threshold", "survival_threshold", "causal_greedy", "causal_greedy_stairs",
                                     "async_topk"])
 def test_sampling_distribution_is_exact_under_policy(dist_runner, policy):
     pvalue, info = run_pipeline_gof(dist_runner, POLICIES[policy](), seed=11)

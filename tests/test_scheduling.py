@@ -291,6 +291,30 @@ def test_causal_greedy_matches_reference_on_random_batches(seed):
     assert got == algorithm1(c.astype(np.float64), full, sps)
 
 
+# Two requests; step time 10 ms up to 4 tokens, 13 ms from 5 to 8 (one stair).
+STAIR = by_tokens({1: 100.0, 4: 100.0, 5: 1000.0 / 13, 8: 1000.0 / 13})
+STAIR_C = [[0.9, 0.9, 0.9], [0.9, 0.9, 0.9]]  # a = 0.9, 0.81, 0.729 for both
+
+
+def test_lookahead_passes_a_stair_that_stops_algorithm_1():
+    """Algorithm 1 admits both first slots (B = 4, Θ = 3.8 / 10 ms), then stops: the 5th token starts the
+    13 ms stair (Θ = 4.61 / 13 < 0.38) although filling the stair gives 6.88 / 13 = 0.53. The lookahead's
+    forecast (the previous call's survivals) sees past the stair from the second call on."""
+    strict, ahead = CausalGreedy(STAIR, lookahead=False), CausalGreedy(STAIR)
+    assert call(ahead, STAIR_C, [3, 3]) == [1, 1]  # first call: no forecast, Algorithm 1 exactly
+    assert call(ahead, STAIR_C, [3, 3]) == [3, 3]
+    assert call(strict, STAIR_C, [3, 3]) == call(strict, STAIR_C, [3, 3]) == [1, 1]
+    assert algorithm1(np.array(STAIR_C), np.array([3, 3]), _sps_fn(STAIR, 2)) == [1, 1]
+    # A forecast that says the stair does not pay (weak previous rounds) keeps the early stop.
+    weak = CausalGreedy(STAIR)
+    call(weak, [[0.9, 0.1, 0.1], [0.9, 0.1, 0.1]], [3, 3])
+    assert call(weak, STAIR_C, [3, 3]) == [1, 1]
+    # Current candidates with a = 0 are never admitted, whatever the forecast promised.
+    assert call(ahead, [[0.9, 0.9, 0.0], [0.9, 0.0, 0.9]], [3, 3]) == [2, 1]
+    ahead.reset()
+    assert call(ahead, STAIR_C, [3, 3]) == [1, 1]
+
+
 def test_causal_greedy_ties_keep_prefix_order():
     """c = 1 makes a_{r,j} = a_{r,j+1}: the admitted slots must still form a prefix of each request."""
     c = [[0.7, 1.0, 1.0, 0.5], [0.7, 1.0, 0.2, 0.2]]

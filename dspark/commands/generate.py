@@ -22,9 +22,10 @@ def register(sub) -> None:
     gen.add_argument("--calibration", default="auto",
                      help="confidence-head calibration file; 'auto' = the built-in one when it fits the drafter; 'none' = raw")
     gen.add_argument("--scheduler", default=None,
-                     help="verification policy (SPEC §5): verify-all (default), fixed-N, threshold-T, causal-greedy, async-topk")
+                     help="verification policy (SPEC §5): verify-all (default), fixed-N, threshold-T, causal-greedy "
+                          "(Algorithm 1 with the staircase lookahead), algorithm-1 (as published), async-topk")
     gen.add_argument("--profile", default=None,
-                     help="SPS profile JSON for causal-greedy / async-topk (default: this machine's, measured once and cached)")
+                     help="SPS profile JSON for causal-greedy / algorithm-1 / async-topk (default: this machine's, measured once and cached)")
     gen.add_argument("--draft-gate", action="store_true",
                      help="skip the drafter in rounds where, by earlier rounds and the SPS profile, drafting does not pay")
     gen.add_argument("--online-calibration", type=int, default=None, metavar="N",
@@ -59,8 +60,11 @@ def make_scheduling(args, drafter):
 
         spec = parse_policies(args.scheduler, drafter.max_draft_tokens)
         if len(spec) != 1 or spec[0].kind in ("plain", "mtp-1"):
-            raise RequestError(f"--scheduler {args.scheduler!r}: give one of verify-all, fixed-N, threshold-T, causal-greedy, async-topk")
-        profile = _profile(args) if spec[0].kind in ("causal-greedy", "async-topk") else None
+            raise RequestError(f"--scheduler {args.scheduler!r}: give one of verify-all, fixed-N, threshold-T, causal-greedy, "
+                               "algorithm-1, async-topk")
+        if spec[0].kind == "causal-greedy-gated":
+            raise RequestError("--scheduler causal-greedy-gated: use --scheduler causal-greedy --draft-gate")
+        profile = _profile(args) if spec[0].kind in ("causal-greedy", "algorithm-1", "async-topk") else None
         scheduler = make_scheduler(spec[0], profile)
     calibrator = None
     if args.online_calibration is not None:

@@ -8,10 +8,12 @@ DIR/traces.json); every step the policy picks the verified lengths ℓ_r from th
 step costs verify_ms(Σ(1 + ℓ_r) tokens, C requests) + draft_ms(C) from the SPS profile, and each request
 emits min(accepted, ℓ_r) + 1 tokens (`dspark.evaluation.simulator`). Reported per C and policy: aggregate
 throughput and per-user speed (tokens/s), mean verified drafts per request, mean step time (ms); goals
-for causal-greedy against plain decoding, fixed lengths and MTP-1.
+for causal-greedy (and causal-greedy-gated) against plain decoding, fixed lengths and MTP-1.
 
 Policies (--policies, comma-separated; default all): plain, fixed (every n = 1..γ) or fixed-N, verify-all,
-threshold-T (default 0.5), causal-greedy (Algorithm 1), async-topk, mtp-1 (the traces' MTP drafter, else
+threshold-T (default 0.5), algorithm-1 (SPEC §5.2 as published), causal-greedy (Algorithm 1 with the
+staircase lookahead, the default scheduler), causal-greedy-gated (the same behind the draft gate), async-topk,
+mtp-1 (the traces' MTP drafter, else
 the DSpark rounds cut to one slot; draft cost draft_ms(C) × --mtp-draft-scale, default 1 / the profile's
 draft_layers). --profile: an SPS profile JSON (e.g. shared/data/profiles/h100-qwen3-4b-shape.json); without
 it, this machine's cached profile of the built-in model (measured first if none). Without --traces, traces

@@ -29,7 +29,8 @@ the confidences as recorded (calibrated when the recording applied a calibration
 * mean_step_ms, tokens_per_step (per request), acceptance_rate (accepted / verified drafts).
 
 Policies: plain decoding (ℓ = 0, no drafter cost); fixed-n (ℓ = min(n, drafted)); verify-all;
-threshold-t (longest prefix with every c_k ≥ t); causal-greedy (Algorithm 1, SPEC §5.2);
+threshold-t (longest prefix with every c_k ≥ t); algorithm-1 (SPEC §5.2 as published); causal-greedy
+(Algorithm 1 with the staircase lookahead of `CausalGreedy`, the default);
 causal-greedy-gated (Algorithm 1 behind `dspark.scheduling.gate.DraftGate`: a step the gate skips runs no
 drafter, costs verify_ms(C) only and emits one token per stream); async-topk (SPEC §5.4); mtp-1 — the traces' MTP-1 drafter (block size 1, label containing "mtp") verifying 1 token,
 or, without one, the DSpark rounds cut to their first slot; its draft cost is draft_ms(C) · scale with
@@ -65,7 +66,7 @@ DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DEFAULT_STEPS = 400
 DEFAULT_MIN_ROUNDS = 4096  # request-rounds per concurrency at least (more steps at low C)
 DEFAULT_THRESHOLD = 0.5
-DEFAULT_POLICIES = "plain,fixed,verify-all,threshold-0.5,causal-greedy,causal-greedy-gated,async-topk,mtp-1"
+DEFAULT_POLICIES = "plain,fixed,verify-all,threshold-0.5,algorithm-1,causal-greedy,causal-greedy-gated,async-topk,mtp-1"
 RECORD_SETS = ("corpus-code", "corpus-prose", "gsm8k", "mbpp", "mt-bench")
 MATCHED_SPEED_GOAL = 1.6  # per-user speed vs MTP-1 at matched throughput (SPEC §5.6: +57–85 %)
 TIE_TOLERANCE = 0.005  # goal (a): a margin ≥ −0.5 % is a tie (at low load CG and the best fixed length agree)
@@ -261,7 +262,7 @@ def replay(accepted: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.nd
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """One simulated policy: kind ∈ plain | fixed | verify-all | threshold | causal-greedy |
+    """One simulated policy: kind ∈ plain | fixed | verify-all | threshold | algorithm-1 | causal-greedy |
     causal-greedy-gated | async-topk | mtp-1; param = n (fixed) or t (threshold)."""
 
     kind: str
@@ -276,7 +277,7 @@ class PolicySpec:
         return self.kind
 
 
-_SIMPLE = ("plain", "verify-all", "causal-greedy", "causal-greedy-gated", "async-topk", "mtp-1")
+_SIMPLE = ("plain", "verify-all", "algorithm-1", "causal-greedy", "causal-greedy-gated", "async-topk", "mtp-1")
 
 
 def parse_policies(text: str | Sequence[str], gamma: int | None) -> list[PolicySpec]:
@@ -312,12 +313,13 @@ def parse_policies(text: str | Sequence[str], gamma: int | None) -> list[PolicyS
             out.append(PolicySpec("threshold", t))
         else:
             raise ConfigError(f"--policies: unknown policy {item!r}; use plain, fixed, fixed-N, verify-all, "
-                              "threshold, threshold-T, causal-greedy, causal-greedy-gated, async-topk, mtp-1")
+                              "threshold, threshold-T, algorithm-1, causal-greedy, causal-greedy-gated, async-topk, mtp-1")
     return list(dict.fromkeys(out))
 
 
 def make_scheduler(spec: PolicySpec, profile: SPSProfile | None):
-    """The Scheduler of a policy spec (None for plain decoding); causal-greedy and async-topk need a profile."""
+    """The Scheduler of a policy spec (None for plain decoding); algorithm-1, causal-greedy and async-topk need a
+    profile."""
     if spec.kind == "fixed":
         return FixedLength(int(spec.param))
     if spec.kind == "verify-all":
@@ -326,6 +328,8 @@ def make_scheduler(spec: PolicySpec, profile: SPSProfile | None):
         return ConfidenceThreshold(float(spec.param))
     if spec.kind in ("causal-greedy", "causal-greedy-gated"):
         return CausalGreedy(profile)
+    if spec.kind == "algorithm-1":
+        return CausalGreedy(profile, lookahead=False)
     if spec.kind == "async-topk":
         return AsyncTopK(profile)
     if spec.kind == "mtp-1":
@@ -660,7 +664,7 @@ def format_table(result: dict, goal: dict | None = None, gated_goal: dict | None
     pol = result["policies"]
     fixed = [n for n in pol if n.startswith("fixed-")]
     cols = [n for n in ("plain", "verify-all") if n in pol] + [n for n in pol if n.startswith("threshold-")]
-    cols += [n for n in ("async-topk", "mtp-1", "causal-greedy", "causal-greedy-gated") if n in pol]
+    cols += [n for n in ("async-topk", "mtp-1", "algorithm-1", "causal-greedy", "causal-greedy-gated") if n in pol]
     short = {"causal-greedy-gated": "CG gated"}
     header = f"{'C':>5} " + "".join(f"{short.get(n, n)[:13]:>14}" for n in cols)
     if fixed:
