@@ -56,7 +56,7 @@ def test_outcomes_correct_a_biased_head():
 
 
 def test_closed_gate_probes_and_skips_bad_rows():
-    gate = DraftGate(SPSProfile.from_dict(COSTLY), probe_every=4, min_rounds=8)
+    gate = DraftGate(SPSProfile.from_dict(COSTLY), probe_every=4, min_rounds=8, probe_budget=1.0)
     feed(gate, 0.05, 64)
     decisions = [gate.should_draft(128) for _ in range(12)]
     assert decisions == [False, False, False, True] * 3
@@ -237,3 +237,21 @@ def test_a_step_contributes_at_most_sample_rounds_rotating_over_its_rows():
         seen.append(gate._buffer[rounds - 4: rounds, 0, 0] * 8)
     assert gate.rounds == 8
     assert seen[0].tolist() == [1, 3, 5, 7] and seen[1].tolist() == [2, 4, 6, 8]
+
+
+def test_probes_of_a_hopeless_drafter_are_rare_enough_to_cost_under_the_budget():
+    """Drafting at 256 requests here runs at g ≈ 0.6 of plain throughput in steps r ≈ 1.6 times as long:
+    probing every 16th step would cost about 4 % of the time; the budget stretches the interval to
+    n − 1 ≥ r · ((1 − g) / 0.01 − 1) ≈ 64."""
+    gate = DraftGate(SPSProfile.from_dict(COSTLY), probe_every=16, min_rounds=8)
+    feed(gate, 0.05, 64)
+    gain, ratio = gate._estimate(256)
+    interval = gate._probe_interval(256)
+    assert gain < 0.7 and ratio > 1
+    assert interval == 1 + int(np.ceil(ratio * ((1 - gain) / 0.01 - 1))) > 3 * 16
+    decisions = [gate.should_draft(256) for _ in range(2 * interval)]
+    assert [i for i, d in enumerate(decisions) if d] == [interval - 1, 2 * interval - 1]
+    cost = (1 - gain) * ratio / (interval - 1 + ratio)  # share of time lost to one probe per interval
+    assert cost <= 0.01
+    with pytest.raises(ValueError, match="probe_budget"):
+        DraftGate(SPSProfile.from_dict(COSTLY), probe_budget=0)

@@ -26,8 +26,12 @@ W·K values; the path is read at bin boundaries.
 
 It drafts while it has seen fewer than `min_rounds` rounds; after that, an open gate stays open while
 Θ_spec(R) > (1 + margin − hysteresis) · Θ_plain(R) and a closed gate opens when Θ_spec(R) > (1 + margin) ·
-Θ_plain(R); a closed gate drafts on every `probe_every`-th step (so the estimate follows drift; 0 = never
-probe). Between probes a closed gate sees no new rounds, so its decision changes with the load R only, and
+Θ_plain(R); a closed gate drafts on every n-th step (a probe, so the estimate follows drift), n = the
+larger of `probe_every` and the interval that keeps the probes' expected cost under `probe_budget` of the
+time: a probe step lasts r = t_spec / t_plain plain steps (at the estimate's best path point) and delivers
+the fraction g = Θ_spec / Θ_plain of plain throughput, so n − 1 ≥ r · ((1 − g) / budget − 1). On a CPU,
+where a drafted step at 256 requests is 17 times slower than a plain one, probing every 64th step cost 23 %
+of the simulated throughput; the budget bounds it by 1 %. `probe_every = 0` never probes. Between probes a closed gate sees no new rounds, so its decision changes with the load R only, and
 a gate closed on noise stays closed for a long time. Hence the large window and the hysteresis: replaying
 the built-in drafter's traces against the H100 profile at 128 requests, where drafting gains 1.4 %, a
 512-round window's estimate fell below 1 in a quarter of the steps and the gate spent 92 % of them closed
@@ -42,6 +46,8 @@ current round and cannot bias the output (it is lossless the way the asynchronou
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from dspark.scheduling.sps import SPSProfile
@@ -51,12 +57,13 @@ class DraftGate:
     """profile: the SPS table (with the drafter's cost; without one, drafting is free and the gate always
     drafts); window: rounds kept; margin: required relative gain over plain decoding; hysteresis: how far below
     that an open gate may go before it closes; min_rounds: rounds to observe before the gate may close;
-    min_verified: verified slots per position before the outcome correction applies; probe_every: drafted
-    steps of a closed gate (every n-th); bins: histogram bins of the survivals; sample: rounds of one step that
+    min_verified: verified slots per position before the outcome correction applies; probe_every: a closed
+    gate drafts at most every n-th step (0: never); probe_budget: expected share of time its probes may cost; bins: histogram bins of the survivals; sample: rounds of one step that
     enter the window at most; refresh: new rounds after which the estimate is recomputed."""
 
     def __init__(self, profile: SPSProfile, *, window: int = 4096, margin: float = 0.0, hysteresis: float = 0.02,
-                 min_rounds: int = 256, min_verified: int = 64, probe_every: int = 64, bins: int = 256,
+                 min_rounds: int = 256, min_verified: int = 64, probe_every: int = 64, probe_budget: float = 0.01,
+                 bins: int = 256,
                  sample: int = 64, refresh: int = 256):
         if not isinstance(profile, SPSProfile):
             raise TypeError(f"expected an SPSProfile, got {type(profile).__name__}")
@@ -65,6 +72,8 @@ class DraftGate:
                 raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
         if not margin >= 0:
             raise ValueError(f"margin must be ≥ 0, got {margin!r}")
+        if not 0 < probe_budget <= 1:
+            raise ValueError(f"probe_budget must lie in (0, 1], got {probe_budget!r}")
         if not 0 <= hysteresis <= 1:
             raise ValueError(f"hysteresis must lie in [0, 1], got {hysteresis!r}")
         self.profile = profile
@@ -73,12 +82,13 @@ class DraftGate:
         self.min_rounds = int(min_rounds)
         self.min_verified = int(min_verified)
         self.probe_every = int(probe_every)
+        self.probe_budget = float(probe_budget)
         self.bins = bins
         self.window = window
         self.sample = sample
         self.refresh = refresh
         self._offset = 0
-        self._gains: dict[int, float] = {}  # load R → estimate, cleared when pending rounds enter the window
+        self._gains: dict[int, tuple[float, float]] = {}  # load R → (gain, step ratio); cleared on new rounds
         self._pending: list[tuple[np.ndarray, ...]] = []
         self._pending_rows = 0
         self._tables: dict[tuple[int, int], tuple[np.ndarray, float]] = {}
@@ -177,17 +187,21 @@ class DraftGate:
 
     def gain(self, requests: int) -> float:
         """Θ_spec(R) / Θ_plain(R) with the current estimate (1.0 before any round)."""
+        return self._estimate(requests)[0]
+
+    def _estimate(self, requests: int) -> tuple[float, float]:
+        """(gain, r = step time of drafting / of plain decoding at the best path point), cached per load."""
         if not self._filled:
-            return 1.0
+            return 1.0, 1.0
         if not self.profile.has_draft_cost:
-            return float("inf")
+            return float("inf"), 1.0
         load = _load_bucket(requests)
         cached = self._gains.get(load)
         if cached is None:
-            cached = self._gains[load] = self._estimate(load)
+            cached = self._gains[load] = self._compute(load)
         return cached
 
-    def _estimate(self, requests: int) -> float:
+    def _compute(self, requests: int) -> tuple[float, float]:
         width = self._counts.shape[0]
         counts = self._counts.reshape(-1)
         means = np.maximum(self._sums, 0.0) / np.maximum(self._counts, 1)
@@ -197,7 +211,16 @@ class DraftGate:
         tokens = requests + weight * np.concatenate(([0], np.cumsum(counts[order])))
         tau = requests + weight * np.concatenate(([0.0], np.cumsum(values[order] * counts[order])))
         sps, plain = self._table(requests, width)
-        return float((tau * np.interp(tokens, np.arange(sps.size), sps)).max()) / plain
+        rate = np.interp(tokens, np.arange(sps.size), sps)  # steps/s with the drafter
+        best = int((tau * rate).argmax())
+        return float(tau[best] * rate[best]) / plain, plain / requests / float(rate[best])
+
+    def _probe_interval(self, requests: int) -> int:
+        gain, ratio = self._estimate(requests)
+        if not gain < 1.0:
+            return self.probe_every
+        needed = 1 + math.ceil(ratio * max((1.0 - gain) / self.probe_budget - 1.0, 0.0))
+        return max(self.probe_every, needed)
 
     def _table(self, requests: int, width: int) -> tuple[np.ndarray, float]:
         """(SPS with the drafter's cost for B = 0..R(1+K), Θ_plain(R)), cached per (R, K)."""
@@ -230,7 +253,10 @@ class DraftGate:
             return True
         self._open = False
         self._closed_steps += 1
-        return bool(self.probe_every) and self._closed_steps % self.probe_every == 0
+        if self.probe_every and self._closed_steps >= self._probe_interval(requests):
+            self._closed_steps = 0
+            return True
+        return False
 
     def report(self) -> dict:
         """Counters and the current estimate (for --json output and metrics)."""
