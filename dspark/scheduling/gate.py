@@ -58,13 +58,13 @@ class DraftGate:
     drafts); window: rounds kept; margin: required relative gain over plain decoding; hysteresis: how far below
     that an open gate may go before it closes; min_rounds: rounds to observe before the gate may close;
     min_verified: verified slots per position before the outcome correction applies; probe_every: a closed
-    gate drafts at most every n-th step (0: never); probe_budget: expected share of time its probes may cost; bins: histogram bins of the survivals; sample: rounds of one step that
-    enter the window at most; refresh: new rounds after which the estimate is recomputed."""
+    gate drafts at most every n-th step (0: never); probe_budget: expected share of time its probes may cost;
+    bins: histogram bins of the survivals; sample: rounds of one step that enter the window at most; refresh:
+    new rounds after which the window and the estimate are updated."""
 
     def __init__(self, profile: SPSProfile, *, window: int = 4096, margin: float = 0.0, hysteresis: float = 0.02,
                  min_rounds: int = 256, min_verified: int = 64, probe_every: int = 64, probe_budget: float = 0.01,
-                 bins: int = 256,
-                 sample: int = 64, refresh: int = 256):
+                 bins: int = 256, sample: int = 64, refresh: int = 256):
         if not isinstance(profile, SPSProfile):
             raise TypeError(f"expected an SPSProfile, got {type(profile).__name__}")
         for name, value in (("window", window), ("bins", bins), ("sample", sample), ("refresh", refresh)):

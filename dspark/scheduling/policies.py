@@ -329,7 +329,7 @@ class CausalGreedy(_HardwareAware):
         path = np.empty(horizon + 1)
         for _ in range(self.MAX_LOOKAHEADS):
             m = admitted
-            if m >= positive or m + 1 >= horizon + 1:  # candidate m has a = 0, or nothing is forecast past it
+            if m >= positive or m >= horizon:  # candidate m has a = 0, or nothing is forecast past it
                 break
             # The path ahead uses the forecast only: how many current candidates are positive depends on the
             # later slots of the requests, so it may cut the admissions (each by its own value), not decide them.
