@@ -325,6 +325,7 @@ def test_zoo_rebuild_end_to_end_at_toy_scale(corpus, tokenizer_dir, tmp_path, mo
     assert "data.train=FEATURES" in manifest["drafters"]["dspark"]["recipe"]
     assert "data.train=DATA" in manifest["drafters"]["mtp"]["recipe"]
     assert manifest["calibration"]["block_size"] == 3
+    assert [r["sampling_temperature"] for r in manifest["calibration"]["regimes"]] == [0.0, 1.0]
     target = TargetRunner.from_pretrained(out / "target", dtype="float32")
     for name, block in (("dspark", 3), ("mtp", 1)):
         drafter = load_drafter(str(out / "drafters" / name), calibration="none")

@@ -109,7 +109,7 @@ def test_generation_feeds_the_online_calibrator_raw_confidences_and_applies_its_
     assert [s.token_ids for s in spec.sequences] == [s.token_ids for s in plain.sequences]
     rounds = [r for s in spec.sequences for r in s.rounds if r.verified > 0]
     assert calibrator.rounds_seen == len(rounds) and calibrator.refits >= 1
-    assert np.allclose(drafter.confidence_temperatures.numpy(), calibrator.temperatures, rtol=1e-6)
+    assert np.allclose(drafter.calibration_temperatures([SamplingParams()])[0].numpy(), calibrator.temperatures, rtol=1e-6)
     # The first rounds were drafted with the starting temperatures: the calibrator holds their raw values.
     reported = np.array(rounds[0].confidences)  # calibrated with `start` (first round of sequence 0)
     expected = 1 / (1 + np.exp(-np.log(reported / (1 - reported)) * np.array(start)[: len(reported)]))
@@ -129,3 +129,71 @@ def test_generate_command_with_a_scheduler_and_online_calibration_is_lossless(se
     assert spec["scheduler"] and spec["online_calibration"]["rounds_seen"] > 0
     verified = spec["spec_decode"]["verified_tokens"]
     assert verified < spec["spec_decode"]["drafted_tokens"] or policy == "threshold-0.6"
+
+
+def test_calibrate_fits_one_regime_per_sampling_temperature_and_each_request_uses_its_own(setup, capsys, tmp_path):
+    """`--sampling-temperatures 1,0` records raw rounds at both temperatures and writes two regimes; in one
+    batch, a greedy request's confidences use the greedy regime and a sampled request's the T = 1 one."""
+    from dspark.calibration import load_calibration
+    from dspark.decoding.sampling import SamplingParams
+
+    target, drafter, _, prompts = setup
+    out = tmp_path / "calibration.json"
+    summary = run_json(capsys, ["calibrate", "--target", str(target), "--drafter", str(drafter), "--datasets", str(prompts),
+                                "--max-new-tokens", "24", "--no-progress", "--out", str(out), "--json",
+                                "--sampling-temperatures", "1,0"])
+    assert [r["sampling_temperature"] for r in summary["regimes"]] == [0.0, 1.0]
+    assert summary["temperatures"] == summary["regimes"][1]["temperatures"]  # top level: the paper's T = 1
+    loaded = load_calibration(out, drafter_folder=drafter, block_size=4)
+    regimes = loaded.by_sampling_temperature()
+    assert regimes[0.0] != regimes[1.0]  # greedy rounds accept differently: a different fit
+
+    raw, calibrated = load_drafter(str(drafter), calibration="none"), load_drafter(str(drafter), calibration=str(out))
+    hidden = torch.randn(2, 4, raw.model.config.layers.hidden_size, generator=torch.Generator().manual_seed(1))
+    anchors = torch.tensor([5, 6])
+    mixed = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9)]
+    _, _, c_raw = raw.sample_block(hidden, anchors, mixed, torch.Generator().manual_seed(0))
+    _, _, c_cal = calibrated.sample_block(hidden, anchors, mixed, torch.Generator().manual_seed(0))
+    temps = torch.tensor([regimes[0.0], regimes[1.0]], dtype=torch.float64)
+    assert torch.allclose(c_cal.double(), torch.sigmoid(torch.logit(c_raw.double()) / temps), atol=1e-5)
+
+
+def test_calibrate_rejects_conflicting_or_bad_sampling_temperatures(setup, capsys, tmp_path):
+    target, drafter, _, prompts = setup
+    base = ["calibrate", "--target", str(target), "--drafter", str(drafter), "--datasets", str(prompts)]
+    for extra, message in ((["--sampling-temperatures", "1,x"], "not a number"),
+                           (["--sampling-temperatures", "-1"], "≥ 0"),
+                           (["--sampling-temperatures", "1,1"], "repeats"),
+                           (["--sampling-temperatures", "1", "--traces", str(tmp_path / "t.json")], "with --traces")):
+        assert main(base + extra) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_a_calibrator_bound_to_a_sampling_temperature_sees_and_refits_only_that_regime(setup):
+    """Greedy and sampled requests in one batch: the calibrator bound to temperature 0 observes only the
+    greedy rounds (raw confidences, its regime's temperatures undone) and its refit replaces only the
+    greedy regime of the drafter; the output is still lossless."""
+    import numpy as np
+
+    from dspark.calibration.online import OnlineCalibrator
+    from dspark.decoding.sampling import SamplingParams
+    from dspark.engine.generation import generate
+
+    target, drafter_dir, _, _ = setup
+    runner = TargetRunner.from_pretrained(target, dtype="float32")
+    drafter = load_drafter(str(drafter_dir), calibration="none")
+    greedy_start, sampled = [0.8, 0.9, 1.1, 1.2], [2.0, 2.0, 2.0, 2.0]
+    drafter.set_calibration({0.0: greedy_start, 1.0: sampled})
+    calibrator = OnlineCalibrator(block_size=4, refit_every=15, window=400, min_count=5,
+                                  initial_temperatures=greedy_start, sampling_temperature=0.0)
+    prompts = [[5 + i, 9, 11 + i, 30] for i in range(6)]
+    samplings = [SamplingParams(temperature=0.0 if i % 2 == 0 else 1.0) for i in range(6)]
+    spec = generate(runner, prompts, sampling=samplings, max_new_tokens=30, drafter=drafter, calibrator=calibrator,
+                    record_rounds=True, seed=0)
+    greedy_rounds = [r for i, s in enumerate(spec.sequences) if i % 2 == 0 for r in s.rounds if r.verified > 0]
+    assert calibrator.rounds_seen == len(greedy_rounds) and calibrator.refits >= 1
+    now = drafter.calibration_temperatures(samplings[:2])
+    assert np.allclose(now[0].numpy(), calibrator.temperatures, rtol=1e-6)  # the greedy regime was refitted
+    assert now[1].tolist() == sampled  # the sampled regime is untouched
+    plain = generate(runner, [prompts[0]], sampling=samplings[0], max_new_tokens=30, seed=0)
+    assert spec.sequences[0].token_ids == plain.sequences[0].token_ids

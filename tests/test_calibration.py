@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dspark.calibration import (
+    CalibrationRegime,
     OnlineCalibrator,
     Rounds,
     apply_temperatures,
@@ -235,17 +236,53 @@ def test_calibration_file_round_trip(tmp_path, fitted):
     on_disk = json.loads(path.read_text())
     assert on_disk == content and on_disk["format"] == FORMAT and on_disk["block_size"] == GAMMA
     loaded = load_calibration(path, drafter_folder=drafter, block_size=GAMMA)
-    np.testing.assert_allclose(loaded.temperatures, temps, rtol=0, atol=0)
-    assert loaded.fitted_on["datasets"] == ["synthetic"] and loaded.ece_after["mean"]["ece"] <= 0.015
+    (regime,) = loaded.regimes
+    assert regime.sampling_temperature == 1.0  # one set of temperatures: the paper's protocol
+    np.testing.assert_allclose(regime.temperatures, temps, rtol=0, atol=0)
+    assert regime.fitted_on["datasets"] == ["synthetic"] and regime.ece_after["mean"]["ece"] <= 0.015
     assert loaded.drafter["name"] == "drafter" and loaded.created
     assert load_calibration(path).block_size == GAMMA
     renamed = shutil.copytree(drafter, tmp_path / "renamed")  # the name is informative; the hashes decide
-    assert load_calibration(path, drafter_folder=renamed).temperatures == loaded.temperatures
+    assert load_calibration(path, drafter_folder=renamed).regimes == loaded.regimes
 
 
-def _rewrite(path, **changes):
+def test_calibration_file_regimes_and_the_nearest_one_per_request(tmp_path):
+    """One regime per sampling temperature; a request uses the one fitted nearest to its own temperature."""
+    drafter = _drafter_folder(tmp_path / "drafter", seed=0)
+    path = tmp_path / "calibration.json"
+    greedy, sampled = [0.5] * GAMMA, [3.0] * GAMMA
+    save_calibration(path, regimes=[{"sampling_temperature": 1.0, "temperatures": sampled},
+                                    CalibrationRegime(0.0, greedy)], drafter_folder=drafter)
+    loaded = load_calibration(path, drafter_folder=drafter, block_size=GAMMA)
+    assert [r.sampling_temperature for r in loaded.regimes] == [0.0, 1.0]  # stored ascending
+    assert loaded.by_sampling_temperature() == {0.0: greedy, 1.0: sampled}
+    picks = {t: loaded.regime_for(t).temperatures for t in (0.0, 0.3, 0.5, 0.7, 1.0, 1.5)}
+    assert picks == {0.0: greedy, 0.3: greedy, 0.5: sampled, 0.7: sampled, 1.0: sampled, 1.5: sampled}
+    with pytest.raises(ValueError, match="distinct"):
+        save_calibration(tmp_path / "twice.json", regimes=[CalibrationRegime(1.0, sampled), CalibrationRegime(1.0, greedy)],
+                         drafter_folder=drafter)
+    with pytest.raises(ValueError, match="sampling_temperature"):
+        save_calibration(tmp_path / "neg.json", regimes=[CalibrationRegime(-1.0, sampled)], drafter_folder=drafter)
+
+
+def test_version_1_calibration_files_still_load_as_the_temperature_1_regime(tmp_path):
+    drafter = _drafter_folder(tmp_path / "drafter", seed=0)
+    path = tmp_path / "calibration.json"
+    save_calibration(path, [2.0] * GAMMA, drafter_folder=drafter)
+    content = json.loads(path.read_text())
+    (regime,) = content.pop("regimes")
+    path.write_text(json.dumps(dict(content, format="dspark-calibration-v1", temperatures=regime["temperatures"],
+                                    fitted_on={"rounds": 10}, ece_before=None, ece_after=None)))
+    loaded = load_calibration(path, drafter_folder=drafter, block_size=GAMMA)
+    assert loaded.by_sampling_temperature() == {1.0: [2.0] * GAMMA}
+    assert loaded.regimes[0].fitted_on == {"rounds": 10}
+
+
+def _rewrite(path, regime=None, **changes):
     content = json.loads(path.read_text())
     content.update(changes)
+    if regime:
+        content["regimes"][0].update(regime)
     path.write_text(json.dumps(content))  # json writes NaN as the (non-standard) token NaN
 
 
@@ -257,6 +294,9 @@ def _rewrite(path, **changes):
     ("nan temperature", "finite and > 0"),
     ("zero temperature", "finite and > 0"),
     ("wrong count", "6 temperatures for block size 7"),
+    ("no regimes", "non-empty list"),
+    ("bad sampling temperature", "sampling_temperature"),
+    ("repeated regime", "distinct"),
     ("missing", "not found"),
     ("not json", "not a readable JSON"),
 ])
@@ -272,15 +312,22 @@ def test_calibration_file_rejections(tmp_path, case, pattern):
     elif case == "other block size":
         kwargs["block_size"] = 5
     elif case == "bad version":
-        _rewrite(path, format="dspark-calibration-v2")
+        _rewrite(path, format="dspark-calibration-v3")
     elif case == "not calibration":
         _rewrite(path, format="something-else")
     elif case == "nan temperature":
-        _rewrite(path, temperatures=[2.0] * (GAMMA - 1) + [float("nan")])
+        _rewrite(path, {"temperatures": [2.0] * (GAMMA - 1) + [float("nan")]})
     elif case == "zero temperature":
-        _rewrite(path, temperatures=[0.0] + [2.0] * (GAMMA - 1))
+        _rewrite(path, {"temperatures": [0.0] + [2.0] * (GAMMA - 1)})
     elif case == "wrong count":
-        _rewrite(path, temperatures=[2.0] * (GAMMA - 1))
+        _rewrite(path, {"temperatures": [2.0] * (GAMMA - 1)})
+    elif case == "no regimes":
+        _rewrite(path, regimes=[])
+    elif case == "bad sampling temperature":
+        _rewrite(path, {"sampling_temperature": "hot"})
+    elif case == "repeated regime":
+        content = json.loads(path.read_text())
+        _rewrite(path, regimes=content["regimes"] * 2)
     elif case == "missing":
         path.unlink()
     elif case == "not json":

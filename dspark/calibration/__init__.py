@@ -5,8 +5,10 @@ Plots live in `dspark.calibration.plots` (imports matplotlib)."""
 from dspark.calibration.calibration_file import (
     FORMAT,
     Calibration,
+    CalibrationRegime,
     drafter_identity,
     load_calibration,
+    nearest_regime,
     save_calibration,
 )
 from dspark.calibration.metrics import (
@@ -23,8 +25,8 @@ from dspark.calibration.online import OnlineCalibrator
 from dspark.calibration.sts import STSResult, apply_temperatures, calibrate, fit_sts, split_rounds
 
 __all__ = [
-    "FORMAT", "Calibration", "OnlineCalibrator", "Rounds", "STSResult", "apply_temperatures", "brier_score",
+    "FORMAT", "Calibration", "CalibrationRegime", "OnlineCalibrator", "Rounds", "STSResult", "apply_temperatures", "brier_score",
     "calibrate", "drafter_identity", "ece_per_position", "expected_calibration_error", "fit_sts",
-    "load_calibration", "position_metrics", "prefix_survival", "reliability_data", "roc_auc",
+    "load_calibration", "nearest_regime", "position_metrics", "prefix_survival", "reliability_data", "roc_auc",
     "save_calibration", "split_rounds",
 ]

@@ -1,11 +1,23 @@
-"""Calibration file: the STS temperatures of one drafter (SPEC §4.2), bound to that drafter's weights.
+"""Calibration file: the STS temperatures of one drafter (SPEC §4.2), bound to that drafter's weights, one
+set per sampling regime.
 
-JSON, format "dspark-calibration-v1":
+The head's raw confidences are fitted (SPEC §2.4) to acceptance at sampling temperature 1; at another
+temperature the same scores mean other acceptance rates (greedy verification accepts on an argmax match,
+far more often than the T = 1 rule for a drafter that has learnt the target's mode). Temperature scaling
+cannot move a score across 0.5, so one set of temperatures cannot serve both regimes: the file holds one
+STS fit per sampling temperature it was fitted at (`dspark calibrate --sampling-temperatures 1,0`), and a
+request uses the regime whose sampling temperature is nearest to its own (`regime_for`). The paper fits one
+set (§3.2.1, at its evaluation temperature 1.0); a file with only that regime behaves exactly so.
+
+JSON, format "dspark-calibration-v2":
   {"format", "drafter": {"name", "config_sha256", "weights_sha256"} (`target_identity` of the drafter
-   folder), "block_size": γ, "temperatures": [γ] (T_k > 0, position 1 first), "fitted_on": {counts, data
-   sets, ...}, "ece_before", "ece_after": metrics dicts or null, "created": ISO-8601 UTC time}
-Written atomically (temporary sibling file, then os.replace). Loading checks the format, the drafter's
-identity (both hashes; the name is informative) and the block size, and that every T_k is finite and > 0.
+   folder), "block_size": γ, "regimes": [{"sampling_temperature": t ≥ 0 (0 = greedy), "temperatures": [γ]
+   (T_k > 0, position 1 first), "fitted_on": {counts, data sets, ...}, "ece_before", "ece_after": metrics
+   dicts or null}, ...] (distinct sampling temperatures, ascending), "created": ISO-8601 UTC time}
+Version 1 files (one top-level "temperatures" list, always fitted at temperature 1.0 by `dspark calibrate`)
+are read as a file with that one regime. Written atomically (temporary sibling file, then os.replace).
+Loading checks the format, the drafter's identity (both hashes; the name is informative), the block size,
+and that every T_k is finite and > 0 and every sampling temperature finite, ≥ 0 and distinct.
 """
 
 from __future__ import annotations
@@ -17,13 +29,15 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from dspark.errors import CheckpointError
 
-FORMAT = "dspark-calibration-v1"
+FORMAT = "dspark-calibration-v2"
+FORMAT_V1 = "dspark-calibration-v1"
 _FORMAT_PREFIX = "dspark-calibration-v"
 _IDENTITY_KEYS = ("config_sha256", "weights_sha256")
+PAPER_SAMPLING_TEMPERATURE = 1.0  # the regime of a version-1 file and of a bare list of temperatures
 
 
 def drafter_identity(folder: str | Path) -> dict[str, str]:
@@ -34,17 +48,44 @@ def drafter_identity(folder: str | Path) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class Calibration:
-    """A loaded calibration file; temperatures [γ] floats, position 1 first."""
+class CalibrationRegime:
+    """One STS fit: temperatures [γ] (position 1 first) for requests sampled at about `sampling_temperature`
+    (0 = greedy), with what it was fitted on and its held-out metrics."""
 
+    sampling_temperature: float
     temperatures: list[float]
-    block_size: int
-    drafter: dict
     fitted_on: dict = field(default_factory=dict)
     ece_before: dict | None = None
     ece_after: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {"sampling_temperature": self.sampling_temperature, "temperatures": list(self.temperatures),
+                "fitted_on": dict(self.fitted_on), "ece_before": self.ece_before, "ece_after": self.ece_after}
+
+
+def nearest_regime(sampling_temperatures: Sequence[float], temperature: float) -> int:
+    """Index of the regime whose sampling temperature is nearest to `temperature` (ties: the higher one)."""
+    t = float(temperature)
+    return min(range(len(sampling_temperatures)), key=lambda i: (abs(sampling_temperatures[i] - t), -sampling_temperatures[i]))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A loaded calibration file: one `CalibrationRegime` per fitted sampling temperature (ascending)."""
+
+    regimes: list[CalibrationRegime]
+    block_size: int
+    drafter: dict
     created: str = ""
     path: Path | None = None
+
+    def regime_for(self, temperature: float) -> CalibrationRegime:
+        """The regime a request sampled at `temperature` uses (nearest fitted sampling temperature)."""
+        return self.regimes[nearest_regime([r.sampling_temperature for r in self.regimes], temperature)]
+
+    def by_sampling_temperature(self) -> dict[float, list[float]]:
+        """{sampling temperature: temperatures [γ]}, what `DSparkDrafter.set_calibration` takes."""
+        return {r.sampling_temperature: list(r.temperatures) for r in self.regimes}
 
 
 def _check_temperatures(temperatures: Any, block_size: int | None, where: str, error: type[Exception]) -> list[float]:
@@ -65,31 +106,54 @@ def _check_temperatures(temperatures: Any, block_size: int | None, where: str, e
     return temps
 
 
-def save_calibration(path: str | Path, temperatures: Any, *, drafter_folder: str | Path | None = None,
-                     drafter: dict | None = None, block_size: int | None = None, fitted_on: dict | None = None,
-                     ece_before: dict | None = None, ece_after: dict | None = None) -> dict:
+def _check_sampling_temperature(value: Any, where: str, error: type[Exception]) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise error(f"{where}: sampling_temperature must be a finite number ≥ 0 (0 = greedy), got {value!r}")
+    return float(value)
+
+
+def save_calibration(path: str | Path, temperatures: Any = None, *, regimes: Sequence[CalibrationRegime | dict] | None = None,
+                     drafter_folder: str | Path | None = None, drafter: dict | None = None,
+                     block_size: int | None = None, sampling_temperature: float = PAPER_SAMPLING_TEMPERATURE,
+                     fitted_on: dict | None = None, ece_before: dict | None = None,
+                     ece_after: dict | None = None) -> dict:
     """Write the calibration file atomically and return its content.
 
-    The drafter is named by its folder (identity computed here) or by an identity dict; block_size
-    defaults to len(temperatures). ece_before/ece_after: e.g. `position_metrics(...)` dicts (JSON-able,
-    no NaN). ValueError on bad arguments.
+    Either `regimes` (CalibrationRegime or dicts of its fields, distinct sampling temperatures) or one set of
+    `temperatures` [γ] fitted at `sampling_temperature` with its fitted_on / ece_before / ece_after. The
+    drafter is named by its folder (identity computed here) or by an identity dict; block_size defaults to
+    the number of temperatures. ece_*: e.g. `position_metrics(...)` dicts (JSON-able, no NaN). ValueError
+    on bad arguments.
     """
     path = Path(path)
     if (drafter_folder is None) == (drafter is None):
         raise ValueError("give exactly one of drafter_folder and drafter (an identity dict)")
+    if (temperatures is None) == (regimes is None):
+        raise ValueError("give exactly one of temperatures and regimes")
     identity = drafter_identity(drafter_folder) if drafter_folder is not None else dict(drafter)
     missing = [k for k in _IDENTITY_KEYS if not isinstance(identity.get(k), str)]
     if missing:
         raise ValueError(f"drafter identity lacks {missing}: {identity}")
-    temps = _check_temperatures(list(temperatures), block_size, str(path), ValueError)
+    if regimes is None:
+        regimes = [CalibrationRegime(sampling_temperature, list(temperatures), dict(fitted_on or {}), ece_before, ece_after)]
+    checked = []
+    for regime in regimes:
+        r = regime if isinstance(regime, CalibrationRegime) else CalibrationRegime(**regime)
+        temps = _check_temperatures(list(r.temperatures), block_size, str(path), ValueError)
+        block_size = len(temps)
+        checked.append(CalibrationRegime(_check_sampling_temperature(r.sampling_temperature, str(path), ValueError),
+                                         temps, dict(r.fitted_on), r.ece_before, r.ece_after))
+    if not checked:
+        raise ValueError(f"{path}: no calibration regime to write")
+    checked.sort(key=lambda r: r.sampling_temperature)
+    points = [r.sampling_temperature for r in checked]
+    if len(set(points)) != len(points):
+        raise ValueError(f"{path}: sampling temperatures must be distinct, got {points}")
     content = {
         "format": FORMAT,
         "drafter": identity,
-        "block_size": len(temps),
-        "temperatures": temps,
-        "fitted_on": dict(fitted_on or {}),
-        "ece_before": ece_before,
-        "ece_after": ece_after,
+        "block_size": block_size,
+        "regimes": [r.to_dict() for r in checked],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     text = json.dumps(content, indent=2, allow_nan=False) + "\n"
@@ -128,9 +192,10 @@ def load_calibration(path: str | Path, drafter_folder: str | Path | None = None,
     if not isinstance(content, dict):
         raise CheckpointError(f"{path}: not a dspark calibration file (top level is not an object)")
     fmt = content.get("format")
-    if fmt != FORMAT:
+    if fmt not in (FORMAT, FORMAT_V1):
         if isinstance(fmt, str) and fmt.startswith(_FORMAT_PREFIX):
-            raise CheckpointError(f"{path}: calibration format {fmt!r} is not supported; this dspark reads {FORMAT!r}")
+            raise CheckpointError(f"{path}: calibration format {fmt!r} is not supported; this dspark reads "
+                                  f"{FORMAT!r} and {FORMAT_V1!r}")
         raise CheckpointError(f"{path}: not a dspark calibration file (format {fmt!r}, expected {FORMAT!r})")
     identity = content.get("drafter")
     if not isinstance(identity, dict) or any(not isinstance(identity.get(k), str) for k in _IDENTITY_KEYS):
@@ -138,7 +203,24 @@ def load_calibration(path: str | Path, drafter_folder: str | Path | None = None,
     size = content.get("block_size")
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise CheckpointError(f"{path}: 'block_size' must be a positive integer, got {size!r}")
-    temps = _check_temperatures(content.get("temperatures"), size, str(path), CheckpointError)
+    if fmt == FORMAT_V1:
+        entries = [dict(content, sampling_temperature=PAPER_SAMPLING_TEMPERATURE)]
+    else:
+        entries = content.get("regimes")
+        if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+            raise CheckpointError(f"{path}: 'regimes' must be a non-empty list of objects")
+    regimes = []
+    for i, entry in enumerate(entries):
+        where = str(path) if fmt == FORMAT_V1 else f"{path}: regime {i + 1}"
+        temps = _check_temperatures(entry.get("temperatures"), size, where, CheckpointError)
+        point = _check_sampling_temperature(entry.get("sampling_temperature"), where, CheckpointError)
+        if not isinstance(entry.get("fitted_on", {}), dict):
+            raise CheckpointError(f"{where}: 'fitted_on' must be an object")
+        regimes.append(CalibrationRegime(point, temps, entry.get("fitted_on", {}), entry.get("ece_before"),
+                                         entry.get("ece_after")))
+    points = [r.sampling_temperature for r in regimes]
+    if len(set(points)) != len(points):
+        raise CheckpointError(f"{path}: sampling temperatures must be distinct, got {points}")
     if block_size is not None and int(block_size) != size:
         raise CheckpointError(f"{path}: calibration was fitted for block size {size}, but the drafter runs with block "
                               f"size {block_size}; refit it (dspark calibrate) for this block size")
@@ -147,15 +229,10 @@ def load_calibration(path: str | Path, drafter_folder: str | Path | None = None,
         if any(current[k] != identity[k] for k in _IDENTITY_KEYS):
             raise CheckpointError(f"{path}: calibration was fitted for drafter {_describe(identity)}, but {drafter_folder} "
                                   f"is {_describe(current)}; refit it (dspark calibrate) for this drafter")
-    if not isinstance(content.get("fitted_on", {}), dict):
-        raise CheckpointError(f"{path}: 'fitted_on' must be an object")
     return Calibration(
-        temperatures=temps,
+        regimes=sorted(regimes, key=lambda r: r.sampling_temperature),
         block_size=size,
         drafter=identity,
-        fitted_on=content.get("fitted_on", {}),
-        ece_before=content.get("ece_before"),
-        ece_after=content.get("ece_after"),
         created=str(content.get("created", "")),
         path=path,
     )

@@ -1,5 +1,5 @@
 """Fit STS on recorded verification rounds and write the calibration file (used by `dspark calibrate` and
-`dspark zoo rebuild`)."""
+`dspark zoo rebuild`): one regime per sampling temperature the rounds were recorded at."""
 
 from __future__ import annotations
 
@@ -7,37 +7,61 @@ from pathlib import Path
 
 import numpy as np
 
-from dspark.calibration.calibration_file import save_calibration
+from dspark.calibration.calibration_file import (
+    PAPER_SAMPLING_TEMPERATURE,
+    CalibrationRegime,
+    nearest_regime,
+    save_calibration,
+)
 from dspark.calibration.metrics import Rounds, valid_round_mask
 from dspark.calibration.sts import calibrate
 from dspark.errors import ConfigError
 
 
-def fit_and_save(per_set: dict, drafter: str | Path, block_size: int, out: str | Path, *, held_out: float = 0.5,
-                 seed: int = 0) -> dict:
+def fit_regime(per_set: dict, sampling_temperature: float, block_size: int, *, held_out: float = 0.5,
+               seed: int = 0) -> CalibrationRegime:
     """per_set: {set name: round traces} as `dspark.evaluation.offline.round_arrays` makes them, of the raw
-    head. Splits by prompt, fits on one part, measures ECE on the other, writes `out`; returns a summary
-    {"calibration", "drafter", "temperatures", "ece_before", "ece_after" ({"per_position", "mean"}), "fitted_on"}."""
+    head, recorded at `sampling_temperature`. Splits by prompt, fits STS on one part, measures the metrics
+    before/after on the other."""
     from dspark.evaluation.offline import merge_traces
 
     merged = merge_traces(per_set.values())
-    conf = np.array([[np.nan if v is None else v for v in row] for row in merged["confidences"]], dtype=float)[:, :block_size]
-    verified, accepted = np.asarray(merged["verified"]), np.asarray(merged["accepted"])
+    conf = np.full((len(merged["confidences"]), block_size), np.nan)
+    for i, row in enumerate(merged["confidences"]):
+        values = [np.nan if v is None else v for v in (row or [])[:block_size]]
+        conf[i, :len(values)] = values
+    verified, accepted = np.asarray(merged["verified"], dtype=np.int64), np.asarray(merged["accepted"], dtype=np.int64)
     keep = valid_round_mask(conf, verified, accepted)  # a NaN / out-of-range confidence drops its round
     rounds = Rounds(conf[keep], verified[keep], accepted[keep], dropped=int((~keep).sum()))
     if len(rounds) < 20:
-        raise ConfigError(f"only {len(rounds)} usable verification rounds; use more prompts (--limit, --datasets)")
+        raise ConfigError(f"sampling temperature {sampling_temperature}: only {len(rounds)} usable verification rounds; "
+                          "use more prompts (--limit, --datasets)")
     groups = np.asarray(merged["sample"])[keep]  # split by prompt: held-out prompts never inform the fit
     result = calibrate(rounds, held_out_fraction=held_out, seed=seed, groups=groups)
-    temperatures = [float(t) for t in result.temperatures]
     fitted_on = {"rounds": result.fit_rounds, "held_out_rounds": result.held_out_rounds,
                  "datasets": sorted(per_set), "dropped_rounds": rounds.dropped}
-    save_calibration(out, temperatures, drafter_folder=drafter, block_size=block_size, fitted_on=fitted_on,
-                     ece_before=result.before, ece_after=result.after)
-    summary = {
-        "calibration": str(out), "drafter": str(drafter), "temperatures": temperatures,
-        "ece_before": {"per_position": [p["ece"] for p in result.before["positions"]], "mean": result.before["mean"]["ece"]},
-        "ece_after": {"per_position": [p["ece"] for p in result.after["positions"]], "mean": result.after["mean"]["ece"]},
-        "fitted_on": fitted_on,
-    }
-    return summary
+    return CalibrationRegime(float(sampling_temperature), [float(t) for t in result.temperatures], fitted_on,
+                             result.before, result.after)
+
+
+def _ece(metrics: dict) -> dict:
+    return {"per_position": [p["ece"] for p in metrics["positions"]], "mean": metrics["mean"]["ece"]}
+
+
+def fit_and_save(per_temperature: dict[float, dict], drafter: str | Path, block_size: int, out: str | Path, *,
+                 held_out: float = 0.5, seed: int = 0) -> dict:
+    """per_temperature: {sampling temperature: {set name: raw-head round traces}}. Fits one regime per
+    sampling temperature (`fit_regime`), writes `out`; returns a summary {"calibration", "drafter", "regimes":
+    [{"sampling_temperature", "temperatures", "ece_before", "ece_after" ({"per_position", "mean"}),
+    "fitted_on"}], and the same keys at the top level for the regime nearest temperature 1.0 (the paper's
+    protocol)}."""
+    if not per_temperature:
+        raise ConfigError("no recorded rounds to calibrate on")
+    regimes = [fit_regime(per_set, t, block_size, held_out=held_out, seed=seed)
+               for t, per_set in sorted(per_temperature.items())]
+    save_calibration(out, regimes=regimes, drafter_folder=drafter, block_size=block_size)
+    rows = [{"sampling_temperature": r.sampling_temperature, "temperatures": r.temperatures,
+             "ece_before": _ece(r.ece_before), "ece_after": _ece(r.ece_after), "fitted_on": r.fitted_on}
+            for r in regimes]
+    main = rows[nearest_regime([r["sampling_temperature"] for r in rows], PAPER_SAMPLING_TEMPERATURE)]
+    return {"calibration": str(out), "drafter": str(drafter), **{k: v for k, v in main.items()}, "regimes": rows}

@@ -41,10 +41,15 @@ class OnlineCalibrator:
 
     def __init__(self, block_size: int, refit_every: int = 4096, window: int = 16384,
                  initial_temperatures: Any = None, *, recent: int | None = None, min_count: int = MIN_COUNT,
-                 bins: int = DEFAULT_BINS):
+                 bins: int = DEFAULT_BINS, sampling_temperature: float | None = None):
         for name, value in (("block_size", block_size), ("refit_every", refit_every), ("window", window)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if sampling_temperature is not None and not (isinstance(sampling_temperature, (int, float))
+                                                     and not isinstance(sampling_temperature, bool)
+                                                     and np.isfinite(sampling_temperature) and sampling_temperature >= 0):
+            raise ValueError(f"sampling_temperature must be a finite number ≥ 0 or None, got {sampling_temperature!r}")
+        self.sampling_temperature = None if sampling_temperature is None else float(sampling_temperature)
         self.block_size = int(block_size)
         self.refit_every = int(refit_every)
         self.window = int(window)
@@ -152,6 +157,7 @@ class OnlineCalibrator:
                  if at_refit is not None and ece_recent["mean"] is not None and at_refit["mean"] is not None else None)
         return {
             "block_size": self.block_size,
+            "sampling_temperature": self.sampling_temperature,
             "rounds_seen": self.rounds_seen,
             "rounds_kept": self.rounds_kept,
             "rows_dropped": self.rows_dropped,

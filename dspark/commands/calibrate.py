@@ -1,24 +1,30 @@
 """`dspark calibrate`: fit Sequential Temperature Scaling for a drafter's confidence head (SPEC §4.2).
 
     dspark calibrate [--target DIR] [--drafter NAME|DIR] [--datasets NAMES|FILES] [--limit N]
-        [--traces FILE] [--held-out F] [--seed N] [--out FILE] [--json] [...]
+        [--sampling-temperatures 1,0] [--traces FILE ...] [--held-out F] [--seed N] [--out FILE] [--json] [...]
 
-Records verification rounds of the *raw* head with the offline protocol (chain drafting, verify-all,
-temperature 1.0 — or reads them from an `dspark eval --out` traces.json with --traces), splits them by
-prompt into a fitting part and a held-out part (`--held-out`, default half), fits the per-position
-temperatures left to right on the fitting part, and writes a versioned calibration file bound to the
-drafter's weights and block size. ECE before and after are measured on the held-out prompts only.
-`dspark eval`, `generate` and the scheduler apply the file when given (`--calibration FILE`); the built-in
-calibration applies to the built-in DSpark drafter by default.
+Records verification rounds of the *raw* head with the offline protocol (chain drafting, verify-all) at each
+sampling temperature of `--sampling-temperatures` (default 1 — the paper's protocol — and 0, greedy) or
+reads them from `dspark eval --out` traces.json files (`--traces`, repeatable, one sampling temperature
+each), splits each temperature's rounds by prompt into a fitting part and a held-out part (`--held-out`,
+default half), fits the per-position temperatures left to right on the fitting part, and writes a
+versioned calibration file bound to the drafter's weights and block size, with one regime per sampling
+temperature (`dspark.calibration.calibration_file`: a request uses the regime fitted nearest to its own
+temperature). ECE before and after are measured on the held-out prompts only. `dspark eval`, `generate`
+and the scheduler apply the file when given (`--calibration FILE`); the built-in calibration applies to
+the built-in DSpark drafter by default.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from dspark.cli import add_runtime_args, print_json
 from dspark.errors import ConfigError
+
+DEFAULT_SAMPLING_TEMPERATURES = (1.0, 0.0)
 
 
 def register(sub) -> None:
@@ -29,7 +35,10 @@ def register(sub) -> None:
     p.add_argument("--data-dir", default=None, help="folder with <name>.jsonl prompt sets")
     p.add_argument("--limit", type=int, default=16, help="prompts per set")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--traces", default=None, help="traces.json from `dspark eval --out` (skips generation)")
+    p.add_argument("--sampling-temperatures", default=None,
+                   help="comma-separated sampling temperatures to record and fit a regime at (default 1,0; 0 = greedy)")
+    p.add_argument("--traces", action="append", default=None,
+                   help="traces.json from `dspark eval --out --calibration none` (skips generation; repeatable)")
     p.add_argument("--held-out", type=float, default=0.5, help="share of prompts kept out of fitting, for ECE after")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="calibration.json", help="calibration file to write")
@@ -39,8 +48,25 @@ def register(sub) -> None:
     p.set_defaults(handler=run_calibrate)
 
 
-def record_traces(args, drafter: str) -> dict:
-    """Raw-head rounds of `drafter` on the chosen sets ({set: round_arrays})."""
+def parse_sampling_temperatures(text: str | None) -> list[float]:
+    if text is None:
+        return list(DEFAULT_SAMPLING_TEMPERATURES)
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise ConfigError(f"--sampling-temperatures: {part.strip()!r} is not a number") from None
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"--sampling-temperatures: {value} must be a finite number ≥ 0 (0 = greedy)")
+        values.append(value)
+    if len(set(values)) != len(values):
+        raise ConfigError(f"--sampling-temperatures: {text!r} repeats a temperature")
+    return values
+
+
+def record_traces(args, drafter: str, temperature: float) -> dict:
+    """Raw-head rounds of `drafter` on the chosen sets at sampling `temperature` ({set: round_arrays})."""
     from dspark.evaluation.datasets import DEFAULT_SETS, default_data_dir, load_set, resolve_set
     from dspark.evaluation.offline import EvalSettings, evaluate
     from dspark.models.zoo import resolve_target
@@ -54,10 +80,35 @@ def record_traces(args, drafter: str) -> dict:
             sets.append(load_set(name, domain, path, limit=args.limit, seed=args.seed))
     if not sets:
         raise ConfigError("no data set could be read for calibration")
-    settings = EvalSettings(temperature=1.0, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    settings = EvalSettings(temperature=temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
     _, traces = evaluate(resolve_target(args.target), [drafter], sets, settings, device=args.device, dtype=args.dtype,
                          progress=not args.no_progress, calibration="none")
     return next(iter(traces.values()))["datasets"]
+
+
+def read_traces(paths: list[str], drafter: str) -> dict[float, dict]:
+    """{sampling temperature: {set: round_arrays}} of `drafter`'s raw-head rounds in `dspark eval` traces files."""
+    out: dict[float, dict] = {}
+    for path in paths:
+        try:
+            stored = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--traces {path}: unreadable ({exc})") from None
+        if not isinstance(stored, dict):
+            raise ConfigError(f"--traces {path}: not a traces file of `dspark eval --out`")
+        entry = next((e for e in stored.values() if isinstance(e, dict)
+                      and Path(str(e.get("drafter", ""))).resolve() == Path(drafter).resolve()), None)
+        if entry is None:
+            raise ConfigError(f"--traces {path}: no rounds of drafter {drafter}")
+        if entry.get("confidence_temperatures") is not None:
+            raise ConfigError(f"--traces {path}: recorded with a calibrated head; rerun eval with --calibration none")
+        temperature = entry.get("temperature")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ConfigError(f"--traces {path}: no sampling temperature recorded (got {temperature!r})")
+        if float(temperature) in out:
+            raise ConfigError(f"--traces {path}: a second traces file at sampling temperature {temperature}")
+        out[float(temperature)] = entry["datasets"]
+    return out
 
 
 def run_calibrate(args) -> int:
@@ -67,6 +118,9 @@ def run_calibrate(args) -> int:
 
     if not 0 < args.held_out < 1:
         raise ConfigError(f"--held-out must be in (0, 1), got {args.held_out}")
+    if args.traces and args.sampling_temperatures is not None:
+        raise ConfigError("--sampling-temperatures records new rounds; with --traces the temperatures are the traces'")
+    temperatures = parse_sampling_temperatures(args.sampling_temperatures)
     drafter = resolve_drafter(args.drafter)
     if not Path(drafter).is_dir():
         raise ConfigError(f"--drafter {drafter!r}: calibration needs a drafter folder with a confidence head")
@@ -75,28 +129,23 @@ def run_calibrate(args) -> int:
         raise ConfigError(f"--drafter {drafter}: has no confidence head, nothing to calibrate")
     block_size = loaded.max_draft_tokens
     if args.traces:
-        try:
-            stored = json.loads(Path(args.traces).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"--traces {args.traces}: unreadable ({exc})") from None
-        entry = next((e for e in stored.values() if Path(e.get("drafter", "")).resolve() == Path(drafter).resolve()), None)
-        if entry is None:
-            raise ConfigError(f"--traces {args.traces}: no rounds of drafter {drafter}")
-        if entry.get("confidence_temperatures") is not None:
-            raise ConfigError(f"--traces {args.traces}: recorded with a calibrated head; rerun eval with --calibration none")
-        per_set = entry["datasets"]
+        per_temperature = read_traces(args.traces, drafter)
     else:
-        per_set = record_traces(args, drafter)
-    summary = fit_and_save(per_set, drafter, block_size, args.out, held_out=args.held_out, seed=args.seed)
+        per_temperature = {t: record_traces(args, drafter, t) for t in temperatures}
+    summary = fit_and_save(per_temperature, drafter, block_size, args.out, held_out=args.held_out, seed=args.seed)
     if args.json:
         print_json(summary)
     else:
         def pct(v):
             return "  –  " if v is None else f"{100 * v:5.2f}"
 
-        print(f"{'position':>8} {'T':>6} {'ECE before %':>13} {'ECE after %':>12}")
-        for k, (t, b, a) in enumerate(zip(summary["temperatures"], summary["ece_before"]["per_position"], summary["ece_after"]["per_position"]), 1):
-            print(f"{k:>8} {t:>6.2f} {pct(b):>13} {pct(a):>12}")
-        print(f"{'mean':>8} {'':>6} {pct(summary['ece_before']['mean']):>13} {pct(summary['ece_after']['mean']):>12}")
-        print(f"held-out rounds: {summary['fitted_on']['held_out_rounds']}; written {args.out}")
+        for regime in summary["regimes"]:
+            print(f"sampling temperature {regime['sampling_temperature']:g}")
+            print(f"{'position':>8} {'T':>6} {'ECE before %':>13} {'ECE after %':>12}")
+            rows = zip(regime["temperatures"], regime["ece_before"]["per_position"], regime["ece_after"]["per_position"])
+            for k, (t, b, a) in enumerate(rows, 1):
+                print(f"{k:>8} {t:>6.2f} {pct(b):>13} {pct(a):>12}")
+            print(f"{'mean':>8} {'':>6} {pct(regime['ece_before']['mean']):>13} {pct(regime['ece_after']['mean']):>12}")
+            print(f"held-out rounds: {regime['fitted_on']['held_out_rounds']}")
+        print(f"written {args.out}")
     return 0

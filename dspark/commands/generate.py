@@ -47,9 +47,9 @@ def _profile(args):
     return SPSProfile.from_dict(load_or_profile(args.model, args.drafter, device=args.device, dtype=args.dtype))
 
 
-def make_scheduling(args, drafter):
+def make_scheduling(args, drafter, sampling):
     """(scheduler, online calibrator, draft gate) from --scheduler / --profile / --online-calibration /
-    --draft-gate."""
+    --draft-gate; the online calibrator refits the calibration regime of the request's `sampling` temperature."""
     if drafter is None:
         if args.scheduler or args.online_calibration or args.draft_gate:
             raise RequestError("--scheduler, --online-calibration and --draft-gate need a drafter")
@@ -72,10 +72,11 @@ def make_scheduling(args, drafter):
             raise RequestError("--online-calibration needs N ≥ 1 and a drafter with a confidence head")
         from dspark.calibration.online import OnlineCalibrator
 
-        temps = getattr(drafter, "confidence_temperatures", None)
+        temps = drafter.calibration_temperatures([sampling])
         calibrator = OnlineCalibrator(drafter.max_draft_tokens, refit_every=args.online_calibration,
                                       window=max(4 * args.online_calibration, 256), min_count=10,
-                                      initial_temperatures=None if temps is None else temps.tolist())
+                                      initial_temperatures=None if temps is None else temps[0].tolist(),
+                                      sampling_temperature=sampling.temperature)
     gate = None
     if args.draft_gate:
         if not drafter.provides_confidence:
@@ -104,7 +105,7 @@ def run_generate(args) -> int:
     if args.drafter is not None:
         drafter = load_drafter(args.drafter, num_draft_tokens=args.num_draft_tokens, device=args.device, dtype=args.dtype,
                                calibration=args.calibration)
-    scheduler, calibrator, gate = make_scheduling(args, drafter)
+    scheduler, calibrator, gate = make_scheduling(args, drafter, sampling)
     prompts = [render_prompt(tokenizer, text, args.chat) for text in args.prompt]
     stops = stop_token_ids(args.model, tokenizer, runner.config.eos_token_ids)
     out = generate(

@@ -119,8 +119,9 @@ def generate(
     scheduler: verification-length policy (SPEC §5; None: verify every proposed draft). A policy that
         needs confidences with a drafter that does not declare `provides_confidence` is a RequestError.
     calibrator: online calibration (SPEC §4.3): every round's raw-head confidences and outcomes are fed to
-        it, and the temperatures of each refit are applied to the drafter from the next round on (its
-        `drift_report()` / `metrics()` export the drift). Ignored for drafters without confidences.
+        it (only the requests at its `sampling_temperature` when it has one), and the temperatures of each
+        refit are applied to the drafter from the next round on (its `drift_report()` / `metrics()` export
+        the drift). Ignored for drafters without confidences.
     gate: decides before each round, from earlier rounds only, whether the drafter runs (needs a drafter
         with confidences; a skipped round is a plain decoding step). Lossless: the decision never depends
         on the round's own tokens.
@@ -204,19 +205,26 @@ def generate(
 
 
 def feed_calibrator(calibrator: OnlineCalibrator, drafter: Drafter, confidences: torch.Tensor,
-                    verify_lens: torch.Tensor, accepted: torch.Tensor) -> None:
+                    verify_lens: torch.Tensor, accepted: torch.Tensor, samplings: Sequence[SamplingParams]) -> None:
     """One round's outcomes → the online calibrator, with the raw head's confidences [B, K] (the drafter's
-    current temperatures undone: raw logit = calibrated logit · T_k); after a refit, the new temperatures
-    go to the drafter."""
+    current temperatures of each request's regime undone: raw logit = calibrated logit · T_k). A calibrator
+    bound to a sampling temperature sees only the requests sampled at exactly that temperature; after a
+    refit, its temperatures become the drafter's for that regime (for every request when it is unbound)."""
     conf = confidences.detach().double().cpu()
-    temps = getattr(drafter, "confidence_temperatures", None)
+    temps = drafter.calibration_temperatures(list(samplings))
     if temps is not None:
         eps = 1e-12
-        conf = torch.sigmoid(torch.logit(conf.clamp(eps, 1 - eps)) * temps[: conf.shape[1]].double().cpu())
+        conf = torch.sigmoid(torch.logit(conf.clamp(eps, 1 - eps)) * temps[:, : conf.shape[1]].double().cpu())
+    rows = slice(None)
+    if calibrator.sampling_temperature is not None:
+        rows = torch.tensor([s.temperature == calibrator.sampling_temperature for s in samplings])
+        if not bool(rows.any()):
+            return
     refits = calibrator.refits
-    calibrator.observe(conf[:, : calibrator.block_size].numpy(), verify_lens.cpu().numpy(), accepted.cpu().numpy())
+    calibrator.observe(conf[rows, : calibrator.block_size].numpy(), verify_lens.cpu()[rows].numpy(),
+                       accepted.cpu()[rows].numpy())
     if calibrator.refits != refits:
-        drafter.set_calibration(calibrator.temperatures.tolist())
+        drafter.set_calibration(calibrator.temperatures.tolist(), sampling_temperature=calibrator.sampling_temperature)
 
 
 def _round(
@@ -271,7 +279,8 @@ def _round(
     draft_probs = None if proposal.probs is None else proposal.probs[:, :width].to(target_probs.device)
     result = verify(target_probs, drafts.to(target_probs.device), verify_lens, draft_probs, generator)
     if calibrator is not None and drafter_called and proposal.confidences is not None:
-        feed_calibrator(calibrator, drafter, proposal.confidences, verify_lens, result.num_accepted)
+        feed_calibrator(calibrator, drafter, proposal.confidences, verify_lens, result.num_accepted,
+                        [s.sampling for s in active])
     if gate is not None and drafter_called and proposal.confidences is not None:
         gate.observe(proposal.confidences.detach().float().cpu().numpy(), torch.minimum(proposal.lengths, limits_t),
                      verify_lens.cpu(), result.num_accepted.cpu())

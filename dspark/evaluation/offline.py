@@ -114,11 +114,12 @@ def evaluate_drafter(
 
     drafter = load_drafter(drafter_spec, num_draft_tokens=settings.block_size, device=device, dtype=dtype,
                            calibration=calibration)
-    temperatures = getattr(drafter, "confidence_temperatures", None)
-    temperatures = None if temperatures is None else temperatures.tolist()
     gamma = drafter.max_draft_tokens if settings.block_size is None else settings.block_size
     label = drafter_label(drafter_spec)
     sampling = SamplingParams(temperature=settings.temperature)
+    # The calibration regime for this sampling temperature (calibration_file), as applied to every round.
+    temperatures = drafter.calibration_temperatures([sampling])
+    temperatures = None if temperatures is None else temperatures[0].tolist()
     total = sum(len(s.samples) for s in prompt_sets)
     bar = tqdm(total=total, disable=not progress, desc=f"eval {label}", unit="prompt")
     datasets, traces = {}, {}

@@ -12,7 +12,8 @@ resumes from its last checkpoint; regeneration resumes by sample id):
                 (MTP-1: one token), each one draft layer so its forward costs about a quarter of the
                 target's eleven layers (same vocabulary head)             → WORK/drafters/<name>
   6. calibrate  STS for the DSpark drafter's confidence head on CALIBRATION_PROMPTS training-pool prompts
-                that regeneration did not use (so evaluation sets stay out of sample) → WORK/calibration.json
+                that regeneration did not use (so evaluation sets stay out of sample), one regime per
+                sampling temperature (1 and 0)                              → WORK/calibration.json
   7. install    copy target, drafters, calibration and the held-out prompt files into OUT (default: the
                 package's builtin folder) and write manifest.json.
 """
@@ -44,6 +45,7 @@ REGEN_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
 REGEN_SEED = 0
 CALIBRATION_PROMPTS = 600
 CALIBRATION_MAX_NEW_TOKENS = 64
+CALIBRATION_SAMPLING_TEMPERATURES = (1.0, 0.0)  # the paper's protocol, and greedy serving (calibration_file)
 DRAFTER_PRESETS = {"dspark": "dspark", "dspark-rnn": "dspark-rnn", "dflash": "dflash", "eagle3": "eagle3", "mtp": "mtp"}
 DRAFTER_OVERRIDES = [
     "model.draft_layers=1", "model.block_size=7", "model.target_layer_ids=[1,5,9]", "data.max_length=512",
@@ -188,7 +190,8 @@ def to_bfloat16(folder: Path) -> None:
 
 
 def calibrate_drafter(work: Path, target: Path, drafter: Path, *, device: str, progress: bool) -> Path:
-    """Fit STS for `drafter` on unused training-pool prompts (raw head, temperature 1, verify-all)."""
+    """Fit STS for `drafter` on unused training-pool prompts (raw head, verify-all), one regime per
+    sampling temperature of CALIBRATION_SAMPLING_TEMPERATURES."""
     from dspark.calibration.fitting import fit_and_save
     from dspark.evaluation.datasets import load_set
     from dspark.evaluation.offline import EvalSettings, evaluate
@@ -201,12 +204,17 @@ def calibrate_drafter(work: Path, target: Path, drafter: Path, *, device: str, p
     prompts = work / "calibration-prompts.jsonl"
     prompts.write_text("\n".join(lines[REGEN_PROMPTS:REGEN_PROMPTS + CALIBRATION_PROMPTS]) + "\n")
     prompt_set = load_set("calibration", "corpus", prompts, limit=None, seed=0)
-    settings = EvalSettings(temperature=1.0, max_new_tokens=CALIBRATION_MAX_NEW_TOKENS, seed=0, batch_size=16)
-    _, traces = evaluate(str(target), [str(drafter)], [prompt_set], settings, device=device, progress=progress,
-                         calibration="none")
-    entry = next(iter(traces.values()))
-    summary = fit_and_save(entry["datasets"], drafter, entry["block_size"], out)
-    _log(f"ECE before {summary['ece_before']['mean']:.4f}, after {summary['ece_after']['mean']:.4f} (held-out prompts)")
+    per_temperature, block_size = {}, None
+    for temperature in CALIBRATION_SAMPLING_TEMPERATURES:
+        settings = EvalSettings(temperature=temperature, max_new_tokens=CALIBRATION_MAX_NEW_TOKENS, seed=0, batch_size=16)
+        _, traces = evaluate(str(target), [str(drafter)], [prompt_set], settings, device=device, progress=progress,
+                             calibration="none")
+        entry = next(iter(traces.values()))
+        per_temperature[temperature], block_size = entry["datasets"], entry["block_size"]
+    summary = fit_and_save(per_temperature, drafter, block_size, out)
+    for regime in summary["regimes"]:
+        _log(f"sampling temperature {regime['sampling_temperature']:g}: ECE before {regime['ece_before']['mean']:.4f}, "
+             f"after {regime['ece_after']['mean']:.4f} (held-out prompts)")
     return out
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspark.calibration.calibration_file import nearest_regime
 from dspark.decoding.sampling import SamplingParams, logits_to_probs, sample
 from dspark.errors import RequestError
 from dspark.models.config import DecoderConfig
@@ -272,7 +273,10 @@ class DSparkDrafter(Drafter):
         self.max_draft_tokens = cfg.block_size
         self.feature_layer_ids = cfg.target_layer_ids
         self.provides_confidence = model.confidence_head is not None
-        self.confidence_temperatures: torch.Tensor | None = None  # [γ] STS temperatures (SPEC §4.2), or raw
+        # STS temperatures (SPEC §4.2) per sampling regime: ascending sampling temperatures [G] and [G, γ]
+        # temperatures; None = the raw head.
+        self._calibration_points: list[float] = []
+        self._calibration: torch.Tensor | None = None
         param = model.fc.weight
         c = cfg.layers
         self.cache = PagedKVCache(
@@ -283,15 +287,49 @@ class DSparkDrafter(Drafter):
     def check_target(self, target_config: DecoderConfig) -> None:
         check_drafter_target(self.name, self.model.config, target_config)
 
-    def set_calibration(self, temperatures) -> None:
-        """Report calibrated confidences c_k = σ(logit_k / T_k) from now on (None: the raw head)."""
+    def set_calibration(self, temperatures, sampling_temperature: float | None = None) -> None:
+        """Report calibrated confidences c_k = σ(logit_k / T_k) from now on.
+
+        temperatures: None (the raw head), [γ] numbers, or {sampling temperature: [γ]} (the regimes of a
+        calibration file, `Calibration.by_sampling_temperature`). A request uses the regime fitted nearest
+        to its own sampling temperature. With sampling_temperature given, [γ] numbers replace (or add) only
+        that regime; without, they serve every request.
+        """
         if temperatures is None:
-            self.confidence_temperatures = None
+            if sampling_temperature is not None:
+                raise RequestError(f"drafter '{self.name}': a regime cannot be removed on its own")
+            self._calibration_points, self._calibration = [], None
             return
-        temps = torch.as_tensor(temperatures, dtype=torch.float32).flatten()
-        if temps.numel() != self.max_draft_tokens or not bool(torch.isfinite(temps).all() and (temps > 0).all()):
-            raise RequestError(f"drafter '{self.name}': need {self.max_draft_tokens} finite positive temperatures, got {temps.tolist()}")
-        self.confidence_temperatures = temps.to(self.model.fc.weight.device)
+        if isinstance(temperatures, dict):
+            regimes = {float(t): v for t, v in temperatures.items()}
+        elif sampling_temperature is None:
+            regimes = {1.0: temperatures}
+        else:
+            regimes = dict(zip(self._calibration_points, self._calibration.tolist())) if self._calibration is not None else {}
+            regimes[float(sampling_temperature)] = temperatures
+        if not regimes:
+            raise RequestError(f"drafter '{self.name}': no calibration regime given")
+        points = sorted(regimes)
+        rows = []
+        for point in points:
+            temps = torch.as_tensor(regimes[point], dtype=torch.float32).flatten()
+            if temps.numel() != self.max_draft_tokens or not bool(torch.isfinite(temps).all() and (temps > 0).all()):
+                raise RequestError(f"drafter '{self.name}': need {self.max_draft_tokens} finite positive temperatures, "
+                                   f"got {temps.tolist()}")
+            if not (point >= 0 and point != float("inf")):
+                raise RequestError(f"drafter '{self.name}': sampling temperature {point} of a calibration regime must be ≥ 0")
+            rows.append(temps)
+        self._calibration_points = points
+        self._calibration = torch.stack(rows).to(self.model.fc.weight.device)
+
+    def calibration_temperatures(self, samplings: list[SamplingParams]) -> torch.Tensor | None:
+        """[B, γ] float32 temperatures applied to each request's confidences (None: the raw head)."""
+        if self._calibration is None:
+            return None
+        if len(self._calibration_points) == 1:
+            return self._calibration.expand(len(samplings), -1)
+        index = [nearest_regime(self._calibration_points, s.temperature) for s in samplings]
+        return self._calibration[torch.tensor(index, device=self._calibration.device)]
 
     @torch.inference_mode()
     def propose(self, batch: list[DraftInput], generator: torch.Generator | None = None) -> DraftProposal:
@@ -336,8 +374,9 @@ class DSparkDrafter(Drafter):
         confidences = None
         if conf_logits:
             stacked = torch.stack(conf_logits, dim=1).float()
-            if self.confidence_temperatures is not None:
-                stacked = stacked / self.confidence_temperatures[:gamma]
+            temps = self.calibration_temperatures(samplings)
+            if temps is not None:
+                stacked = stacked / temps[:, :gamma]
             confidences = torch.sigmoid(stacked)
         return torch.stack(tokens, dim=1), torch.stack(probs, dim=1), confidences
 

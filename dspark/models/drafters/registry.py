@@ -55,13 +55,14 @@ def load_drafter(spec: str, *, num_draft_tokens: int | None = None, calibration:
             if num_draft_tokens is not None:
                 drafter.check_num_draft_tokens(num_draft_tokens)
             if drafter.provides_confidence:
-                drafter.set_calibration(_calibration_temperatures(calibration, folder, drafter.max_draft_tokens))
+                drafter.set_calibration(_calibration_regimes(calibration, folder, drafter.max_draft_tokens))
             return drafter
     known = ", ".join(sorted(_FOLDER_LOADERS)) or "none yet"
     raise CheckpointError(f"{config_path}: drafter architecture {archs!r} is not supported (supported: {known})")
 
 
-def _calibration_temperatures(calibration: str | None, folder: Path, block_size: int) -> list[float] | None:
+def _calibration_regimes(calibration: str | None, folder: Path, block_size: int) -> dict[float, list[float]] | None:
+    """{sampling temperature: temperatures [γ]} of the calibration to apply, or None (the raw head)."""
     from dspark.calibration.calibration_file import drafter_identity, load_calibration
 
     if calibration is None or calibration == "none":
@@ -77,4 +78,4 @@ def _calibration_temperatures(calibration: str | None, folder: Path, block_size:
         if any(stored.get(k) != mine[k] for k in ("config_sha256", "weights_sha256")):
             return None
         calibration = str(path)
-    return list(load_calibration(calibration, drafter_folder=folder, block_size=block_size).temperatures)
+    return load_calibration(calibration, drafter_folder=folder, block_size=block_size).by_sampling_temperature()
