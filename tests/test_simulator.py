@@ -221,6 +221,8 @@ def test_cli_simulate_writes_json_plots_and_goals(files, tmp_path, capsys):
     ("label", "no drafter 'nope'"),
     ("no-confidences", "no drafter with confidences"),
     ("mtp-label", "recorded without confidences"),
+    ("bad-temperatures", "confidence_temperatures"),
+    ("online-calibration", "--online-calibration must be an integer ≥ 1"),
 ])
 def test_cli_simulate_bad_input_exits_2(files, tmp_path, capsys, case, message):
     traces, profile = files
@@ -246,6 +248,11 @@ def test_cli_simulate_bad_input_exits_2(files, tmp_path, capsys, case, message):
         traces.write_text(json.dumps({"mtp": data["mtp"]}))
     elif case == "mtp-label":
         argv += ["--drafter", "mtp"]
+    elif case == "bad-temperatures":
+        data["dspark"]["confidence_temperatures"] = [1.0, 0.0]
+        traces.write_text(json.dumps(data))
+    elif case == "online-calibration":
+        argv += ["--online-calibration", "0"]
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2
@@ -267,3 +274,37 @@ def test_lookahead_recovers_what_the_early_stop_loses_on_a_stair():
     best = max(v for name, v in speed.items() if name == "plain" or name.startswith("fixed-"))
     assert speed["algorithm-1"] < 0.97 * best
     assert speed["causal-greedy"] > best
+
+
+def miscalibrated_traces(temperature=4.0, seed=0):
+    """make_traces() as if recorded with a calibration that flattens the (calibrated) head by `temperature`:
+    stored c' = σ(logit(c) / T), confidence_temperatures = [T]·γ, so the raw head is the calibrated one."""
+    traces = make_traces(seed)
+    entry = traces["dspark"]
+    entry["confidence_temperatures"] = [temperature] * GAMMA
+    for data in entry["datasets"].values():
+        c = np.clip(np.array(data["confidences"]), 1e-6, 1 - 1e-6)
+        data["confidences"] = (1 / (1 + np.exp(-np.log(c / (1 - c)) / temperature))).tolist()
+    return traces
+
+
+def test_online_calibration_recovers_a_wrong_recorded_calibration():
+    """SPEC §4.3 in the serving loop: traces recorded under temperatures that flatten the head by 8 make
+    causal-greedy verify too little under load (256 requests); with online calibration the
+    replayed outcomes refit the temperatures back to ≈ 1 and the throughput returns to that of the
+    well-calibrated recording. Without it, the recorded confidences are used as they are."""
+    profile = SPSProfile.from_dict(H100_LIKE)
+    policies = parse_policies("causal-greedy,verify-all", GAMMA)
+    good = drafter_rounds(make_traces(), "dspark")
+    bad = drafter_rounds(miscalibrated_traces(8.0), "dspark")
+    np.testing.assert_allclose(bad.raw_confidences(), good.confidences, atol=1e-9)
+    common = dict(concurrency=[256], steps=300, min_rounds=0, policies=policies)
+    reference = point(simulate(good, profile, **common), "causal-greedy", 256)
+    stale = point(simulate(bad, profile, **common), "causal-greedy", 256)
+    online = simulate(bad, profile, online_calibration=1024, **common)
+    fixed = point(online, "causal-greedy", 256)
+    assert stale["throughput_tok_s"] < 0.93 * reference["throughput_tok_s"]  # the wrong calibration costs
+    assert fixed["throughput_tok_s"] > 0.99 * reference["throughput_tok_s"]
+    assert fixed["online_calibration"]["refits"] >= 10
+    assert all(0.6 < t < 1.6 for t in fixed["online_calibration"]["temperatures"])
+    assert "online_calibration" not in point(online, "verify-all", 256)  # no confidences used, nothing fitted

@@ -1,7 +1,8 @@
 """`dspark simulate`: discrete-time serving simulator over recorded rounds (paper Fig. 7 and Fig. 8).
 
     dspark simulate [--traces FILE] [--drafter LABEL] [--profile FILE] [--concurrency 1,2,4,...,256]
-        [--steps N] [--min-rounds N] [--policies LIST] [--mtp-draft-scale F] [--out DIR] [--json] [--seed N] [...]
+        [--steps N] [--min-rounds N] [--policies LIST] [--online-calibration N] [--mtp-draft-scale F] [--out DIR]
+        [--json] [--seed N] [...]
 
 At each concurrency C, C request streams replay rounds of the DSpark traces (`dspark eval --out DIR` →
 DIR/traces.json); every step the policy picks the verified lengths ℓ_r from the recorded confidences, the
@@ -17,7 +18,9 @@ mtp-1 (the traces' MTP drafter, else
 the DSpark rounds cut to one slot; draft cost draft_ms(C) × --mtp-draft-scale, default 1 / the profile's
 draft_layers). --profile: an SPS profile JSON (e.g. shared/data/profiles/h100-qwen3-4b-shape.json); without
 it, this machine's cached profile of the built-in model (measured first if none). Without --traces, traces
-are recorded with the built-in DSpark and MTP drafters. `--out DIR` writes simulate.json,
+are recorded with the built-in DSpark and MTP drafters. `--online-calibration N`: the confidence policies
+refit the head's temperatures every N verified rounds from the replayed outcomes (SPEC §4.3), starting
+from the calibration the traces were recorded with. `--out DIR` writes simulate.json,
 throughput_vs_per_user.png (Fig. 7) and budget_vs_concurrency.png (Fig. 8).
 """
 
@@ -49,6 +52,8 @@ def register(sub) -> None:
     p.add_argument("--min-rounds", type=int, default=DEFAULT_MIN_ROUNDS,
                    help="request-rounds per concurrency at least: C runs max(steps, min-rounds / C) steps")
     p.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated policies")
+    p.add_argument("--online-calibration", type=int, default=None, metavar="N",
+                   help="confidence policies refit STS online every N verified rounds, from the recorded calibration")
     p.add_argument("--mtp-draft-scale", type=float, default=None,
                    help="MTP-1 draft cost as a fraction of the profile's draft_ms (default: 1 / draft_layers)")
     add_recording_args(p)
@@ -108,7 +113,7 @@ def run_simulate(args) -> int:
     policies = parse_policies(args.policies, rounds.block_size)
     mtp = select_mtp(traces, exclude=rounds.label, source=source)
     result = simulate(rounds, profile, concurrency=concurrency, steps=args.steps, min_rounds=args.min_rounds, policies=policies, seed=args.seed,
-                      mtp_rounds=mtp, mtp_scale=args.mtp_draft_scale)
+                      mtp_rounds=mtp, mtp_scale=args.mtp_draft_scale, online_calibration=args.online_calibration)
     if max_r is not None and concurrency[-1] > max_r:
         result["notes"].append(f"the profile measures up to {max_r} requests; larger concurrencies are extrapolated")
     result["goals"] = goals(result)

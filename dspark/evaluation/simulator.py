@@ -19,7 +19,9 @@ new request id per prompt. Each step, the policy picks ℓ_r for every stream fr
 the step costs verify_ms(B = Σ_r (1 + ℓ_r) tokens, R = C requests) + draft_ms(C) milliseconds (the SPS
 profile, `dspark.scheduling.sps`; drafter and target run one after the other), and stream r emits min(accepted_r, ℓ_r) + 1
 tokens. Every policy of one C replays the same round sequence (paired comparison). Confidence policies see
-the confidences as recorded (calibrated when the recording applied a calibration). Reported per (C, policy):
+the confidences as recorded (calibrated when the recording applied a calibration) or, with online
+calibration, the raw head's under the temperatures an `OnlineCalibrator` refits from the replayed outcomes
+as the engine would (SPEC §4.3). Reported per (C, policy):
 
 * throughput_tok_s — all emitted tokens / simulated time (tokens/s);
 * per_user_tok_s — mean over streams of the stream's tokens / simulated time (tokens/s per user; all
@@ -50,6 +52,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from dspark.calibration.metrics import check_temperatures
+from dspark.calibration.online import OnlineCalibrator
+from dspark.calibration.sts import apply_temperatures
 from dspark.errors import ConfigError
 from dspark.evaluation.report import save_figure
 from dspark.scheduling import (
@@ -116,6 +121,13 @@ class Rounds:
     domain: np.ndarray  # domain name per round (str array)
     has_confidences: bool
     sets: list[str] = field(default_factory=list)
+    temperatures: np.ndarray | None = None  # [γ] calibration the recording applied (None: the raw head)
+
+    def raw_confidences(self) -> np.ndarray:
+        """[N, γ] the raw head's confidences: the recorded calibration undone (σ(logit(c) · T_k))."""
+        if self.temperatures is None:
+            return self.confidences
+        return apply_temperatures(self.confidences, 1.0 / self.temperatures)
 
     def __len__(self) -> int:
         return int(self.drafted.size)
@@ -194,7 +206,16 @@ def drafter_rounds(traces: dict, label: str, source: str = "traces") -> Rounds:
     if cat[1].size == 0:
         raise TraceError(f"{source}: drafter {label!r} has no recorded rounds")
     has_conf = bool(entry.get("has_confidences", True)) and bool(np.isfinite(cat[0]).any())
-    return Rounds(label, gamma, cat[0], *cat[1:6], cat[6].astype(str), has_conf, list(entry["datasets"]))
+    temps = entry.get("confidence_temperatures")
+    if temps is not None:
+        try:
+            temps = check_temperatures(temps, gamma) if len(temps) == gamma else None
+        except (TypeError, ValueError):
+            temps = None
+        if temps is None:
+            raise TraceError(f"{source}: drafter {label!r} has confidence_temperatures {entry['confidence_temperatures']!r}; "
+                             f"expected {gamma} finite numbers > 0 or null")
+    return Rounds(label, gamma, cat[0], *cat[1:6], cat[6].astype(str), has_conf, list(entry["datasets"]), temps)
 
 
 def select_dspark(traces: dict, label: str | None, source: str = "traces") -> Rounds:
@@ -278,6 +299,7 @@ class PolicySpec:
 
 
 _SIMPLE = ("plain", "verify-all", "algorithm-1", "causal-greedy", "causal-greedy-gated", "async-topk", "mtp-1")
+_CONFIDENCE_POLICIES = ("threshold", "algorithm-1", "causal-greedy", "causal-greedy-gated", "async-topk")
 
 
 def parse_policies(text: str | Sequence[str], gamma: int | None) -> list[PolicySpec]:
@@ -379,27 +401,34 @@ def stream_rounds(prompts: list[np.ndarray], streams: int, steps: int, seed: int
 
 
 def _lengths(scheduler, rounds: Rounds, idx: np.ndarray, ids: np.ndarray, limit: int | None,
-             gate: DraftGate | None = None) -> tuple[np.ndarray, np.ndarray]:
+             gate: DraftGate | None = None, calibrator: OnlineCalibrator | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ℓ [steps, C], drafted [steps] bool): row-wise policies in one call over all steps, cross-request ones
-    (and any policy behind a gate) step by step. With a gate, each step it decides from earlier rounds whether
-    the drafter runs; if it does, the scheduler picks ℓ and the gate observes the round and its outcome."""
+    (and any policy behind a gate or with online calibration) step by step. With a gate, each step it decides
+    from earlier rounds whether the drafter runs; if it does, the scheduler picks ℓ and the gate observes the
+    round and its outcome. With a calibrator (SPEC §4.3), the scheduler sees the raw confidences under the
+    calibrator's current temperatures, and every step's raw confidences and outcomes feed it, as in
+    `dspark.engine.generation`."""
     steps, count = idx.shape
     full = rounds.verified if limit is None else np.minimum(rounds.verified, limit)
     drafted = np.ones(steps, dtype=bool)
-    if gate is None and isinstance(scheduler, (FixedLength, VerifyAll, ConfidenceThreshold)):
+    if gate is None and calibrator is None and isinstance(scheduler, (FixedLength, VerifyAll, ConfidenceThreshold)):
         flat = idx.reshape(-1)
         ell = scheduler(torch.from_numpy(rounds.confidences[flat]), rounds.drafted[flat], full[flat]).numpy()
         return ell.reshape(steps, count), drafted
+    raw = rounds.raw_confidences() if calibrator is not None else None
     out = np.zeros((steps, count), dtype=np.int64)
     for t in range(steps):
         row = idx[t]
         if gate is not None and not gate.should_draft(count):
             drafted[t] = False
             continue
-        out[t] = scheduler(torch.from_numpy(rounds.confidences[row]), rounds.drafted[row], full[row], ids[t]).numpy()
+        conf = rounds.confidences[row] if calibrator is None else calibrator.apply(raw[row])
+        out[t] = scheduler(torch.from_numpy(conf), rounds.drafted[row], full[row], ids[t]).numpy()
+        outcome = np.minimum(rounds.accepted[row], out[t])
         if gate is not None:
-            gate.observe(rounds.confidences[row], np.minimum(rounds.drafted[row], full[row]), out[t],
-                         np.minimum(rounds.accepted[row], out[t]))
+            gate.observe(conf, np.minimum(rounds.drafted[row], full[row]), out[t], outcome)
+        if calibrator is not None:
+            calibrator.observe(raw[row], out[t], outcome)
         if isinstance(scheduler, AsyncTopK) and t + 1 < steps:
             for rid in np.unique(ids[t][ids[t] != ids[t + 1]]):
                 scheduler.release(int(rid))
@@ -430,11 +459,14 @@ def _point(spec: PolicySpec, c: int, ell: np.ndarray, acc_all: np.ndarray, verif
 def simulate(rounds: Rounds, profile: SPSProfile, *, concurrency: Sequence[int] = DEFAULT_CONCURRENCY,
              steps: int = DEFAULT_STEPS, min_rounds: int = DEFAULT_MIN_ROUNDS,
              policies: Sequence[PolicySpec] | None = None, seed: int = 0, mtp_rounds: Rounds | None = None,
-             mtp_scale: float | None = None) -> dict:
+             mtp_scale: float | None = None, online_calibration: int | None = None) -> dict:
     """Run every policy at every concurrency (module docstring) → {"settings", "policies": {name: [points by C]},
     "notes"}. `rounds`: the DSpark traces; each concurrency C runs max(steps, ⌈min_rounds / C⌉) steps (so low
     concurrencies still average over many prompts); `mtp_rounds`: MTP-1 traces (else DSpark's first slot);
-    `mtp_scale`: factor on draft_ms for MTP-1 (default `mtp_draft_scale(profile)`)."""
+    `mtp_scale`: factor on draft_ms for MTP-1 (default `mtp_draft_scale(profile)`); `online_calibration` N:
+    every confidence policy runs with an `OnlineCalibrator` that starts from the recorded calibration and
+    refits every N verified rounds (window 4N), a fresh one per concurrency (its point reports the refits and
+    the final temperatures)."""
     if policies is None:
         policies = parse_policies(DEFAULT_POLICIES, rounds.block_size)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -444,6 +476,11 @@ def simulate(rounds: Rounds, profile: SPSProfile, *, concurrency: Sequence[int] 
     concurrency = sorted({int(c) for c in concurrency})
     if not concurrency or concurrency[0] < 1:
         raise ConfigError("--concurrency: give request counts ≥ 1")
+    if online_calibration is not None and (isinstance(online_calibration, bool) or not isinstance(online_calibration, int)
+                                           or online_calibration < 1):
+        raise ConfigError(f"--online-calibration must be an integer ≥ 1, got {online_calibration!r}")
+    if online_calibration is not None and not rounds.has_confidences:
+        raise ConfigError("--online-calibration needs traces with confidences")
     scale, scale_note = mtp_draft_scale(profile, mtp_scale)
     prompts = rounds.prompts()
     mtp_source = mtp_rounds if mtp_rounds is not None else rounds
@@ -460,20 +497,26 @@ def simulate(rounds: Rounds, profile: SPSProfile, *, concurrency: Sequence[int] 
         draft = profile.draft_ms(c)
         for spec in policies:
             scheduler = make_scheduler(spec, profile)
+            calibrator = None
+            if online_calibration is not None and spec.kind in _CONFIDENCE_POLICIES:
+                calibrator = OnlineCalibrator(gamma, refit_every=online_calibration, window=4 * online_calibration,
+                                              initial_temperatures=rounds.temperatures)
             if spec.kind == "plain":
                 ell = np.zeros_like(idx)
-                results[spec.name].append(_point(spec, c, ell, rounds.accepted[idx], verify_table, 0.0))
+                point = _point(spec, c, ell, rounds.accepted[idx], verify_table, 0.0)
             elif spec.kind == "causal-greedy-gated":
-                ell, drafted = _lengths(scheduler, rounds, idx, ids, None, DraftGate(profile))
+                ell, drafted = _lengths(scheduler, rounds, idx, ids, None, DraftGate(profile), calibrator)
                 point = _point(spec, c, ell, rounds.accepted[idx], verify_table, draft * drafted)
                 point["drafted_fraction"] = float(drafted.mean())
-                results[spec.name].append(point)
             elif spec.kind == "mtp-1":
                 ell, _ = _lengths(scheduler, mtp_source, midx, mids, 1)
-                results[spec.name].append(_point(spec, c, ell, mtp_source.accepted[midx], verify_table, draft * scale))
+                point = _point(spec, c, ell, mtp_source.accepted[midx], verify_table, draft * scale)
             else:
-                ell, _ = _lengths(scheduler, rounds, idx, ids, None)
-                results[spec.name].append(_point(spec, c, ell, rounds.accepted[idx], verify_table, draft))
+                ell, _ = _lengths(scheduler, rounds, idx, ids, None, calibrator=calibrator)
+                point = _point(spec, c, ell, rounds.accepted[idx], verify_table, draft)
+            if calibrator is not None:
+                point["online_calibration"] = {"refits": calibrator.refits, "temperatures": calibrator.temperatures.tolist()}
+            results[spec.name].append(point)
     notes = []
     if not profile.has_draft_cost:
         notes.append("the profile has no draft_ms table: drafting is free in this simulation")
@@ -481,8 +524,12 @@ def simulate(rounds: Rounds, profile: SPSProfile, *, concurrency: Sequence[int] 
                 "no MTP-1 drafter in the traces: MTP-1 approximated by the DSpark rounds cut to their first slot")
     if any(spec.kind == "mtp-1" for spec in policies):
         notes.append(mtp_note)
+    if online_calibration is not None:
+        start = "the recorded calibration" if rounds.temperatures is not None else "the raw head"
+        notes.append(f"online calibration: confidence policies refit STS every {online_calibration} rounds from {start}")
     return {
         "settings": {"concurrency": concurrency, "steps": steps, "min_rounds": min_rounds, "seed": seed, "block_size": rounds.block_size,
+                     "online_calibration": online_calibration,
                      "mtp_draft_scale": scale, "mtp_draft_scale_source": scale_note,
                      "step_ms": "verify_ms(B = Σ(1 + ℓ), R = C) + draft_ms(C); plain: no draft cost"},
         "traces": {"drafter": rounds.label, "rounds": len(rounds), "prompts": len(prompts), "sets": rounds.sets,
