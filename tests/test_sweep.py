@@ -175,4 +175,10 @@ def test_cli_sweep_without_traces_records_them_first(tmp_path, capsys, monkeypat
     report = json.loads(captured.out)
     assert report["traces"].startswith("recorded with") and report["block_size"] == 3
     assert report["domains"]["all"]["rounds"] > 0
-    assert "dspark" in json.loads((out / "traces.json").read_text())
+    assert json.loads((out / "traces.json").read_text())["dspark"]["temperature"] == 1.0
+    code = main(["sweep", "--datasets", str(prompts), "--limit", "2", "--max-new-tokens", "6", "--no-progress",
+                 "--temperature", "0", "--out", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "temperature 0," in captured.err  # greedy recording
+    assert json.loads((out / "traces.json").read_text())["dspark"]["temperature"] == 0.0

@@ -44,6 +44,8 @@ def add_recording_args(p) -> None:
     p.add_argument("--data-dir", default=None, help="folder with <name>.jsonl prompt sets")
     p.add_argument("--limit", type=int, default=6, help="prompts per set when recording")
     p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt when recording")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature when recording (0 = greedy; the calibration regime follows it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
 
@@ -57,13 +59,15 @@ def obtain_traces(args, command: str, drafters: tuple[str, ...]) -> tuple[dict, 
     for name, value in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens)):
         if value < 1:
             raise ConfigError(f"{name} must be ≥ 1, got {value}")
+    if not (args.temperature >= 0 and args.temperature != float("inf")):
+        raise ConfigError(f"--temperature must be a finite number ≥ 0, got {args.temperature}")
     sets = [s.strip() for s in args.datasets.split(",") if s.strip()]
     how = (f"the built-in target and drafter(s) {', '.join(drafters)} on {', '.join(sets)} "
-           f"(--limit {args.limit}, temperature 1.0, {args.max_new_tokens} new tokens)")
+           f"(--limit {args.limit}, temperature {args.temperature:g}, {args.max_new_tokens} new tokens)")
     print(f"dspark {command}: no --traces given; recording traces with {how}", file=sys.stderr)
     how = "recorded with " + how
     traces = record_builtin_traces(drafters, sets, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                                   seed=args.seed, data_dir=args.data_dir, device=args.device, dtype=args.dtype,
+                                   temperature=args.temperature, seed=args.seed, data_dir=args.data_dir, device=args.device, dtype=args.dtype,
                                    progress=not args.no_progress)
     if args.out:
         out = Path(args.out)

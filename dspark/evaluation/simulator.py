@@ -244,10 +244,11 @@ def select_mtp(traces: dict, exclude: str | None = None, source: str = "traces")
 
 
 def record_builtin_traces(drafters: Sequence[str] = ("dspark",), datasets: Sequence[str] = RECORD_SETS, *,
-                          limit: int = 6, max_new_tokens: int = 128, seed: int = 0, data_dir: str | None = None,
-                          device: str = "cpu", dtype: str | None = None, progress: bool = True) -> dict:
-    """Record verify-all traces with the built-in target and drafters (temperature 1.0; the built-in
-    calibration applied to the confidences). Sets that are not found are skipped."""
+                          limit: int = 6, max_new_tokens: int = 128, temperature: float = 1.0, seed: int = 0,
+                          data_dir: str | None = None, device: str = "cpu", dtype: str | None = None,
+                          progress: bool = True) -> dict:
+    """Record verify-all traces with the built-in target and drafters at sampling `temperature` (the built-in
+    calibration's regime for it applied to the confidences). Sets that are not found are skipped."""
     from dspark.evaluation.datasets import default_data_dir, load_set, resolve_set
     from dspark.evaluation.offline import EvalSettings, evaluate
     from dspark.models.zoo import resolve_drafter, resolve_target
@@ -260,7 +261,7 @@ def record_builtin_traces(drafters: Sequence[str] = ("dspark",), datasets: Seque
             sets.append(load_set(name, domain, path, limit=limit, seed=seed))
     if not sets:
         raise ConfigError(f"no prompt set found to record traces ({', '.join(datasets)}); give --traces FILE")
-    settings = EvalSettings(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
+    settings = EvalSettings(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     _, traces = evaluate(resolve_target(None), [resolve_drafter(d) for d in drafters], sets, settings,
                          device=device, dtype=dtype, progress=progress)
     return traces
