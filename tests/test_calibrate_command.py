@@ -58,12 +58,12 @@ def test_eval_reports_calibration_and_calibrate_fits_from_its_traces(setup, caps
     out = tmp_path / "calibration.json"
     summary = run_json(capsys, ["calibrate", "--drafter", str(drafter), "--traces", str(tmp_path / "eval" / "traces.json"),
                                 "--out", str(out), "--json"])
-    temps = summary["temperatures"]
-    assert len(temps) == 4 and all(t > 0 for t in temps)
+    temps, biases = summary["temperatures"], summary["biases"]
+    assert len(temps) == 4 and all(t > 0 for t in temps) and len(biases) == 4 and summary["method"] == "platt"
     assert len(summary["ece_before"]["per_position"]) == 4 and summary["ece_after"]["mean"] is not None
     assert summary["fitted_on"]["held_out_rounds"] > 0
 
-    # Inference applies the file: calibrated c = σ(logit(raw) / T), per position.
+    # Inference applies the file: calibrated c = σ(logit(raw) / T + b), per position.
     raw, calibrated = load_drafter(str(drafter), calibration="none"), load_drafter(str(drafter), calibration=str(out))
     hidden = torch.randn(3, 4, raw.model.config.layers.hidden_size, generator=torch.Generator().manual_seed(0))
     anchors = torch.tensor([5, 6, 7])
@@ -71,7 +71,8 @@ def test_eval_reports_calibration_and_calibrate_fits_from_its_traces(setup, caps
 
     _, _, c_raw = raw.sample_block(hidden, anchors, [SamplingParams()] * 3, None)
     _, _, c_cal = calibrated.sample_block(hidden, anchors, [SamplingParams()] * 3, None)
-    expected = torch.sigmoid(torch.logit(c_raw.double()) / torch.tensor(temps, dtype=torch.float64))
+    expected = torch.sigmoid(torch.logit(c_raw.double()) / torch.tensor(temps, dtype=torch.float64)
+                             + torch.tensor(biases, dtype=torch.float64))
     assert torch.allclose(c_cal.double(), expected, atol=1e-5)
 
     # The file is bound to this drafter: another drafter's weights are refused by name.
@@ -101,7 +102,7 @@ def test_generation_feeds_the_online_calibrator_raw_confidences_and_applies_its_
     drafter = load_drafter(str(drafter_dir), calibration="none")
     start = [2.0, 1.5, 0.7, 3.0]
     drafter.set_calibration(start)
-    calibrator = OnlineCalibrator(block_size=4, refit_every=20, window=400, min_count=5, initial_temperatures=start)
+    calibrator = OnlineCalibrator(block_size=4, refit_every=20, window=400, min_count=5, initial=start)
     prompts = [[5 + i, 9, 11 + i, 30] for i in range(6)]
     common = dict(sampling=SamplingParams(), max_new_tokens=40, seed=0)
     spec = generate(runner, prompts, drafter=drafter, calibrator=calibrator, record_rounds=True, **common)
@@ -109,7 +110,9 @@ def test_generation_feeds_the_online_calibrator_raw_confidences_and_applies_its_
     assert [s.token_ids for s in spec.sequences] == [s.token_ids for s in plain.sequences]
     rounds = [r for s in spec.sequences for r in s.rounds if r.verified > 0]
     assert calibrator.rounds_seen == len(rounds) and calibrator.refits >= 1
-    assert np.allclose(drafter.calibration_temperatures([SamplingParams()])[0].numpy(), calibrator.temperatures, rtol=1e-6)
+    temps, biases = drafter.calibration_map([SamplingParams()])
+    assert np.allclose(temps[0].numpy(), calibrator.temperatures, rtol=1e-6)
+    assert np.allclose(biases[0].numpy(), calibrator.biases, atol=1e-6)
     # The first rounds were drafted with the starting temperatures: the calibrator holds their raw values.
     reported = np.array(rounds[0].confidences)  # calibrated with `start` (first round of sequence 0)
     expected = 1 / (1 + np.exp(-np.log(reported / (1 - reported)) * np.array(start)[: len(reported)]))
@@ -134,6 +137,8 @@ def test_generate_command_with_a_scheduler_and_online_calibration_is_lossless(se
 def test_calibrate_fits_one_regime_per_sampling_temperature_and_each_request_uses_its_own(setup, capsys, tmp_path):
     """`--sampling-temperatures 1,0` records raw rounds at both temperatures and writes two regimes; in one
     batch, a greedy request's confidences use the greedy regime and a sampled request's the T = 1 one."""
+    import numpy as np
+
     from dspark.calibration import load_calibration
     from dspark.decoding.sampling import SamplingParams
 
@@ -146,7 +151,7 @@ def test_calibrate_fits_one_regime_per_sampling_temperature_and_each_request_use
     assert summary["temperatures"] == summary["regimes"][1]["temperatures"]  # top level: the paper's T = 1
     loaded = load_calibration(out, drafter_folder=drafter, block_size=4)
     regimes = loaded.by_sampling_temperature()
-    assert regimes[0.0] != regimes[1.0]  # greedy rounds accept differently: a different fit
+    assert not np.allclose(regimes[0.0].temperatures, regimes[1.0].temperatures)  # greedy rounds: another fit
 
     raw, calibrated = load_drafter(str(drafter), calibration="none"), load_drafter(str(drafter), calibration=str(out))
     hidden = torch.randn(2, 4, raw.model.config.layers.hidden_size, generator=torch.Generator().manual_seed(1))
@@ -154,8 +159,9 @@ def test_calibrate_fits_one_regime_per_sampling_temperature_and_each_request_use
     mixed = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9)]
     _, _, c_raw = raw.sample_block(hidden, anchors, mixed, torch.Generator().manual_seed(0))
     _, _, c_cal = calibrated.sample_block(hidden, anchors, mixed, torch.Generator().manual_seed(0))
-    temps = torch.tensor([regimes[0.0], regimes[1.0]], dtype=torch.float64)
-    assert torch.allclose(c_cal.double(), torch.sigmoid(torch.logit(c_raw.double()) / temps), atol=1e-5)
+    temps = torch.tensor(np.stack([regimes[0.0].temperatures, regimes[1.0].temperatures]))
+    biases = torch.tensor(np.stack([regimes[0.0].biases, regimes[1.0].biases]))
+    assert torch.allclose(c_cal.double(), torch.sigmoid(torch.logit(c_raw.double()) / temps + biases), atol=1e-5)
 
 
 def test_calibrate_rejects_conflicting_or_bad_sampling_temperatures(setup, capsys, tmp_path):
@@ -185,15 +191,16 @@ def test_a_calibrator_bound_to_a_sampling_temperature_sees_and_refits_only_that_
     greedy_start, sampled = [0.8, 0.9, 1.1, 1.2], [2.0, 2.0, 2.0, 2.0]
     drafter.set_calibration({0.0: greedy_start, 1.0: sampled})
     calibrator = OnlineCalibrator(block_size=4, refit_every=15, window=400, min_count=5,
-                                  initial_temperatures=greedy_start, sampling_temperature=0.0)
+                                  initial=greedy_start, sampling_temperature=0.0)
     prompts = [[5 + i, 9, 11 + i, 30] for i in range(6)]
     samplings = [SamplingParams(temperature=0.0 if i % 2 == 0 else 1.0) for i in range(6)]
     spec = generate(runner, prompts, sampling=samplings, max_new_tokens=30, drafter=drafter, calibrator=calibrator,
                     record_rounds=True, seed=0)
     greedy_rounds = [r for i, s in enumerate(spec.sequences) if i % 2 == 0 for r in s.rounds if r.verified > 0]
     assert calibrator.rounds_seen == len(greedy_rounds) and calibrator.refits >= 1
-    now = drafter.calibration_temperatures(samplings[:2])
-    assert np.allclose(now[0].numpy(), calibrator.temperatures, rtol=1e-6)  # the greedy regime was refitted
-    assert now[1].tolist() == sampled  # the sampled regime is untouched
+    temps, biases = drafter.calibration_map(samplings[:2])
+    assert np.allclose(temps[0].numpy(), calibrator.temperatures, rtol=1e-6)  # the greedy regime was refitted
+    assert np.allclose(biases[0].numpy(), calibrator.biases, atol=1e-6)
+    assert temps[1].tolist() == sampled and not biases[1].any()  # the sampled regime is untouched
     plain = generate(runner, [prompts[0]], sampling=samplings[0], max_new_tokens=30, seed=0)
     assert spec.sequences[0].token_ids == plain.sequences[0].token_ids

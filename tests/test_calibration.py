@@ -13,13 +13,15 @@ import torch
 
 from dspark.calibration import (
     CalibrationRegime,
+    ConfidenceMap,
     OnlineCalibrator,
     Rounds,
-    apply_temperatures,
+    apply_calibration,
     brier_score,
     calibrate,
     ece_per_position,
     expected_calibration_error,
+    fit_map,
     fit_sts,
     load_calibration,
     position_metrics,
@@ -43,13 +45,13 @@ def _sigmoid(z):
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def synthetic_rounds(rng, n, *, sharpen=SHARPEN, truth=1.0, gamma=GAMMA, partial=0.3):
-    """(confidences, verified, accepted) of n rounds: per slot p_k ~ Beta(5, 1.5); the head reports
-    c_k = σ(sharpen·logit p_k); slot k is accepted with probability σ(truth·logit p_k) given slots < k were
-    (first rejection ends the round). A `partial` fraction verifies a random ℓ < γ, half of those with NaN
-    confidences past ℓ (not drafted)."""
-    z = _logit(rng.beta(5.0, 1.5, size=(n, gamma)))
-    conf = _sigmoid(sharpen * z)
+def synthetic_rounds(rng, n, *, sharpen=SHARPEN, truth=1.0, gamma=GAMMA, partial=0.3, shift=0.0, beta=(5.0, 1.5)):
+    """(confidences, verified, accepted) of n rounds: per slot p_k ~ Beta(*beta); the head reports
+    c_k = σ(sharpen·logit p_k + shift); slot k is accepted with probability σ(truth·logit p_k) given slots < k
+    were (first rejection ends the round). A `partial` fraction verifies a random ℓ < γ, half of those with
+    NaN confidences past ℓ (not drafted)."""
+    z = _logit(rng.beta(*beta, size=(n, gamma)))
+    conf = _sigmoid(sharpen * z + shift)
     survived = np.cumprod(rng.random((n, gamma)) < _sigmoid(truth * z), axis=1).sum(axis=1)
     verified = np.full(n, gamma)
     short = rng.random(n) < partial
@@ -148,7 +150,7 @@ def test_sts_calibrates_an_overconfident_head_on_held_out_rounds(fitted):
     assert min(before) > 0.03
     assert np.mean(after) <= 0.015 and max(after) <= 0.025
     assert np.all(np.abs(np.log(temps / SHARPEN)) < np.log(1.2))
-    result = calibrate(Rounds.concat([fit, held]), held_out_fraction=0.5, seed=3)
+    result = calibrate(Rounds.concat([fit, held]), held_out_fraction=0.5, seed=3, method="sts")
     assert result.fit_rounds + result.held_out_rounds == len(fit) + len(held)
     assert result.before["mean"]["ece"] > 0.03 and result.after["mean"]["ece"] <= 0.015
     assert abs(result.after["mean"]["mean_predicted"] - result.after["mean"]["mean_observed"]) < 0.01
@@ -156,11 +158,65 @@ def test_sts_calibrates_an_overconfident_head_on_held_out_rounds(fitted):
 
 def test_sts_calibrates_a_head_as_overconfident_as_the_papers():
     rounds = Rounds.from_arrays(*synthetic_rounds(np.random.default_rng(9), 60_000, sharpen=1.3))
-    result = calibrate(rounds, held_out_fraction=0.5, seed=0)
+    result = calibrate(rounds, held_out_fraction=0.5, seed=0, method="sts")
     before, after = result.before["mean"]["ece"], result.after["mean"]["ece"]
     print(f"head σ(1.3·logit p): ECE {before:.4f} → {after:.4f}, T = {np.round(result.temperatures, 3).tolist()}")
     assert 0.03 < before < 0.10 and after <= 0.015  # paper Fig. 6: 3–8 % → about 1 %
     assert result.after["mean"]["auc"] == pytest.approx(result.before["mean"]["auc"], abs=0.01)
+
+
+def test_platt_corrects_a_shifted_head_that_temperatures_only_flatten():
+    """A head that reads σ(logit p + 1.5) where slots survive with probability p ≈ 0.5 (the built-in drafter's
+    position 2 at temperature 1: 0.66 reported, 0.51 survived). Negative control: the paper's STS can only
+    flatten it towards 0.5 (T at the grid's edge), calibrated on average but with the resolution gone (a
+    worse Brier score); Platt scaling moves the mean back (b ≈ −1.5, T ≈ 1) and keeps the resolution."""
+    rounds = Rounds.from_arrays(*synthetic_rounds(np.random.default_rng(11), 60_000, sharpen=1.0, shift=1.5,
+                                                  beta=(3.0, 3.0)))
+    sts = calibrate(rounds, held_out_fraction=0.5, seed=0, method="sts")
+    platt = calibrate(rounds, held_out_fraction=0.5, seed=0, method="platt")
+    print(f"shifted head: ECE raw {sts.before['mean']['ece']:.4f}, sts {sts.after['mean']['ece']:.4f} "
+          f"(T = {np.round(sts.temperatures, 1).tolist()}), platt {platt.after['mean']['ece']:.4f} "
+          f"(b = {np.round(platt.calibration.biases, 2).tolist()}); Brier sts {sts.after['mean']['brier']:.4f}, "
+          f"platt {platt.after['mean']['brier']:.4f}")
+    assert sts.before["mean"]["ece"] > 0.1
+    assert np.all(sts.temperatures[:3] > 10) and not sts.calibration.biases.any()  # flattened
+    assert sts.after["mean"]["brier"] > platt.after["mean"]["brier"] + 0.005
+    assert platt.after["mean"]["ece"] <= 0.01
+    assert np.all(np.abs(platt.calibration.biases[:4] + 1.5) < 0.15)
+    assert np.all(np.abs(np.log(platt.temperatures[:4])) < 0.1)
+    assert platt.after["mean"]["auc"] == pytest.approx(platt.before["mean"]["auc"], abs=0.01)  # ranking kept
+
+
+def test_platt_leaves_a_calibrated_head_near_the_identity_and_keeps_scarce_positions():
+    rounds = Rounds.from_arrays(*synthetic_rounds(np.random.default_rng(4), 60_000, sharpen=1.0))
+    cmap = fit_map(rounds, method="platt")
+    assert np.all(np.abs(np.log(cmap.temperatures[:4])) < 0.1) and np.all(np.abs(cmap.biases[:4]) < 0.1)
+    conf, verified, accepted = synthetic_rounds(np.random.default_rng(5), 3000, partial=0.0)
+    verified[:] = 2  # no round verifies slots 3..γ
+    initial = ConfidenceMap.of(np.linspace(1.5, 2.1, GAMMA), np.linspace(-0.3, 0.3, GAMMA))
+    cmap = fit_map((conf, verified, np.minimum(accepted, verified)), method="platt", initial=initial)
+    np.testing.assert_array_equal(cmap.temperatures[2:], initial.temperatures[2:])
+    np.testing.assert_array_equal(cmap.biases[2:], initial.biases[2:])
+    assert np.all(np.abs(cmap.temperatures[:2] - SHARPEN) < 0.5)
+    every_slot_accepted = (np.full((200, 2), 0.7), np.full(200, 2), np.full(200, 2))
+    finite = fit_map(every_slot_accepted, method="platt", min_count=10)  # separable: the prior keeps it finite
+    assert np.all(np.isfinite(finite.temperatures)) and np.all(np.isfinite(finite.biases))
+    assert np.all(finite.biases > 1.0)  # and it predicts survival
+
+
+def test_confidence_map_inverse_undoes_it_and_as_map_reads_temperatures():
+    cmap = ConfidenceMap.of([0.5, 2.0, 1.3], [0.7, -1.2, 0.0])
+    raw = np.random.default_rng(3).uniform(0.01, 0.99, (50, 3))
+    np.testing.assert_allclose(apply_calibration(apply_calibration(raw, cmap), cmap.inverse()), raw, atol=1e-9)
+    as_torch = apply_calibration(torch.tensor(raw), cmap)
+    np.testing.assert_allclose(as_torch.numpy(), apply_calibration(raw, cmap), atol=1e-12)
+    np.testing.assert_allclose(apply_calibration(raw[:, :2], cmap), apply_calibration(raw, cmap)[:, :2])
+    plain = ConfidenceMap.of([2.0, 2.0])
+    assert plain.biases.tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="biases"):
+        ConfidenceMap.of([1.0, 1.0], [0.0, float("inf")])
+    with pytest.raises(ValueError, match="finite and > 0"):
+        ConfidenceMap.of([1.0, -1.0])
 
 
 def test_sts_keeps_the_ranking_within_each_position(fitted):
@@ -168,7 +224,7 @@ def test_sts_keeps_the_ranking_within_each_position(fitted):
     rng = np.random.default_rng(2)
     raw = np.round(rng.random((2000, GAMMA)), 3)  # with ties
     raw[:5] = [0.0, 1.0, 1e-9, 1 - 1e-9, 0.5, 0.5, 0.5]
-    cal = apply_temperatures(raw, temps)
+    cal = apply_calibration(raw, temps)
     assert np.all((cal > 0) & (cal < 1))
     for k in range(GAMMA):
         order = np.argsort(raw[:, k], kind="stable")
@@ -176,15 +232,15 @@ def test_sts_keeps_the_ranking_within_each_position(fitted):
         distinct = np.diff(raw[order, k]) > 0
         interior = (raw[order, k][1:] < 1 - 1e-6) & (raw[order, k][:-1] > 1e-6)
         assert np.all(np.diff(cal[order, k])[distinct & interior] > 0)
-    as_torch = apply_temperatures(torch.tensor(raw, dtype=torch.float32), temps)
+    as_torch = apply_calibration(torch.tensor(raw, dtype=torch.float32), temps)
     assert as_torch.dtype == torch.float32
     np.testing.assert_allclose(as_torch.numpy(), cal, atol=1e-4)  # fp32 clamp near 1
-    half = apply_temperatures(torch.tensor(raw[:, :3], dtype=torch.bfloat16).reshape(2, 1000, 3), temps)
+    half = apply_calibration(torch.tensor(raw[:, :3], dtype=torch.bfloat16).reshape(2, 1000, 3), temps)
     assert half.dtype == torch.bfloat16 and half.shape == (2, 1000, 3)  # [..., m ≤ γ]: positions 1..m
-    nan = apply_temperatures(np.array([[0.5, np.nan]]), temps)
+    nan = apply_calibration(np.array([[0.5, np.nan]]), temps)
     assert np.isnan(nan[0, 1]) and nan[0, 0] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="finite"):
-        apply_temperatures(raw, [1.0] * (GAMMA - 1) + [float("nan")])
+        apply_calibration(raw, [1.0] * (GAMMA - 1) + [float("nan")])
 
 
 def test_sts_leaves_a_calibrated_head_near_unit_temperatures():
@@ -255,7 +311,9 @@ def test_calibration_file_regimes_and_the_nearest_one_per_request(tmp_path):
                                     CalibrationRegime(0.0, greedy)], drafter_folder=drafter)
     loaded = load_calibration(path, drafter_folder=drafter, block_size=GAMMA)
     assert [r.sampling_temperature for r in loaded.regimes] == [0.0, 1.0]  # stored ascending
-    assert loaded.by_sampling_temperature() == {0.0: greedy, 1.0: sampled}
+    maps = loaded.by_sampling_temperature()
+    assert sorted(maps) == [0.0, 1.0] and maps[0.0].temperatures.tolist() == greedy
+    assert maps[1.0].temperatures.tolist() == sampled and not maps[1.0].biases.any()
     picks = {t: loaded.regime_for(t).temperatures for t in (0.0, 0.3, 0.5, 0.7, 1.0, 1.5)}
     assert picks == {0.0: greedy, 0.3: greedy, 0.5: sampled, 0.7: sampled, 1.0: sampled, 1.5: sampled}
     with pytest.raises(ValueError, match="distinct"):
@@ -274,7 +332,9 @@ def test_version_1_calibration_files_still_load_as_the_temperature_1_regime(tmp_
     path.write_text(json.dumps(dict(content, format="dspark-calibration-v1", temperatures=regime["temperatures"],
                                     fitted_on={"rounds": 10}, ece_before=None, ece_after=None)))
     loaded = load_calibration(path, drafter_folder=drafter, block_size=GAMMA)
-    assert loaded.by_sampling_temperature() == {1.0: [2.0] * GAMMA}
+    (regime,) = loaded.regimes
+    assert regime.sampling_temperature == 1.0 and regime.temperatures == [2.0] * GAMMA and regime.method == "sts"
+    assert regime.map.biases.tolist() == [0.0] * GAMMA
     assert loaded.regimes[0].fitted_on == {"rounds": 10}
 
 
@@ -297,6 +357,8 @@ def _rewrite(path, regime=None, **changes):
     ("no regimes", "non-empty list"),
     ("bad sampling temperature", "sampling_temperature"),
     ("repeated regime", "distinct"),
+    ("bad biases", "biases must be 7 finite numbers"),
+    ("bad method", "method must be one of"),
     ("missing", "not found"),
     ("not json", "not a readable JSON"),
 ])
@@ -325,6 +387,10 @@ def test_calibration_file_rejections(tmp_path, case, pattern):
         _rewrite(path, regimes=[])
     elif case == "bad sampling temperature":
         _rewrite(path, {"sampling_temperature": "hot"})
+    elif case == "bad biases":
+        _rewrite(path, {"biases": [0.0] * (GAMMA - 1) + [float("nan")]})
+    elif case == "bad method":
+        _rewrite(path, {"method": "isotonic"})
     elif case == "repeated regime":
         content = json.loads(path.read_text())
         _rewrite(path, regimes=content["regimes"] * 2)
@@ -382,7 +448,7 @@ def test_online_calibrator_follows_a_drift():
 
 
 def test_online_calibrator_drops_bad_rows_and_counts_them():
-    cal = OnlineCalibrator(3, refit_every=10_000, window=8, initial_temperatures=[2.0, 2.0, 2.0])
+    cal = OnlineCalibrator(3, refit_every=10_000, window=8, initial=[2.0, 2.0, 2.0])
     nan = float("nan")
     conf = torch.tensor([
         [0.9, 0.8, 0.7],   # ok
@@ -403,7 +469,7 @@ def test_online_calibrator_drops_bad_rows_and_counts_them():
     assert (report["rounds_seen"], report["rows_dropped"], report["rows_unverified"]) == (10, 5, 1)
     assert report["rounds_kept"] == 4 and report["rounds_in_window"] == 4 and report["refits"] == 0
     assert report["temperatures"] == [2.0, 2.0, 2.0] and report["drift"] is None
-    np.testing.assert_allclose(cal.apply(np.array([[0.9, 0.9, 0.9]])), apply_temperatures([[0.9] * 3], [2.0] * 3))
+    np.testing.assert_allclose(cal.apply(np.array([[0.9, 0.9, 0.9]])), apply_calibration([[0.9] * 3], [2.0] * 3))
     _feed(cal, synthetic_rounds(np.random.default_rng(7), 20, gamma=3), batch=7)
     assert cal.drift_report()["rounds_in_window"] == 8  # ring buffer holds the last `window` rounds
     assert len(cal.window_rounds()) == 8 and cal.rounds_kept == 24
@@ -416,7 +482,7 @@ def test_online_refit_schedule_and_scarce_positions():
     rng = np.random.default_rng(8)
     conf, verified, accepted = synthetic_rounds(rng, 3000, partial=0.0)
     verified[:] = 1  # only slot 1 is ever verified
-    cal = OnlineCalibrator(GAMMA, refit_every=1000, window=2000, initial_temperatures=[3.0] * GAMMA)
+    cal = OnlineCalibrator(GAMMA, refit_every=1000, window=2000, initial=[3.0] * GAMMA)
     _feed(cal, (conf, verified, np.minimum(accepted, 1)), batch=100)
     report = cal.drift_report()
     assert report["refits"] == 3 and report["rounds_since_refit"] == 0

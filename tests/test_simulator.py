@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from dspark.calibration import ConfidenceMap, Rounds, position_metrics
 from dspark.cli import main
 from dspark.evaluation.simulator import (
     drafter_rounds,
@@ -306,5 +307,9 @@ def test_online_calibration_recovers_a_wrong_recorded_calibration():
     assert stale["throughput_tok_s"] < 0.93 * reference["throughput_tok_s"]  # the wrong calibration costs
     assert fixed["throughput_tok_s"] > 0.99 * reference["throughput_tok_s"]
     assert fixed["online_calibration"]["refits"] >= 10
-    assert all(0.6 < t < 1.6 for t in fixed["online_calibration"]["temperatures"])
+    raw = Rounds(good.confidences, good.verified, good.accepted)  # the head is calibrated as it is (truth: T = 1)
+    refit = ConfidenceMap.of(fixed["online_calibration"]["temperatures"], fixed["online_calibration"]["biases"])
+    ece = {name: position_metrics(raw, cmap)["mean"]["ece"] for name, cmap in
+           (("identity", None), ("recorded", bad.calibration), ("refit", refit))}
+    assert ece["recorded"] > 0.25 and ece["refit"] < ece["identity"] + 0.01
     assert "online_calibration" not in point(online, "verify-all", 256)  # no confidences used, nothing fitted

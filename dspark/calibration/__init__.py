@@ -1,5 +1,6 @@
 """Confidence-head calibration (SPEC §4, paper §3.2.1 and §5.2): metrics of the prefix survival
-â_k = Π_{i≤k} c_i, Sequential Temperature Scaling, calibration files, online refitting, reliability plots.
+â_k = Π_{i≤k} c_i, Sequential Temperature Scaling (with an optional bias), calibration files, online
+refitting, reliability plots.
 Plots live in `dspark.calibration.plots` (imports matplotlib)."""
 
 from dspark.calibration.calibration_file import (
@@ -12,6 +13,7 @@ from dspark.calibration.calibration_file import (
     save_calibration,
 )
 from dspark.calibration.metrics import (
+    ConfidenceMap,
     Rounds,
     brier_score,
     ece_per_position,
@@ -22,11 +24,21 @@ from dspark.calibration.metrics import (
     roc_auc,
 )
 from dspark.calibration.online import OnlineCalibrator
-from dspark.calibration.sts import STSResult, apply_temperatures, calibrate, fit_sts, split_rounds
+from dspark.calibration.sts import (
+    DEFAULT_METHOD,
+    METHODS,
+    STSResult,
+    apply_calibration,
+    calibrate,
+    fit_map,
+    fit_sts,
+    split_rounds,
+)
 
 __all__ = [
-    "FORMAT", "Calibration", "CalibrationRegime", "OnlineCalibrator", "Rounds", "STSResult", "apply_temperatures", "brier_score",
-    "calibrate", "drafter_identity", "ece_per_position", "expected_calibration_error", "fit_sts",
+    "DEFAULT_METHOD", "FORMAT", "METHODS", "Calibration", "CalibrationRegime", "ConfidenceMap", "OnlineCalibrator",
+    "Rounds", "STSResult", "apply_calibration", "brier_score", "calibrate", "drafter_identity", "ece_per_position",
+    "expected_calibration_error", "fit_map", "fit_sts",
     "load_calibration", "nearest_regime", "position_metrics", "prefix_survival", "reliability_data", "roc_auc",
     "save_calibration", "split_rounds",
 ]

@@ -1,5 +1,5 @@
-"""Calibration file: the STS temperatures of one drafter (SPEC §4.2), bound to that drafter's weights, one
-set per sampling regime.
+"""Calibration file: the confidence-head calibration of one drafter (SPEC §4.2: STS temperatures, with the
+optional bias of `dspark.calibration.sts`), bound to that drafter's weights, one map per sampling regime.
 
 The head's raw confidences are fitted (SPEC §2.4) to acceptance at sampling temperature 1; at another
 temperature the same scores mean other acceptance rates (greedy verification accepts on an argmax match,
@@ -13,7 +13,8 @@ JSON, format "dspark-calibration-v2":
   {"format", "drafter": {"name", "config_sha256", "weights_sha256"} (`target_identity` of the drafter
    folder), "block_size": γ, "regimes": [{"sampling_temperature": t ≥ 0 (0 = greedy), "temperatures": [γ]
    (T_k > 0, position 1 first), "fitted_on": {counts, data sets, ...}, "ece_before", "ece_after": metrics
-   dicts or null}, ...] (distinct sampling temperatures, ascending), "created": ISO-8601 UTC time}
+   dicts or null, "biases": [γ] finite (absent = 0), "method": "sts" | "platt"}, ...] (distinct sampling
+   temperatures, ascending), "created": ISO-8601 UTC time}
 Version 1 files (one top-level "temperatures" list, always fitted at temperature 1.0 by `dspark calibrate`)
 are read as a file with that one regime. Written atomically (temporary sibling file, then os.replace).
 Loading checks the format, the drafter's identity (both hashes; the name is informative), the block size,
@@ -24,14 +25,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from dspark.calibration.metrics import ConfidenceMap
+from dspark.calibration.sts import METHODS
 from dspark.errors import CheckpointError
+from dspark.files import write_text_atomically
 
 FORMAT = "dspark-calibration-v2"
 FORMAT_V1 = "dspark-calibration-v1"
@@ -49,17 +51,25 @@ def drafter_identity(folder: str | Path) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class CalibrationRegime:
-    """One STS fit: temperatures [γ] (position 1 first) for requests sampled at about `sampling_temperature`
-    (0 = greedy), with what it was fitted on and its held-out metrics."""
+    """One fit: temperatures and biases [γ] (position 1 first) for requests sampled at about
+    `sampling_temperature` (0 = greedy), the method, what it was fitted on and its held-out metrics."""
 
     sampling_temperature: float
     temperatures: list[float]
     fitted_on: dict = field(default_factory=dict)
     ece_before: dict | None = None
     ece_after: dict | None = None
+    biases: list[float] | None = None  # None = zeros (the paper's STS)
+    method: str = "sts"
+
+    @property
+    def map(self) -> ConfidenceMap:
+        return ConfidenceMap.of(self.temperatures, self.biases)
 
     def to_dict(self) -> dict:
-        return {"sampling_temperature": self.sampling_temperature, "temperatures": list(self.temperatures),
+        return {"sampling_temperature": self.sampling_temperature, "method": self.method,
+                "temperatures": list(self.temperatures),
+                "biases": list(self.biases) if self.biases is not None else [0.0] * len(self.temperatures),
                 "fitted_on": dict(self.fitted_on), "ece_before": self.ece_before, "ece_after": self.ece_after}
 
 
@@ -83,9 +93,9 @@ class Calibration:
         """The regime a request sampled at `temperature` uses (nearest fitted sampling temperature)."""
         return self.regimes[nearest_regime([r.sampling_temperature for r in self.regimes], temperature)]
 
-    def by_sampling_temperature(self) -> dict[float, list[float]]:
-        """{sampling temperature: temperatures [γ]}, what `DSparkDrafter.set_calibration` takes."""
-        return {r.sampling_temperature: list(r.temperatures) for r in self.regimes}
+    def by_sampling_temperature(self) -> dict[float, ConfidenceMap]:
+        """{sampling temperature: map [γ]}, what `DSparkDrafter.set_calibration` takes."""
+        return {r.sampling_temperature: r.map for r in self.regimes}
 
 
 def _check_temperatures(temperatures: Any, block_size: int | None, where: str, error: type[Exception]) -> list[float]:
@@ -104,6 +114,27 @@ def _check_temperatures(temperatures: Any, block_size: int | None, where: str, e
     if block_size is not None and len(temps) != block_size:
         raise error(f"{where}: {len(temps)} temperatures for block size {block_size}")
     return temps
+
+
+def _check_biases(biases: Any, count: int, where: str, error: type[Exception]) -> list[float] | None:
+    if biases is None:
+        return None
+    if isinstance(biases, (str, bytes, dict)):
+        raise error(f"{where}: biases must be a list of numbers, got {biases!r}")
+    try:
+        values = [float(b) for b in biases]
+        numeric = all(not isinstance(b, bool) for b in biases)
+    except (TypeError, ValueError):
+        raise error(f"{where}: biases must be a list of numbers, got {biases!r}") from None
+    if not numeric or len(values) != count or not all(math.isfinite(b) for b in values):
+        raise error(f"{where}: biases must be {count} finite numbers, got {biases!r}")
+    return values
+
+
+def _check_method(method: Any, where: str, error: type[Exception]) -> str:
+    if method not in METHODS:
+        raise error(f"{where}: method must be one of {', '.join(METHODS)}, got {method!r}")
+    return method
 
 
 def _check_sampling_temperature(value: Any, where: str, error: type[Exception]) -> float:
@@ -142,7 +173,9 @@ def save_calibration(path: str | Path, temperatures: Any = None, *, regimes: Seq
         temps = _check_temperatures(list(r.temperatures), block_size, str(path), ValueError)
         block_size = len(temps)
         checked.append(CalibrationRegime(_check_sampling_temperature(r.sampling_temperature, str(path), ValueError),
-                                         temps, dict(r.fitted_on), r.ece_before, r.ece_after))
+                                         temps, dict(r.fitted_on), r.ece_before, r.ece_after,
+                                         _check_biases(r.biases, len(temps), str(path), ValueError),
+                                         _check_method(r.method, str(path), ValueError)))
     if not checked:
         raise ValueError(f"{path}: no calibration regime to write")
     checked.sort(key=lambda r: r.sampling_temperature)
@@ -156,19 +189,7 @@ def save_calibration(path: str | Path, temperatures: Any = None, *, regimes: Seq
         "regimes": [r.to_dict() for r in checked],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    text = json.dumps(content, indent=2, allow_nan=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomically(path, json.dumps(content, indent=2, allow_nan=False) + "\n")
     return content
 
 
@@ -217,7 +238,8 @@ def load_calibration(path: str | Path, drafter_folder: str | Path | None = None,
         if not isinstance(entry.get("fitted_on", {}), dict):
             raise CheckpointError(f"{where}: 'fitted_on' must be an object")
         regimes.append(CalibrationRegime(point, temps, entry.get("fitted_on", {}), entry.get("ece_before"),
-                                         entry.get("ece_after")))
+                                         entry.get("ece_after"), _check_biases(entry.get("biases"), size, where, CheckpointError),
+                                         _check_method(entry.get("method", "sts"), where, CheckpointError)))
     points = [r.sampling_temperature for r in regimes]
     if len(set(points)) != len(points):
         raise CheckpointError(f"{path}: sampling temperatures must be distinct, got {points}")

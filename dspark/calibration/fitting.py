@@ -14,15 +14,15 @@ from dspark.calibration.calibration_file import (
     save_calibration,
 )
 from dspark.calibration.metrics import Rounds, valid_round_mask
-from dspark.calibration.sts import calibrate
+from dspark.calibration.sts import DEFAULT_METHOD, calibrate, check_method
 from dspark.errors import ConfigError
 
 
 def fit_regime(per_set: dict, sampling_temperature: float, block_size: int, *, held_out: float = 0.5,
-               seed: int = 0) -> CalibrationRegime:
+               seed: int = 0, method: str = DEFAULT_METHOD) -> CalibrationRegime:
     """per_set: {set name: round traces} as `dspark.evaluation.offline.round_arrays` makes them, of the raw
-    head, recorded at `sampling_temperature`. Splits by prompt, fits STS on one part, measures the metrics
-    before/after on the other."""
+    head, recorded at `sampling_temperature`. Splits by prompt, fits the map (`method`: "sts" or "platt")
+    on one part, measures the metrics before/after on the other."""
     from dspark.evaluation.offline import merge_traces
 
     merged = merge_traces(per_set.values())
@@ -37,11 +37,11 @@ def fit_regime(per_set: dict, sampling_temperature: float, block_size: int, *, h
         raise ConfigError(f"sampling temperature {sampling_temperature}: only {len(rounds)} usable verification rounds; "
                           "use more prompts (--limit, --datasets)")
     groups = np.asarray(merged["sample"])[keep]  # split by prompt: held-out prompts never inform the fit
-    result = calibrate(rounds, held_out_fraction=held_out, seed=seed, groups=groups)
+    result = calibrate(rounds, held_out_fraction=held_out, seed=seed, groups=groups, method=method)
     fitted_on = {"rounds": result.fit_rounds, "held_out_rounds": result.held_out_rounds,
                  "datasets": sorted(per_set), "dropped_rounds": rounds.dropped}
-    return CalibrationRegime(float(sampling_temperature), [float(t) for t in result.temperatures], fitted_on,
-                             result.before, result.after)
+    temps, biases = result.calibration.to_lists()
+    return CalibrationRegime(float(sampling_temperature), temps, fitted_on, result.before, result.after, biases, method)
 
 
 def _ece(metrics: dict) -> dict:
@@ -49,19 +49,23 @@ def _ece(metrics: dict) -> dict:
 
 
 def fit_and_save(per_temperature: dict[float, dict], drafter: str | Path, block_size: int, out: str | Path, *,
-                 held_out: float = 0.5, seed: int = 0) -> dict:
+                 held_out: float = 0.5, seed: int = 0, method: str = DEFAULT_METHOD) -> dict:
     """per_temperature: {sampling temperature: {set name: raw-head round traces}}. Fits one regime per
-    sampling temperature (`fit_regime`), writes `out`; returns a summary {"calibration", "drafter", "regimes":
-    [{"sampling_temperature", "temperatures", "ece_before", "ece_after" ({"per_position", "mean"}),
-    "fitted_on"}], and the same keys at the top level for the regime nearest temperature 1.0 (the paper's
-    protocol)}."""
+    sampling temperature (`fit_regime`), writes `out`; returns a summary {"calibration", "drafter", "method",
+    "regimes": [{"sampling_temperature", "temperatures", "biases", "ece_before", "ece_after"
+    ({"per_position", "mean"}), "fitted_on"}], and the same keys at the top level for the regime nearest
+    temperature 1.0 (the paper's protocol)}."""
     if not per_temperature:
         raise ConfigError("no recorded rounds to calibrate on")
-    regimes = [fit_regime(per_set, t, block_size, held_out=held_out, seed=seed)
+    try:
+        check_method(method)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    regimes = [fit_regime(per_set, t, block_size, held_out=held_out, seed=seed, method=method)
                for t, per_set in sorted(per_temperature.items())]
     save_calibration(out, regimes=regimes, drafter_folder=drafter, block_size=block_size)
-    rows = [{"sampling_temperature": r.sampling_temperature, "temperatures": r.temperatures,
+    rows = [{"sampling_temperature": r.sampling_temperature, "temperatures": r.temperatures, "biases": r.biases,
              "ece_before": _ece(r.ece_before), "ece_after": _ece(r.ece_after), "fitted_on": r.fitted_on}
             for r in regimes]
     main = rows[nearest_regime([r["sampling_temperature"] for r in rows], PAPER_SAMPLING_TEMPERATURE)]
-    return {"calibration": str(out), "drafter": str(drafter), **{k: v for k, v in main.items()}, "regimes": rows}
+    return {"calibration": str(out), "drafter": str(drafter), "method": method, **main, "regimes": rows}

@@ -137,17 +137,66 @@ def check_temperatures(temperatures: Any, width: int) -> np.ndarray:
     return temps
 
 
-def calibrated_confidences(confidences: np.ndarray, temperatures: Any = None) -> np.ndarray:
-    """[N, γ] c'_k = σ(logit(c_k)/T_k) (paper §3.2.1), clamped to [EPS, 1 − EPS]; None = raw c_k."""
-    if temperatures is None:
+@dataclass(frozen=True, eq=False)
+class ConfidenceMap:
+    """Per-position calibration of the head's scores: c'_k = σ(logit(c_k)/T_k + b_k), temperatures [γ] > 0 and
+    biases [γ] (float64). Sequential Temperature Scaling (paper §3.2.1) is b = 0; the bias lets a position's
+    mean move across 0.5, which a temperature cannot (`dspark.calibration.sts`). Strictly increasing in c_k,
+    so the ranking of scores within a position is unchanged."""
+
+    temperatures: np.ndarray
+    biases: np.ndarray
+
+    @classmethod
+    def of(cls, temperatures: Any, biases: Any = None) -> "ConfidenceMap":
+        temps = check_temperatures(temperatures, to_numpy(temperatures, np.float64).size).copy()
+        if biases is None:
+            return cls(temps, np.zeros_like(temps))
+        b = to_numpy(biases, np.float64).ravel().copy()
+        if b.shape != temps.shape or not np.all(np.isfinite(b)):
+            raise ValueError(f"biases must be {temps.size} finite numbers, got {b.tolist()}")
+        return cls(temps, b)
+
+    @property
+    def block_size(self) -> int:
+        return int(self.temperatures.size)
+
+    def head(self, width: int) -> "ConfidenceMap":
+        """The map of positions 1..width (ValueError when it has fewer)."""
+        if width > self.block_size:
+            raise ValueError(f"{self.block_size} temperatures for {width} block positions")
+        return ConfidenceMap(self.temperatures[:width], self.biases[:width])
+
+    def to_lists(self) -> tuple[list[float], list[float]]:
+        return self.temperatures.tolist(), self.biases.tolist()
+
+    def inverse(self) -> "ConfidenceMap":
+        """The map that undoes this one: logit(c) = (logit(c') − b_k)·T_k = logit(c')/(1/T_k) − b_k·T_k."""
+        return ConfidenceMap(1.0 / self.temperatures, -self.biases * self.temperatures)
+
+
+def as_map(calibration: Any, width: int) -> ConfidenceMap | None:
+    """None, a `ConfidenceMap`, or temperatures [≥ width] (biases 0) → the map of the first `width` positions."""
+    if calibration is None:
+        return None
+    if isinstance(calibration, ConfidenceMap):
+        return calibration.head(width)
+    return ConfidenceMap.of(check_temperatures(calibration, width))
+
+
+def calibrated_confidences(confidences: np.ndarray, calibration: Any = None) -> np.ndarray:
+    """[N, γ] c'_k = σ(logit(c_k)/T_k + b_k) (paper §3.2.1 with b = 0), clamped to [EPS, 1 − EPS]; calibration:
+    see `as_map` (None = raw c_k)."""
+    cmap = as_map(calibration, confidences.shape[1])
+    if cmap is None:
         return np.clip(confidences, EPS, 1.0 - EPS)
-    temps = check_temperatures(temperatures, confidences.shape[1])
-    return np.clip(1.0 / (1.0 + np.exp(-logits(confidences) / temps)), EPS, 1.0 - EPS)
+    z = logits(confidences) / cmap.temperatures + cmap.biases
+    return np.clip(1.0 / (1.0 + np.exp(-z)), EPS, 1.0 - EPS)
 
 
-def prefix_survival(confidences: np.ndarray, temperatures: Any = None) -> np.ndarray:
+def prefix_survival(confidences: np.ndarray, calibration: Any = None) -> np.ndarray:
     """[N, γ] â_k = Π_{i≤k} c'_i (NaN from the first undrafted slot on)."""
-    return np.cumprod(calibrated_confidences(confidences, temperatures), axis=1)
+    return np.cumprod(calibrated_confidences(confidences, calibration), axis=1)
 
 
 def survival_events(rounds: Rounds) -> tuple[np.ndarray, np.ndarray]:
@@ -211,17 +260,18 @@ def brier_score(pred: Any, outcome: Any) -> float | None:
     return float(np.mean((p - y) ** 2)) if p.size else None
 
 
-def position_data(rounds: Any, temperatures: Any = None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per position k = 1..γ: (â_k, y_k) over the rounds with ℓ ≥ k (1-D float64, bool)."""
+def position_data(rounds: Any, calibration: Any = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per position k = 1..γ: (â_k, y_k) over the rounds with ℓ ≥ k (1-D float64, bool); calibration: see
+    `as_map`."""
     r = as_rounds(rounds)
-    pred = prefix_survival(r.confidences, temperatures)
+    pred = prefix_survival(r.confidences, calibration)
     outcome, mask = survival_events(r)
     return [(pred[mask[:, j], j], outcome[mask[:, j], j]) for j in range(r.block_size)]
 
 
-def ece_per_position(rounds: Any, temperatures: Any = None, bins: int = DEFAULT_BINS) -> list[float | None]:
+def ece_per_position(rounds: Any, calibration: Any = None, bins: int = DEFAULT_BINS) -> list[float | None]:
     """[γ] ECE of â_k (None where no round verified slot k)."""
-    return [expected_calibration_error(p, y, bins) for p, y in position_data(rounds, temperatures)]
+    return [expected_calibration_error(p, y, bins) for p, y in position_data(rounds, calibration)]
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -229,7 +279,7 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
-def position_metrics(rounds: Any, temperatures: Any = None, bins: int = DEFAULT_BINS) -> dict:
+def position_metrics(rounds: Any, calibration: Any = None, bins: int = DEFAULT_BINS) -> dict:
     """JSON-able metrics of â_k per position and their unweighted means over positions with data.
 
     {"bins", "block_size", "rounds", "positions": [{"position": k, "count", "accepted", "ece", "auc",
@@ -238,7 +288,7 @@ def position_metrics(rounds: Any, temperatures: Any = None, bins: int = DEFAULT_
     """
     r = as_rounds(rounds)
     rows = []
-    for k, (p, y) in enumerate(position_data(r, temperatures), start=1):
+    for k, (p, y) in enumerate(position_data(r, calibration), start=1):
         rows.append({
             "position": k,
             "count": int(p.size),
@@ -259,12 +309,12 @@ def position_metrics(rounds: Any, temperatures: Any = None, bins: int = DEFAULT_
     }
 
 
-def reliability_data(rounds: Any, temperatures: Any = None, bins: int = DEFAULT_BINS) -> list[dict]:
+def reliability_data(rounds: Any, calibration: Any = None, bins: int = DEFAULT_BINS) -> list[dict]:
     """Reliability diagram per position k: {"position", "count", "ece", "auc", "lower", "upper" [bins]
     (bin edges), "mean_predicted", "observed" [bins] (None for empty bins), "count_per_bin" [bins]}."""
     edges = np.linspace(0.0, 1.0, bins + 1)
     out = []
-    for k, (p, y) in enumerate(position_data(rounds, temperatures), start=1):
+    for k, (p, y) in enumerate(position_data(rounds, calibration), start=1):
         index = bin_index(p, bins)
         count = np.bincount(index, minlength=bins)
         sum_p = np.bincount(index, weights=p, minlength=bins)

@@ -1,6 +1,6 @@
 """Online calibration (SPEC §4.3): every verification round labels the head's confidences for free, so the
-engine keeps the last `window` rounds in a ring buffer and refits STS (`fit_sts`) on them every
-`refit_every` rounds; `drift_report` compares the ECE of the current temperatures on the most recent rounds
+engine keeps the last `window` rounds in a ring buffer and refits the head's map (`fit_map`, STS with or
+without its bias) on them every `refit_every` rounds; `drift_report` compares the ECE of the current temperatures on the most recent rounds
 with the ECE right after the last refit.
 
 Selecting ℓ from the confidences (the prefix scheduler) does not bias the fit: the events are conditioned
@@ -15,14 +15,15 @@ import numpy as np
 
 from dspark.calibration.metrics import (
     DEFAULT_BINS,
+    ConfidenceMap,
     Rounds,
-    check_temperatures,
+    as_map,
     ece_per_position,
     integer_counts,
     to_numpy,
     valid_round_mask,
 )
-from dspark.calibration.sts import MIN_COUNT, apply_temperatures, fit_sts
+from dspark.calibration.sts import DEFAULT_METHOD, MIN_COUNT, apply_calibration, check_method, fit_map
 
 
 def _ece_summary(values: list[float | None], rounds: int) -> dict:
@@ -31,16 +32,20 @@ def _ece_summary(values: list[float | None], rounds: int) -> dict:
 
 
 class OnlineCalibrator:
-    """Running STS calibration of one drafter's confidence head.
+    """Running calibration of one drafter's confidence head.
 
     block_size γ; refit_every: rounds kept between refits; window: rounds the ring buffer holds (the refit
-    data); initial_temperatures [γ] (default 1.0); recent: rounds `drift_report` measures the current
-    temperatures on (default refit_every; ECE noise ≈ 0.4/√(recent/bins)); min_count: see `fit_sts`.
-    observe() is O(B·γ); a refit costs about γ·58 passes over the window (≈ 0.05–0.1 s for 16k rounds, γ = 7, one core).
+    data); initial: the starting map (a `ConfidenceMap` or temperatures [γ]; default T = 1, b = 0); method:
+    "platt" or "sts" (`dspark.calibration.sts`); recent: rounds `drift_report` measures the current map on
+    (default refit_every; ECE noise ≈ 0.4/√(recent/bins)); min_count: see `fit_map`; sampling_temperature:
+    the sampling regime it calibrates (`calibration_file`; the generation loop then feeds it only requests
+    sampled at that temperature), None = every request. observe() is O(B·γ); a refit costs about γ·58
+    passes over the window with "sts" (≈ 0.05–0.1 s for 16k rounds, γ = 7, one core), a few passes with
+    "platt".
     """
 
-    def __init__(self, block_size: int, refit_every: int = 4096, window: int = 16384,
-                 initial_temperatures: Any = None, *, recent: int | None = None, min_count: int = MIN_COUNT,
+    def __init__(self, block_size: int, refit_every: int = 4096, window: int = 16384, initial: Any = None, *,
+                 method: str = DEFAULT_METHOD, recent: int | None = None, min_count: int = MIN_COUNT,
                  bins: int = DEFAULT_BINS, sampling_temperature: float | None = None):
         for name, value in (("block_size", block_size), ("refit_every", refit_every), ("window", window)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -50,18 +55,19 @@ class OnlineCalibrator:
                                                      and np.isfinite(sampling_temperature) and sampling_temperature >= 0):
             raise ValueError(f"sampling_temperature must be a finite number ≥ 0 or None, got {sampling_temperature!r}")
         self.sampling_temperature = None if sampling_temperature is None else float(sampling_temperature)
+        self.method = check_method(method)
         self.block_size = int(block_size)
         self.refit_every = int(refit_every)
         self.window = int(window)
         self.recent = min(self.window, int(recent) if recent is not None else self.refit_every)
         self.min_count = int(min_count)
         self.bins = int(bins)
-        self._temps = np.ones(self.block_size)
-        if initial_temperatures is not None:
-            initial = to_numpy(initial_temperatures, np.float64).ravel()
-            if initial.size != self.block_size:
-                raise ValueError(f"initial_temperatures must have {self.block_size} values, got {initial.size}")
-            self._temps = check_temperatures(initial, self.block_size).copy()
+        self._map = ConfidenceMap.of(np.ones(self.block_size))
+        if initial is not None:
+            size = initial.block_size if isinstance(initial, ConfidenceMap) else to_numpy(initial, np.float64).size
+            if size != self.block_size:
+                raise ValueError(f"the initial calibration must have {self.block_size} positions, got {size}")
+            self._map = as_map(initial, self.block_size)
         self._conf = np.full((self.window, self.block_size), np.nan)
         self._ver = np.zeros(self.window, dtype=np.int64)
         self._acc = np.zeros(self.window, dtype=np.int64)
@@ -77,13 +83,24 @@ class OnlineCalibrator:
         self._before_refit: dict | None = None
 
     @property
+    def calibration(self) -> ConfidenceMap:
+        """The current map (temperatures and biases [γ])."""
+        return ConfidenceMap(self._map.temperatures.copy(), self._map.biases.copy())
+
+    @property
     def temperatures(self) -> np.ndarray:
         """Current temperatures [γ] (a copy)."""
-        return self._temps.copy()
+        return self._map.temperatures.copy()
+
+    @property
+    def biases(self) -> np.ndarray:
+        """Current biases [γ] (a copy; zeros with method "sts")."""
+        return self._map.biases.copy()
 
     def apply(self, confidences: Any) -> Any:
-        """Calibrated confidences σ(logit(c_k)/T_k) of [..., m ≤ γ] (torch or numpy), see `apply_temperatures`."""
-        return apply_temperatures(confidences, self._temps)
+        """Calibrated confidences σ(logit(c_k)/T_k + b_k) of [..., m ≤ γ] (torch or numpy), see
+        `apply_calibration`."""
+        return apply_calibration(confidences, self._map)
 
     def observe(self, confidences: Any, verified: Any, accepted: Any) -> int:
         """Record B rounds: raw confidences [B, m ≤ γ] (NaN past the drafted slots), verified ℓ [B],
@@ -135,29 +152,30 @@ class OnlineCalibrator:
         """The rounds in the buffer, oldest first."""
         return self._last(self._filled)
 
-    def refit(self) -> np.ndarray:
-        """Refit STS on the window now (positions with < min_count rounds keep their temperature)."""
+    def refit(self) -> ConfidenceMap:
+        """Refit the map on the window now (positions with < min_count rounds keep theirs); returns it."""
         data = self.window_rounds()
-        self._before_refit = _ece_summary(ece_per_position(data, self._temps, self.bins), len(data))
-        self._temps = fit_sts(data, bins=self.bins, min_count=self.min_count, initial=self._temps)
-        self._at_refit = _ece_summary(ece_per_position(data, self._temps, self.bins), len(data))
+        self._before_refit = _ece_summary(ece_per_position(data, self._map, self.bins), len(data))
+        self._map = fit_map(data, method=self.method, bins=self.bins, min_count=self.min_count, initial=self._map)
+        self._at_refit = _ece_summary(ece_per_position(data, self._map, self.bins), len(data))
         self.refits += 1
         self._since_refit = 0
-        return self.temperatures
+        return self.calibration
 
     def drift_report(self, recent: int | None = None) -> dict:
-        """JSON-able state: counters, temperatures, ECE (per position and mean) of the current temperatures
-        on the last `recent` rounds (default self.recent; "ece_recent"), on the window at the last refit
-        ("ece_at_refit") and of the previous temperatures on that window ("ece_before_refit"),
+        """JSON-able state: counters, the current map (temperatures, biases), ECE (per position and mean) of
+        the current map on the last `recent` rounds (default self.recent; "ece_recent"), on the window at the
+        last refit ("ece_at_refit") and of the previous map on that window ("ece_before_refit"),
         drift = recent − at-refit mean (None before the first refit)."""
         recent = self._last(self.recent if recent is None else max(0, int(recent)))
-        ece_recent = _ece_summary(ece_per_position(recent, self._temps, self.bins), len(recent))
+        ece_recent = _ece_summary(ece_per_position(recent, self._map, self.bins), len(recent))
         at_refit = self._at_refit
         drift = (ece_recent["mean"] - at_refit["mean"]
                  if at_refit is not None and ece_recent["mean"] is not None and at_refit["mean"] is not None else None)
         return {
             "block_size": self.block_size,
             "sampling_temperature": self.sampling_temperature,
+            "method": self.method,
             "rounds_seen": self.rounds_seen,
             "rounds_kept": self.rounds_kept,
             "rows_dropped": self.rows_dropped,
@@ -165,7 +183,8 @@ class OnlineCalibrator:
             "rounds_in_window": self._filled,
             "refits": self.refits,
             "rounds_since_refit": self._since_refit,
-            "temperatures": self._temps.tolist(),
+            "temperatures": self._map.temperatures.tolist(),
+            "biases": self._map.biases.tolist(),
             "ece_recent": ece_recent,
             "ece_at_refit": at_refit,
             "ece_before_refit": self._before_refit,
@@ -180,8 +199,9 @@ class OnlineCalibrator:
             f"{prefix}_{key}": float(report[key])
             for key in ("rounds_seen", "rows_dropped", "rows_unverified", "rounds_in_window", "refits")
         }
-        for k, t in enumerate(report["temperatures"], start=1):
+        for k, (t, b) in enumerate(zip(report["temperatures"], report["biases"]), start=1):
             out[f"{prefix}_temperature_{k}"] = t
+            out[f"{prefix}_bias_{k}"] = b
         for name in ("ece_recent", "ece_at_refit"):
             summary = report[name]
             if summary is None:

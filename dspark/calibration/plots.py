@@ -85,11 +85,12 @@ def plot_reliability_data(before: Sequence[dict], path: str | Path, after: Seque
     return path
 
 
-def plot_reliability(rounds: Any, path: str | Path, temperatures: Any = None, *, positions: Sequence[int] | None = None,
+def plot_reliability(rounds: Any, path: str | Path, calibration: Any = None, *, positions: Sequence[int] | None = None,
                      bins: int = DEFAULT_BINS, title: str | None = None, min_points: int = 10, dpi: int = 110) -> Path:
     """Reliability diagram PNG of the rounds (`Rounds` or a (confidences, verified, accepted) triple):
-    raw head, plus the head calibrated with `temperatures` [γ] when given (paper Fig. 6)."""
+    raw head, plus the head calibrated with `calibration` (a `ConfidenceMap` or temperatures [γ]) when
+    given (paper Fig. 6)."""
     r = as_rounds(rounds)
     before = reliability_data(r, None, bins)
-    after = reliability_data(r, temperatures, bins) if temperatures is not None else None
+    after = reliability_data(r, calibration, bins) if calibration is not None else None
     return plot_reliability_data(before, path, after, positions=positions, title=title, min_points=min_points, dpi=dpi)

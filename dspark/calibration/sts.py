@@ -1,9 +1,23 @@
-"""Sequential Temperature Scaling (SPEC §4.2, paper §3.2.1 "Post-hoc Calibration").
+"""Calibration maps of the confidence head: Sequential Temperature Scaling (SPEC §4.2, paper §3.2.1
+"Post-hoc Calibration") and per-position Platt scaling.
 
-c'_k = σ(logit(c_k)/T_k). For k = 1..γ in order, with T_{<k} fixed, T_k minimises (1-D grid search:
-log-spaced coarse grid, then a finer log-spaced grid between the neighbours of the coarse minimum) the ECE
-of the prefix survival â_k = Π_{i≤k} σ(logit(c_i)/T_i) over the fitting rounds with ℓ ≥ k. Temperature
-scaling is strictly increasing in c_k, so the ranking of scores within a position is unchanged.
+Both map the head's conditional scores c_k (P(slot k survives | slots < k survived)) to c'_k = σ(logit(c_k)/T_k + b_k),
+strictly increasing in c_k, so the ranking of scores within a position is unchanged.
+
+- "sts" — the paper's: b_k = 0. For k = 1..γ in order, with T_{<k} fixed, T_k minimises the ECE of the prefix
+  survival â_k = Π_{i≤k} c'_i over the fitting rounds with ℓ ≥ k (1-D grid search: log-spaced coarse grid,
+  then a finer grid between the neighbours of the coarse minimum).
+- "platt" (the default) — T_k and b_k by maximum likelihood of the conditional events (slot k accepted,
+  over the rounds that verified slot k with slots < k accepted): logistic regression of the outcome on
+  logit(c_k), with a weak prior at the identity map (T = 1, b = 0) so that a position whose outcomes are all
+  equal stays finite. Two reasons, both measured on the built-in drafter trained 1,600 steps
+  (docs/benchmarks.md): a temperature only stretches a logit about 0, so it cannot move a position's mean
+  across 0.5 — the head reads 0.66 at position 2 at temperature 1 where half the slots survive, and 0.73–0.75
+  at positions 5–7 at temperature 0 where 86–92 % survive; and ECE is not a proper score — a constant map at
+  the base rate has ECE ≈ 0 — so minimising it flattens a weakly discriminating head to 0.5 (STS chose
+  T ≈ 14–20 at positions 2–4), after which every request looks the same to the scheduler. The likelihood
+  rewards both calibration and resolution, and Newton's method on two parameters per position costs a few
+  passes over the rounds (cheap enough for online refits).
 """
 
 from __future__ import annotations
@@ -17,37 +31,49 @@ import torch
 from dspark.calibration.metrics import (
     DEFAULT_BINS,
     EPS,
+    ConfidenceMap,
     Rounds,
+    as_map,
     as_rounds,
-    check_temperatures,
     logits,
     position_metrics,
     survival_events,
 )
 
+METHODS = ("sts", "platt")
+DEFAULT_METHOD = "platt"
 DEFAULT_GRID = np.geomspace(0.05, 20.0, 41)  # coarse grid of T, ratio ≈ 1.16 between neighbours
 REFINE_POINTS = 17  # fine grid between the coarse minimum's neighbours, ratio ≈ 1.02
-MIN_COUNT = 50  # positions verified in fewer fitting rounds keep their initial temperature
+MIN_COUNT = 50  # positions verified in fewer fitting rounds keep their initial map
+PLATT_PRIOR = 1.0  # precision of the Gaussian prior on (1/T − 1, b): about one pseudo-observation
+PLATT_SLOPE = (1.0 / DEFAULT_GRID[-1], 1.0 / DEFAULT_GRID[0])  # 1/T kept in [1/20, 20], the STS grid's range
 _CHUNK = 1 << 21  # elements of one [grid, rounds] block of the search
 
 
-def apply_temperatures(confidences: Any, temperatures: Any, eps: float = EPS) -> Any:
-    """σ(logit(clamp(c, eps, 1 − eps))/T_k) on [..., m] (m ≤ len(T): positions 1..m), clamped to
-    [eps, 1 − eps]; NaN stays NaN. torch in → torch out (same device and dtype, computed in ≥ fp32),
-    otherwise numpy float64. temperatures None returns the input unchanged."""
-    if temperatures is None:
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
+    return method
+
+
+def apply_calibration(confidences: Any, calibration: Any, eps: float = EPS) -> Any:
+    """σ(logit(clamp(c, eps, 1 − eps))/T_k + b_k) on [..., m] (m ≤ γ: positions 1..m), clamped to
+    [eps, 1 − eps]; NaN stays NaN. calibration: a `ConfidenceMap`, temperatures [≥ m] (biases 0) or None
+    (input returned unchanged). torch in → torch out (same device and dtype, computed in ≥ fp32), otherwise
+    numpy float64."""
+    if calibration is None:
         return confidences
+    if not isinstance(confidences, torch.Tensor):
+        confidences = np.asarray(confidences, dtype=np.float64)
+    cmap = as_map(calibration, confidences.shape[-1])
     if isinstance(confidences, torch.Tensor):
-        width = confidences.shape[-1]
-        temps = torch.as_tensor(check_temperatures(temperatures, width))
         work = confidences.float() if confidences.dtype in (torch.bfloat16, torch.float16) else confidences
-        temps = temps.to(device=work.device, dtype=work.dtype)
-        out = torch.sigmoid(torch.logit(work.clamp(eps, 1.0 - eps)) / temps).clamp(eps, 1.0 - eps)
+        temps = torch.as_tensor(cmap.temperatures).to(device=work.device, dtype=work.dtype)
+        biases = torch.as_tensor(cmap.biases).to(device=work.device, dtype=work.dtype)
+        out = torch.sigmoid(torch.logit(work.clamp(eps, 1.0 - eps)) / temps + biases).clamp(eps, 1.0 - eps)
         return out.to(confidences.dtype)
-    c = np.asarray(confidences, dtype=np.float64)
-    temps = check_temperatures(temperatures, c.shape[-1])
-    clamped = np.clip(c, eps, 1.0 - eps)
-    z = (np.log(clamped) - np.log1p(-clamped)) / temps
+    clamped = np.clip(confidences, eps, 1.0 - eps)
+    z = (np.log(clamped) - np.log1p(-clamped)) / cmap.temperatures + cmap.biases
     return np.clip(1.0 / (1.0 + np.exp(-z)), eps, 1.0 - eps)
 
 
@@ -80,25 +106,11 @@ def _best(temps: np.ndarray, ece: np.ndarray) -> int:
     return int(ties[np.argmin(np.abs(np.log(temps[ties])))])
 
 
-def fit_sts(rounds: Any, *, bins: int = DEFAULT_BINS, grid: Any = None, refine: int = REFINE_POINTS,
-            min_count: int = MIN_COUNT, initial: Any = None) -> np.ndarray:
-    """Temperatures [γ] (float64) of Sequential Temperature Scaling fitted on `rounds` (SPEC §4.2).
-
-    rounds: `Rounds` or (confidences [N, γ], verified [N], accepted [N]). grid: increasing positive
-    coarse grid of T (default 41 points log-spaced over 0.05..20); refine: points of the fine grid between
-    the coarse minimum's neighbours. A position verified in fewer than min_count rounds keeps its initial
-    temperature (initial [γ], default 1.0). Cost: O(γ·(|grid| + refine)·N).
-    """
-    r = as_rounds(rounds)
-    gamma = r.block_size
-    coarse = DEFAULT_GRID if grid is None else np.asarray(grid, dtype=np.float64).ravel()
-    if coarse.size < 2 or not np.all(np.isfinite(coarse) & (coarse > 0)) or np.any(np.diff(coarse) <= 0):
-        raise ValueError("the temperature grid must be ≥ 2 increasing positive finite values")
-    temps = np.ones(gamma) if initial is None else check_temperatures(initial, gamma).copy()
+def _fit_sts(r: Rounds, temps: np.ndarray, coarse: np.ndarray, refine: int, min_count: int, bins: int) -> np.ndarray:
     logit = logits(r.confidences)
     outcome, mask = survival_events(r)
     prefix = np.ones(len(r))
-    for j in range(gamma):
+    for j in range(r.block_size):
         rows = mask[:, j]
         if rows.sum() >= min_count:
             p, z, y = prefix[rows], logit[rows, j], outcome[rows, j].astype(np.float64)
@@ -111,6 +123,64 @@ def fit_sts(rounds: Any, *, bins: int = DEFAULT_BINS, grid: Any = None, refine: 
         with np.errstate(invalid="ignore"):
             prefix = prefix * np.clip(1.0 / (1.0 + np.exp(-logit[:, j] / temps[j])), EPS, 1.0 - EPS)
     return temps
+
+
+def _platt(x: np.ndarray, y: np.ndarray, iterations: int = 50) -> tuple[float, float]:
+    """(a, b) maximising Σ log-likelihood of y ~ Bernoulli(σ(a·x + b)) − (PLATT_PRIOR/2)·((a − 1)² + b²) by
+    Newton's method (the objective is concave), a kept in PLATT_SLOPE."""
+    theta = np.array([1.0, 0.0])
+    prior = np.array([1.0, 0.0])
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(theta[0] * x + theta[1])))
+        w = p * (1.0 - p)
+        grad = np.array([np.dot(y - p, x), np.sum(y - p)]) - PLATT_PRIOR * (theta - prior)
+        hess = np.array([[np.dot(w, x * x), np.dot(w, x)], [np.dot(w, x), np.sum(w)]]) + PLATT_PRIOR * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        theta = theta + step
+        theta[0] = np.clip(theta[0], *PLATT_SLOPE)
+        if np.max(np.abs(step)) < 1e-9:
+            break
+    return float(theta[0]), float(theta[1])
+
+
+def _fit_platt(r: Rounds, start: ConfidenceMap, min_count: int) -> ConfidenceMap:
+    temps, biases = start.temperatures.copy(), start.biases.copy()
+    logit = logits(r.confidences)
+    for j in range(r.block_size):
+        rows = (r.verified > j) & (r.accepted >= j)  # slot j + 1 verified, slots ≤ j accepted
+        if rows.sum() >= min_count:
+            a, b = _platt(logit[rows, j], (r.accepted[rows] > j).astype(np.float64))
+            temps[j], biases[j] = 1.0 / a, b
+    return ConfidenceMap(temps, biases)
+
+
+def fit_map(rounds: Any, *, method: str = DEFAULT_METHOD, bins: int = DEFAULT_BINS, grid: Any = None,
+            refine: int = REFINE_POINTS, min_count: int = MIN_COUNT, initial: Any = None) -> ConfidenceMap:
+    """The `ConfidenceMap` [γ] fitted on `rounds` (module docstring; `method` "sts" or "platt").
+
+    rounds: `Rounds` or (confidences [N, γ], verified [N], accepted [N]). "sts": grid — increasing positive
+    coarse grid of T (default 41 points log-spaced over 0.05..20), refine — points of the fine grid, bins —
+    of the ECE; cost O(γ·(|grid| + refine)·N). "platt": cost about γ·10 passes over the conditional rounds.
+    A position with fewer than min_count fitting rounds keeps its initial map (initial: a map or
+    temperatures [γ]; default T = 1, b = 0).
+    """
+    check_method(method)
+    r = as_rounds(rounds)
+    start = as_map(initial, r.block_size) or ConfidenceMap.of(np.ones(r.block_size))
+    if method == "platt":
+        return _fit_platt(r, start, min_count)
+    coarse = DEFAULT_GRID if grid is None else np.asarray(grid, dtype=np.float64).ravel()
+    if coarse.size < 2 or not np.all(np.isfinite(coarse) & (coarse > 0)) or np.any(np.diff(coarse) <= 0):
+        raise ValueError("the temperature grid must be ≥ 2 increasing positive finite values")
+    temps = _fit_sts(r, start.temperatures.copy(), coarse, refine, min_count, bins)
+    return ConfidenceMap(temps, np.zeros(r.block_size))
+
+
+def fit_sts(rounds: Any, *, bins: int = DEFAULT_BINS, grid: Any = None, refine: int = REFINE_POINTS,
+            min_count: int = MIN_COUNT, initial: Any = None) -> np.ndarray:
+    """Temperatures [γ] (float64) of the paper's Sequential Temperature Scaling (`fit_map` with method "sts")."""
+    return fit_map(rounds, method="sts", bins=bins, grid=grid, refine=refine, min_count=min_count,
+                   initial=initial).temperatures
 
 
 def split_rounds(rounds: Any, held_out_fraction: float = 0.5, seed: int = 0,
@@ -137,24 +207,31 @@ def split_rounds(rounds: Any, held_out_fraction: float = 0.5, seed: int = 0,
 
 @dataclass(frozen=True)
 class STSResult:
-    """Temperatures [γ] fitted on `fit_rounds` rounds; `before`/`after`: `position_metrics` of the raw and
-    calibrated head on the `held_out_rounds` held-out rounds."""
+    """The map fitted on `fit_rounds` rounds; `before`/`after`: `position_metrics` of the raw and calibrated
+    head on the `held_out_rounds` held-out rounds."""
 
-    temperatures: np.ndarray
+    calibration: ConfidenceMap
     before: dict
     after: dict
     fit_rounds: int
     held_out_rounds: int
+    method: str = DEFAULT_METHOD
+
+    @property
+    def temperatures(self) -> np.ndarray:
+        return self.calibration.temperatures
 
 
 def calibrate(rounds: Any, *, held_out_fraction: float = 0.5, seed: int = 0, groups: Any = None,
-              bins: int = DEFAULT_BINS, **fit_kwargs: Any) -> STSResult:
-    """Split (`split_rounds`), fit STS on one part, report metrics before/after on the other."""
+              bins: int = DEFAULT_BINS, method: str = DEFAULT_METHOD, **fit_kwargs: Any) -> STSResult:
+    """Split (`split_rounds`), fit on one part (`fit_map`), report metrics before/after on the other."""
     fit, held = split_rounds(rounds, held_out_fraction, seed, groups)
-    temps = fit_sts(fit, bins=bins, **fit_kwargs)
-    return STSResult(temps, position_metrics(held, None, bins), position_metrics(held, temps, bins), len(fit), len(held))
+    cmap = fit_map(fit, method=method, bins=bins, **fit_kwargs)
+    return STSResult(cmap, position_metrics(held, None, bins), position_metrics(held, cmap, bins), len(fit), len(held),
+                     method)
 
 
 __all__ = [
-    "DEFAULT_GRID", "STSResult", "apply_temperatures", "calibrate", "fit_sts", "split_rounds",
+    "DEFAULT_GRID", "DEFAULT_METHOD", "METHODS", "STSResult", "apply_calibration", "calibrate",
+    "check_method", "fit_map", "fit_sts", "split_rounds",
 ]

@@ -1,13 +1,17 @@
 """`dspark calibrate`: fit Sequential Temperature Scaling for a drafter's confidence head (SPEC §4.2).
 
     dspark calibrate [--target DIR] [--drafter NAME|DIR] [--datasets NAMES|FILES] [--limit N]
-        [--sampling-temperatures 1,0] [--traces FILE ...] [--held-out F] [--seed N] [--out FILE] [--json] [...]
+        [--sampling-temperatures 1,0] [--traces FILE ...] [--method platt|sts] [--held-out F] [--seed N]
+        [--out FILE] [--json] [...]
 
 Records verification rounds of the *raw* head with the offline protocol (chain drafting, verify-all) at each
 sampling temperature of `--sampling-temperatures` (default 1 — the paper's protocol — and 0, greedy) or
 reads them from `dspark eval --out` traces.json files (`--traces`, repeatable, one sampling temperature
 each), splits each temperature's rounds by prompt into a fitting part and a held-out part (`--held-out`,
-default half), fits the per-position temperatures left to right on the fitting part, and writes a
+default half), fits the per-position maps left to right on the fitting part (`--method sts`: the paper's
+temperatures, by the ECE of the prefix survival; `platt`, the default: a temperature and a logit bias per
+position by maximum likelihood, which can move a position's mean across 0.5 where a temperature cannot and
+keeps the head's resolution — `dspark.calibration.sts`), and writes a
 versioned calibration file bound to the drafter's weights and block size, with one regime per sampling
 temperature (`dspark.calibration.calibration_file`: a request uses the regime fitted nearest to its own
 temperature). ECE before and after are measured on the held-out prompts only. `dspark eval`, `generate`
@@ -28,6 +32,8 @@ DEFAULT_SAMPLING_TEMPERATURES = (1.0, 0.0)
 
 
 def register(sub) -> None:
+    from dspark.calibration.sts import DEFAULT_METHOD, METHODS
+
     p = sub.add_parser("calibrate", help="fit per-position temperatures of a confidence head (STS)")
     p.add_argument("--target", default=None, help="target folder (default: the built-in target)")
     p.add_argument("--drafter", default=None, help="drafter folder or built-in name (default: built-in DSpark)")
@@ -39,6 +45,8 @@ def register(sub) -> None:
                    help="comma-separated sampling temperatures to record and fit a regime at (default 1,0; 0 = greedy)")
     p.add_argument("--traces", action="append", default=None,
                    help="traces.json from `dspark eval --out --calibration none` (skips generation; repeatable)")
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
+                   help="sts: the paper's per-position temperatures (ECE grid); platt: temperature and logit bias per position (likelihood)")
     p.add_argument("--held-out", type=float, default=0.5, help="share of prompts kept out of fitting, for ECE after")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="calibration.json", help="calibration file to write")
@@ -132,7 +140,8 @@ def run_calibrate(args) -> int:
         per_temperature = read_traces(args.traces, drafter)
     else:
         per_temperature = {t: record_traces(args, drafter, t) for t in temperatures}
-    summary = fit_and_save(per_temperature, drafter, block_size, args.out, held_out=args.held_out, seed=args.seed)
+    summary = fit_and_save(per_temperature, drafter, block_size, args.out, held_out=args.held_out, seed=args.seed,
+                           method=args.method)
     if args.json:
         print_json(summary)
     else:
@@ -141,11 +150,12 @@ def run_calibrate(args) -> int:
 
         for regime in summary["regimes"]:
             print(f"sampling temperature {regime['sampling_temperature']:g}")
-            print(f"{'position':>8} {'T':>6} {'ECE before %':>13} {'ECE after %':>12}")
-            rows = zip(regime["temperatures"], regime["ece_before"]["per_position"], regime["ece_after"]["per_position"])
-            for k, (t, b, a) in enumerate(rows, 1):
-                print(f"{k:>8} {t:>6.2f} {pct(b):>13} {pct(a):>12}")
-            print(f"{'mean':>8} {'':>6} {pct(regime['ece_before']['mean']):>13} {pct(regime['ece_after']['mean']):>12}")
+            print(f"{'position':>8} {'T':>6} {'bias':>6} {'ECE before %':>13} {'ECE after %':>12}")
+            rows = zip(regime["temperatures"], regime["biases"], regime["ece_before"]["per_position"],
+                       regime["ece_after"]["per_position"])
+            for k, (t, bias, b, a) in enumerate(rows, 1):
+                print(f"{k:>8} {t:>6.2f} {bias:>6.2f} {pct(b):>13} {pct(a):>12}")
+            print(f"{'mean':>8} {'':>6} {'':>6} {pct(regime['ece_before']['mean']):>13} {pct(regime['ece_after']['mean']):>12}")
             print(f"held-out rounds: {regime['fitted_on']['held_out_rounds']}")
         print(f"written {args.out}")
     return 0

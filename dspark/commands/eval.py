@@ -48,11 +48,13 @@ def register(sub) -> None:
 
 
 def write_reliability_plots(traces: dict, out: Path) -> dict[str, str]:
-    """One reliability diagram (paper Fig. 6: one panel per block position) per drafter with a confidence head."""
+    """One reliability diagram (paper Fig. 6: one panel per block position) per drafter with a confidence
+    head: the raw head, and the calibrated one when a calibration was applied."""
     import numpy as np
 
-    from dspark.calibration.metrics import Rounds
+    from dspark.calibration.metrics import ConfidenceMap, Rounds
     from dspark.calibration.plots import plot_reliability
+    from dspark.calibration.sts import apply_calibration
     from dspark.evaluation.offline import merge_traces
 
     paths = {}
@@ -61,9 +63,13 @@ def write_reliability_plots(traces: dict, out: Path) -> dict[str, str]:
             continue
         merged = merge_traces(entry["datasets"].values())
         conf = np.array([[np.nan if v is None else v for v in row] for row in merged["confidences"]], dtype=float)
+        cmap = None
+        if entry.get("confidence_temperatures") is not None:
+            cmap = ConfidenceMap.of(entry["confidence_temperatures"], entry.get("confidence_biases"))
+            conf = apply_calibration(conf, cmap.inverse())
         rounds = Rounds.from_arrays(conf, merged["verified"], merged["accepted"], drop_invalid=True)
         path = out / f"reliability_{label.replace('/', '_')}.png"
-        paths[label] = str(plot_reliability(rounds, path, title=f"{label}: prefix-survival reliability"))
+        paths[label] = str(plot_reliability(rounds, path, cmap, title=f"{label}: prefix-survival reliability"))
     return paths
 
 

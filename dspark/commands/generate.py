@@ -72,10 +72,12 @@ def make_scheduling(args, drafter, sampling):
             raise RequestError("--online-calibration needs N ≥ 1 and a drafter with a confidence head")
         from dspark.calibration.online import OnlineCalibrator
 
-        temps = drafter.calibration_temperatures([sampling])
+        from dspark.calibration.metrics import ConfidenceMap
+
+        cmap = drafter.calibration_map([sampling])
         calibrator = OnlineCalibrator(drafter.max_draft_tokens, refit_every=args.online_calibration,
                                       window=max(4 * args.online_calibration, 256), min_count=10,
-                                      initial_temperatures=None if temps is None else temps[0].tolist(),
+                                      initial=None if cmap is None else ConfidenceMap.of(cmap[0][0].cpu(), cmap[1][0].cpu()),
                                       sampling_temperature=sampling.temperature)
     gate = None
     if args.draft_gate:

@@ -42,6 +42,7 @@ def register(sub) -> None:
         DEFAULT_POLICIES,
         DEFAULT_STEPS,
     )
+    from dspark.calibration.sts import DEFAULT_METHOD, METHODS
 
     p = sub.add_parser("simulate", help="serving simulator: throughput vs per-user speed per policy (paper Fig. 7, 8)")
     p.add_argument("--traces", default=None, help="traces.json from `dspark eval --out` (default: record with the built-in model)")
@@ -53,7 +54,9 @@ def register(sub) -> None:
                    help="request-rounds per concurrency at least: C runs max(steps, min-rounds / C) steps")
     p.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated policies")
     p.add_argument("--online-calibration", type=int, default=None, metavar="N",
-                   help="confidence policies refit STS online every N verified rounds, from the recorded calibration")
+                   help="confidence policies refit the calibration online every N verified rounds, from the recorded one")
+    p.add_argument("--calibration-method", default=DEFAULT_METHOD, choices=METHODS,
+                   help="method of the online refits (dspark.calibration.sts)")
     p.add_argument("--mtp-draft-scale", type=float, default=None,
                    help="MTP-1 draft cost as a fraction of the profile's draft_ms (default: 1 / draft_layers)")
     add_recording_args(p)
@@ -113,7 +116,8 @@ def run_simulate(args) -> int:
     policies = parse_policies(args.policies, rounds.block_size)
     mtp = select_mtp(traces, exclude=rounds.label, source=source)
     result = simulate(rounds, profile, concurrency=concurrency, steps=args.steps, min_rounds=args.min_rounds, policies=policies, seed=args.seed,
-                      mtp_rounds=mtp, mtp_scale=args.mtp_draft_scale, online_calibration=args.online_calibration)
+                      mtp_rounds=mtp, mtp_scale=args.mtp_draft_scale, online_calibration=args.online_calibration,
+                      calibration_method=args.calibration_method)
     if max_r is not None and concurrency[-1] > max_r:
         result["notes"].append(f"the profile measures up to {max_r} requests; larger concurrencies are extrapolated")
     result["goals"] = goals(result)

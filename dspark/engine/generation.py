@@ -207,14 +207,16 @@ def generate(
 def feed_calibrator(calibrator: OnlineCalibrator, drafter: Drafter, confidences: torch.Tensor,
                     verify_lens: torch.Tensor, accepted: torch.Tensor, samplings: Sequence[SamplingParams]) -> None:
     """One round's outcomes → the online calibrator, with the raw head's confidences [B, K] (the drafter's
-    current temperatures of each request's regime undone: raw logit = calibrated logit · T_k). A calibrator
+    current map of each request's regime undone: raw logit = (calibrated logit − b_k) · T_k). A calibrator
     bound to a sampling temperature sees only the requests sampled at exactly that temperature; after a
-    refit, its temperatures become the drafter's for that regime (for every request when it is unbound)."""
+    refit, its map becomes the drafter's for that regime (for every request when it is unbound)."""
     conf = confidences.detach().double().cpu()
-    temps = drafter.calibration_temperatures(list(samplings))
-    if temps is not None:
+    cmap = drafter.calibration_map(list(samplings))
+    if cmap is not None:
         eps = 1e-12
-        conf = torch.sigmoid(torch.logit(conf.clamp(eps, 1 - eps)) * temps[:, : conf.shape[1]].double().cpu())
+        width = conf.shape[1]
+        temps, biases = cmap[0][:, :width].double().cpu(), cmap[1][:, :width].double().cpu()
+        conf = torch.sigmoid((torch.logit(conf.clamp(eps, 1 - eps)) - biases) * temps)
     rows = slice(None)
     if calibrator.sampling_temperature is not None:
         rows = torch.tensor([s.temperature == calibrator.sampling_temperature for s in samplings])
@@ -224,7 +226,7 @@ def feed_calibrator(calibrator: OnlineCalibrator, drafter: Drafter, confidences:
     calibrator.observe(conf[rows, : calibrator.block_size].numpy(), verify_lens.cpu()[rows].numpy(),
                        accepted.cpu()[rows].numpy())
     if calibrator.refits != refits:
-        drafter.set_calibration(calibrator.temperatures.tolist(), sampling_temperature=calibrator.sampling_temperature)
+        drafter.set_calibration(calibrator.calibration, sampling_temperature=calibrator.sampling_temperature)
 
 
 def _round(

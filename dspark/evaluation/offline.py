@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dspark.calibration.metrics import ConfidenceMap
 from dspark.decoding.sampling import SamplingParams
 from dspark.engine.generation import generate
 from dspark.engine.stats import RoundRecord, SpecStats
@@ -88,17 +89,18 @@ def round_arrays(records: list[tuple[int, RoundRecord]], block_size: int) -> dic
     }
 
 
-def calibration_report(traces: dict, temperatures) -> dict:
+def calibration_report(traces: dict, calibration) -> dict:
     """Per-position ECE / AUC / Brier of the prefix-survival prediction (SPEC §4.1) for the confidences the
-    drafter reported, and — when a calibration was applied — for the raw head (c_raw = σ(logit(c) · T))."""
+    drafter reported, and — when a calibration (a `ConfidenceMap`) was applied — for the raw head (the map
+    undone)."""
     from dspark.calibration.metrics import Rounds, position_metrics
-    from dspark.calibration.sts import apply_temperatures
+    from dspark.calibration.sts import apply_calibration
 
     conf = np.array([[np.nan if v is None else v for v in row] for row in traces["confidences"]], dtype=float)
     rounds = Rounds.from_arrays(conf, traces["verified"], traces["accepted"], drop_invalid=True)
-    out = {"reported": position_metrics(rounds), "calibrated": temperatures is not None, "dropped_rounds": rounds.dropped}
-    if temperatures is not None:
-        raw = apply_temperatures(conf, [1.0 / t for t in temperatures])
+    out = {"reported": position_metrics(rounds), "calibrated": calibration is not None, "dropped_rounds": rounds.dropped}
+    if calibration is not None:
+        raw = apply_calibration(conf, calibration.inverse())
         out["raw"] = position_metrics(Rounds.from_arrays(raw, traces["verified"], traces["accepted"], drop_invalid=True))
     return out
 
@@ -118,8 +120,8 @@ def evaluate_drafter(
     label = drafter_label(drafter_spec)
     sampling = SamplingParams(temperature=settings.temperature)
     # The calibration regime for this sampling temperature (calibration_file), as applied to every round.
-    temperatures = drafter.calibration_temperatures([sampling])
-    temperatures = None if temperatures is None else temperatures[0].tolist()
+    applied = drafter.calibration_map([sampling])
+    calibration = None if applied is None else ConfidenceMap.of(applied[0][0].cpu(), applied[1][0].cpu())
     total = sum(len(s.samples) for s in prompt_sets)
     bar = tqdm(total=total, disable=not progress, desc=f"eval {label}", unit="prompt")
     datasets, traces = {}, {}
@@ -143,14 +145,15 @@ def evaluate_drafter(
         report = set_report(stats, len(prompts), generated, time.perf_counter() - started, prompt_set.domain)
         traces[prompt_set.name] = dict(round_arrays(records, gamma), domain=prompt_set.domain)
         if drafter.provides_confidence:
-            report["calibration"] = calibration_report(traces[prompt_set.name], temperatures)
+            report["calibration"] = calibration_report(traces[prompt_set.name], calibration)
         datasets[prompt_set.name] = report
     bar.close()
     domains, macro = averages(datasets)
     result = {"drafter": drafter_spec, "label": label, "block_size": gamma, "datasets": datasets, "domains": domains,
-              "macro_tau": macro, "confidence_temperatures": temperatures}
+              "macro_tau": macro, "confidence_temperatures": None if calibration is None else calibration.temperatures.tolist(),
+              "confidence_biases": None if calibration is None else calibration.biases.tolist()}
     if drafter.provides_confidence:
-        result["calibration"] = calibration_report(merge_traces(traces.values()), temperatures)
+        result["calibration"] = calibration_report(merge_traces(traces.values()), calibration)
     return result, traces
 
 
@@ -184,7 +187,8 @@ def evaluate(
         results[label] = result
         all_traces[label] = {"drafter": spec, "block_size": result["block_size"], "temperature": settings.temperature,
                              "has_confidences": "calibration" in result,
-                             "confidence_temperatures": result["confidence_temperatures"], "datasets": traces}
+                             "confidence_temperatures": result["confidence_temperatures"],
+                             "confidence_biases": result["confidence_biases"], "datasets": traces}
     report = {
         "target": target,
         "settings": {"temperature": settings.temperature, "block_size": settings.block_size,

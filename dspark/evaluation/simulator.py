@@ -52,9 +52,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from dspark.calibration.metrics import check_temperatures
+from dspark.calibration.metrics import ConfidenceMap
 from dspark.calibration.online import OnlineCalibrator
-from dspark.calibration.sts import apply_temperatures
+from dspark.calibration.sts import DEFAULT_METHOD, apply_calibration
 from dspark.errors import ConfigError
 from dspark.evaluation.report import save_figure
 from dspark.scheduling import (
@@ -121,13 +121,13 @@ class Rounds:
     domain: np.ndarray  # domain name per round (str array)
     has_confidences: bool
     sets: list[str] = field(default_factory=list)
-    temperatures: np.ndarray | None = None  # [γ] calibration the recording applied (None: the raw head)
+    calibration: ConfidenceMap | None = None  # the calibration the recording applied (None: the raw head)
 
     def raw_confidences(self) -> np.ndarray:
-        """[N, γ] the raw head's confidences: the recorded calibration undone (σ(logit(c) · T_k))."""
-        if self.temperatures is None:
+        """[N, γ] the raw head's confidences: the recorded calibration undone."""
+        if self.calibration is None:
             return self.confidences
-        return apply_temperatures(self.confidences, 1.0 / self.temperatures)
+        return apply_calibration(self.confidences, self.calibration.inverse())
 
     def __len__(self) -> int:
         return int(self.drafted.size)
@@ -206,16 +206,17 @@ def drafter_rounds(traces: dict, label: str, source: str = "traces") -> Rounds:
     if cat[1].size == 0:
         raise TraceError(f"{source}: drafter {label!r} has no recorded rounds")
     has_conf = bool(entry.get("has_confidences", True)) and bool(np.isfinite(cat[0]).any())
-    temps = entry.get("confidence_temperatures")
-    if temps is not None:
+    cmap = None
+    if entry.get("confidence_temperatures") is not None:
         try:
-            temps = check_temperatures(temps, gamma) if len(temps) == gamma else None
+            cmap = ConfidenceMap.of(entry["confidence_temperatures"], entry.get("confidence_biases"))
         except (TypeError, ValueError):
-            temps = None
-        if temps is None:
-            raise TraceError(f"{source}: drafter {label!r} has confidence_temperatures {entry['confidence_temperatures']!r}; "
-                             f"expected {gamma} finite numbers > 0 or null")
-    return Rounds(label, gamma, cat[0], *cat[1:6], cat[6].astype(str), has_conf, list(entry["datasets"]), temps)
+            cmap = None
+        if cmap is None or cmap.block_size != gamma:
+            raise TraceError(f"{source}: drafter {label!r} has confidence_temperatures {entry['confidence_temperatures']!r} "
+                             f"and confidence_biases {entry.get('confidence_biases')!r}; expected {gamma} finite numbers "
+                             "(temperatures > 0) or null")
+    return Rounds(label, gamma, cat[0], *cat[1:6], cat[6].astype(str), has_conf, list(entry["datasets"]), cmap)
 
 
 def select_dspark(traces: dict, label: str | None, source: str = "traces") -> Rounds:
@@ -460,14 +461,15 @@ def _point(spec: PolicySpec, c: int, ell: np.ndarray, acc_all: np.ndarray, verif
 def simulate(rounds: Rounds, profile: SPSProfile, *, concurrency: Sequence[int] = DEFAULT_CONCURRENCY,
              steps: int = DEFAULT_STEPS, min_rounds: int = DEFAULT_MIN_ROUNDS,
              policies: Sequence[PolicySpec] | None = None, seed: int = 0, mtp_rounds: Rounds | None = None,
-             mtp_scale: float | None = None, online_calibration: int | None = None) -> dict:
+             mtp_scale: float | None = None, online_calibration: int | None = None,
+             calibration_method: str = DEFAULT_METHOD) -> dict:
     """Run every policy at every concurrency (module docstring) → {"settings", "policies": {name: [points by C]},
     "notes"}. `rounds`: the DSpark traces; each concurrency C runs max(steps, ⌈min_rounds / C⌉) steps (so low
     concurrencies still average over many prompts); `mtp_rounds`: MTP-1 traces (else DSpark's first slot);
     `mtp_scale`: factor on draft_ms for MTP-1 (default `mtp_draft_scale(profile)`); `online_calibration` N:
-    every confidence policy runs with an `OnlineCalibrator` that starts from the recorded calibration and
-    refits every N verified rounds (window 4N), a fresh one per concurrency (its point reports the refits and
-    the final temperatures)."""
+    every confidence policy runs with an `OnlineCalibrator` (`calibration_method`) that starts from the
+    recorded calibration and refits every N verified rounds (window 4N), a fresh one per concurrency (its
+    point reports the refits and the final map)."""
     if policies is None:
         policies = parse_policies(DEFAULT_POLICIES, rounds.block_size)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -501,7 +503,7 @@ def simulate(rounds: Rounds, profile: SPSProfile, *, concurrency: Sequence[int] 
             calibrator = None
             if online_calibration is not None and spec.kind in _CONFIDENCE_POLICIES:
                 calibrator = OnlineCalibrator(gamma, refit_every=online_calibration, window=4 * online_calibration,
-                                              initial_temperatures=rounds.temperatures)
+                                              initial=rounds.calibration, method=calibration_method)
             if spec.kind == "plain":
                 ell = np.zeros_like(idx)
                 point = _point(spec, c, ell, rounds.accepted[idx], verify_table, 0.0)
@@ -516,7 +518,8 @@ def simulate(rounds: Rounds, profile: SPSProfile, *, concurrency: Sequence[int] 
                 ell, _ = _lengths(scheduler, rounds, idx, ids, None, calibrator=calibrator)
                 point = _point(spec, c, ell, rounds.accepted[idx], verify_table, draft)
             if calibrator is not None:
-                point["online_calibration"] = {"refits": calibrator.refits, "temperatures": calibrator.temperatures.tolist()}
+                point["online_calibration"] = {"refits": calibrator.refits, "temperatures": calibrator.temperatures.tolist(),
+                                               "biases": calibrator.biases.tolist()}
             results[spec.name].append(point)
     notes = []
     if not profile.has_draft_cost:
@@ -526,11 +529,13 @@ def simulate(rounds: Rounds, profile: SPSProfile, *, concurrency: Sequence[int] 
     if any(spec.kind == "mtp-1" for spec in policies):
         notes.append(mtp_note)
     if online_calibration is not None:
-        start = "the recorded calibration" if rounds.temperatures is not None else "the raw head"
-        notes.append(f"online calibration: confidence policies refit STS every {online_calibration} rounds from {start}")
+        start = "the recorded calibration" if rounds.calibration is not None else "the raw head"
+        notes.append(f"online calibration: confidence policies refit {calibration_method} every {online_calibration} "
+                     f"rounds from {start}")
     return {
         "settings": {"concurrency": concurrency, "steps": steps, "min_rounds": min_rounds, "seed": seed, "block_size": rounds.block_size,
                      "online_calibration": online_calibration,
+                     "online_calibration_method": calibration_method if online_calibration is not None else None,
                      "mtp_draft_scale": scale, "mtp_draft_scale_source": scale_note,
                      "step_ms": "verify_ms(B = Σ(1 + ℓ), R = C) + draft_ms(C); plain: no draft cost"},
         "traces": {"drafter": rounds.label, "rounds": len(rounds), "prompts": len(prompts), "sets": rounds.sets,

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dspark.errors import CheckpointError
+from dspark.files import default_mode
 
 # Keys some exporters write that carry no weights of ours (recomputed buffers).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -106,9 +107,7 @@ def save_folder_atomically(folder: Path, write: "callable[[Path], None]") -> Non
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the final folder follows the umask
+        os.chmod(tmp, default_mode(0o777))  # mkdtemp makes it 0700; the final folder follows the umask
         write(tmp)
         if folder.exists():
             backup = folder.with_name(f".{folder.name}.old-{os.getpid()}")

@@ -46,7 +46,6 @@ import os
 import platform
 import re
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +54,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from dspark.errors import ConfigError
+from dspark.files import write_text_atomically
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 PREFILL_TOKENS = 8192  # tokens per prefill forward (sequences are prefilled in chunks of this size)
@@ -461,15 +461,7 @@ def cache_path(target_identity: Mapping[str, str], drafter_identity: Mapping[str
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomically(path, json.dumps(data, indent=1) + "\n")
 
 
 def _read_cached(path: Path) -> dict | None:

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from dspark.errors import CheckpointError, ConfigError
+from dspark.files import default_mode
 from dspark.models.checkpoint import save_folder_atomically
 from dspark.models.target_runner import TargetRunner
 from dspark.training.prompts import Sample, TokenizedSample, chat_template_info, tokenize_sample
@@ -356,12 +357,6 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _default_folder_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o777 & ~umask
-
-
 def _batches(samples: list, batch_tokens: int) -> list[list]:
     """Consecutive groups whose padded size (count × longest) stays within batch_tokens."""
     groups, current, longest = [], [], 0
@@ -402,7 +397,7 @@ def write_feature_cache(
     from tqdm import tqdm
 
     def write(tmp: Path) -> None:
-        tmp.chmod(_default_folder_mode())  # mkdtemp creates 0700; a cache is usually shared
+        tmp.chmod(default_mode(0o777))  # mkdtemp creates 0700; a cache is usually shared
         index = np.zeros((len(data.samples), len(INDEX_COLUMNS)), dtype="<i8")
         shards: list[dict] = []
         writer: _ShardWriter | None = None

@@ -49,7 +49,7 @@ CALIBRATION_SAMPLING_TEMPERATURES = (1.0, 0.0)  # the paper's protocol, and gree
 DRAFTER_PRESETS = {"dspark": "dspark", "dspark-rnn": "dspark-rnn", "dflash": "dflash", "eagle3": "eagle3", "mtp": "mtp"}
 DRAFTER_OVERRIDES = [
     "model.draft_layers=1", "model.block_size=7", "model.target_layer_ids=[1,5,9]", "data.max_length=512",
-    "data.num_anchors=64", "optim.lr=1e-3", "train.batch_size=8", "train.epochs=1", "train.max_steps=400",
+    "data.num_anchors=64", "optim.lr=1e-3", "train.batch_size=8", "train.epochs=1", "train.max_steps=1600",
     "train.checkpoint_every=100", "train.log_every=10", "train.chunk_blocks=64",
 ]
 # Each drafter's markov_rank comes from its preset (0 where there is no Markov head); DSpark's rank is scaled

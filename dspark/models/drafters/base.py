@@ -73,9 +73,10 @@ class Drafter(ABC):
     def propose(self, batch: list[DraftInput], generator: torch.Generator | None = None) -> DraftProposal:
         """Propose up to `max_tokens` drafts for every sequence of the batch."""
 
-    def calibration_temperatures(self, samplings: Sequence[SamplingParams]) -> torch.Tensor | None:
-        """[B, γ] temperatures applied to each request's reported confidences (SPEC §4.2); None when the
-        confidences are the raw head's or the drafter reports none."""
+    def calibration_map(self, samplings: Sequence[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(temperatures, biases), each [B, γ], of the calibration applied to each request's reported
+        confidences, c = σ(logit / T + b) (SPEC §4.2); None when the confidences are the raw head's or the
+        drafter reports none."""
         return None
 
     def release(self, seq_id: int) -> None:

@@ -22,12 +22,15 @@ Where SPEC and paper differ (position weights exp(−k/4) vs exp(−(k−1)/γ))
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dspark.calibration.calibration_file import nearest_regime
+from dspark.calibration.metrics import ConfidenceMap
 from dspark.decoding.sampling import SamplingParams, logits_to_probs, sample
 from dspark.errors import RequestError
 from dspark.models.config import DecoderConfig
@@ -273,10 +276,10 @@ class DSparkDrafter(Drafter):
         self.max_draft_tokens = cfg.block_size
         self.feature_layer_ids = cfg.target_layer_ids
         self.provides_confidence = model.confidence_head is not None
-        # STS temperatures (SPEC §4.2) per sampling regime: ascending sampling temperatures [G] and [G, γ]
-        # temperatures; None = the raw head.
+        # Confidence calibration (SPEC §4.2) per sampling regime: ascending sampling temperatures [G], and
+        # temperatures / biases [G, γ]; None = the raw head.
         self._calibration_points: list[float] = []
-        self._calibration: torch.Tensor | None = None
+        self._calibration: tuple[torch.Tensor, torch.Tensor] | None = None
         param = model.fc.weight
         c = cfg.layers
         self.cache = PagedKVCache(
@@ -287,49 +290,62 @@ class DSparkDrafter(Drafter):
     def check_target(self, target_config: DecoderConfig) -> None:
         check_drafter_target(self.name, self.model.config, target_config)
 
-    def set_calibration(self, temperatures, sampling_temperature: float | None = None) -> None:
-        """Report calibrated confidences c_k = σ(logit_k / T_k) from now on.
+    def set_calibration(self, calibration, sampling_temperature: float | None = None) -> None:
+        """Report calibrated confidences c_k = σ(logit_k / T_k + b_k) from now on.
 
-        temperatures: None (the raw head), [γ] numbers, or {sampling temperature: [γ]} (the regimes of a
-        calibration file, `Calibration.by_sampling_temperature`). A request uses the regime fitted nearest
-        to its own sampling temperature. With sampling_temperature given, [γ] numbers replace (or add) only
-        that regime; without, they serve every request.
+        calibration: None (the raw head), a `ConfidenceMap` or temperatures [γ] (biases 0), or {sampling
+        temperature: map or temperatures} (the regimes of a calibration file,
+        `Calibration.by_sampling_temperature`). A request uses the regime fitted nearest to its own sampling
+        temperature. With sampling_temperature given, one map replaces (or adds) only that regime; without,
+        it serves every request.
         """
-        if temperatures is None:
+        if calibration is None:
             if sampling_temperature is not None:
                 raise RequestError(f"drafter '{self.name}': a regime cannot be removed on its own")
             self._calibration_points, self._calibration = [], None
             return
-        if isinstance(temperatures, dict):
-            regimes = {float(t): v for t, v in temperatures.items()}
+        if isinstance(calibration, dict):
+            regimes = {float(t): v for t, v in calibration.items()}
         elif sampling_temperature is None:
-            regimes = {1.0: temperatures}
+            regimes = {1.0: calibration}
         else:
-            regimes = dict(zip(self._calibration_points, self._calibration.tolist())) if self._calibration is not None else {}
-            regimes[float(sampling_temperature)] = temperatures
+            regimes = {}
+            if self._calibration is not None:
+                temps, biases = self._calibration
+                regimes = {t: ConfidenceMap.of(temps[i].cpu().numpy(), biases[i].cpu().numpy())
+                           for i, t in enumerate(self._calibration_points)}
+            regimes[float(sampling_temperature)] = calibration
         if not regimes:
             raise RequestError(f"drafter '{self.name}': no calibration regime given")
         points = sorted(regimes)
-        rows = []
+        maps = []
         for point in points:
-            temps = torch.as_tensor(regimes[point], dtype=torch.float32).flatten()
-            if temps.numel() != self.max_draft_tokens or not bool(torch.isfinite(temps).all() and (temps > 0).all()):
-                raise RequestError(f"drafter '{self.name}': need {self.max_draft_tokens} finite positive temperatures, "
-                                   f"got {temps.tolist()}")
             if not (point >= 0 and point != float("inf")):
                 raise RequestError(f"drafter '{self.name}': sampling temperature {point} of a calibration regime must be ≥ 0")
-            rows.append(temps)
+            value = regimes[point]
+            try:
+                cmap = value if isinstance(value, ConfidenceMap) else ConfidenceMap.of(value)
+            except (TypeError, ValueError) as exc:
+                raise RequestError(f"drafter '{self.name}': bad calibration for sampling temperature {point}: {exc}") from None
+            if cmap.block_size != self.max_draft_tokens:
+                raise RequestError(f"drafter '{self.name}': need {self.max_draft_tokens} finite positive temperatures, "
+                                   f"got {cmap.temperatures.tolist()}")
+            maps.append(cmap)
+        device = self.model.fc.weight.device
         self._calibration_points = points
-        self._calibration = torch.stack(rows).to(self.model.fc.weight.device)
+        self._calibration = (torch.tensor(np.stack([m.temperatures for m in maps]), dtype=torch.float32, device=device),
+                             torch.tensor(np.stack([m.biases for m in maps]), dtype=torch.float32, device=device))
 
-    def calibration_temperatures(self, samplings: list[SamplingParams]) -> torch.Tensor | None:
-        """[B, γ] float32 temperatures applied to each request's confidences (None: the raw head)."""
+    def calibration_map(self, samplings: Sequence[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(temperatures, biases), each [B, γ] float32, applied to each request's confidences (None: raw)."""
         if self._calibration is None:
             return None
+        temps, biases = self._calibration
         if len(self._calibration_points) == 1:
-            return self._calibration.expand(len(samplings), -1)
-        index = [nearest_regime(self._calibration_points, s.temperature) for s in samplings]
-        return self._calibration[torch.tensor(index, device=self._calibration.device)]
+            return temps.expand(len(samplings), -1), biases.expand(len(samplings), -1)
+        index = torch.tensor([nearest_regime(self._calibration_points, s.temperature) for s in samplings],
+                             device=temps.device)
+        return temps[index], biases[index]
 
     @torch.inference_mode()
     def propose(self, batch: list[DraftInput], generator: torch.Generator | None = None) -> DraftProposal:
@@ -374,9 +390,9 @@ class DSparkDrafter(Drafter):
         confidences = None
         if conf_logits:
             stacked = torch.stack(conf_logits, dim=1).float()
-            temps = self.calibration_temperatures(samplings)
-            if temps is not None:
-                stacked = stacked / temps[:, :gamma]
+            cmap = self.calibration_map(samplings)
+            if cmap is not None:
+                stacked = stacked / cmap[0][:, :gamma] + cmap[1][:, :gamma]
             confidences = torch.sigmoid(stacked)
         return torch.stack(tokens, dim=1), torch.stack(probs, dim=1), confidences
 
