@@ -1,13 +1,14 @@
 """Calibration file: the confidence-head calibration of one drafter (SPEC §4.2: STS temperatures, with the
 optional bias of `dspark.calibration.sts`), bound to that drafter's weights, one map per sampling regime.
 
-The head's raw confidences are fitted (SPEC §2.4) to acceptance at sampling temperature 1; at another
-temperature the same scores mean other acceptance rates (greedy verification accepts on an argmax match,
-far more often than the T = 1 rule for a drafter that has learnt the target's mode). Temperature scaling
-cannot move a score across 0.5, so one set of temperatures cannot serve both regimes: the file holds one
-STS fit per sampling temperature it was fitted at (`dspark calibrate --sampling-temperatures 1,0`), and a
-request uses the regime whose sampling temperature is nearest to its own (`regime_for`). The paper fits one
-set (§3.2.1, at its evaluation temperature 1.0); a file with only that regime behaves exactly so.
+The head's raw confidences are trained (SPEC §2.4) on acceptance at sampling temperature 1; at another
+temperature the same scores mean other acceptance rates (greedy verification accepts on an argmax match, far
+more often than the T = 1 rule for a drafter that has learnt the target's mode: on the built-in drafter a map
+fitted at T = 1 predicts 0.04 prefix survival at position 7 where 0.30 survive greedily, and Algorithm 1
+then verifies 13 % less than it should — docs/benchmarks.md). So the file holds one fit per sampling
+temperature it was fitted at (`dspark calibrate --sampling-temperatures 1,0`), and a request uses the regime
+whose sampling temperature is nearest to its own (`regime_for`). The paper fits one set (§3.2.1, at its
+evaluation temperature 1.0); a file with only that regime behaves exactly so.
 
 JSON, format "dspark-calibration-v2":
   {"format", "drafter": {"name", "config_sha256", "weights_sha256"} (`target_identity` of the drafter

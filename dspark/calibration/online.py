@@ -1,7 +1,7 @@
 """Online calibration (SPEC §4.3): every verification round labels the head's confidences for free, so the
-engine keeps the last `window` rounds in a ring buffer and refits the head's map (`fit_map`, STS with or
-without its bias) on them every `refit_every` rounds; `drift_report` compares the ECE of the current temperatures on the most recent rounds
-with the ECE right after the last refit.
+engine keeps the last `window` rounds in a ring buffer and refits the head's map (`fit_map`: Platt scaling
+or STS) on them every `refit_every` rounds; `drift_report` compares the ECE of the current map on the most
+recent rounds with the ECE right after the last refit.
 
 Selecting ℓ from the confidences (the prefix scheduler) does not bias the fit: the events are conditioned
 on the scores, and selection on the scores only changes which scores are seen.

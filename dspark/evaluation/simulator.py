@@ -20,8 +20,8 @@ the step costs verify_ms(B = Σ_r (1 + ℓ_r) tokens, R = C requests) + draft_ms
 profile, `dspark.scheduling.sps`; drafter and target run one after the other), and stream r emits min(accepted_r, ℓ_r) + 1
 tokens. Every policy of one C replays the same round sequence (paired comparison). Confidence policies see
 the confidences as recorded (calibrated when the recording applied a calibration) or, with online
-calibration, the raw head's under the temperatures an `OnlineCalibrator` refits from the replayed outcomes
-as the engine would (SPEC §4.3). Reported per (C, policy):
+calibration, the raw head's under the map an `OnlineCalibrator` refits from the replayed outcomes as the
+engine would (SPEC §4.3). Reported per (C, policy):
 
 * throughput_tok_s — all emitted tokens / simulated time (tokens/s);
 * per_user_tok_s — mean over streams of the stream's tokens / simulated time (tokens/s per user; all
@@ -408,7 +408,7 @@ def _lengths(scheduler, rounds: Rounds, idx: np.ndarray, ids: np.ndarray, limit:
     (and any policy behind a gate or with online calibration) step by step. With a gate, each step it decides
     from earlier rounds whether the drafter runs; if it does, the scheduler picks ℓ and the gate observes the
     round and its outcome. With a calibrator (SPEC §4.3), the scheduler sees the raw confidences under the
-    calibrator's current temperatures, and every step's raw confidences and outcomes feed it, as in
+    calibrator's current map, and every step's raw confidences and outcomes feed it, as in
     `dspark.engine.generation`."""
     steps, count = idx.shape
     full = rounds.verified if limit is None else np.minimum(rounds.verified, limit)
