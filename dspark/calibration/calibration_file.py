@@ -99,16 +99,22 @@ class Calibration:
         return {r.sampling_temperature: r.map for r in self.regimes}
 
 
-def _check_temperatures(temperatures: Any, block_size: int | None, where: str, error: type[Exception]) -> list[float]:
-    if isinstance(temperatures, (str, bytes, dict)):
-        raise error(f"{where}: temperatures must be a list of numbers, got {temperatures!r}")
+def _number_list(values: Any, name: str, where: str, error: type[Exception]) -> list[float]:
+    """A non-empty list of real numbers (no bools, strings or mappings), as floats."""
+    if isinstance(values, (str, bytes, dict)):
+        raise error(f"{where}: {name} must be a list of numbers, got {values!r}")
     try:
-        temps = [float(t) for t in temperatures]
-        numeric = all(not isinstance(t, bool) for t in temperatures)
+        out = [float(v) for v in values]
+        numeric = all(not isinstance(v, bool) for v in values)
     except (TypeError, ValueError):
-        raise error(f"{where}: temperatures must be a list of numbers, got {temperatures!r}") from None
-    if not numeric or not temps:
-        raise error(f"{where}: temperatures must be a non-empty list of numbers, got {temperatures!r}")
+        raise error(f"{where}: {name} must be a list of numbers, got {values!r}") from None
+    if not numeric or not out:
+        raise error(f"{where}: {name} must be a non-empty list of numbers, got {values!r}")
+    return out
+
+
+def _check_temperatures(temperatures: Any, block_size: int | None, where: str, error: type[Exception]) -> list[float]:
+    temps = _number_list(temperatures, "temperatures", where, error)
     bad = [t for t in temps if not (math.isfinite(t) and t > 0)]
     if bad:
         raise error(f"{where}: temperatures must be finite and > 0, found {bad} in {temps}")
@@ -120,14 +126,8 @@ def _check_temperatures(temperatures: Any, block_size: int | None, where: str, e
 def _check_biases(biases: Any, count: int, where: str, error: type[Exception]) -> list[float] | None:
     if biases is None:
         return None
-    if isinstance(biases, (str, bytes, dict)):
-        raise error(f"{where}: biases must be a list of numbers, got {biases!r}")
-    try:
-        values = [float(b) for b in biases]
-        numeric = all(not isinstance(b, bool) for b in biases)
-    except (TypeError, ValueError):
-        raise error(f"{where}: biases must be a list of numbers, got {biases!r}") from None
-    if not numeric or len(values) != count or not all(math.isfinite(b) for b in values):
+    values = _number_list(biases, "biases", where, error)
+    if len(values) != count or not all(math.isfinite(b) for b in values):
         raise error(f"{where}: biases must be {count} finite numbers, got {biases!r}")
     return values
 
