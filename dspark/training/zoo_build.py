@@ -54,7 +54,7 @@ DRAFTER_OVERRIDES = [
 ]
 # Each drafter's markov_rank comes from its preset (0 where there is no Markov head); DSpark's rank is scaled
 # with the width as in the paper (256 for hidden 2560 → 32 for hidden 256). MTP reads the last layer and
-# trains 400 steps: at 1,600 (13 passes over the 1,200 answers) its τ fell from 1.47 to 1.41 at temperature 1
+# trains 400 steps: at 1,600 (10.7 passes over the 1,200 answers) its τ fell from 1.47 to 1.41 at temperature 1
 # and from 1.90 to 1.86 at 0 (docs/benchmarks.md), while every block drafter gained from the longer run.
 DRAFTER_KIND_OVERRIDES = {
     "dspark": ["model.markov_rank=32"], "dspark-rnn": ["model.markov_rank=32"],
