@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Compare the calibration methods (SPEC §4): the paper's STS against per-position Platt scaling.
+
+For each sampling temperature of the `--calibration-traces` (raw-head rounds from `dspark eval --calibration
+none --out DIR`, one temperature per file), both methods are fitted on one half of the prompts and scored on
+the other half (`dspark.calibration.fitting.fit_regime`, as `dspark calibrate` does), then applied to the
+raw head of every `--eval-traces` file recorded at the same temperature (its recorded calibration undone).
+Reported per (temperature, data, method): mean ECE (20 bins) and Brier score of the prefix-survival
+prediction over the γ positions, mean predicted vs observed survival, and the fitted maps.
+
+    .venv/bin/python benchmarks/bench_calibration.py \\
+        --calibration-traces benchmarks/results/calibration_traces_t1.json \\
+        --calibration-traces benchmarks/results/calibration_traces_t0.json \\
+        --eval-traces benchmarks/results/eval_builtin_t1/traces.json \\
+        --eval-traces benchmarks/results/eval_builtin_t0/traces.json --drafter dspark
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+
+from dspark.calibration import METHODS, Rounds, position_metrics  # noqa: E402
+from dspark.calibration.fitting import fit_regime  # noqa: E402
+from dspark.evaluation.simulator import drafter_rounds, load_traces  # noqa: E402
+
+
+def _entry(path: str, label: str | None) -> tuple[str, dict]:
+    traces = load_traces(path)
+    if label is not None:
+        if label not in traces:
+            sys.exit(f"{path}: no drafter {label!r}; it has {', '.join(traces)}")
+        return label, traces[label]
+    name = next((n for n, e in traces.items() if e.get("has_confidences")), None)
+    if name is None:
+        sys.exit(f"{path}: no drafter with confidences")
+    return name, traces[name]
+
+
+def _summary(metrics: dict) -> dict:
+    mean = metrics["mean"]
+    return {"ece": mean["ece"], "brier": mean["brier"], "mean_predicted": mean["mean_predicted"],
+            "mean_observed": mean["mean_observed"], "ece_per_position": [p["ece"] for p in metrics["positions"]]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calibration-traces", action="append", required=True)
+    parser.add_argument("--eval-traces", action="append", default=[])
+    parser.add_argument("--drafter", default=None, help="drafter label in the traces (default: the first with confidences)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "calibration_methods.json"))
+    args = parser.parse_args()
+
+    rows = []
+    for path in args.calibration_traces:
+        name, entry = _entry(path, args.drafter)
+        if entry.get("confidence_temperatures") is not None:
+            sys.exit(f"{path}: recorded with a calibrated head; record with --calibration none")
+        temperature = float(entry["temperature"])
+        gamma = int(entry["block_size"])
+        maps = {}
+        for method in METHODS:
+            regime = fit_regime(entry["datasets"], temperature, gamma, method=method)
+            maps[method] = regime.map
+            if method == METHODS[0]:
+                rows.append({"temperature": temperature, "data": f"{Path(path).name}, held-out half", "method": "raw",
+                             **_summary(regime.ece_before)})
+            rows.append({"temperature": temperature, "data": f"{Path(path).name}, held-out half", "method": method,
+                         **_summary(regime.ece_after), "temperatures": regime.temperatures,
+                         "biases": regime.map.biases.tolist()})
+        for eval_path in args.eval_traces:
+            eval_name, eval_entry = _entry(eval_path, args.drafter or name)
+            if float(eval_entry["temperature"]) != temperature:
+                continue
+            recorded = drafter_rounds(load_traces(eval_path), eval_name, eval_path)
+            raw = Rounds.from_arrays(recorded.raw_confidences(), recorded.verified, recorded.accepted, drop_invalid=True)
+            for method, cmap in (("raw", None), *maps.items()):
+                rows.append({"temperature": temperature, "data": eval_path, "method": method,
+                             **_summary(position_metrics(raw, cmap))})
+    report = {
+        "benchmark": "calibration_methods",
+        "date": dt.date.today().isoformat(),
+        "machine": platform.platform(),
+        "calibration_traces": args.calibration_traces,
+        "eval_traces": args.eval_traces,
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    print("| T | data | method | mean ECE % | Brier | mean predicted / observed |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['temperature']:g} | {r['data']} | {r['method']} | {100 * r['ece']:.2f} | {r['brier']:.4f} | "
+              f"{r['mean_predicted']:.3f} / {r['mean_observed']:.3f} |")
+    print(f"written {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())
