@@ -6,7 +6,9 @@ none --out DIR`, one temperature per file), both methods are fitted on one half 
 the other half (`dspark.calibration.fitting.fit_regime`, as `dspark calibrate` does), then applied to the
 raw head of every `--eval-traces` file recorded at the same temperature (its recorded calibration undone).
 Reported per (temperature, data, method): mean ECE (20 bins) and Brier score of the prefix-survival
-prediction over the γ positions, mean predicted vs observed survival, and the fitted maps.
+prediction over the γ positions, the ECE's noise floor (what a perfectly calibrated head would score on
+that many rounds with those predictions; raw rows of the held-out half have none), mean predicted vs
+observed survival, and the fitted maps.
 
     .venv/bin/python benchmarks/bench_calibration.py \\
         --calibration-traces benchmarks/results/calibration_traces_t1.json \\
@@ -49,8 +51,9 @@ def _entry(path: str, label: str | None) -> tuple[str, dict]:
 
 def _summary(metrics: dict) -> dict:
     mean = metrics["mean"]
-    return {"ece": mean["ece"], "brier": mean["brier"], "mean_predicted": mean["mean_predicted"],
-            "mean_observed": mean["mean_observed"], "ece_per_position": [p["ece"] for p in metrics["positions"]]}
+    return {"ece": mean["ece"], "ece_floor": mean.get("ece_floor"), "brier": mean["brier"],
+            "mean_predicted": mean["mean_predicted"], "mean_observed": mean["mean_observed"],
+            "ece_per_position": [p["ece"] for p in metrics["positions"]]}
 
 
 def main() -> int:
@@ -86,7 +89,7 @@ def main() -> int:
             raw = Rounds.from_arrays(recorded.raw_confidences(), recorded.verified, recorded.accepted, drop_invalid=True)
             for method, cmap in (("raw", None), *maps.items()):
                 rows.append({"temperature": temperature, "data": eval_path, "method": method,
-                             **_summary(position_metrics(raw, cmap))})
+                             **_summary(position_metrics(raw, cmap, noise_floor=True))})
     report = {
         "benchmark": "calibration_methods",
         "date": dt.date.today().isoformat(),
@@ -97,10 +100,11 @@ def main() -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    print("| T | data | method | mean ECE % | Brier | mean predicted / observed |")
-    print("|---|---|---|---|---|---|")
+    print("| T | data | method | mean ECE % | noise floor % | Brier | mean predicted / observed |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['temperature']:g} | {r['data']} | {r['method']} | {100 * r['ece']:.2f} | {r['brier']:.4f} | "
+        floor = "–" if r["ece_floor"] is None else f"{100 * r['ece_floor']:.2f}"
+        print(f"| {r['temperature']:g} | {r['data']} | {r['method']} | {100 * r['ece']:.2f} | {floor} | {r['brier']:.4f} | "
               f"{r['mean_predicted']:.3f} / {r['mean_observed']:.3f} |")
     print(f"written {args.out}")
     return 0

@@ -19,6 +19,7 @@ from dspark.calibration import (
     apply_calibration,
     brier_score,
     calibrate,
+    ece_noise_floor,
     ece_per_position,
     expected_calibration_error,
     fit_map,
@@ -93,6 +94,18 @@ def test_ece_brier_auc_by_hand():
     # positives {0.5, 0.8} vs negatives {0.2, 0.5}: 1 + ½ + 1 + 1 of 4 pairs
     assert roc_auc([0.2, 0.5, 0.5, 0.8], [0, 1, 0, 1]) == pytest.approx(0.875)
     assert roc_auc([0.3, 0.4], [1, 1]) is None and roc_auc([0.3, 0.4], [0, 0]) is None
+
+
+def test_ece_noise_floor_matches_the_binomial_mean_absolute_error():
+    # one bin at p = 0.5: E|mean(p − y)| = E|Binomial(n, ½) − n/2|/n ≈ sqrt(2/π)·sqrt(p(1 − p)/n)
+    n = 400
+    floor = ece_noise_floor(np.full(n, 0.5), draws=4000)
+    assert floor == pytest.approx(np.sqrt(2 / np.pi) * np.sqrt(0.25 / n), rel=0.05)
+    # four times the data halves it; certain predictions have no floor; empty input has none
+    assert ece_noise_floor(np.full(4 * n, 0.5), draws=4000) == pytest.approx(floor / 2, rel=0.08)
+    assert ece_noise_floor([0.0, 1.0, 1.0]) == 0.0 and ece_noise_floor([]) is None
+    # predictions spread over 10 bins have a larger floor than the same N in one bin
+    assert ece_noise_floor(np.linspace(0.3, 0.7, n), draws=4000) > 1.5 * floor
 
 
 def test_auc_matches_pairwise_count_with_ties():

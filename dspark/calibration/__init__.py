@@ -16,6 +16,7 @@ from dspark.calibration.metrics import (
     ConfidenceMap,
     Rounds,
     brier_score,
+    ece_noise_floor,
     ece_per_position,
     expected_calibration_error,
     position_metrics,
@@ -37,7 +38,7 @@ from dspark.calibration.sts import (
 
 __all__ = [
     "DEFAULT_METHOD", "FORMAT", "METHODS", "Calibration", "CalibrationRegime", "ConfidenceMap", "OnlineCalibrator",
-    "Rounds", "STSResult", "apply_calibration", "brier_score", "calibrate", "drafter_identity", "ece_per_position",
+    "Rounds", "STSResult", "apply_calibration", "brier_score", "calibrate", "drafter_identity", "ece_noise_floor", "ece_per_position",
     "expected_calibration_error", "fit_map", "fit_sts",
     "load_calibration", "nearest_regime", "position_metrics", "prefix_survival", "reliability_data", "roc_auc",
     "save_calibration", "split_rounds",

@@ -45,7 +45,11 @@ def fit_regime(per_set: dict, sampling_temperature: float, block_size: int, *, h
 
 
 def _ece(metrics: dict) -> dict:
-    return {"per_position": [p["ece"] for p in metrics["positions"]], "mean": metrics["mean"]["ece"]}
+    """{"per_position", "mean"} ECE, and {"floor_per_position", "floor"} where the metrics have a noise floor."""
+    out = {"per_position": [p["ece"] for p in metrics["positions"]], "mean": metrics["mean"]["ece"]}
+    if "ece_floor" in metrics["mean"]:
+        out.update(floor_per_position=[p["ece_floor"] for p in metrics["positions"]], floor=metrics["mean"]["ece_floor"])
+    return out
 
 
 def fit_and_save(per_temperature: dict[float, dict], drafter: str | Path, block_size: int, out: str | Path, *,
@@ -53,7 +57,7 @@ def fit_and_save(per_temperature: dict[float, dict], drafter: str | Path, block_
     """per_temperature: {sampling temperature: {set name: raw-head round traces}}. Fits one regime per
     sampling temperature (`fit_regime`), writes `out`; returns a summary {"calibration", "drafter", "method",
     "regimes": [{"sampling_temperature", "temperatures", "biases", "ece_before", "ece_after"
-    ({"per_position", "mean"}), "fitted_on"}], and the same keys at the top level for the regime nearest
+    ({"per_position", "mean"}; ece_after also "floor_per_position", "floor": `ece_noise_floor`), "fitted_on"}], and the same keys at the top level for the regime nearest
     temperature 1.0 (the paper's protocol)}."""
     if not per_temperature:
         raise ConfigError("no recorded rounds to calibrate on")

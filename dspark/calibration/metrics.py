@@ -220,6 +220,24 @@ def expected_calibration_error(pred: Any, outcome: Any, bins: int = DEFAULT_BINS
     return float(np.abs(diff).sum() / p.size)
 
 
+def ece_noise_floor(pred: Any, bins: int = DEFAULT_BINS, draws: int = 200, seed: int = 0) -> float | None:
+    """Expected ECE of a perfectly calibrated predictor making the same predictions: the mean ECE of `draws`
+    outcome sets y ~ Bernoulli(pred) (seeded Monte Carlo); None if empty.
+
+    ECE with equal-width bins is biased upward on finite data (each bin's |mean p − mean y| has a sampling
+    error of about sqrt(p(1 − p)/n_b)), so an ECE is only meaningful against this floor; it grows with the
+    number of occupied bins and shrinks as 1/sqrt(N).
+    """
+    p = to_numpy(pred, np.float64).ravel()
+    if p.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    y = rng.random((int(draws), p.size)) < p[None, :]
+    index = bin_index(p, bins)[None, :] + (np.arange(int(draws)) * bins)[:, None]
+    diff = np.bincount(index.ravel(), weights=(p[None, :] - y).ravel(), minlength=int(draws) * bins)
+    return float(np.abs(diff.reshape(int(draws), bins)).sum(axis=1).mean() / p.size)
+
+
 def ece_grid(pred: np.ndarray, outcome: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
     """ECE of every row of pred [G, n] against outcome [n] in one bincount: [G]."""
     g, n = pred.shape
@@ -279,12 +297,15 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
-def position_metrics(rounds: Any, calibration: Any = None, bins: int = DEFAULT_BINS) -> dict:
+def position_metrics(rounds: Any, calibration: Any = None, bins: int = DEFAULT_BINS, *,
+                     noise_floor: bool = False) -> dict:
     """JSON-able metrics of â_k per position and their unweighted means over positions with data.
 
     {"bins", "block_size", "rounds", "positions": [{"position": k, "count", "accepted", "ece", "auc",
     "brier", "mean_predicted", "mean_observed"}], "mean": {"ece", "auc", "brier", "mean_predicted",
-    "mean_observed"}}; undefined values (no data, one class for AUC) are None.
+    "mean_observed"}}; undefined values (no data, one class for AUC) are None. noise_floor: also "ece_floor"
+    (`ece_noise_floor`, the ECE a perfectly calibrated head would show on this many rounds) per position and
+    in the mean.
     """
     r = as_rounds(rounds)
     rows = []
@@ -299,7 +320,9 @@ def position_metrics(rounds: Any, calibration: Any = None, bins: int = DEFAULT_B
             "mean_predicted": float(p.mean()) if p.size else None,
             "mean_observed": float(y.mean()) if p.size else None,
         })
-    keys = ("ece", "auc", "brier", "mean_predicted", "mean_observed")
+        if noise_floor:
+            rows[-1]["ece_floor"] = ece_noise_floor(p, bins)
+    keys = ("ece", "auc", "brier", "mean_predicted", "mean_observed") + (("ece_floor",) if noise_floor else ())
     return {
         "bins": bins,
         "block_size": r.block_size,

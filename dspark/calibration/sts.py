@@ -208,7 +208,7 @@ def split_rounds(rounds: Any, held_out_fraction: float = 0.5, seed: int = 0,
 @dataclass(frozen=True)
 class STSResult:
     """The map fitted on `fit_rounds` rounds; `before`/`after`: `position_metrics` of the raw and calibrated
-    head on the `held_out_rounds` held-out rounds."""
+    head on the `held_out_rounds` held-out rounds (`after` with the ECE noise floor, "ece_floor")."""
 
     calibration: ConfidenceMap
     before: dict
@@ -227,7 +227,8 @@ def calibrate(rounds: Any, *, held_out_fraction: float = 0.5, seed: int = 0, gro
     """Split (`split_rounds`), fit on one part (`fit_map`), report metrics before/after on the other."""
     fit, held = split_rounds(rounds, held_out_fraction, seed, groups)
     cmap = fit_map(fit, method=method, bins=bins, **fit_kwargs)
-    return STSResult(cmap, position_metrics(held, None, bins), position_metrics(held, cmap, bins), len(fit), len(held),
+    return STSResult(cmap, position_metrics(held, None, bins), position_metrics(held, cmap, bins, noise_floor=True),
+                     len(fit), len(held),
                      method)
 
 

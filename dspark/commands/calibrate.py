@@ -14,7 +14,8 @@ position by maximum likelihood, which can move a position's mean across 0.5 wher
 keeps the head's resolution — `dspark.calibration.sts`), and writes a
 versioned calibration file bound to the drafter's weights and block size, with one regime per sampling
 temperature (`dspark.calibration.calibration_file`: a request uses the regime fitted nearest to its own
-temperature). ECE before and after are measured on the held-out prompts only. `dspark eval`, `generate`
+temperature). ECE before and after are measured on the held-out prompts only, next to the ECE's noise floor
+(what a perfectly calibrated head would score on that many rounds, `ece_noise_floor`). `dspark eval`, `generate`
 and the scheduler apply the file when given (`--calibration FILE`); the built-in calibration applies to
 the built-in DSpark drafter by default.
 """
@@ -150,12 +151,15 @@ def run_calibrate(args) -> int:
 
         for regime in summary["regimes"]:
             print(f"sampling temperature {regime['sampling_temperature']:g}")
-            print(f"{'position':>8} {'T':>6} {'bias':>6} {'ECE before %':>13} {'ECE after %':>12}")
+            after = regime["ece_after"]
+            print(f"{'position':>8} {'T':>6} {'bias':>6} {'ECE before %':>13} {'ECE after %':>12} {'floor %':>8}")
             rows = zip(regime["temperatures"], regime["biases"], regime["ece_before"]["per_position"],
-                       regime["ece_after"]["per_position"])
-            for k, (t, bias, b, a) in enumerate(rows, 1):
-                print(f"{k:>8} {t:>6.2f} {bias:>6.2f} {pct(b):>13} {pct(a):>12}")
-            print(f"{'mean':>8} {'':>6} {'':>6} {pct(regime['ece_before']['mean']):>13} {pct(regime['ece_after']['mean']):>12}")
+                       after["per_position"], after["floor_per_position"])
+            for k, (t, bias, b, a, f) in enumerate(rows, 1):
+                print(f"{k:>8} {t:>6.2f} {bias:>6.2f} {pct(b):>13} {pct(a):>12} {pct(f):>8}")
+            print(f"{'mean':>8} {'':>6} {'':>6} {pct(regime['ece_before']['mean']):>13} {pct(after['mean']):>12} "
+                  f"{pct(after['floor']):>8}")
+            print("floor: the ECE a perfectly calibrated head would show on these held-out rounds (finite-sample bias)")
             print(f"held-out rounds: {regime['fitted_on']['held_out_rounds']}")
         print(f"written {args.out}")
     return 0

@@ -10,9 +10,8 @@ $DSPARK_EVAL_DIR or the nearest shared/data/eval); a named set whose file is mis
 skipped. `--out DIR` writes eval.json, table.md, traces.json (per-round drafted / verified / accepted counts and
 confidences, replayed by `dspark calibrate`, `dspark sweep` and `dspark simulate`), with several drafters
 conditional_acceptance.png (paper Fig. 2), and for drafters with a confidence head
-reliability_<drafter>.png (paper Fig. 6). Calibration metrics
-(per position ECE, ROC-AUC, Brier, mean predicted vs observed) are in the JSON whenever the drafter has a
-confidence head.
+reliability_<drafter>.png (paper Fig. 6). Calibration metrics (per position ECE and its noise floor,
+ROC-AUC, Brier, mean predicted vs observed) are in the JSON whenever the drafter has a confidence head.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ def calibration_report(traces: dict, calibration) -> dict:
 
     conf = np.array([[np.nan if v is None else v for v in row] for row in traces["confidences"]], dtype=float)
     rounds = Rounds.from_arrays(conf, traces["verified"], traces["accepted"], drop_invalid=True)
-    out = {"reported": position_metrics(rounds), "calibrated": calibration is not None, "dropped_rounds": rounds.dropped}
+    out = {"reported": position_metrics(rounds, noise_floor=True), "calibrated": calibration is not None, "dropped_rounds": rounds.dropped}
     if calibration is not None:
         raw = apply_calibration(conf, calibration.inverse())
         out["raw"] = position_metrics(Rounds.from_arrays(raw, traces["verified"], traces["accepted"], drop_invalid=True))
