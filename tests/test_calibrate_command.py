@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,6 +54,8 @@ def test_eval_reports_calibration_and_calibrate_fits_from_its_traces(setup, caps
     first = calib["positions"][0]
     assert first["count"] == report["datasets"]["prompts"]["verified_per_position"][0]
     assert 0 <= first["ece"] <= 1 and 0 <= first["brier"] <= 1
+    assert 0 < first["ece_floor"] < 1 and calib["mean"]["ece_floor"] == pytest.approx(
+        np.mean([p["ece_floor"] for p in calib["positions"]]))
     assert (tmp_path / "eval" / "reliability_drafter.png").read_bytes()[:4] == b"\x89PNG"
 
     out = tmp_path / "calibration.json"
@@ -62,6 +65,8 @@ def test_eval_reports_calibration_and_calibrate_fits_from_its_traces(setup, caps
     assert len(temps) == 4 and all(t > 0 for t in temps) and len(biases) == 4 and summary["method"] == "platt"
     assert len(summary["ece_before"]["per_position"]) == 4 and summary["ece_after"]["mean"] is not None
     assert summary["fitted_on"]["held_out_rounds"] > 0
+    after = summary["ece_after"]
+    assert len(after["floor_per_position"]) == 4 and after["floor"] == pytest.approx(np.mean(after["floor_per_position"]))
 
     # Inference applies the file: calibrated c = σ(logit(raw) / T + b), per position.
     raw, calibrated = load_drafter(str(drafter), calibration="none"), load_drafter(str(drafter), calibration=str(out))
