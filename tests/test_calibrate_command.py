@@ -209,3 +209,18 @@ def test_a_calibrator_bound_to_a_sampling_temperature_sees_and_refits_only_that_
     assert temps[1].tolist() == sampled and not biases[1].any()  # the sampled regime is untouched
     plain = generate(runner, [prompts[0]], sampling=samplings[0], max_new_tokens=30, seed=0)
     assert spec.sequences[0].token_ids == plain.sequences[0].token_ids
+
+
+def test_each_request_gets_the_regime_nearest_its_sampling_temperature(setup):
+    """The drafter's batched regime lookup agrees with `nearest_regime` (ties go to the higher temperature)."""
+    from dspark.calibration.calibration_file import nearest_regime
+    from dspark.decoding.sampling import SamplingParams
+
+    drafter = load_drafter(str(setup[1]), calibration="none")
+    points = [0.0, 0.7, 1.0]
+    drafter.set_calibration({t: [1.0 + t + 0.1 * k for k in range(4)] for t in points})
+    wanted = [0.0, 0.2, 0.35, 0.5, 0.85, 0.9, 1.0, 5.0]
+    temps, _ = drafter.calibration_map([SamplingParams(temperature=t) for t in wanted])
+    chosen = [round(float(row[0]) - 1.0, 6) for row in temps]
+    assert chosen == [points[nearest_regime(points, t)] for t in wanted]
+    assert chosen[2] == 0.7  # 0.35 is halfway between 0 and 0.7

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dspark.calibration.metrics import ConfidenceMap
-from dspark.calibration.sts import METHODS
+from dspark.calibration.sts import check_method
 from dspark.errors import CheckpointError
 from dspark.files import write_text_atomically
 
@@ -133,14 +133,17 @@ def _check_biases(biases: Any, count: int, where: str, error: type[Exception]) -
 
 
 def _check_method(method: Any, where: str, error: type[Exception]) -> str:
-    if method not in METHODS:
-        raise error(f"{where}: method must be one of {', '.join(METHODS)}, got {method!r}")
-    return method
+    try:
+        return check_method(method)
+    except ValueError as exc:
+        raise error(f"{where}: {exc}") from None
 
 
-def _check_sampling_temperature(value: Any, where: str, error: type[Exception]) -> float:
+def check_sampling_temperature(value: Any, where: str = "calibration", error: type[Exception] = ValueError,
+                               name: str = "sampling_temperature") -> float:
+    """`value` as a float when it is a real number, finite and ≥ 0 (0 = greedy); else `error` naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise error(f"{where}: sampling_temperature must be a finite number ≥ 0 (0 = greedy), got {value!r}")
+        raise error(f"{where}: {name} must be a finite number ≥ 0 (0 = greedy), got {value!r}")
     return float(value)
 
 
@@ -173,7 +176,7 @@ def save_calibration(path: str | Path, temperatures: Any = None, *, regimes: Seq
         r = regime if isinstance(regime, CalibrationRegime) else CalibrationRegime(**regime)
         temps = _check_temperatures(list(r.temperatures), block_size, str(path), ValueError)
         block_size = len(temps)
-        checked.append(CalibrationRegime(_check_sampling_temperature(r.sampling_temperature, str(path), ValueError),
+        checked.append(CalibrationRegime(check_sampling_temperature(r.sampling_temperature, str(path), ValueError),
                                          temps, dict(r.fitted_on), r.ece_before, r.ece_after,
                                          _check_biases(r.biases, len(temps), str(path), ValueError),
                                          _check_method(r.method, str(path), ValueError)))
@@ -235,7 +238,7 @@ def load_calibration(path: str | Path, drafter_folder: str | Path | None = None,
     for i, entry in enumerate(entries):
         where = str(path) if fmt == FORMAT_V1 else f"{path}: regime {i + 1}"
         temps = _check_temperatures(entry.get("temperatures"), size, where, CheckpointError)
-        point = _check_sampling_temperature(entry.get("sampling_temperature"), where, CheckpointError)
+        point = check_sampling_temperature(entry.get("sampling_temperature"), where, CheckpointError)
         if not isinstance(entry.get("fitted_on", {}), dict):
             raise CheckpointError(f"{where}: 'fitted_on' must be an object")
         regimes.append(CalibrationRegime(point, temps, entry.get("fitted_on", {}), entry.get("ece_before"),

@@ -56,9 +56,9 @@ def fit_and_save(per_temperature: dict[float, dict], drafter: str | Path, block_
                  held_out: float = 0.5, seed: int = 0, method: str = DEFAULT_METHOD) -> dict:
     """per_temperature: {sampling temperature: {set name: raw-head round traces}}. Fits one regime per
     sampling temperature (`fit_regime`), writes `out`; returns a summary {"calibration", "drafter", "method",
-    "regimes": [{"sampling_temperature", "temperatures", "biases", "ece_before", "ece_after"
-    ({"per_position", "mean"}; ece_after also "floor_per_position", "floor": `ece_noise_floor`), "fitted_on"}], and the same keys at the top level for the regime nearest
-    temperature 1.0 (the paper's protocol)}."""
+    "regimes": [{"sampling_temperature", "temperatures", "biases", "ece_before", "ece_after" ({"per_position",
+    "mean"}; ece_after also "floor_per_position", "floor": `ece_noise_floor`), "fitted_on"}], and the same
+    keys at the top level for the regime nearest temperature 1.0 (the paper's protocol)}."""
     if not per_temperature:
         raise ConfigError("no recorded rounds to calibrate on")
     try:

@@ -120,9 +120,9 @@ def as_rounds(rounds: Any) -> Rounds:
     raise TypeError(f"expected Rounds or a (confidences, verified, accepted) triple, got {type(rounds).__name__}")
 
 
-def logits(confidences: np.ndarray) -> np.ndarray:
-    """logit(clamp(c, EPS, 1 − EPS)), NaN kept."""
-    c = np.clip(confidences, EPS, 1.0 - EPS)
+def logits(confidences: np.ndarray, eps: float = EPS) -> np.ndarray:
+    """logit(clamp(c, eps, 1 − eps)), NaN kept."""
+    c = np.clip(confidences, eps, 1.0 - eps)
     return np.log(c) - np.log1p(-c)
 
 
@@ -184,14 +184,14 @@ def as_map(calibration: Any, width: int) -> ConfidenceMap | None:
     return ConfidenceMap.of(check_temperatures(calibration, width))
 
 
-def calibrated_confidences(confidences: np.ndarray, calibration: Any = None) -> np.ndarray:
-    """[N, γ] c'_k = σ(logit(c_k)/T_k + b_k) (paper §3.2.1 with b = 0), clamped to [EPS, 1 − EPS]; calibration:
-    see `as_map` (None = raw c_k)."""
-    cmap = as_map(calibration, confidences.shape[1])
+def calibrated_confidences(confidences: np.ndarray, calibration: Any = None, eps: float = EPS) -> np.ndarray:
+    """[..., m] c'_k = σ(logit(c_k)/T_k + b_k) (paper §3.2.1 with b = 0) of positions k = 1..m, clamped to
+    [eps, 1 − eps], NaN kept; calibration: see `as_map` (None = raw c_k)."""
+    cmap = as_map(calibration, confidences.shape[-1])
     if cmap is None:
-        return np.clip(confidences, EPS, 1.0 - EPS)
-    z = logits(confidences) / cmap.temperatures + cmap.biases
-    return np.clip(1.0 / (1.0 + np.exp(-z)), EPS, 1.0 - EPS)
+        return np.clip(confidences, eps, 1.0 - eps)
+    z = logits(confidences, eps) / cmap.temperatures + cmap.biases
+    return np.clip(1.0 / (1.0 + np.exp(-z)), eps, 1.0 - eps)
 
 
 def prefix_survival(confidences: np.ndarray, calibration: Any = None) -> np.ndarray:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from dspark.calibration.calibration_file import check_sampling_temperature
 from dspark.calibration.metrics import (
     DEFAULT_BINS,
     ConfidenceMap,
@@ -50,11 +51,8 @@ class OnlineCalibrator:
         for name, value in (("block_size", block_size), ("refit_every", refit_every), ("window", window)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if sampling_temperature is not None and not (isinstance(sampling_temperature, (int, float))
-                                                     and not isinstance(sampling_temperature, bool)
-                                                     and np.isfinite(sampling_temperature) and sampling_temperature >= 0):
-            raise ValueError(f"sampling_temperature must be a finite number ≥ 0 or None, got {sampling_temperature!r}")
-        self.sampling_temperature = None if sampling_temperature is None else float(sampling_temperature)
+        self.sampling_temperature = (None if sampling_temperature is None
+                                     else check_sampling_temperature(sampling_temperature, "OnlineCalibrator"))
         self.method = check_method(method)
         self.block_size = int(block_size)
         self.refit_every = int(refit_every)

@@ -35,6 +35,7 @@ from dspark.calibration.metrics import (
     Rounds,
     as_map,
     as_rounds,
+    calibrated_confidences,
     logits,
     position_metrics,
     survival_events,
@@ -64,17 +65,13 @@ def apply_calibration(confidences: Any, calibration: Any, eps: float = EPS) -> A
     if calibration is None:
         return confidences
     if not isinstance(confidences, torch.Tensor):
-        confidences = np.asarray(confidences, dtype=np.float64)
+        return calibrated_confidences(np.asarray(confidences, dtype=np.float64), calibration, eps)
     cmap = as_map(calibration, confidences.shape[-1])
-    if isinstance(confidences, torch.Tensor):
-        work = confidences.float() if confidences.dtype in (torch.bfloat16, torch.float16) else confidences
-        temps = torch.as_tensor(cmap.temperatures).to(device=work.device, dtype=work.dtype)
-        biases = torch.as_tensor(cmap.biases).to(device=work.device, dtype=work.dtype)
-        out = torch.sigmoid(torch.logit(work.clamp(eps, 1.0 - eps)) / temps + biases).clamp(eps, 1.0 - eps)
-        return out.to(confidences.dtype)
-    clamped = np.clip(confidences, eps, 1.0 - eps)
-    z = (np.log(clamped) - np.log1p(-clamped)) / cmap.temperatures + cmap.biases
-    return np.clip(1.0 / (1.0 + np.exp(-z)), eps, 1.0 - eps)
+    work = confidences.float() if confidences.dtype in (torch.bfloat16, torch.float16) else confidences
+    temps = torch.as_tensor(cmap.temperatures).to(device=work.device, dtype=work.dtype)
+    biases = torch.as_tensor(cmap.biases).to(device=work.device, dtype=work.dtype)
+    out = torch.sigmoid(torch.logit(work.clamp(eps, 1.0 - eps)) / temps + biases).clamp(eps, 1.0 - eps)
+    return out.to(confidences.dtype)
 
 
 def _ece_over_temperatures(prefix: np.ndarray, logit: np.ndarray, outcome: np.ndarray, temps: np.ndarray,
@@ -228,8 +225,7 @@ def calibrate(rounds: Any, *, held_out_fraction: float = 0.5, seed: int = 0, gro
     fit, held = split_rounds(rounds, held_out_fraction, seed, groups)
     cmap = fit_map(fit, method=method, bins=bins, **fit_kwargs)
     return STSResult(cmap, position_metrics(held, None, bins), position_metrics(held, cmap, bins, noise_floor=True),
-                     len(fit), len(held),
-                     method)
+                     len(fit), len(held), method)
 
 
 __all__ = [

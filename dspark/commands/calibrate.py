@@ -23,9 +23,9 @@ the built-in DSpark drafter by default.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
+from dspark.calibration.calibration_file import check_sampling_temperature
 from dspark.cli import add_runtime_args, print_json
 from dspark.errors import ConfigError
 
@@ -66,9 +66,7 @@ def parse_sampling_temperatures(text: str | None) -> list[float]:
             value = float(part)
         except ValueError:
             raise ConfigError(f"--sampling-temperatures: {part.strip()!r} is not a number") from None
-        if not math.isfinite(value) or value < 0:
-            raise ConfigError(f"--sampling-temperatures: {value} must be a finite number ≥ 0 (0 = greedy)")
-        values.append(value)
+        values.append(check_sampling_temperature(value, "--sampling-temperatures", ConfigError, name=part.strip()))
     if len(set(values)) != len(values):
         raise ConfigError(f"--sampling-temperatures: {text!r} repeats a temperature")
     return values
@@ -111,12 +109,11 @@ def read_traces(paths: list[str], drafter: str) -> dict[float, dict]:
             raise ConfigError(f"--traces {path}: no rounds of drafter {drafter}")
         if entry.get("confidence_temperatures") is not None:
             raise ConfigError(f"--traces {path}: recorded with a calibrated head; rerun eval with --calibration none")
-        temperature = entry.get("temperature")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-            raise ConfigError(f"--traces {path}: no sampling temperature recorded (got {temperature!r})")
-        if float(temperature) in out:
-            raise ConfigError(f"--traces {path}: a second traces file at sampling temperature {temperature}")
-        out[float(temperature)] = entry["datasets"]
+        temperature = check_sampling_temperature(entry.get("temperature"), f"--traces {path}", ConfigError,
+                                                 name="the recorded sampling temperature")
+        if temperature in out:
+            raise ConfigError(f"--traces {path}: a second traces file at sampling temperature {temperature:g}")
+        out[temperature] = entry["datasets"]
     return out
 
 

@@ -72,13 +72,9 @@ def make_scheduling(args, drafter, sampling):
             raise RequestError("--online-calibration needs N ≥ 1 and a drafter with a confidence head")
         from dspark.calibration.online import OnlineCalibrator
 
-        from dspark.calibration.metrics import ConfidenceMap
-
-        cmap = drafter.calibration_map([sampling])
         calibrator = OnlineCalibrator(drafter.max_draft_tokens, refit_every=args.online_calibration,
                                       window=max(4 * args.online_calibration, 256), min_count=10,
-                                      initial=None if cmap is None else ConfidenceMap.of(cmap[0][0].cpu(), cmap[1][0].cpu()),
-                                      sampling_temperature=sampling.temperature)
+                                      initial=drafter.calibration_for(sampling), sampling_temperature=sampling.temperature)
     gate = None
     if args.draft_gate:
         if not drafter.provides_confidence:

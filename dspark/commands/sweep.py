@@ -59,8 +59,9 @@ def obtain_traces(args, command: str, drafters: tuple[str, ...]) -> tuple[dict, 
     for name, value in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens)):
         if value < 1:
             raise ConfigError(f"{name} must be ≥ 1, got {value}")
-    if not (args.temperature >= 0 and args.temperature != float("inf")):
-        raise ConfigError(f"--temperature must be a finite number ≥ 0, got {args.temperature}")
+    from dspark.calibration.calibration_file import check_sampling_temperature
+
+    check_sampling_temperature(args.temperature, "dspark " + command, ConfigError, name="--temperature")
     sets = [s.strip() for s in args.datasets.split(",") if s.strip()]
     how = (f"the built-in target and drafter(s) {', '.join(drafters)} on {', '.join(sets)} "
            f"(--limit {args.limit}, temperature {args.temperature:g}, {args.max_new_tokens} new tokens)")

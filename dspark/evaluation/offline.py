@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from dspark.calibration.metrics import ConfidenceMap
 from dspark.decoding.sampling import SamplingParams
 from dspark.engine.generation import generate
 from dspark.engine.stats import RoundRecord, SpecStats
@@ -120,8 +119,7 @@ def evaluate_drafter(
     label = drafter_label(drafter_spec)
     sampling = SamplingParams(temperature=settings.temperature)
     # The calibration regime for this sampling temperature (calibration_file), as applied to every round.
-    applied = drafter.calibration_map([sampling])
-    calibration = None if applied is None else ConfidenceMap.of(applied[0][0].cpu(), applied[1][0].cpu())
+    calibration = drafter.calibration_for(sampling)
     total = sum(len(s.samples) for s in prompt_sets)
     bar = tqdm(total=total, disable=not progress, desc=f"eval {label}", unit="prompt")
     datasets, traces = {}, {}

@@ -79,5 +79,12 @@ class Drafter(ABC):
         drafter reports none."""
         return None
 
+    def calibration_for(self, sampling: SamplingParams):
+        """The `ConfidenceMap` [γ] applied to a request sampled with `sampling` (None: raw head or none)."""
+        from dspark.calibration.metrics import ConfidenceMap
+
+        applied = self.calibration_map([sampling])
+        return None if applied is None else ConfidenceMap.of(applied[0][0].cpu(), applied[1][0].cpu())
+
     def release(self, seq_id: int) -> None:
         """Forget a finished sequence's state."""

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dspark.calibration.calibration_file import nearest_regime
+from dspark.calibration.calibration_file import check_sampling_temperature
 from dspark.calibration.metrics import ConfidenceMap
 from dspark.decoding.sampling import SamplingParams, logits_to_probs, sample
 from dspark.errors import RequestError
@@ -278,7 +278,7 @@ class DSparkDrafter(Drafter):
         self.provides_confidence = model.confidence_head is not None
         # Confidence calibration (SPEC §4.2) per sampling regime: ascending sampling temperatures [G], and
         # temperatures / biases [G, γ]; None = the raw head.
-        self._calibration_points: list[float] = []
+        self._calibration_points = torch.empty(0, dtype=torch.float64)
         self._calibration: tuple[torch.Tensor, torch.Tensor] | None = None
         param = model.fc.weight
         c = cfg.layers
@@ -302,7 +302,7 @@ class DSparkDrafter(Drafter):
         if calibration is None:
             if sampling_temperature is not None:
                 raise RequestError(f"drafter '{self.name}': a regime cannot be removed on its own")
-            self._calibration_points, self._calibration = [], None
+            self._calibration_points, self._calibration = torch.empty(0, dtype=torch.float64), None
             return
         if isinstance(calibration, dict):
             regimes = {float(t): v for t, v in calibration.items()}
@@ -313,15 +313,14 @@ class DSparkDrafter(Drafter):
             if self._calibration is not None:
                 temps, biases = self._calibration
                 regimes = {t: ConfidenceMap.of(temps[i].cpu().numpy(), biases[i].cpu().numpy())
-                           for i, t in enumerate(self._calibration_points)}
+                           for i, t in enumerate(self._calibration_points.tolist())}
             regimes[float(sampling_temperature)] = calibration
         if not regimes:
             raise RequestError(f"drafter '{self.name}': no calibration regime given")
         points = sorted(regimes)
         maps = []
         for point in points:
-            if not (point >= 0 and point != float("inf")):
-                raise RequestError(f"drafter '{self.name}': sampling temperature {point} of a calibration regime must be ≥ 0")
+            check_sampling_temperature(point, f"drafter '{self.name}': calibration regime", RequestError)
             value = regimes[point]
             try:
                 cmap = value if isinstance(value, ConfidenceMap) else ConfidenceMap.of(value)
@@ -332,7 +331,7 @@ class DSparkDrafter(Drafter):
                                    f"got {cmap.temperatures.tolist()}")
             maps.append(cmap)
         device = self.model.fc.weight.device
-        self._calibration_points = points
+        self._calibration_points = torch.tensor(points, dtype=torch.float64)
         self._calibration = (torch.tensor(np.stack([m.temperatures for m in maps]), dtype=torch.float32, device=device),
                              torch.tensor(np.stack([m.biases for m in maps]), dtype=torch.float32, device=device))
 
@@ -341,10 +340,14 @@ class DSparkDrafter(Drafter):
         if self._calibration is None:
             return None
         temps, biases = self._calibration
-        if len(self._calibration_points) == 1:
+        if self._calibration_points.numel() == 1:
             return temps.expand(len(samplings), -1), biases.expand(len(samplings), -1)
-        index = torch.tensor([nearest_regime(self._calibration_points, s.temperature) for s in samplings],
-                             device=temps.device)
+        # nearest fitted sampling temperature, ties to the higher one (`calibration_file.nearest_regime`):
+        # the points ascend, so the first minimum of the reversed distances
+        wanted = torch.tensor([s.temperature for s in samplings], dtype=torch.float64)
+        distance = (wanted[:, None] - self._calibration_points[None, :]).abs()
+        index = self._calibration_points.numel() - 1 - torch.argmin(distance.flip(1), dim=1)
+        index = index.to(temps.device)
         return temps[index], biases[index]
 
     @torch.inference_mode()
