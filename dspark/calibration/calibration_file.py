@@ -41,6 +41,7 @@ FORMAT_V1 = "dspark-calibration-v1"
 _FORMAT_PREFIX = "dspark-calibration-v"
 _IDENTITY_KEYS = ("config_sha256", "weights_sha256")
 PAPER_SAMPLING_TEMPERATURE = 1.0  # the regime of a version-1 file and of a bare list of temperatures
+DEFAULT_SAMPLING_TEMPERATURES = (1.0, 0.0)  # regimes `dspark calibrate` and the zoo fit: the paper's, and greedy
 
 
 def drafter_identity(folder: str | Path) -> dict[str, str]:

@@ -25,11 +25,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dspark.calibration.calibration_file import check_sampling_temperature
+from dspark.calibration.calibration_file import DEFAULT_SAMPLING_TEMPERATURES, check_sampling_temperature
 from dspark.cli import add_runtime_args, print_json
 from dspark.errors import ConfigError
-
-DEFAULT_SAMPLING_TEMPERATURES = (1.0, 0.0)
 
 
 def register(sub) -> None:

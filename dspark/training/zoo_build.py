@@ -45,7 +45,6 @@ REGEN_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
 REGEN_SEED = 0
 CALIBRATION_PROMPTS = 600
 CALIBRATION_MAX_NEW_TOKENS = 64
-CALIBRATION_SAMPLING_TEMPERATURES = (1.0, 0.0)  # the paper's protocol, and greedy serving (calibration_file)
 DRAFTER_PRESETS = {"dspark": "dspark", "dspark-rnn": "dspark-rnn", "dflash": "dflash", "eagle3": "eagle3", "mtp": "mtp"}
 DRAFTER_OVERRIDES = [
     "model.draft_layers=1", "model.block_size=7", "model.target_layer_ids=[1,5,9]", "data.max_length=512",
@@ -192,8 +191,9 @@ def to_bfloat16(folder: Path) -> None:
 
 
 def calibrate_drafter(work: Path, target: Path, drafter: Path, *, device: str, progress: bool) -> Path:
-    """Fit STS for `drafter` on unused training-pool prompts (raw head, verify-all), one regime per
-    sampling temperature of CALIBRATION_SAMPLING_TEMPERATURES."""
+    """Fit the confidence calibration of `drafter` on unused training-pool prompts (raw head, verify-all), one
+    regime per sampling temperature of DEFAULT_SAMPLING_TEMPERATURES."""
+    from dspark.calibration.calibration_file import DEFAULT_SAMPLING_TEMPERATURES
     from dspark.calibration.fitting import fit_and_save
     from dspark.evaluation.datasets import load_set
     from dspark.evaluation.offline import EvalSettings, evaluate
@@ -207,7 +207,7 @@ def calibrate_drafter(work: Path, target: Path, drafter: Path, *, device: str, p
     prompts.write_text("\n".join(lines[REGEN_PROMPTS:REGEN_PROMPTS + CALIBRATION_PROMPTS]) + "\n")
     prompt_set = load_set("calibration", "corpus", prompts, limit=None, seed=0)
     per_temperature, block_size = {}, None
-    for temperature in CALIBRATION_SAMPLING_TEMPERATURES:
+    for temperature in DEFAULT_SAMPLING_TEMPERATURES:
         settings = EvalSettings(temperature=temperature, max_new_tokens=CALIBRATION_MAX_NEW_TOKENS, seed=0, batch_size=16)
         _, traces = evaluate(str(target), [str(drafter)], [prompt_set], settings, device=device, progress=progress,
                              calibration="none")
