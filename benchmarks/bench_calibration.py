@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without `pip in
 
 from dspark.calibration import METHODS, Rounds, position_metrics  # noqa: E402
 from dspark.calibration.fitting import fit_regime  # noqa: E402
-from dspark.evaluation.simulator import drafter_rounds, load_traces  # noqa: E402
+from dspark.evaluation.traces import drafter_rounds, load_traces  # noqa: E402
 
 
 def _entry(path: str, label: str | None) -> tuple[str, dict]:
@@ -69,11 +69,11 @@ def main() -> int:
         name, entry = _entry(path, args.drafter)
         if entry.get("confidence_temperatures") is not None:
             sys.exit(f"{path}: recorded with a calibrated head; record with --calibration none")
-        temperature = float(entry["temperature"])
-        gamma = int(entry["block_size"])
+        recorded = drafter_rounds({name: entry}, name, path)
+        temperature = recorded.sampling_temperature
         maps = {}
         for method in METHODS:
-            regime = fit_regime(entry["datasets"], temperature, gamma, method=method)
+            regime = fit_regime(recorded, temperature, method=method)
             maps[method] = regime.map
             if method == METHODS[0]:
                 rows.append({"temperature": temperature, "data": f"{Path(path).name}, held-out half", "method": "raw",

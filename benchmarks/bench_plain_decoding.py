@@ -44,7 +44,8 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without `pip in
 
 from dspark.engine.generation import generate  # noqa: E402
 from dspark.models.random_init import PRESETS, build_random_model  # noqa: E402
-from dspark.models.target_runner import DTYPES, TargetRunner  # noqa: E402
+from dspark.devices import DTYPES  # noqa: E402
+from dspark.models.target_runner import TargetRunner  # noqa: E402
 
 # Named size configurations: a preset plus config.json overrides.
 CONFIGS: dict[str, tuple[str, dict]] = {

@@ -19,7 +19,9 @@
 
 Every --model/--target/--drafter falls back to the built-in model (dspark.models.zoo) when omitted.
 
-Input errors print one line naming the problem and exit with status 2.
+Input errors print one line naming the problem and exit with status 2: argparse's own checks, and every
+`DSparkError` a command raises (its message folded onto one line). `--device` (default auto: CUDA when
+available, else CPU) is resolved by `dspark.devices.resolve_device` before the command starts.
 """
 
 from __future__ import annotations
@@ -36,16 +38,40 @@ from dspark.errors import DSparkError
 COMMAND_MODULES = ("generate", "demo", "eval", "calibrate", "sweep", "simulate", "profile", "train", "pretrain", "data", "zoo")
 
 
+MAX_SEED = 2**63 - 1  # seeds feed torch, numpy and Python generators: a non-negative signed 64-bit integer
+
+
+def seed_value(text: str) -> int:
+    """argparse type of every --seed: an integer in [0, 2⁶³ − 1]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2^63 - 1], got {text}")
+    return value
+
+
+def add_seed_arg(parser: argparse.ArgumentParser, default: int = 0, help: str | None = None) -> None:
+    parser.add_argument("--seed", type=seed_value, default=default, help=help)
+
+
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    add_seed_arg(parser)
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    from dspark.devices import DEVICE_HELP
+
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
 def add_runtime_args(parser: argparse.ArgumentParser, default_threads: int | None = None) -> None:
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    add_device_arg(parser)
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")
     parser.add_argument("--threads", type=int, default=default_threads,
                         help="CPU intra-op threads (default: PyTorch's); small models often run faster on 1")
@@ -71,15 +97,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def apply_device(args) -> None:
+    """--device → the resolved device name ("cpu", "cuda:N"), or a ConfigError before any work."""
+    if getattr(args, "device", None) is not None:
+        from dspark.devices import resolve_device
+
+        args.device = str(resolve_device(args.device, "--device"))
+
+
+def one_line(message: str) -> str:
+    """A message folded onto one line (YAML and library errors span several)."""
+    return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
         apply_threads(args)
+        apply_device(args)
         return args.handler(args)
     except DSparkError as exc:
-        print(f"dspark {args.command}: error: {exc}", file=sys.stderr)
+        print(f"dspark {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dspark {args.command}: interrupted", file=sys.stderr)

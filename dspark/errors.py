@@ -24,3 +24,7 @@ class RequestError(DSparkError):
 
 class CacheCapacityError(DSparkError):
     """The paged KV cache has no free block left for a sequence."""
+
+
+class NumericalError(DSparkError):
+    """A model produced non-finite values (NaN or inf) at run time; nothing computed from them is emitted."""

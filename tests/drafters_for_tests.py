@@ -158,3 +158,18 @@ class OracleDrafter(Drafter):
         for row, d in enumerate(drafts):
             tokens[row, : len(d)] = torch.tensor(d, dtype=torch.long)
         return DraftProposal(tokens=tokens, lengths=torch.tensor([len(d) for d in drafts], dtype=torch.long))
+
+
+def save_dspark_folder(target_dir, out, *, seed: int = 1, block_size: int = 3, target_layer_ids=(0, 1),
+                       markov_rank: int = 8, std: float = 0.3):
+    """A random DSpark drafter folder (one draft layer, Markov and confidence heads) for the target at
+    `target_dir`, saved to `out`; returns the folder."""
+    from dspark.models.drafters.dspark import dspark_config_for_target, init_from_target
+    from dspark.models.target_runner import TargetRunner
+
+    runner = TargetRunner.from_pretrained(target_dir, dtype="float32")
+    config = dspark_config_for_target(
+        runner.hf_config, target_layer_ids=tuple(target_layer_ids), mask_token_id=runner.config.vocab_size - 1,
+        num_draft_layers=1, block_size=block_size, markov_rank=markov_rank, enable_confidence_head=True,
+    )
+    return init_from_target(config, runner.model, seed=seed, std=std).save_pretrained(out)

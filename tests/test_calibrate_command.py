@@ -11,18 +11,14 @@ import torch
 
 from dspark.cli import main
 from dspark.models.drafters import load_drafter
-from dspark.models.drafters.dspark import dspark_config_for_target, init_from_target
 from dspark.models.random_init import build_random_model
 from dspark.models.target_runner import TargetRunner
 
+from drafters_for_tests import save_dspark_folder
+
 
 def make_dspark_folder(target_dir, out, seed):
-    runner = TargetRunner.from_pretrained(target_dir, dtype="float32")
-    config = dspark_config_for_target(
-        runner.hf_config, target_layer_ids=(0, 2), mask_token_id=runner.config.vocab_size - 1, num_draft_layers=1,
-        block_size=4, markov_rank=16, enable_confidence_head=True,
-    )
-    return init_from_target(config, runner.model, seed=seed, std=0.3).save_pretrained(out)
+    return save_dspark_folder(target_dir, out, seed=seed, block_size=4, target_layer_ids=(0, 2), markov_rank=16)
 
 
 @pytest.fixture(scope="module")

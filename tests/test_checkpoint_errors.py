@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dspark.config import apply_overrides, from_dict, load_yaml, to_dict
-from dspark.errors import CheckpointError, ConfigError, DSparkError, RequestError, UnsupportedModelError
+from dspark.errors import CheckpointError, ConfigError, DSparkError, UnsupportedModelError
 from dspark.models.random_init import build_random_model
 from dspark.models.target_runner import TargetRunner
 
@@ -282,7 +282,7 @@ def test_half_precision_file_loads_as_float32(model_dir, pristine):
 
 
 def test_unknown_dtype_is_rejected(model_dir):
-    with pytest.raises(RequestError, match="float8"):
+    with pytest.raises(ConfigError, match="float8"):
         TargetRunner.from_pretrained(model_dir, dtype="float8")
 
 

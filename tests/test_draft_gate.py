@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dspark.evaluation.simulator import drafter_rounds, parse_policies, simulate
+from dspark.evaluation.simulator import parse_policies, simulate
+from dspark.evaluation.traces import drafter_rounds
 from dspark.scheduling import DraftGate, SPSProfile
 
 GAMMA = 5

@@ -14,16 +14,15 @@ import torch
 from dspark.calibration import ConfidenceMap, Rounds, position_metrics
 from dspark.cli import main
 from dspark.evaluation.simulator import (
-    drafter_rounds,
     goals,
     matched_ratios,
     parse_policies,
     plot_budget,
     plot_frontier,
     replay,
-    select_mtp,
     simulate,
 )
+from dspark.evaluation.traces import drafter_rounds, select_mtp
 from dspark.scheduling import FixedLength, SPSProfile, VerifyAll
 
 GAMMA = 5
@@ -202,14 +201,33 @@ def test_cli_simulate_writes_json_plots_and_goals(files, tmp_path, capsys):
     assert code == 0, captured.err
     report = json.loads(captured.out)
     assert report["traces"]["mtp_drafter"] == "mtp" and report["goals"]["available"]
-    assert "extrapolated" not in " ".join(report["notes"])
+    assert report["warnings"] == []
     for name in ("simulate.json", "throughput_vs_per_user.png", "budget_vs_concurrency.png"):
         assert (out / name).stat().st_size > 0
-    code = main(["simulate", "--traces", str(traces), "--profile", str(profile), "--concurrency", "1,512",
-                 "--steps", "5", "--min-rounds", "0", "--policies", "plain,causal-greedy"])
+
+
+def test_cli_simulate_never_extrapolates_the_profile_silently(files, capsys):
+    """The profile measures up to 256 requests: 512 is dropped with a warning (stderr and JSON), or kept and
+    marked as extrapolated with --extrapolate; nothing left to simulate is an error."""
+    traces, profile = files
+    base = ["simulate", "--traces", str(traces), "--profile", str(profile), "--steps", "5", "--min-rounds", "0",
+            "--policies", "plain,causal-greedy", "--json"]
+    code = main(base + ["--concurrency", "1,512"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "CG tok/s/user" in captured.out and "extrapolated" in captured.out
+    report = json.loads(captured.out)
+    assert [p["concurrency"] for p in report["policies"]["plain"]] == [1]
+    assert "512" in captured.err.splitlines()[-1] and "dropped" in captured.err
+    assert len(report["warnings"]) == 1 and "dropped" in report["warnings"][0]
+    code = main(base + ["--concurrency", "1,512", "--extrapolate"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    assert [p["concurrency"] for p in report["policies"]["plain"]] == [1, 512]
+    assert "extrapolated" in report["warnings"][0] and "extrapolated" in captured.err
+    code = main(base + ["--concurrency", "512,1024"])
+    captured = capsys.readouterr()
+    assert code == 2 and "--concurrency" in captured.err.splitlines()[-1] and "Traceback" not in captured.err
 
 
 @pytest.mark.parametrize("case, message", [

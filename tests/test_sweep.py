@@ -12,7 +12,7 @@ import pytest
 
 from dspark.cli import main
 from dspark.errors import ConfigError
-from dspark.evaluation.simulator import drafter_rounds
+from dspark.evaluation.traces import drafter_rounds
 from dspark.evaluation.sweep import parse_thresholds, plot_sweep, sweep
 
 GAMMA = 4

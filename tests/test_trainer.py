@@ -133,6 +133,7 @@ def write_yaml(path, target_dir, data_path):
         f"data:\n  train: {data_path}\n  num_anchors: 6\n"
         "optim:\n  lr: 0.003\n"
         "train:\n  batch_size: 4\n  micro_batch_size: 1\n  max_steps: 2\n  checkpoint_every: 2\n  progress: false\n"
+        "  device: cpu\n"  # gloo processes (the default, auto, would pick CUDA where there is one)
     )
 
 

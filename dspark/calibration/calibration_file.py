@@ -19,13 +19,15 @@ JSON, format "dspark-calibration-v2":
 Version 1 files (one top-level "temperatures" list, always fitted at temperature 1.0 by `dspark calibrate`)
 are read as a file with that one regime. Written atomically (temporary sibling file, then os.replace).
 Loading checks the format, the drafter's identity (both hashes; the name is informative), the block size,
-and that every T_k is finite and > 0 and every sampling temperature finite, ≥ 0 and distinct.
+and that every T_k is finite and > 0 and every sampling temperature finite, ≥ 0 and distinct (numbers
+must be JSON numbers: "1.0" or true is refused).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -101,17 +103,11 @@ class Calibration:
 
 
 def _number_list(values: Any, name: str, where: str, error: type[Exception]) -> list[float]:
-    """A non-empty list of real numbers (no bools, strings or mappings), as floats."""
-    if isinstance(values, (str, bytes, dict)):
-        raise error(f"{where}: {name} must be a list of numbers, got {values!r}")
-    try:
-        out = [float(v) for v in values]
-        numeric = all(not isinstance(v, bool) for v in values)
-    except (TypeError, ValueError):
-        raise error(f"{where}: {name} must be a list of numbers, got {values!r}") from None
-    if not numeric or not out:
+    """A non-empty list of real numbers (JSON numbers: no bools, strings or mappings), as floats."""
+    items = list(values) if hasattr(values, "__iter__") and not isinstance(values, (str, bytes, dict)) else []
+    if not items or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items):
         raise error(f"{where}: {name} must be a non-empty list of numbers, got {values!r}")
-    return out
+    return [float(v) for v in items]
 
 
 def _check_temperatures(temperatures: Any, block_size: int | None, where: str, error: type[Exception]) -> list[float]:
@@ -143,7 +139,7 @@ def _check_method(method: Any, where: str, error: type[Exception]) -> str:
 def check_sampling_temperature(value: Any, where: str = "calibration", error: type[Exception] = ValueError,
                                name: str = "sampling_temperature") -> float:
     """`value` as a float when it is a real number, finite and ≥ 0 (0 = greedy); else `error` naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
         raise error(f"{where}: {name} must be a finite number ≥ 0 (0 = greedy), got {value!r}")
     return float(value)
 

@@ -4,8 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from dspark.calibration.calibration_file import (
     PAPER_SAMPLING_TEMPERATURE,
@@ -17,29 +16,25 @@ from dspark.calibration.metrics import Rounds, valid_round_mask
 from dspark.calibration.sts import DEFAULT_METHOD, calibrate, check_method
 from dspark.errors import ConfigError
 
+if TYPE_CHECKING:  # recorded rounds come from dspark.evaluation.traces; calibration does not import evaluation
+    from dspark.evaluation.traces import RecordedRounds
 
-def fit_regime(per_set: dict, sampling_temperature: float, block_size: int, *, held_out: float = 0.5,
+
+def fit_regime(recorded: "RecordedRounds", sampling_temperature: float, *, held_out: float = 0.5,
                seed: int = 0, method: str = DEFAULT_METHOD) -> CalibrationRegime:
-    """per_set: {set name: round traces} as `dspark.evaluation.offline.round_arrays` makes them, of the raw
-    head, recorded at `sampling_temperature`. Splits by prompt, fits the map (`method`: "sts" or "platt")
-    on one part, measures the metrics before/after on the other."""
-    from dspark.evaluation.offline import merge_traces
-
-    merged = merge_traces(per_set.values())
-    conf = np.full((len(merged["confidences"]), block_size), np.nan)
-    for i, row in enumerate(merged["confidences"]):
-        values = [np.nan if v is None else v for v in (row or [])[:block_size]]
-        conf[i, :len(values)] = values
-    verified, accepted = np.asarray(merged["verified"], dtype=np.int64), np.asarray(merged["accepted"], dtype=np.int64)
-    keep = valid_round_mask(conf, verified, accepted)  # a NaN / out-of-range confidence drops its round
+    """recorded: a drafter's validated rounds (`dspark.evaluation.traces.drafter_rounds`) of the raw head,
+    recorded at `sampling_temperature`. Splits by prompt, fits the map (`method`: "sts" or "platt") on one
+    part, measures the metrics before/after on the other."""
+    conf, verified, accepted = recorded.confidences, recorded.verified, recorded.accepted
+    keep = valid_round_mask(conf, verified, accepted)  # a NaN confidence on a verified slot drops its round
     rounds = Rounds(conf[keep], verified[keep], accepted[keep], dropped=int((~keep).sum()))
     if len(rounds) < 20:
         raise ConfigError(f"sampling temperature {sampling_temperature}: only {len(rounds)} usable verification rounds; "
                           "use more prompts (--limit, --datasets)")
-    groups = np.asarray(merged["sample"])[keep]  # split by prompt: held-out prompts never inform the fit
+    groups = recorded.prompt[keep]  # split by prompt: held-out prompts never inform the fit
     result = calibrate(rounds, held_out_fraction=held_out, seed=seed, groups=groups, method=method)
     fitted_on = {"rounds": result.fit_rounds, "held_out_rounds": result.held_out_rounds,
-                 "datasets": sorted(per_set), "dropped_rounds": rounds.dropped}
+                 "datasets": sorted(recorded.sets), "dropped_rounds": rounds.dropped}
     temps, biases = result.calibration.to_lists()
     return CalibrationRegime(float(sampling_temperature), temps, fitted_on, result.before, result.after, biases, method)
 
@@ -52,9 +47,9 @@ def _ece(metrics: dict) -> dict:
     return out
 
 
-def fit_and_save(per_temperature: dict[float, dict], drafter: str | Path, block_size: int, out: str | Path, *,
+def fit_and_save(per_temperature: "dict[float, RecordedRounds]", drafter: str | Path, block_size: int, out: str | Path, *,
                  held_out: float = 0.5, seed: int = 0, method: str = DEFAULT_METHOD) -> dict:
-    """per_temperature: {sampling temperature: {set name: raw-head round traces}}. Fits one regime per
+    """per_temperature: {sampling temperature: the raw head's recorded rounds}. Fits one regime per
     sampling temperature (`fit_regime`), writes `out`; returns a summary {"calibration", "drafter", "method",
     "regimes": [{"sampling_temperature", "temperatures", "biases", "ece_before", "ece_after" ({"per_position",
     "mean"}; ece_after also "floor_per_position", "floor": `ece_noise_floor`), "fitted_on"}], and the same
@@ -65,8 +60,12 @@ def fit_and_save(per_temperature: dict[float, dict], drafter: str | Path, block_
         check_method(method)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    regimes = [fit_regime(per_set, t, block_size, held_out=held_out, seed=seed, method=method)
-               for t, per_set in sorted(per_temperature.items())]
+    for t, recorded in per_temperature.items():
+        if recorded.block_size != block_size:
+            raise ConfigError(f"rounds of {recorded.label!r} at sampling temperature {t:g} have block size "
+                              f"{recorded.block_size}; the drafter's is {block_size}")
+    regimes = [fit_regime(recorded, t, held_out=held_out, seed=seed, method=method)
+               for t, recorded in sorted(per_temperature.items())]
     save_calibration(out, regimes=regimes, drafter_folder=drafter, block_size=block_size)
     rows = [{"sampling_temperature": r.sampling_temperature, "temperatures": r.temperatures, "biases": r.biases,
              "ece_before": _ece(r.ece_before), "ece_after": _ece(r.ece_after), "fitted_on": r.fitted_on}

@@ -22,12 +22,12 @@ the built-in DSpark drafter by default.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dspark.calibration.calibration_file import DEFAULT_SAMPLING_TEMPERATURES, check_sampling_temperature
-from dspark.cli import add_runtime_args, print_json
+from dspark.cli import add_runtime_args, add_seed_arg, print_json
 from dspark.errors import ConfigError
+from dspark.files import check_output_file
 
 
 def register(sub) -> None:
@@ -47,7 +47,7 @@ def register(sub) -> None:
     p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
                    help="sts: the paper's per-position temperatures (ECE grid); platt: temperature and logit bias per position (likelihood)")
     p.add_argument("--held-out", type=float, default=0.5, help="share of prompts kept out of fitting, for ECE after")
-    p.add_argument("--seed", type=int, default=0)
+    add_seed_arg(p)
     p.add_argument("--out", default="calibration.json", help="calibration file to write")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -70,10 +70,11 @@ def parse_sampling_temperatures(text: str | None) -> list[float]:
     return values
 
 
-def record_traces(args, drafter: str, temperature: float) -> dict:
-    """Raw-head rounds of `drafter` on the chosen sets at sampling `temperature` ({set: round_arrays})."""
+def record_traces(args, drafter: str, temperature: float):
+    """Raw-head rounds (`RecordedRounds`) of `drafter` on the chosen sets at sampling `temperature`."""
     from dspark.evaluation.datasets import DEFAULT_SETS, default_data_dir, load_set, resolve_set
     from dspark.evaluation.offline import EvalSettings, evaluate
+    from dspark.evaluation.traces import drafter_rounds
     from dspark.models.zoo import resolve_target
 
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
@@ -88,30 +89,29 @@ def record_traces(args, drafter: str, temperature: float) -> dict:
     settings = EvalSettings(temperature=temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
     _, traces = evaluate(resolve_target(args.target), [drafter], sets, settings, device=args.device, dtype=args.dtype,
                          progress=not args.no_progress, calibration="none")
-    return next(iter(traces.values()))["datasets"]
+    return drafter_rounds(traces, next(iter(traces)), "recorded traces")
 
 
-def read_traces(paths: list[str], drafter: str) -> dict[float, dict]:
-    """{sampling temperature: {set: round_arrays}} of `drafter`'s raw-head rounds in `dspark eval` traces files."""
-    out: dict[float, dict] = {}
+def read_traces(paths: list[str], drafter: str) -> dict:
+    """{sampling temperature: RecordedRounds} of `drafter`'s raw-head rounds in `dspark eval` traces files, each
+    read and validated by `dspark.evaluation.traces` (the reader `sweep` and `simulate` use)."""
+    from dspark.evaluation.traces import drafter_rounds, load_traces
+
+    out: dict = {}
     for path in paths:
-        try:
-            stored = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"--traces {path}: unreadable ({exc})") from None
-        if not isinstance(stored, dict):
-            raise ConfigError(f"--traces {path}: not a traces file of `dspark eval --out`")
-        entry = next((e for e in stored.values() if isinstance(e, dict)
-                      and Path(str(e.get("drafter", ""))).resolve() == Path(drafter).resolve()), None)
-        if entry is None:
+        stored = load_traces(path)
+        label = next((name for name, e in stored.items()
+                      if Path(str(e.get("drafter", ""))).resolve() == Path(drafter).resolve()), None)
+        if label is None:
             raise ConfigError(f"--traces {path}: no rounds of drafter {drafter}")
-        if entry.get("confidence_temperatures") is not None:
+        recorded = drafter_rounds(stored, label, f"--traces {path}")
+        if recorded.calibration is not None:
             raise ConfigError(f"--traces {path}: recorded with a calibrated head; rerun eval with --calibration none")
-        temperature = check_sampling_temperature(entry.get("temperature"), f"--traces {path}", ConfigError,
+        temperature = check_sampling_temperature(recorded.sampling_temperature, f"--traces {path}", ConfigError,
                                                  name="the recorded sampling temperature")
         if temperature in out:
             raise ConfigError(f"--traces {path}: a second traces file at sampling temperature {temperature:g}")
-        out[temperature] = entry["datasets"]
+        out[temperature] = recorded
     return out
 
 
@@ -125,6 +125,7 @@ def run_calibrate(args) -> int:
     if args.traces and args.sampling_temperatures is not None:
         raise ConfigError("--sampling-temperatures records new rounds; with --traces the temperatures are the traces'")
     temperatures = parse_sampling_temperatures(args.sampling_temperatures)
+    check_output_file(args.out, "--out")
     drafter = resolve_drafter(args.drafter)
     if not Path(drafter).is_dir():
         raise ConfigError(f"--drafter {drafter!r}: calibration needs a drafter folder with a confidence head")

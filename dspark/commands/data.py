@@ -19,8 +19,9 @@ import json
 import re
 import sys
 
-from dspark.cli import add_runtime_args, print_json
+from dspark.cli import add_device_arg, add_runtime_args, add_seed_arg, print_json
 from dspark.errors import ConfigError
+from dspark.files import check_output_file, check_output_folder, exclusive_lock
 
 _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -40,7 +41,7 @@ def register(sub) -> None:
     regen.add_argument("--top-k", type=int, default=DEFAULT_SAMPLING.top_k, help="0 = off")
     regen.add_argument("--top-p", type=float, default=DEFAULT_SAMPLING.top_p, help="1.0 = off")
     regen.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="prompts per generation batch")
-    regen.add_argument("--seed", type=int, default=0)
+    add_seed_arg(regen)
     regen.add_argument("--limit", type=int, default=None, help="only the first N samples")
     regen.add_argument("--drafter", default=None, help="'ngram' or a drafter folder: speculative (lossless) generation")
     regen.add_argument("--num-draft-tokens", type=int, default=None)
@@ -60,7 +61,7 @@ def register(sub) -> None:
     cache.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per target forward")
     cache.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
     cache.add_argument("--dry-run", action="store_true", help="print the size estimate and stop")
-    cache.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    add_device_arg(cache)
     cache.add_argument("--model-dtype", default=None, help="target compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     _add_common(cache)
     cache.set_defaults(handler=run_cache)
@@ -71,7 +72,7 @@ def register(sub) -> None:
     corpus.add_argument("--docs", default=None, help="python3.11-doc html/_sources folder (default: apt-get download, pinned)")
     corpus.add_argument("--cache-dir", default=None, help="where the downloaded .deb is unpacked (default: a temp folder)")
     corpus.add_argument("--heldout-percent", type=float, default=3.0, help="share of whole files held out for evaluation")
-    corpus.add_argument("--seed", type=int, default=0)
+    add_seed_arg(corpus)
     corpus.add_argument("--json", action="store_true")
     corpus.set_defaults(handler=run_corpus)
 
@@ -132,6 +133,7 @@ def run_corpus(args) -> int:
 
     if not 0 < args.heldout_percent < 100:
         raise ConfigError(f"--heldout-percent must be in (0, 100), got {args.heldout_percent}")
+    check_output_folder(args.out, "--out")
     manifest = build_corpus(args.out, stdlib_dir=args.stdlib, docs_dir=args.docs, cache_dir=args.cache_dir,
                             heldout_percent=args.heldout_percent, seed=args.seed)
     if args.json:
@@ -145,6 +147,7 @@ def run_corpus(args) -> int:
 def run_tokenizer(args) -> int:
     from dspark.training.tokenizer_training import train_tokenizer
 
+    check_output_folder(args.out, "--out")
     print(train_tokenizer(args.corpus, args.out, args.vocab_size))
     return 0
 
@@ -171,8 +174,11 @@ def run_regenerate(args) -> int:
         raise ConfigError(f"--limit must be ≥ 0, got {args.limit}")
     if Path(args.input).resolve() == Path(args.output).resolve():
         raise ConfigError("--output must differ from --input")
+    check_output_file(args.output, "--output")
     template_kwargs = _template_kwargs(args.template_kwargs)
     samples = read_samples(args.input)
+    with exclusive_lock(args.output, "--output"):
+        pass  # refuse now, before the target loads, if another run writes this output; regenerate() holds it after
     identity = target_identity(args.target)
     tokenizer = load_tokenizer(args.target)
     runner = TargetRunner.from_pretrained(args.target, device=args.device, dtype=args.dtype)

@@ -7,7 +7,9 @@
 Defaults: the built-in target and DSpark drafter, every known set (the paper's nine + the built-in held-out
 corpus prompts), temperature 1.0, 2048 new tokens. Named sets are read from --data-dir (default
 $DSPARK_EVAL_DIR or the nearest shared/data/eval); a named set whose file is missing is reported and
-skipped. `--out DIR` writes eval.json, table.md, traces.json (per-round drafted / verified / accepted counts and
+skipped. A prompt that leaves no room in the target's context is skipped and counted per set (JSON
+"skipped_too_long", and a line under the table); `--strict` refuses it instead, naming the set and line.
+`--out DIR` writes eval.json, table.md, traces.json (per-round drafted / verified / accepted counts and
 confidences, replayed by `dspark calibrate`, `dspark sweep` and `dspark simulate`), with several drafters
 conditional_acceptance.png (paper Fig. 2), and for drafters with a confidence head
 reliability_<drafter>.png (paper Fig. 6). Calibration metrics (per position ECE and its noise floor,
@@ -20,8 +22,9 @@ import json
 import sys
 from pathlib import Path
 
-from dspark.cli import add_runtime_args, print_json
+from dspark.cli import add_runtime_args, add_seed_arg, print_json
 from dspark.errors import ConfigError
+from dspark.files import check_output_folder
 
 
 def register(sub) -> None:
@@ -35,12 +38,14 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--block-size", type=int, default=None, help="drafts per round (default: each drafter's trained block size)")
     p.add_argument("--max-new-tokens", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
+    add_seed_arg(p)
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     p.add_argument("--out", default=None, help="folder for eval.json, table.md and the per-position plot")
     p.add_argument("--json", action="store_true", help="print the full report as JSON on stdout")
     p.add_argument("--calibration", default="auto",
                    help="calibration file for the confidence head; 'auto' = the built-in one when it fits the drafter; 'none' = raw")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a prompt that does not fit the target's context (default: skip it and count it per set)")
     p.add_argument("--no-progress", action="store_true")
     add_runtime_args(p, default_threads=1)
     p.set_defaults(handler=run_eval)
@@ -49,26 +54,19 @@ def register(sub) -> None:
 def write_reliability_plots(traces: dict, out: Path) -> dict[str, str]:
     """One reliability diagram (paper Fig. 6: one panel per block position) per drafter with a confidence
     head: the raw head, and the calibrated one when a calibration was applied."""
-    import numpy as np
-
-    from dspark.calibration.metrics import ConfidenceMap, Rounds
+    from dspark.calibration.metrics import Rounds
     from dspark.calibration.plots import plot_reliability
-    from dspark.calibration.sts import apply_calibration
-    from dspark.evaluation.offline import merge_traces
+    from dspark.evaluation.traces import drafter_rounds
 
     paths = {}
     for label, entry in traces.items():
         if not entry["has_confidences"]:
             continue
-        merged = merge_traces(entry["datasets"].values())
-        conf = np.array([[np.nan if v is None else v for v in row] for row in merged["confidences"]], dtype=float)
-        cmap = None
-        if entry.get("confidence_temperatures") is not None:
-            cmap = ConfidenceMap.of(entry["confidence_temperatures"], entry.get("confidence_biases"))
-            conf = apply_calibration(conf, cmap.inverse())
-        rounds = Rounds.from_arrays(conf, merged["verified"], merged["accepted"], drop_invalid=True)
+        recorded = drafter_rounds(traces, label)
+        rounds = Rounds.from_arrays(recorded.raw_confidences(), recorded.verified, recorded.accepted, drop_invalid=True)
         path = out / f"reliability_{label.replace('/', '_')}.png"
-        paths[label] = str(plot_reliability(rounds, path, cmap, title=f"{label}: prefix-survival reliability"))
+        paths[label] = str(plot_reliability(rounds, path, recorded.calibration,
+                                            title=f"{label}: prefix-survival reliability"))
     return paths
 
 
@@ -84,6 +82,8 @@ def run_eval(args) -> int:
             raise ConfigError(f"{name} must be ≥ {low}, got {value}")
     if args.temperature < 0:
         raise ConfigError(f"--temperature must be ≥ 0, got {args.temperature}")
+    if args.out:
+        check_output_folder(args.out, "--out")
     target = resolve_target(args.target)
     drafters = [resolve_drafter(d) for d in (args.drafter or [None])]
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
@@ -99,7 +99,8 @@ def run_eval(args) -> int:
     if not prompt_sets:
         raise ConfigError("no data set could be read: " + ", ".join(f"{m['name']} ({m['path']})" for m in missing))
     settings = EvalSettings(temperature=args.temperature, block_size=args.block_size,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size)
+                            max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
+                            strict=args.strict)
     report, traces = evaluate(target, drafters, prompt_sets, settings, device=args.device, dtype=args.dtype,
                               progress=not args.no_progress, calibration=args.calibration)
     report["missing_datasets"] = missing

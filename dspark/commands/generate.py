@@ -42,9 +42,10 @@ def _profile(args):
 
     if args.profile:
         return SPSProfile.load(args.profile)
-    from dspark.scheduling.profiler import load_or_profile
+    from dspark.scheduling.profiler import profile_with_cache
 
-    return SPSProfile.from_dict(load_or_profile(args.model, args.drafter, device=args.device, dtype=args.dtype))
+    data, path, _ = profile_with_cache(args.model, args.drafter, device=args.device, dtype=args.dtype)
+    return SPSProfile.from_dict(data, source=str(path))
 
 
 def make_scheduling(args, drafter, sampling):
@@ -58,7 +59,7 @@ def make_scheduling(args, drafter, sampling):
     if args.scheduler:
         from dspark.evaluation.simulator import make_scheduler, parse_policies
 
-        spec = parse_policies(args.scheduler, drafter.max_draft_tokens)
+        spec = parse_policies(args.scheduler, drafter.max_draft_tokens, "--scheduler")
         if len(spec) != 1 or spec[0].kind in ("plain", "mtp-1"):
             raise RequestError(f"--scheduler {args.scheduler!r}: give one of verify-all, fixed-N, threshold-T, causal-greedy, "
                                "algorithm-1, async-topk")
@@ -97,6 +98,12 @@ def run_generate(args) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.max_new_tokens < 1:
         raise RequestError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
+    if args.scheduler:
+        from dspark.evaluation.simulator import parse_policies
+
+        parse_policies(args.scheduler, None, "--scheduler")  # names checked before any model loads
+    if args.online_calibration is not None and args.online_calibration < 1:
+        raise RequestError(f"--online-calibration must be ≥ 1, got {args.online_calibration}")
     runner = TargetRunner.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
     drafter = None
@@ -104,7 +111,7 @@ def run_generate(args) -> int:
         drafter = load_drafter(args.drafter, num_draft_tokens=args.num_draft_tokens, device=args.device, dtype=args.dtype,
                                calibration=args.calibration)
     scheduler, calibrator, gate = make_scheduling(args, drafter, sampling)
-    prompts = [render_prompt(tokenizer, text, args.chat) for text in args.prompt]
+    prompts = [render_prompt(tokenizer, text, args.chat, f"--prompt {i + 1}") for i, text in enumerate(args.prompt)]
     stops = stop_token_ids(args.model, tokenizer, runner.config.eos_token_ids)
     out = generate(
         runner, prompts, sampling=sampling, max_new_tokens=args.max_new_tokens, drafter=drafter,

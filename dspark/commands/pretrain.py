@@ -1,7 +1,8 @@
 """`dspark pretrain --config FILE.yaml [section.key=value ...]`: train a Qwen3 target from scratch.
 
 Sections model/data/optim/train of `dspark.training.pretrain.PretrainConfig` (unknown keys rejected). A run
-restarted with the same train.output_dir resumes from its latest checkpoint. The result, OUTPUT_DIR/model,
+restarted with the same train.output_dir resumes from its latest checkpoint; a second run into the same
+train.output_dir while one is running is refused at once. The result, OUTPUT_DIR/model,
 is an HF folder that transformers and `dspark generate --model` load.
 """
 
@@ -19,10 +20,12 @@ def register(sub) -> None:
 
 
 def run_pretrain(args) -> int:
+    from dspark.training.checkpoints import output_lock
     from dspark.training.pretrain import Pretrainer, load_pretrain_config
 
-    config = load_pretrain_config(args.config, args.overrides)
-    _, summary = Pretrainer(config).fit()
+    config = load_pretrain_config(args.config, args.overrides)  # device resolved, output_dir checked
+    with output_lock(config.train.output_dir, "train.output_dir"):
+        _, summary = Pretrainer(config).fit()
     if args.json:
         print_json(summary)
     else:

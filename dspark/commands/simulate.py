@@ -33,6 +33,7 @@ from pathlib import Path
 from dspark.cli import add_runtime_args, print_json
 from dspark.commands.sweep import add_recording_args, obtain_traces
 from dspark.errors import ConfigError
+from dspark.files import check_output_folder
 
 
 def register(sub) -> None:
@@ -57,6 +58,8 @@ def register(sub) -> None:
                    help="confidence policies refit the calibration online every N verified rounds, from the recorded one")
     p.add_argument("--calibration-method", default=DEFAULT_METHOD, choices=METHODS,
                    help="method of the online refits (dspark.calibration.sts)")
+    p.add_argument("--extrapolate", action="store_true",
+                   help="simulate concurrencies beyond the profile's largest measured request count (default: drop them)")
     p.add_argument("--mtp-draft-scale", type=float, default=None,
                    help="MTP-1 draft cost as a fraction of the profile's draft_ms (default: 1 / draft_layers)")
     add_recording_args(p)
@@ -67,13 +70,12 @@ def register(sub) -> None:
 
 
 def load_profile(args):
-    """(SPSProfile, description, largest measured request count or None)."""
+    """(SPSProfile, description)."""
     from dspark.scheduling import SPSProfile
     from dspark.scheduling.profiler import profile_with_cache
 
     if args.profile:
         profile = SPSProfile.load(args.profile)
-        data = json.loads(Path(args.profile).read_text())
         how = f"--profile {args.profile}"
     else:
         print("dspark simulate: no --profile given; using this machine's SPS profile of the built-in model "
@@ -83,9 +85,26 @@ def load_profile(args):
         how = f"this machine's profile {path} ({'measured now' if measured else 'cached'})"
         print(f"dspark simulate: SPS profile: {how}", file=sys.stderr)
         profile = SPSProfile.from_dict(data, source=str(path))
-    keys = data.get("verify_ms") or {}
-    max_r = max((int(str(k).split("x")[0]) for k in keys), default=None) if isinstance(keys, dict) else None
-    return profile, how, max_r
+    return profile, how
+
+
+def measured_concurrency(concurrency: list[int], profile, extrapolate: bool) -> tuple[list[int], list[str]]:
+    """(the concurrencies to simulate, warnings): those beyond the profile's largest measured request
+    count are dropped, or kept and marked as extrapolated with `extrapolate`. ConfigError if none is left."""
+    limit = profile.max_measured_requests
+    beyond = [c for c in concurrency if limit is not None and c > limit]
+    if not beyond:
+        return concurrency, []
+    listed = ", ".join(map(str, beyond))
+    if extrapolate:
+        return concurrency, [f"the profile measures up to {limit} requests; concurrency {listed} is extrapolated "
+                             "from its last two rows (--extrapolate)"]
+    kept = [c for c in concurrency if c <= limit]
+    if not kept:
+        raise ConfigError(f"--concurrency: the profile measures up to {limit} requests and every concurrency "
+                          f"asked ({listed}) is beyond it; pass --extrapolate to simulate them anyway")
+    return kept, [f"the profile measures up to {limit} requests; concurrency {listed} dropped "
+                  "(pass --extrapolate to simulate it from the profile's last two rows)"]
 
 
 def run_simulate(args) -> int:
@@ -95,10 +114,9 @@ def run_simulate(args) -> int:
         parse_policies,
         plot_budget,
         plot_frontier,
-        select_dspark,
-        select_mtp,
         simulate,
     )
+    from dspark.evaluation.traces import select_dspark, select_mtp
     from dspark.scheduling.profiler import parse_sizes
 
     concurrency = parse_sizes(args.concurrency, "--concurrency")
@@ -107,10 +125,15 @@ def run_simulate(args) -> int:
     if args.min_rounds < 0:
         raise ConfigError(f"--min-rounds must be ≥ 0, got {args.min_rounds}")
     parse_policies(args.policies, None)  # names checked before any recording or profiling
+    if args.out:
+        check_output_folder(args.out, "--out")
     # Cheap inputs first: a given profile, then the traces (recorded if absent), then this machine's profile.
     loaded = load_profile(args) if args.profile else None
     traces, traces_how = obtain_traces(args, "simulate", ("dspark", "mtp"))
-    profile, profile_how, max_r = loaded or load_profile(args)
+    profile, profile_how = loaded or load_profile(args)
+    concurrency, warnings = measured_concurrency(concurrency, profile, args.extrapolate)
+    for warning in warnings:
+        print(f"dspark simulate: warning: {warning}", file=sys.stderr)
     source = f"--traces {args.traces}" if args.traces else "recorded traces"
     rounds = select_dspark(traces, args.drafter, source=source)
     policies = parse_policies(args.policies, rounds.block_size)
@@ -118,8 +141,7 @@ def run_simulate(args) -> int:
     result = simulate(rounds, profile, concurrency=concurrency, steps=args.steps, min_rounds=args.min_rounds, policies=policies, seed=args.seed,
                       mtp_rounds=mtp, mtp_scale=args.mtp_draft_scale, online_calibration=args.online_calibration,
                       calibration_method=args.calibration_method)
-    if max_r is not None and concurrency[-1] > max_r:
-        result["notes"].append(f"the profile measures up to {max_r} requests; larger concurrencies are extrapolated")
+    result["warnings"] = warnings
     result["goals"] = goals(result)
     if "causal-greedy-gated" in result["policies"]:
         result["goals_gated"] = goals(result, "causal-greedy-gated")

@@ -18,8 +18,9 @@ import json
 import sys
 from pathlib import Path
 
-from dspark.cli import add_runtime_args, print_json
+from dspark.cli import add_runtime_args, add_seed_arg, print_json
 from dspark.errors import ConfigError
+from dspark.files import check_output_folder
 
 
 def register(sub) -> None:
@@ -46,13 +47,14 @@ def add_recording_args(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt when recording")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature when recording (0 = greedy; the calibration regime follows it)")
-    p.add_argument("--seed", type=int, default=0)
+    add_seed_arg(p)
     p.add_argument("--no-progress", action="store_true")
 
 
 def obtain_traces(args, command: str, drafters: tuple[str, ...]) -> tuple[dict, str]:
     """(traces, description of where they came from): --traces, or recorded now with the built-in model."""
-    from dspark.evaluation.simulator import load_traces, record_builtin_traces
+    from dspark.evaluation.simulator import record_builtin_traces
+    from dspark.evaluation.traces import load_traces
 
     if args.traces:
         return load_traces(args.traces), args.traces
@@ -78,7 +80,7 @@ def obtain_traces(args, command: str, drafters: tuple[str, ...]) -> tuple[dict, 
 
 
 def run_sweep(args) -> int:
-    from dspark.evaluation.simulator import select_dspark
+    from dspark.evaluation.traces import select_dspark
     from dspark.evaluation.sweep import (
         format_sweep_table,
         parse_thresholds,
@@ -87,6 +89,8 @@ def run_sweep(args) -> int:
     )
 
     thresholds = parse_thresholds(args.thresholds)
+    if args.out:
+        check_output_folder(args.out, "--out")
     traces, source = obtain_traces(args, "sweep", ("dspark",))
     rounds = select_dspark(traces, args.drafter, source=f"--traces {args.traces}" if args.traces else "recorded traces")
     result = sweep(rounds, thresholds, args.kind)

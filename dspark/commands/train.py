@@ -2,10 +2,13 @@
 
 Single process: `dspark train --config c.yaml`. Several processes / GPUs / nodes: launch the same command
 with torchrun (`torchrun --nproc_per_node N -m dspark train --config c.yaml`, plus `--nnodes`/rendezvous
-options across nodes); the process group is set up from torchrun's environment (gloo on CPU, NCCL on GPU).
+options across nodes); the process group is set up from torchrun's environment: NCCL when `train.device`
+resolves to CUDA (each process on cuda:LOCAL_RANK), gloo on CPU.
 `train.parallel=ddp` (default) keeps a replica per process; `train.parallel=fsdp` shards the drafter's
 parameters, gradients and optimizer state (large drafters). A run restarted with the same output_dir
-resumes from its latest checkpoint, whatever the number of processes or mode that wrote it.
+resumes from its latest checkpoint, whatever the number of processes or mode that wrote it. The process
+writing the output (RANK 0) holds a lock on train.output_dir for the whole run: a second run into the same
+folder is refused at once.
 """
 
 from __future__ import annotations
@@ -28,29 +31,33 @@ def register(sub) -> None:
 
 
 def run_train(args) -> int:
+    from dspark.devices import resolve_device
+    from dspark.training.checkpoints import output_lock
     from dspark.training.config import load_train_config
     from dspark.training.data_loading import load_samples
     from dspark.training.trainer import Trainer
 
-    config = load_train_config(args.config, args.overrides)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        backend = "nccl" if config.train.device.startswith("cuda") else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            config.train.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        dist.init_process_group(backend=backend)
-    try:
-        samples = load_samples(config.data.train, config.model.target, config.data.max_length)
-        trainer = Trainer(config, samples)
-        final = trainer.fit()
-        if trainer.rank == 0:
-            summary = {"checkpoint": str(final), "drafter": str(final / "drafter"), "steps": trainer.step}
-            if args.json:
-                print_json(summary)
-            else:
-                print(json.dumps(summary))
-    finally:
+    config = load_train_config(args.config, args.overrides)  # device resolved, output_dir checked
+    with output_lock(config.train.output_dir, "train.output_dir"):  # RANK 0 only under torchrun
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if distributed:
-            dist.destroy_process_group()
+            backend = "nccl" if torch.device(config.train.device).type == "cuda" else "gloo"
+            if backend == "nccl":  # one GPU per process: cuda:LOCAL_RANK, refused if this machine lacks it
+                device = resolve_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}", "train.device")
+                torch.cuda.set_device(device)
+                config.train.device = str(device)
+            dist.init_process_group(backend=backend)
+        try:
+            samples = load_samples(config.data.train, config.model.target, config.data.max_length, config.model.drafter)
+            trainer = Trainer(config, samples)
+            final = trainer.fit()
+            if trainer.rank == 0:
+                summary = {"checkpoint": str(final), "drafter": str(final / "drafter"), "steps": trainer.step}
+                if args.json:
+                    print_json(summary)
+                else:
+                    print(json.dumps(summary))
+        finally:
+            if distributed:
+                dist.destroy_process_group()
     return 0

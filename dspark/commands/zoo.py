@@ -11,7 +11,7 @@ package's builtin folder). On this 2-core CPU it takes about two hours; on one H
 
 from __future__ import annotations
 
-from dspark.cli import print_json
+from dspark.cli import add_device_arg, print_json
 
 
 def register(sub) -> None:
@@ -23,7 +23,7 @@ def register(sub) -> None:
     rebuild = zoo_sub.add_parser("rebuild", help="rebuild the built-in model from scratch (resumable)")
     rebuild.add_argument("--work", default="runs/zoo", help="working folder (corpus, checkpoints, data); reruns resume")
     rebuild.add_argument("--out", default=None, help="install folder (default: the package's builtin folder)")
-    rebuild.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    add_device_arg(rebuild)
     rebuild.add_argument("--drafters", default=None, help="comma-separated subset of the built-in drafters")
     rebuild.add_argument("--stdlib", default=None, help="Python standard library folder (default: this interpreter's)")
     rebuild.add_argument("--docs", default=None, help="python3.11-doc html/_sources folder (default: fetched with apt-get download)")
@@ -54,6 +54,7 @@ def run_list(args) -> int:
 
 def run_rebuild(args) -> int:
     from dspark.errors import ConfigError
+    from dspark.files import check_output_folder
     from dspark.models.zoo import BUILTIN_DIR, BUILTIN_DRAFTERS
     from dspark.training.zoo_build import rebuild
 
@@ -63,6 +64,8 @@ def run_rebuild(args) -> int:
         unknown = [d for d in drafters if d not in BUILTIN_DRAFTERS]
         if unknown:
             raise ConfigError(f"--drafters: unknown {', '.join(unknown)}; choose from {', '.join(BUILTIN_DRAFTERS)}")
+    check_output_folder(args.work, "--work")
+    check_output_folder(args.out or BUILTIN_DIR, "--out")
     summary = rebuild(args.work, args.out or BUILTIN_DIR, device=args.device, drafters=drafters,
                       progress=not args.no_progress, stdlib_dir=args.stdlib, docs_dir=args.docs)
     if args.json:

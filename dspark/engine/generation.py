@@ -25,7 +25,7 @@ import torch
 from dspark.decoding.sampling import SamplingParams, logits_to_probs, sample
 from dspark.decoding.verification import verify
 from dspark.engine.stats import RoundRecord, SpecStats
-from dspark.errors import RequestError
+from dspark.errors import NumericalError, RequestError
 from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter
 from dspark.models.target_runner import TargetRunner
 from dspark.calibration.online import OnlineCalibrator
@@ -81,6 +81,19 @@ def _per_sequence(value, count: int, name: str) -> list:
             raise RequestError(f"{name}: {len(value)} values for {count} prompts")
         return list(value)
     return [value] * count
+
+
+def check_finite(values: torch.Tensor, requests: Sequence[int], what: str, valid: torch.Tensor | None = None) -> None:
+    """values [N, ..., V] (row n belongs to request `requests[n]`); `valid` [N, ...] bool marks the entries
+    that are used. NumericalError naming the first request with a NaN or inf in a used row, before anything
+    computed from it is sampled or emitted."""
+    bad = ~torch.isfinite(values).all(-1)
+    if valid is not None:
+        bad &= valid
+    if bool(bad.any()):
+        row = int(bad.reshape(bad.shape[0], -1).any(-1).nonzero()[0])
+        raise NumericalError(f"request {requests[row]}: the {what} produced non-finite values (NaN or inf); no token "
+                             "was emitted from them (check the model's weights and config)")
 
 
 def _cut(tokens: list[int], stop_ids: frozenset[int], room: int) -> tuple[list[int], str | None]:
@@ -167,6 +180,7 @@ def generate(
     done: list[_Active] = []
     try:
         out = runner.forward(seq_ids, [list(p) for p in prompts], all_logits=False, feature_layer_ids=layers)
+        check_finite(out.logits, range(count), "target's prefill logits")
         first = sample(logits_to_probs(out.logits, samplings), generator).tolist()
         features = out.split(out.features) if out.features is not None else [None] * count
         for i in range(count):
@@ -268,6 +282,7 @@ def _round(
     starts = [runner.length(s.seq_id) for s in active]
     new_tokens = [[s.last_token] + drafts[b, : int(verify_lens[b])].tolist() for b, s in enumerate(active)]
     out = runner.forward([s.seq_id for s in active], new_tokens, all_logits=True, feature_layer_ids=layers)
+    check_finite(out.logits, [s.index for s, q in zip(active, out.query_lens) for _ in range(q)], "target's logits")
 
     # Target distributions, padded to [B, width + 1, V]; processed exactly as in plain decoding.
     row_params = [s.sampling for s, q in zip(active, out.query_lens) for _ in range(q)]
@@ -279,6 +294,9 @@ def _round(
         rows = torch.cat([torch.arange(q) + b * (width + 1) for b, q in enumerate(out.query_lens)])
         target_probs.view(batch * (width + 1), -1)[rows.to(flat_probs.device)] = flat_probs
     draft_probs = None if proposal.probs is None else proposal.probs[:, :width].to(target_probs.device)
+    if draft_probs is not None:
+        used = torch.arange(width, device=draft_probs.device) < verify_lens.to(draft_probs.device)[:, None]
+        check_finite(draft_probs, [s.index for s in active], "drafter's proposal distribution", used)
     result = verify(target_probs, drafts.to(target_probs.device), verify_lens, draft_probs, generator)
     if calibrator is not None and drafter_called and proposal.confidences is not None:
         feed_calibrator(calibrator, drafter, proposal.confidences, verify_lens, result.num_accepted,

@@ -5,7 +5,10 @@ Chain drafting with a fixed block (every drafted token is verified, no scheduler
 bonus token per round); drafted / verified / accepted counts; position-wise *conditional acceptance*
 P(slot k accepted | slots < k accepted) and *prefix survival* P(slots ≤ k all accepted). Domain and
 macro averages are unweighted means of per-set τ. The same target runner serves every drafter; each
-drafter sees the same prompts and the same seeds.
+drafter sees the same prompts and the same seeds. A prompt that leaves no room in the target's context for
+a new token is skipped and counted per set ("skipped_too_long", with its FILE:LINE), as evaluations of the
+paper's protocol drop over-long prompts; `EvalSettings.strict` refuses it instead. Every other prompt
+generates up to `max_new_tokens`, fewer where its context runs out.
 """
 
 from __future__ import annotations
@@ -14,12 +17,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from dspark.decoding.sampling import SamplingParams
+from dspark.errors import ConfigError
 from dspark.engine.generation import generate
 from dspark.engine.stats import RoundRecord, SpecStats
 from dspark.evaluation.datasets import DOMAIN_ORDER, PromptSet
+from dspark.evaluation.traces import confidence_matrix, merge_traces, round_arrays
 from dspark.models.drafters import load_drafter
 from dspark.models.target_runner import TargetRunner
 from dspark.models.tokenizer import load_tokenizer, stop_token_ids
@@ -34,6 +37,40 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 8
     template_kwargs: dict = field(default_factory=lambda: {"enable_thinking": False})
+    strict: bool = False  # a prompt beyond the context is an error (ConfigError naming set and line), not skipped
+
+
+@dataclass
+class RenderedSet:
+    """A prompt set rendered for the target: token ids of the prompts that fit its context, and the
+    FILE:LINE of those that do not (skipped)."""
+
+    prompt_set: PromptSet
+    prompts: list[list[int]]
+    skipped_too_long: list[str]
+
+
+def render_sets(tokenizer, prompt_sets: list[PromptSet], settings: EvalSettings, max_context: int) -> list[RenderedSet]:
+    """Render every set's prompts once (shared by all drafters); a prompt with no room left for a new token
+    is skipped, or refused with `settings.strict`. A set left empty is kept with no prompts (evaluated as
+    nothing: its τ is reported as null)."""
+    out = []
+    for prompt_set in prompt_sets:
+        prompts, skipped = [], []
+        for sample in prompt_set.samples:
+            ids = render_regeneration_prompt(tokenizer, sample, template_kwargs=settings.template_kwargs)
+            if len(ids) + 2 > max_context:  # the generation budget below keeps one position spare
+                if settings.strict:
+                    raise ConfigError(f"data set {prompt_set.name!r}, {sample.where}: the prompt has {len(ids)} tokens, "
+                                      f"no room for a new token in the target's context of {max_context} (--strict)")
+                skipped.append(sample.where)
+            else:
+                prompts.append(ids)
+        out.append(RenderedSet(prompt_set, prompts, skipped))
+    if not any(r.prompts for r in out):
+        raise ConfigError(f"every prompt of {', '.join(p.name for p in prompt_sets)} is beyond the target's context "
+                          f"of {max_context} tokens")
+    return out
 
 
 def drafter_label(spec: str) -> str:
@@ -73,29 +110,14 @@ def averages(datasets: dict[str, dict]) -> tuple[dict[str, float], float | None]
     return domains, macro
 
 
-def round_arrays(records: list[tuple[int, RoundRecord]], block_size: int) -> dict:
-    """Replayable per-round traces (JSON lists): confidences [N, γ] (null past the drafted slots or without a
-    confidence head), drafted, verified, accepted, emitted, and the prompt index of each round."""
-    conf = np.full((len(records), block_size), np.nan)
-    for i, (_, r) in enumerate(records):
-        if r.confidences:
-            conf[i, : len(r.confidences)] = r.confidences[:block_size]
-    return {
-        "confidences": [[None if np.isnan(v) else float(v) for v in row] for row in conf],
-        "drafted": [r.drafted for _, r in records], "verified": [r.verified for _, r in records],
-        "accepted": [r.accepted for _, r in records],
-        "emitted": [r.emitted for _, r in records], "sample": [i for i, _ in records],
-    }
-
-
-def calibration_report(traces: dict, calibration) -> dict:
+def calibration_report(traces: dict, calibration, block_size: int) -> dict:
     """Per-position ECE / AUC / Brier of the prefix-survival prediction (SPEC §4.1) for the confidences the
     drafter reported, and — when a calibration (a `ConfidenceMap`) was applied — for the raw head (the map
     undone)."""
     from dspark.calibration.metrics import Rounds, position_metrics
     from dspark.calibration.sts import apply_calibration
 
-    conf = np.array([[np.nan if v is None else v for v in row] for row in traces["confidences"]], dtype=float)
+    conf = confidence_matrix(traces["confidences"], block_size)
     rounds = Rounds.from_arrays(conf, traces["verified"], traces["accepted"], drop_invalid=True)
     out = {"reported": position_metrics(rounds, noise_floor=True), "calibrated": calibration is not None, "dropped_rounds": rounds.dropped}
     if calibration is not None:
@@ -105,8 +127,8 @@ def calibration_report(traces: dict, calibration) -> dict:
 
 
 def evaluate_drafter(
-    runner: TargetRunner, tokenizer, stops: list[int], drafter_spec: str, prompt_sets: list[PromptSet],
-    settings: EvalSettings, *, device: str = "cpu", dtype: str | None = None, progress: bool = True,
+    runner: TargetRunner, stops: list[int], drafter_spec: str, rendered_sets: list[RenderedSet],
+    settings: EvalSettings, *, device: str = "auto", dtype: str | None = None, progress: bool = True,
     calibration: str | None = "auto",
 ) -> tuple[dict, dict]:
     """Run one drafter over every prompt set → (report {"datasets", "domains", "macro_tau", ...}, traces
@@ -120,11 +142,11 @@ def evaluate_drafter(
     sampling = SamplingParams(temperature=settings.temperature)
     # The calibration regime for this sampling temperature (calibration_file), as applied to every round.
     calibration = drafter.calibration_for(sampling)
-    total = sum(len(s.samples) for s in prompt_sets)
+    total = sum(len(r.prompts) for r in rendered_sets)
     bar = tqdm(total=total, disable=not progress, desc=f"eval {label}", unit="prompt")
     datasets, traces = {}, {}
-    for prompt_set in prompt_sets:
-        prompts = [render_regeneration_prompt(tokenizer, s, template_kwargs=settings.template_kwargs) for s in prompt_set.samples]
+    for rendered in rendered_sets:
+        prompt_set, prompts = rendered.prompt_set, rendered.prompts
         stats, generated, started = SpecStats(), 0, time.perf_counter()
         records: list[tuple[int, RoundRecord]] = []
         for b, start in enumerate(range(0, len(prompts), settings.batch_size)):
@@ -141,9 +163,10 @@ def evaluate_drafter(
             generated += out.num_generated
             bar.update(len(batch))
         report = set_report(stats, len(prompts), generated, time.perf_counter() - started, prompt_set.domain)
+        report.update(skipped_too_long=len(rendered.skipped_too_long), skipped_lines=rendered.skipped_too_long)
         traces[prompt_set.name] = dict(round_arrays(records, gamma), domain=prompt_set.domain)
         if drafter.provides_confidence:
-            report["calibration"] = calibration_report(traces[prompt_set.name], calibration)
+            report["calibration"] = calibration_report(traces[prompt_set.name], calibration, gamma)
         datasets[prompt_set.name] = report
     bar.close()
     domains, macro = averages(datasets)
@@ -151,33 +174,22 @@ def evaluate_drafter(
               "macro_tau": macro, "confidence_temperatures": None if calibration is None else calibration.temperatures.tolist(),
               "confidence_biases": None if calibration is None else calibration.biases.tolist()}
     if drafter.provides_confidence:
-        result["calibration"] = calibration_report(merge_traces(traces.values()), calibration)
+        result["calibration"] = calibration_report(merge_traces(traces.values()), calibration, gamma)
     return result, traces
-
-
-def merge_traces(parts) -> dict:
-    """Concatenate round traces of several sets (sample indices made distinct per set)."""
-    merged = {"confidences": [], "drafted": [], "verified": [], "accepted": [], "emitted": [], "sample": []}
-    offset = 0
-    for part in parts:
-        for key in ("confidences", "drafted", "verified", "accepted", "emitted"):
-            merged[key].extend(part[key])
-        merged["sample"].extend(offset + i for i in part["sample"])
-        offset += 1 + max(part["sample"], default=-1)
-    return merged
 
 
 def evaluate(
     target: str, drafters: list[str], prompt_sets: list[PromptSet], settings: EvalSettings, *,
-    device: str = "cpu", dtype: str | None = None, progress: bool = True, calibration: str | None = "auto",
+    device: str = "auto", dtype: str | None = None, progress: bool = True, calibration: str | None = "auto",
 ) -> tuple[dict, dict]:
     """Evaluate every drafter → (report, traces {drafter label: {set: round_arrays}})."""
     runner = TargetRunner.from_pretrained(target, device=device, dtype=dtype)
     tokenizer = load_tokenizer(target)
     stops = stop_token_ids(target, tokenizer, runner.config.eos_token_ids)
+    rendered_sets = render_sets(tokenizer, prompt_sets, settings, runner.max_context)
     results, all_traces = {}, {}
     for spec in drafters:
-        result, traces = evaluate_drafter(runner, tokenizer, stops, spec, prompt_sets, settings, device=device,
+        result, traces = evaluate_drafter(runner, stops, spec, rendered_sets, settings, device=device,
                                           dtype=dtype, progress=progress, calibration=calibration)
         label = result["label"]
         while label in results:
@@ -190,7 +202,8 @@ def evaluate(
     report = {
         "target": target,
         "settings": {"temperature": settings.temperature, "block_size": settings.block_size,
-                     "max_new_tokens": settings.max_new_tokens, "seed": settings.seed},
+                     "max_new_tokens": settings.max_new_tokens, "seed": settings.seed, "strict": settings.strict},
+        "skipped_too_long": {r.prompt_set.name: len(r.skipped_too_long) for r in rendered_sets},
         "drafters": results,
         "gains": macro_gains(results),
     }

@@ -40,6 +40,10 @@ def tau_table(report: dict) -> str:
     for a, others in report.get("gains", {}).items():
         text = ", ".join(f"{g:+.1f} % over {b}" for b, g in others.items())
         lines.append(f"\nmacro τ of {a}: {text}")
+    skipped = {name: n for name, n in report.get("skipped_too_long", {}).items() if n}
+    if skipped:
+        text = ", ".join(f"{name} {n}" for name, n in skipped.items())
+        lines.append(f"\nprompts skipped (beyond the target's context): {text}")
     return "\n".join(lines)
 
 

@@ -1,8 +1,8 @@
 """Trace replay and a discrete-time serving simulator (SPEC §5; paper §5, Fig. 7 and Fig. 8).
 
-Traces are the per-round records of `dspark eval --out DIR` (DIR/traces.json, written by
-`dspark.evaluation.offline.evaluate`): per drafter, per data set, each round's drafted / verified /
-accepted / emitted counts and the drafter's confidences c_1..c_γ, recorded with verify-all.
+Traces are the per-round records of `dspark eval --out DIR` (DIR/traces.json; format, reader and checks in
+`dspark.evaluation.traces`): per drafter, per data set, each round's drafted / verified / accepted /
+emitted counts and the drafter's confidences c_1..c_γ, recorded with verify-all.
 
 Replay fact. In a verify-all round the target checks every drafted slot, and rejection sampling decides
 slot k from its own randomness, independently of how many later slots are verified. So if a policy
@@ -41,22 +41,21 @@ scale = 1 / draft_layers of the profile (one drafter layer instead of the profil
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dspark.calibration.metrics import ConfidenceMap
 from dspark.calibration.online import OnlineCalibrator
-from dspark.calibration.sts import DEFAULT_METHOD, apply_calibration
+from dspark.calibration.sts import DEFAULT_METHOD
 from dspark.errors import ConfigError
 from dspark.evaluation.report import save_figure
+from dspark.evaluation.traces import RecordedRounds
 from dspark.scheduling import (
     AsyncTopK,
     CausalGreedy,
@@ -77,176 +76,9 @@ MATCHED_SPEED_GOAL = 1.6  # per-user speed vs MTP-1 at matched throughput (SPEC 
 TIE_TOLERANCE = 0.005  # goal (a): a margin ≥ −0.5 % is a tie (at low load CG and the best fixed length agree)
 
 
-class TraceError(ConfigError):
-    """A traces file is missing, malformed, or lacks the drafter asked for."""
-
-
-# -------------------------------------------------------------------------------------------------
-# Traces
-# -------------------------------------------------------------------------------------------------
-
-def load_traces(path: str | Path) -> dict:
-    """Read and shallowly check a traces.json ({drafter label: {"block_size", "datasets", ...}})."""
-    path = Path(path)
-    if not path.is_file():
-        raise TraceError(f"--traces {path}: no such file (write one with `dspark eval --out DIR`)")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise TraceError(f"--traces {path}: not readable JSON ({exc})") from None
-    if not isinstance(data, dict) or not data:
-        raise TraceError(f"--traces {path}: expected a JSON object {{drafter label: traces}} as written by "
-                         "`dspark eval --out`")
-    for label, entry in data.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("datasets"), dict) or not entry["datasets"]:
-            raise TraceError(f"--traces {path}: drafter {label!r} has no 'datasets' object of recorded rounds")
-        gamma = entry.get("block_size")
-        if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
-            raise TraceError(f"--traces {path}: drafter {label!r} has block_size {gamma!r}; expected an integer ≥ 1")
-    return data
-
-
-@dataclass
-class Rounds:
-    """All recorded rounds of one drafter (arrays of length N, confidences [N, γ] with NaN where null)."""
-
-    label: str
-    block_size: int
-    confidences: np.ndarray
-    drafted: np.ndarray
-    verified: np.ndarray
-    accepted: np.ndarray
-    emitted: np.ndarray
-    prompt: np.ndarray  # global prompt id (distinct across sets)
-    domain: np.ndarray  # domain name per round (str array)
-    has_confidences: bool
-    sets: list[str] = field(default_factory=list)
-    calibration: ConfidenceMap | None = None  # the calibration the recording applied (None: the raw head)
-
-    def raw_confidences(self) -> np.ndarray:
-        """[N, γ] the raw head's confidences: the recorded calibration undone."""
-        if self.calibration is None:
-            return self.confidences
-        return apply_calibration(self.confidences, self.calibration.inverse())
-
-    def __len__(self) -> int:
-        return int(self.drafted.size)
-
-    def prompts(self) -> list[np.ndarray]:
-        """Round indices of each prompt, in recorded order."""
-        order = np.argsort(self.prompt, kind="stable")
-        cuts = np.flatnonzero(np.diff(self.prompt[order])) + 1
-        return [part for part in np.split(order, cuts) if part.size]
-
-    def domains(self) -> list[str]:
-        from dspark.evaluation.datasets import DOMAIN_ORDER
-
-        present = list(dict.fromkeys(self.domain.tolist()))
-        return [d for d in DOMAIN_ORDER if d in present] + [d for d in present if d not in DOMAIN_ORDER]
-
-
-def _int_column(values: Any, where: str) -> np.ndarray:
-    if not isinstance(values, list):
-        raise TraceError(f"{where}: expected a list of integers")
-    try:
-        out = np.array(values, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TraceError(f"{where}: expected a list of integers") from None
-    if out.ndim != 1 or (out.size and (not np.isfinite(out).all() or (out != np.round(out)).any() or out.min() < 0)):
-        raise TraceError(f"{where}: expected a list of non-negative integers")
-    return out.astype(np.int64)
-
-
-def drafter_rounds(traces: dict, label: str, source: str = "traces") -> Rounds:
-    """Parse and validate every round of drafter `label` (TraceError naming the culprit)."""
-    if label not in traces:
-        raise TraceError(f"{source}: no drafter {label!r}; it has {', '.join(map(repr, traces))}")
-    entry = traces[label]
-    gamma = int(entry["block_size"])
-    parts, prompt_offset = [], 0
-    for set_name, data in entry["datasets"].items():
-        where = f"{source}: drafter {label!r}, set {set_name!r}"
-        if not isinstance(data, dict):
-            raise TraceError(f"{where}: expected an object of per-round lists")
-        missing = [k for k in ("confidences", "drafted", "verified", "accepted", "sample") if k not in data]
-        if missing:
-            raise TraceError(f"{where}: missing {', '.join(missing)}")
-        cols = {k: _int_column(data[k], f"{where} '{k}'") for k in ("drafted", "verified", "accepted", "sample")}
-        count = cols["drafted"].size
-        emitted = _int_column(data["emitted"], f"{where} 'emitted'") if "emitted" in data else cols["accepted"] + 1
-        for key, col in (*cols.items(), ("emitted", emitted)):
-            if col.size != count:
-                raise TraceError(f"{where}: '{key}' has {col.size} rounds, 'drafted' has {count}")
-        rows = data["confidences"]
-        if not isinstance(rows, list) or len(rows) != count:
-            raise TraceError(f"{where}: 'confidences' must hold one row per round ({count})")
-        conf = np.full((count, gamma), np.nan)
-        for i, row in enumerate(rows):
-            if row is None:
-                continue
-            if not isinstance(row, list) or len(row) > gamma:
-                raise TraceError(f"{where}: confidences of round {i} must be a list of ≤ {gamma} numbers or nulls")
-            try:
-                conf[i, :len(row)] = np.array([np.nan if v is None else v for v in row], dtype=np.float64)
-            except (TypeError, ValueError):
-                raise TraceError(f"{where}: confidences of round {i} must be numbers or null") from None
-        finite = np.isfinite(conf)
-        if ((conf[finite] < 0) | (conf[finite] > 1)).any() or np.isinf(conf).any():
-            raise TraceError(f"{where}: confidences must lie in [0, 1]")
-        d, v, a = cols["drafted"], cols["verified"], cols["accepted"]
-        bad = np.flatnonzero((d > gamma) | (v > d) | (a > v))
-        if bad.size:
-            i = int(bad[0])
-            raise TraceError(f"{where}: round {i} has drafted={d[i]}, verified={v[i]}, accepted={a[i]}; "
-                             f"need accepted ≤ verified ≤ drafted ≤ block_size {gamma}")
-        domain = str(data.get("domain", "custom"))
-        parts.append((conf, d, v, a, emitted, cols["sample"] + prompt_offset, np.full(count, domain, dtype=object)))
-        prompt_offset += 1 + (int(cols["sample"].max()) if count else -1)
-    cat = [np.concatenate([p[i] for p in parts]) for i in range(7)]
-    if cat[1].size == 0:
-        raise TraceError(f"{source}: drafter {label!r} has no recorded rounds")
-    has_conf = bool(entry.get("has_confidences", True)) and bool(np.isfinite(cat[0]).any())
-    cmap = None
-    if entry.get("confidence_temperatures") is not None:
-        try:
-            cmap = ConfidenceMap.of(entry["confidence_temperatures"], entry.get("confidence_biases"))
-        except (TypeError, ValueError):
-            cmap = None
-        if cmap is None or cmap.block_size != gamma:
-            raise TraceError(f"{source}: drafter {label!r} has confidence_temperatures {entry['confidence_temperatures']!r} "
-                             f"and confidence_biases {entry.get('confidence_biases')!r}; expected {gamma} finite numbers "
-                             "(temperatures > 0) or null")
-    return Rounds(label, gamma, cat[0], *cat[1:6], cat[6].astype(str), has_conf, list(entry["datasets"]), cmap)
-
-
-def select_dspark(traces: dict, label: str | None, source: str = "traces") -> Rounds:
-    """The confidence-carrying drafter to schedule: `label`, or the first one with confidences."""
-    if label is not None:
-        rounds = drafter_rounds(traces, label, source)
-        if not rounds.has_confidences:
-            raise TraceError(f"{source}: drafter {label!r} was recorded without confidences (no confidence head); "
-                             "sweeps and confidence schedulers need a DSpark drafter")
-        return rounds
-    for name, entry in traces.items():
-        if entry.get("has_confidences", True) and entry.get("block_size", 0) > 1:
-            rounds = drafter_rounds(traces, name, source)
-            if rounds.has_confidences:
-                return rounds
-    raise TraceError(f"{source}: no drafter with confidences among {', '.join(map(repr, traces))}; "
-                     "record DSpark traces with `dspark eval --out DIR`")
-
-
-def select_mtp(traces: dict, exclude: str | None = None, source: str = "traces") -> Rounds | None:
-    """The MTP-1 drafter of the traces (block size 1, label containing "mtp"), or None."""
-    for name, entry in traces.items():
-        if name != exclude and "mtp" in name.lower() and entry.get("block_size") == 1:
-            return drafter_rounds(traces, name, source)
-    return None
-
-
 def record_builtin_traces(drafters: Sequence[str] = ("dspark",), datasets: Sequence[str] = RECORD_SETS, *,
                           limit: int = 6, max_new_tokens: int = 128, temperature: float = 1.0, seed: int = 0,
-                          data_dir: str | None = None, device: str = "cpu", dtype: str | None = None,
+                          data_dir: str | None = None, device: str = "auto", dtype: str | None = None,
                           progress: bool = True) -> dict:
     """Record verify-all traces with the built-in target and drafters at sampling `temperature` (the built-in
     calibration's regime for it applied to the confidences). Sets that are not found are skipped."""
@@ -304,14 +136,14 @@ _SIMPLE = ("plain", "verify-all", "algorithm-1", "causal-greedy", "causal-greedy
 _CONFIDENCE_POLICIES = ("threshold", "algorithm-1", "causal-greedy", "causal-greedy-gated", "async-topk")
 
 
-def parse_policies(text: str | Sequence[str], gamma: int | None) -> list[PolicySpec]:
+def parse_policies(text: str | Sequence[str], gamma: int | None, option: str = "--policies") -> list[PolicySpec]:
     """"plain,fixed,fixed-3,verify-all,threshold,threshold-0.7,causal-greedy,async-topk,mtp-1" → specs
     ("fixed" = every fixed length 1..γ; "threshold" = threshold-0.5; "mtp" = mtp-1). gamma=None checks the
-    names only (no fixed length is expanded or bounded)."""
+    names only (no fixed length is expanded or bounded). Errors name `option`, the flag that gave `text`."""
     items = [s.strip() for s in text.split(",")] if isinstance(text, str) else [str(s).strip() for s in text]
     items = [s for s in items if s]
     if not items:
-        raise ConfigError("--policies: give at least one policy")
+        raise ConfigError(f"{option}: give at least one policy")
     out: list[PolicySpec] = []
     for item in items:
         low = item.lower()
@@ -325,7 +157,7 @@ def parse_policies(text: str | Sequence[str], gamma: int | None) -> list[PolicyS
             n = int(m.group(1))
             if n < 1 or (gamma is not None and n > gamma):
                 bound = "" if gamma is None else f" ≤ the block size {gamma}"
-                raise ConfigError(f"--policies: {item!r} needs a length n ≥ 1{bound}")
+                raise ConfigError(f"{option}: {item!r} needs a length n ≥ 1{bound}")
             out.append(PolicySpec("fixed", n))
         elif (m := re.fullmatch(r"threshold[-:]([0-9.]+)", low)):
             try:
@@ -333,10 +165,10 @@ def parse_policies(text: str | Sequence[str], gamma: int | None) -> list[PolicyS
             except ValueError:
                 t = math.nan
             if not 0 <= t <= 1:
-                raise ConfigError(f"--policies: {item!r} needs a threshold in [0, 1]")
+                raise ConfigError(f"{option}: {item!r} needs a threshold in [0, 1]")
             out.append(PolicySpec("threshold", t))
         else:
-            raise ConfigError(f"--policies: unknown policy {item!r}; use plain, fixed, fixed-N, verify-all, "
+            raise ConfigError(f"{option}: unknown policy {item!r}; use plain, fixed, fixed-N, verify-all, "
                               "threshold, threshold-T, algorithm-1, causal-greedy, causal-greedy-gated, async-topk, mtp-1")
     return list(dict.fromkeys(out))
 
@@ -402,7 +234,7 @@ def stream_rounds(prompts: list[np.ndarray], streams: int, steps: int, seed: int
     return rounds, ids
 
 
-def _lengths(scheduler, rounds: Rounds, idx: np.ndarray, ids: np.ndarray, limit: int | None,
+def _lengths(scheduler, rounds: RecordedRounds, idx: np.ndarray, ids: np.ndarray, limit: int | None,
              gate: DraftGate | None = None, calibrator: OnlineCalibrator | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ℓ [steps, C], drafted [steps] bool): row-wise policies in one call over all steps, cross-request ones
     (and any policy behind a gate or with online calibration) step by step. With a gate, each step it decides
@@ -458,9 +290,9 @@ def _point(spec: PolicySpec, c: int, ell: np.ndarray, acc_all: np.ndarray, verif
     }
 
 
-def simulate(rounds: Rounds, profile: SPSProfile, *, concurrency: Sequence[int] = DEFAULT_CONCURRENCY,
+def simulate(rounds: RecordedRounds, profile: SPSProfile, *, concurrency: Sequence[int] = DEFAULT_CONCURRENCY,
              steps: int = DEFAULT_STEPS, min_rounds: int = DEFAULT_MIN_ROUNDS,
-             policies: Sequence[PolicySpec] | None = None, seed: int = 0, mtp_rounds: Rounds | None = None,
+             policies: Sequence[PolicySpec] | None = None, seed: int = 0, mtp_rounds: RecordedRounds | None = None,
              mtp_scale: float | None = None, online_calibration: int | None = None,
              calibration_method: str = DEFAULT_METHOD) -> dict:
     """Run every policy at every concurrency (module docstring) → {"settings", "policies": {name: [points by C]},

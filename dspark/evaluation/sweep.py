@@ -23,7 +23,8 @@ import torch
 
 from dspark.errors import ConfigError
 from dspark.evaluation.report import save_figure
-from dspark.evaluation.simulator import Rounds, replay
+from dspark.evaluation.simulator import replay
+from dspark.evaluation.traces import RecordedRounds
 from dspark.scheduling import ConfidenceThreshold, SurvivalThreshold
 
 DEFAULT_THRESHOLDS = "0.05:0.95:0.05"
@@ -52,7 +53,7 @@ def parse_thresholds(text: str) -> list[float]:
     return sorted(set(values))
 
 
-def threshold_lengths(rounds: Rounds, threshold: float, kind: str = "confidence") -> np.ndarray:
+def threshold_lengths(rounds: RecordedRounds, threshold: float, kind: str = "confidence") -> np.ndarray:
     """ℓ per round [N] under a static threshold (capped by the recorded verified count)."""
     if kind not in KINDS:
         raise ConfigError(f"--kind {kind!r}: use {' or '.join(KINDS)}")
@@ -72,7 +73,7 @@ def _stats(accepted_all: np.ndarray, ell: np.ndarray) -> dict:
     }
 
 
-def sweep(rounds: Rounds, thresholds: Sequence[float], kind: str = "confidence") -> dict:
+def sweep(rounds: RecordedRounds, thresholds: Sequence[float], kind: str = "confidence") -> dict:
     """{"kind", "thresholds", "drafter", "block_size", "domains": {domain | "all": {"rounds", "baseline"
     (verify-all), "points": [{"threshold", ...per-step stats}]}}} (module docstring)."""
     if not rounds.has_confidences:

@@ -14,24 +14,21 @@ from typing import Sequence
 
 import torch
 
+from dspark.devices import resolve_device, resolve_dtype
 from dspark.errors import RequestError
-from dspark.models.checkpoint import load_state_into
+from dspark.models.checkpoint import IndexExpectation, check_index, load_state_into, read_tensor_index
 from dspark.models.config import DecoderConfig, parse_decoder_config, read_config_json
 from dspark.models.decoder import DecoderModel
 from dspark.models.kv_cache import PagedKVCache
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """None → float32 on CPU (bf16 matmuls are slow there), bfloat16 on GPU."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if dtype not in DTYPES:
-        raise RequestError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+def index_expectation(config: DecoderConfig) -> IndexExpectation:
+    """What a target config fixes about its checkpoint before the model is built: `model.layers.{i}.` for
+    i < num_layers, the embedding [V, H] and layer 0's q_proj [heads·D, H]."""
+    c = config
+    return IndexExpectation("model.layers.", c.num_layers, {
+        "model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
+        "model.layers.0.self_attn.q_proj.weight": (c.num_heads * c.head_dim, c.hidden_size),
+    })
 
 
 @dataclass
@@ -73,18 +70,23 @@ class TargetRunner:
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None, **kwargs
+        cls, folder: str | Path, *, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = None,
+        **kwargs,
     ) -> "TargetRunner":
-        """Load an HF-format folder (config.json + *.safetensors) of a supported family."""
+        """Load an HF-format folder (config.json + *.safetensors) of a supported family on `device`
+        (dspark.devices: "auto" = CUDA when available, else CPU)."""
         folder = Path(folder)
-        device = torch.device(device)
+        device = resolve_device(device)
         hf_config = read_config_json(folder)
-        config = parse_decoder_config(hf_config, where=str(folder / "config.json"))
+        where = str(folder / "config.json")
+        config = parse_decoder_config(hf_config, where=where)
         torch_dtype = resolve_dtype(dtype, device)
+        index = read_tensor_index(folder)
+        check_index(index, index_expectation(config), folder, where)
         with torch.device("meta"):
             model = DecoderModel(config)
         optional = ("lm_head.weight",) if config.tie_word_embeddings else ()
-        load_state_into(model, folder, dtype=torch_dtype, device=device, optional=optional)
+        load_state_into(model, folder, dtype=torch_dtype, device=device, optional=optional, index=index)
         runner = cls(model, name=str(folder), **kwargs)
         runner.hf_config = hf_config
         return runner

@@ -22,6 +22,7 @@ from dspark.errors import CheckpointError
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
 BUILTIN_DRAFTERS = ("dspark", "dspark-rnn", "dflash", "eagle3", "mtp")
+DRAFTER_NAMES = (*BUILTIN_DRAFTERS, "ngram", "none")  # every name `--drafter` takes besides a folder
 DEFAULT_DRAFTER = "dspark"
 BUILTIN_PROMPT_SETS = ("corpus-code", "corpus-prose")
 

@@ -53,8 +53,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from dspark.devices import resolve_device, resolve_dtype
 from dspark.errors import ConfigError
-from dspark.files import write_text_atomically
+from dspark.files import check_output_file, write_text_atomically
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 PREFILL_TOKENS = 8192  # tokens per prefill forward (sequences are prefilled in chunks of this size)
@@ -90,22 +91,6 @@ def dspark_home() -> Path:
     return Path(os.environ.get("DSPARK_HOME") or Path.home() / ".cache" / "dspark")
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """"cpu" or "cuda[:N]" → torch.device; anything else (or CUDA absent) raises ConfigError."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"unknown device {device!r}; use cpu or cuda[:N]") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"unknown device {device!r}; use cpu or cuda[:N]")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r}: CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return dev
-
-
 def device_name(device: str | torch.device) -> str:
     """The CPU model string (/proc/cpuinfo "model name") or the CUDA device name."""
     dev = resolve_device(device)
@@ -122,8 +107,6 @@ def device_name(device: str | torch.device) -> str:
 
 def dtype_name(dtype: str | torch.dtype | None, device: str | torch.device) -> str:
     """Short dtype name (fp32 | bf16 | fp16 | fp64) of the dtype the runner will use on `device`."""
-    from dspark.models.target_runner import resolve_dtype
-
     return DTYPE_NAMES[resolve_dtype(dtype, resolve_device(device))]
 
 
@@ -464,10 +447,19 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     write_text_atomically(path, json.dumps(data, indent=1) + "\n")
 
 
-def _read_cached(path: Path) -> dict | None:
+def _read_cached(path: Path, progress: Callable[[str], None] | None) -> dict | None:
+    """The cached profile at `path` if it exists and is valid; an invalid one (torn, edited, written by an
+    older version) is reported by its path through `progress` and measured again."""
+    from dspark.scheduling.sps import ProfileError, SPSProfile
+
+    if not path.is_file():
+        return None
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        SPSProfile.from_dict(data, source=str(path))
+    except (OSError, ValueError, ProfileError) as exc:
+        if progress is not None:
+            progress(f"cached profile {path} is invalid ({exc}); measuring again")
         return None
     return data if isinstance(data, dict) and "verify_ms" in data else None
 
@@ -486,7 +478,7 @@ def profile_with_cache(
     target: str | None = None,
     drafter: str | None = None,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     dtype: str | torch.dtype | None = None,
     context: int | None = None,
     requests: str | Sequence[int] | None = None,
@@ -499,7 +491,9 @@ def profile_with_cache(
     progress: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], Path, bool]:
     """`load_or_profile`, also returning (profile, cache file, whether it was measured now)."""
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
+    if out is not None:
+        check_output_file(out, "--out")
     defaults = DEFAULTS[dev.type]
     context = _check_positive("--context", defaults["context"] if context is None else context)
     if repeats is not None:
@@ -510,7 +504,7 @@ def profile_with_cache(
     plan = _plan(target, drafter, random_shape, device=dev, force=force, home=home)
     name = device_name(dev)
     path = cache_path(plan.target_identity, plan.drafter_identity, name, dtype_short, context, home)
-    cached = None if refresh else _read_cached(path)
+    cached = None if refresh else _read_cached(path, progress)
     measured_now = cached is None or not _covers(cached, requests, lengths, plan.drafter_spec is not None)
     if measured_now:
         profile = _measure_plan(plan, dev, dtype, dtype_short, name, context=context,

@@ -179,6 +179,12 @@ class SPSProfile:
     def has_draft_cost(self) -> bool:
         return self._draft is not None
 
+    @property
+    def max_measured_requests(self) -> int | None:
+        """The largest request count R the grid measured (None for a by-tokens table, which has no R axis);
+        beyond it every lookup is an extrapolation."""
+        return int(self._rows[-1]) if self.is_grid else None
+
     def verify_ms(self, tokens, requests: int | None = None) -> np.ndarray:
         """Target step time (ms) for B = `tokens` (scalar or array) over `requests` requests (grid only)."""
         tokens = np.asarray(tokens, dtype=np.float64)

@@ -30,6 +30,14 @@ class Blocks:
         return self.prev_tokens[..., 0]
 
 
+def anchor_candidates(loss_mask: torch.Tensor) -> torch.Tensor:
+    """loss_mask [..., S] → bool [..., S]: position i can anchor a block (loss_mask[i] = loss_mask[i+1] = 1)."""
+    mask = loss_mask.bool()
+    candidates = torch.zeros_like(mask)
+    candidates[..., :-1] = mask[..., :-1] & mask[..., 1:]
+    return candidates
+
+
 def sample_anchor_positions(
     loss_mask: torch.Tensor, num_anchors: int, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,11 +46,9 @@ def sample_anchor_positions(
     loss_mask [N, S] bool → (positions [N, A], valid [N, A]). Sequences with fewer candidates use all of
     them and pad with invalid position-0 dummies.
     """
-    mask = loss_mask.bool()
-    n, seq_len = mask.shape
-    candidates = torch.zeros_like(mask)
-    candidates[:, :-1] = mask[:, :-1] & mask[:, 1:]
-    keys = torch.rand(n, seq_len, generator=generator, device=mask.device)
+    n, seq_len = loss_mask.shape
+    candidates = anchor_candidates(loss_mask)
+    keys = torch.rand(n, seq_len, generator=generator, device=loss_mask.device)
     keys = keys.masked_fill(~candidates, -1.0)  # candidates have keys in [0, 1): they win every top-k slot
     count = min(num_anchors, seq_len)
     top = torch.topk(keys, count, dim=1)

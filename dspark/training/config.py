@@ -4,6 +4,8 @@ The YAML may name a `preset` (one per drafter kind); the file's sections overrid
 command-line overrides override the file. Unknown keys anywhere are rejected with their dotted path.
 Defaults follow DeepSpec's recipe (SPEC §2.6): lr 6e-4, 4 % linear warmup then cosine, AdamW with
 weight decay 0, gradient clipping 1.0, block size 7, 512 anchors, 5 draft layers.
+Loading also resolves `train.device` ("auto": CUDA when available, else CPU; stored as "cpu" / "cuda:N") and
+checks `train.output_dir` can be written, so a bad value is refused before any model or data is read.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from dspark.config import apply_overrides, from_dict, load_yaml
+from dspark.devices import resolve_device
 from dspark.errors import ConfigError
+from dspark.files import check_output_folder
 
 DRAFTER_KINDS = ("dspark", "dflash", "eagle3", "mtp")
 
@@ -62,9 +66,10 @@ class TrainSection:
     batch_size: int = 8  # sequences per optimizer step, over all processes
     micro_batch_size: int = 1  # sequences per forward pass, per process
     seed: int = 42
-    device: str = "cpu"
+    device: str = "auto"  # auto (CUDA when available, else CPU) | cpu | cuda | cuda:N
     dtype: str = "float32"  # parameter dtype; bfloat16 keeps float32 master weights in the optimizer
     checkpoint_every: int = 1000
+    keep_last: int | None = None  # step_N checkpoints kept (the newest); None = all
     log_every: int = 10
     chunk_blocks: int = 64  # blocks per loss chunk (bounds the [blocks × γ × V] float32 memory)
     progress: bool = True
@@ -151,12 +156,15 @@ def validate(config: TrainConfig) -> None:
         (t.epochs >= 1, "train.epochs must be ≥ 1"),
         (t.max_steps is None or t.max_steps >= 1, "train.max_steps must be ≥ 1"),
         (t.checkpoint_every >= 1 and t.log_every >= 1, "train.checkpoint_every and train.log_every must be ≥ 1"),
+        (t.keep_last is None or t.keep_last >= 1, "train.keep_last must be ≥ 1 (or null: keep every checkpoint)"),
         (t.dtype in ("float32", "bfloat16"), "train.dtype must be float32 or bfloat16"),
         (t.parallel in ("ddp", "fsdp"), f"train.parallel must be ddp or fsdp, not {t.parallel!r}"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    t.device = str(resolve_device(t.device, "train.device"))
+    check_output_folder(t.output_dir, "train.output_dir")
 
 
 def default_target_layer_ids(num_target_layers: int, count: int = 5) -> list[int]:

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from dspark.errors import CheckpointError, ConfigError
+from dspark import files
 from dspark.files import default_mode
 from dspark.models.checkpoint import save_folder_atomically
 from dspark.models.target_runner import TargetRunner
@@ -302,10 +303,9 @@ def stale_temp_folders(output: Path) -> list[Path]:
 
 
 def check_output_folder(output: str | Path, *, overwrite: bool) -> None:
-    """Refuse to replace an existing non-empty folder unless `overwrite`."""
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"--output {output} exists and is not a folder")
+    """Refuse to replace an existing non-empty folder unless `overwrite` (and anything `dspark.files`
+    refuses for an output folder)."""
+    output = files.check_output_folder(output, "--output")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise ConfigError(f"--output {output} already exists and is not empty; pass --overwrite to replace it")
 
@@ -632,7 +632,8 @@ class FeatureCache:
         t = torch.from_numpy(np.array(array))
         return t.view(torch.bfloat16) if self.torch_dtype == torch.bfloat16 else t
 
-    def __getitem__(self, i: int) -> CachedSample:
+    def _rows(self, i: int) -> tuple[_Shard, slice]:
+        """Sample i's shard and token rows in it."""
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
             raise TypeError(f"cache indices are integers, got {type(i).__name__}")
         if i < 0:
@@ -640,11 +641,18 @@ class FeatureCache:
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range for a cache of {self.num_samples}")
         shard_id, start, length, _ = (int(v) for v in self.index[i])
-        shard = self.shards[shard_id]
-        rows = slice(start, start + length)
+        return self.shards[shard_id], slice(start, start + length)
+
+    def loss_mask(self, i: int) -> torch.Tensor:
+        """Sample i's loss mask [S] bool alone (no features read)."""
+        shard, rows = self._rows(i)
+        return torch.from_numpy(np.array(self._map(shard, "mask")[rows])).bool()
+
+    def __getitem__(self, i: int) -> CachedSample:
+        shard, rows = self._rows(i)
         return CachedSample(
             input_ids=torch.from_numpy(np.array(self._map(shard, "tokens")[rows])).long(),
-            loss_mask=torch.from_numpy(np.array(self._map(shard, "mask")[rows])).bool(),
+            loss_mask=self.loss_mask(i),
             features=self._tensor(self._map(shard, "features")[rows]),
             final_hidden=self._tensor(self._map(shard, "final")[rows]),
         )

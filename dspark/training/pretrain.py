@@ -1,7 +1,8 @@
 """`dspark pretrain`: train a Qwen3-architecture target from scratch on the corpus (dspark.training.corpus).
 
 Read top to bottom: config → token stream → model → AdamW loop (warmup + cosine, clipping) → atomic
-checkpoints with automatic resume → held-out loss → an HF folder (config.json, model.safetensors,
+checkpoints with automatic resume (`dspark.training.checkpoints`: output_dir/checkpoints/step_N, `latest`,
+`train.keep_last`) → held-out loss → an HF folder (config.json, model.safetensors,
 tokenizer, generation_config.json, pretrain_report.json) that transformers' `Qwen3ForCausalLM` and
 dspark's TargetRunner both load.
 
@@ -30,8 +31,11 @@ from pathlib import Path
 import torch
 
 from dspark.config import apply_overrides, from_dict, load_yaml, to_dict
+from dspark.devices import resolve_device
 from dspark.errors import CheckpointError, ConfigError
+from dspark.files import check_output_folder
 from dspark.models.checkpoint import save_folder_atomically, save_safetensors
+from dspark.training.checkpoints import CheckpointFolder, stderr_note
 from dspark.training.corpus import CODE_INSTRUCTION, PROSE_INSTRUCTION, Document, read_documents
 
 
@@ -75,8 +79,9 @@ class PretrainTrainSection:
     max_steps: int = 1200
     batch_size: int = 16  # rows of seq_len tokens per step
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # auto (CUDA when available, else CPU) | cpu | cuda | cuda:N
     checkpoint_every: int = 100
+    keep_last: int | None = None  # checkpoints/step_N kept (the newest); None = all
     log_every: int = 10
     eval_every: int = 200
     export_dtype: str = "bfloat16"  # dtype of the exported model.safetensors
@@ -106,10 +111,13 @@ def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> 
         (o.lr > 0 and 0 <= o.warmup_ratio < 1 and 0 <= o.min_lr_ratio <= 1, "optim.lr > 0, warmup_ratio in [0, 1), min_lr_ratio in [0, 1]"),
         (t.max_steps >= 1 and t.batch_size >= 1, "train.max_steps and train.batch_size must be ≥ 1"),
         (t.export_dtype in ("float32", "bfloat16"), "train.export_dtype must be float32 or bfloat16"),
+        (t.keep_last is None or t.keep_last >= 1, "train.keep_last must be ≥ 1 (or null: keep every checkpoint)"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    t.device = str(resolve_device(t.device, "train.device"))
+    check_output_folder(t.output_dir, "train.output_dir")
     return config
 
 
@@ -173,6 +181,9 @@ def lr_at(step: int, config: PretrainConfig) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+CHECKPOINT_FILES = ("state.safetensors", "state.json")  # what a complete pretraining checkpoint holds
+
+
 class Pretrainer:
     def __init__(self, config: PretrainConfig):
         from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -191,7 +202,8 @@ class Pretrainer:
         self.hf_config = hf_config_dict(config.model, self.tokenizer)
         torch.manual_seed(t.seed)
         self.model = Qwen3ForCausalLM(Qwen3Config(**{k: v for k, v in self.hf_config.items() if k != "architectures"}))
-        self.model.to(t.device)
+        self.device = resolve_device(t.device, "train.device")
+        self.model.to(self.device)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
         o = config.optim
@@ -200,6 +212,8 @@ class Pretrainer:
             lr=o.lr, betas=tuple(o.betas), fused=False, foreach=True,
         )
         self.output_dir = Path(t.output_dir)
+        self.checkpoints = CheckpointFolder(self.output_dir / "checkpoints", CHECKPOINT_FILES, t.keep_last,
+                                            stderr_note("dspark pretrain"))
         self.step = 0
         self.history: list[dict] = []
 
@@ -209,7 +223,7 @@ class Pretrainer:
         per_epoch = len(self.train_rows) // t.batch_size
         epoch, index = divmod(step, per_epoch)
         order = torch.randperm(len(self.train_rows), generator=torch.Generator().manual_seed(t.seed + epoch))
-        return self.train_rows[order[index * t.batch_size:(index + 1) * t.batch_size]].to(t.device)
+        return self.train_rows[order[index * t.batch_size:(index + 1) * t.batch_size]].to(self.device)
 
     def train_step(self) -> dict:
         self.model.train()
@@ -232,7 +246,7 @@ class Pretrainer:
         self.model.eval()
         total, count = 0.0, 0
         for chunk in self.heldout_rows.split(self.config.train.batch_size):
-            chunk = chunk.to(self.config.train.device)
+            chunk = chunk.to(self.device)
             n = chunk.numel() - chunk.shape[0]
             total += float(self.model(input_ids=chunk, labels=chunk).loss) * n
             count += n
@@ -252,25 +266,20 @@ class Pretrainer:
         return state
 
     def save_checkpoint(self) -> Path:
-        folder = self.output_dir / "checkpoints" / f"step_{self.step}"
+        """`output_dir/checkpoints/step_<N>` (model and AdamW state, history), then `latest` (atomically)."""
         state = self._state()
 
         def write(tmp: Path) -> None:
             save_safetensors(state, tmp / "state.safetensors")
             (tmp / "state.json").write_text(json.dumps({"step": self.step, "history": self.history}) + "\n")
 
-        save_folder_atomically(folder, write)
-        latest = self.output_dir / "checkpoints" / "latest"
-        tmp = latest.with_suffix(".tmp")
-        tmp.write_text(folder.name + "\n")
-        tmp.replace(latest)
-        return folder
+        return self.checkpoints.save(self.step, write)
 
     def resume(self) -> bool:
-        latest = self.output_dir / "checkpoints" / "latest"
-        if not latest.is_file():
+        """Continue from the checkpoint `CheckpointFolder.resume_point` picks. Returns whether one was loaded."""
+        folder = self.checkpoints.resume_point()
+        if folder is None:
             return False
-        folder = latest.parent / latest.read_text().strip()
         from safetensors.torch import load_file
 
         try:
@@ -326,6 +335,7 @@ class Pretrainer:
         from tqdm import tqdm
 
         t = self.config.train
+        self.checkpoints.remove_stale()
         resumed = self.resume()
         started = time.perf_counter()
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not t.progress, desc="pretrain", unit="step")

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import torch
 
 from dspark.errors import ConfigError
+from dspark.models.tokenizer import check_text
 
 ROLES = ("system", "user", "assistant")
 
@@ -104,6 +105,7 @@ def parse_sample(obj: Any, *, index: int, where: str) -> Sample:
         for i, turn in enumerate(turns):
             if not isinstance(turn, str):
                 raise ConfigError(f"{where}: \"turns\"[{i}] must be a string, got {_type(turn)}")
+            check_text(turn, f"{where}: \"turns\"[{i}]", ConfigError)
         messages = tuple({"role": "user", "content": turn} for turn in turns)
     else:
         conv = obj["conversations"]
@@ -121,6 +123,7 @@ def parse_sample(obj: Any, *, index: int, where: str) -> Sample:
                 raise ConfigError(f"{where}: \"conversations\"[{i}].role is {role!r}; expected one of {', '.join(ROLES)}")
             if not isinstance(content, str):
                 raise ConfigError(f"{where}: \"conversations\"[{i}].content must be a string, got {_type(content)}")
+            check_text(content, f"{where}: \"conversations\"[{i}].content", ConfigError)
             parsed.append({"role": role, "content": content})
         messages = tuple(parsed)
     return Sample(id=sample_id, index=index, messages=messages, where=where)

@@ -2,6 +2,10 @@
 supervised units a micro-batch holds (the loss denominator, summed over the whole step before any loss
 is computed), and its loss (SPEC §2.5 for DSpark / DFlash, §2.7 for EAGLE-3 and MTP-1).
 
+`supervised_units(loss_mask)` counts what one sample gives its loss to learn from (DSpark / DFlash: anchor
+positions; EAGLE-3 / MTP-1: labels two or more tokens ahead), so data with nothing to supervise is refused
+before training (`dspark.training.data_loading.check_supervision`).
+
 A micro-batch is a dict of padded tensors: input_ids [N, S], loss_mask [N, S], features [N, S, L·H],
 final_hidden [N, S, H], plus `sample_indices` (to seed per-sample anchor draws).
 """
@@ -15,7 +19,7 @@ import torch
 from dspark.models.drafters.dspark import DSparkModel, dspark_config_for_target, init_from_target
 from dspark.models.drafters.eagle3 import Eagle3Model, eagle3_config_for_target, eagle3_ttt_loss, init_eagle3_from_target, ttt_supervision
 from dspark.models.drafters.mtp import MTPModel, init_mtp_from_target, mtp_config_for_target, mtp_loss
-from dspark.training.anchors import build_blocks, sample_anchor_positions
+from dspark.training.anchors import anchor_candidates, build_blocks, sample_anchor_positions
 from dspark.training.config import TrainConfig, default_target_layer_ids
 from dspark.training.losses import LossWeights, drafter_block_loss, position_weights
 
@@ -24,6 +28,12 @@ class DSparkRecipe:
     """DSpark and DFlash: anchors → blocks → masked backbone pass → chunked three-term (or CE) loss."""
 
     model_class = DSparkModel
+    unit = "anchor positions (loss_mask[i] = loss_mask[i+1] = 1)"
+
+    @staticmethod
+    def supervised_units(loss_mask: torch.Tensor) -> int:
+        """loss_mask [S] → the number of positions that can anchor a block."""
+        return int(anchor_candidates(loss_mask).sum())
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -85,6 +95,12 @@ class Eagle3Recipe:
     """EAGLE-3: training-time test over `block_size` unrolled steps, soft CE against the target, 0.8^k."""
 
     model_class = Eagle3Model
+    unit = "supervised labels of the first test-time step (loss_mask[t] = 1 at t ≥ 2)"
+
+    @staticmethod
+    def supervised_units(loss_mask: torch.Tensor) -> int:
+        """loss_mask [S] → supervised rows of the first unrolled step (later steps supervise a subset)."""
+        return int(ttt_supervision(loss_mask.bool().unsqueeze(0), 1).sum())
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -113,6 +129,12 @@ class MTPRecipe:
     """MTP-1: one module predicting x_{t+2} from the target's last layer output at t and x_{t+1}."""
 
     model_class = MTPModel
+    unit = "supervised labels two tokens ahead (loss_mask[t] = 1 at t ≥ 2)"
+
+    @staticmethod
+    def supervised_units(loss_mask: torch.Tensor) -> int:
+        """loss_mask [..., S] → rows whose label x_{t+2} is supervised (the loss denominator)."""
+        return int(loss_mask.bool()[..., 2:].sum())
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -127,8 +149,7 @@ class MTPRecipe:
         pass
 
     def denominator(self, batch: dict) -> torch.Tensor:
-        mask = batch["loss_mask"].bool()
-        return (mask[:, 2:]).sum().float()
+        return torch.tensor(float(self.supervised_units(batch["loss_mask"])))
 
     def loss(self, model, batch: dict, denominator: torch.Tensor) -> tuple[torch.Tensor, dict]:
         logits = model.forward_train(batch["features"], batch["input_ids"].to(batch["features"].device))

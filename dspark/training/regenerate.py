@@ -28,6 +28,8 @@ Resume semantics (unlike DeepSpec, whose line-count resume duplicates/skips samp
     template) are stored next to the output in `<output>.settings.json`; resuming with other settings
     is refused. `--limit` may change between runs, but at temperature > 0 a batch cut short by the
     limit of an earlier run holds other samples than the same batch of a longer run.
+  * one writer at a time: a run holds an exclusive lock on the output (`dspark.files.exclusive_lock`) from
+    the scan to its last append; a second run on the same output refuses at once (ConfigError).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from typing import Callable, Sequence
 from dspark.decoding.sampling import SamplingParams
 from dspark.engine.generation import generate
 from dspark.errors import ConfigError
+from dspark.files import exclusive_lock
 from dspark.models.drafters.base import Drafter
 from dspark.models.target_runner import TargetRunner
 from dspark.training.prompts import Sample, chat_template_info, regeneration_messages, render_regeneration_prompt
@@ -196,6 +199,19 @@ def regenerate(
         "num_draft_tokens": num_draft_tokens if drafter is not None else None,
     }
     output.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(output, "--output"):
+        return _regenerate_locked(
+            runner, tokenizer, chosen, output, all_ids=all_ids, messages=messages, settings=settings,
+            stop_token_ids=stop_token_ids, sampling=sampling, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            seed=seed, first_batch=first_batch, drafter=drafter, num_draft_tokens=num_draft_tokens,
+            template_kwargs=template_kwargs, progress=progress, after_batch=after_batch, start_time=start_time,
+        )
+
+
+def _regenerate_locked(runner, tokenizer, chosen, output: Path, *, all_ids, messages, settings, stop_token_ids,
+                       sampling, max_new_tokens, batch_size, seed, first_batch, drafter, num_draft_tokens,
+                       template_kwargs, progress, after_batch, start_time) -> RegenerateSummary:
+    """`regenerate` once it holds the output's lock: scan, check the settings, generate the missing batches."""
     done_ids, torn = scan_output(output)
     if torn:
         print(f"{output}: dropped a torn last line ({torn} bytes) left by an interrupted run", file=sys.stderr)

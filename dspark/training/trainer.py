@@ -20,18 +20,19 @@ Data parallelism (torchrun), `train.parallel`:
   (summed, float32) after every micro-batch and AdamW runs on the shards. The frozen embedding and LM head
   stay unsharded.
 One process ignores `train.parallel` (nothing to distribute): it trains exactly as without torchrun.
-Checkpoints (every `checkpoint_every` steps and at the end) are written atomically: a loadable drafter
-folder plus `trainer_state.safetensors` / `trainer_state.json` (optimizer moments, master weights, RNG,
-step); `latest` names the newest one and a restarted run resumes from it. No pickle anywhere. They hold
-full (unsharded) tensors whatever the parallelism, so any run, with any number of processes or either
-mode, resumes from any of them.
+Checkpoints (every `checkpoint_every` steps and at the end) are written atomically by
+`dspark.training.checkpoints` as output_dir/step_N: a loadable drafter folder plus
+`trainer_state.safetensors` / `trainer_state.json` (optimizer moments, master weights, RNG, step);
+`latest` names the newest one and a restarted run resumes from it (or from the newest complete step_N when
+`latest` is lost); `train.keep_last` bounds how many are kept. No pickle anywhere. They hold full
+(unsharded) tensors whatever the parallelism, so any run, with any number of processes or either mode,
+resumes from any of them.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -44,12 +45,16 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dspark.config import to_dict
+from dspark.devices import resolve_device
 from dspark.errors import CheckpointError, ConfigError
-from dspark.models.checkpoint import save_folder_atomically, save_safetensors
+from dspark.models.checkpoint import save_safetensors
 from dspark.models.target_runner import TargetRunner
+from dspark.training.checkpoints import CheckpointFolder, stderr_note
 from dspark.training.config import TrainConfig
 
 FROZEN = ("embed_tokens.weight", "lm_head.weight")  # shared with the target, never trained (SPEC §2.2)
+CHECKPOINT_FILES = ("drafter/config.json", "drafter/model.safetensors", "trainer_state.safetensors",
+                    "trainer_state.json")  # what a complete step_N holds
 
 
 @dataclass
@@ -96,7 +101,7 @@ class Trainer:
         if len(samples) < t.batch_size:
             raise ConfigError(f"{len(samples)} training samples: fewer than one batch of {t.batch_size}")
         self.samples = samples
-        self.device = torch.device(t.device)
+        self.device = resolve_device(t.device, "train.device")
         self.target = target or TargetRunner.from_pretrained(config.model.target, device=self.device)
         if not self.target.hf_config:
             raise ConfigError("the target must be loaded from a model folder: its config.json seeds the drafter's")
@@ -133,6 +138,9 @@ class Trainer:
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.step = 0
         self.output = Path(t.output_dir)
+        self.checkpoints = CheckpointFolder(self.output, CHECKPOINT_FILES, t.keep_last,
+                                            stderr_note("dspark train") if self.rank == 0 else lambda _: None)
+        self.resumed_from: Path | None = None
         self.writer = None
 
     # -- data parallelism ----------------------------------------------------------------------------
@@ -311,6 +319,8 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self) -> Path:
         t = self.config.train
+        if self.rank == 0:
+            self.checkpoints.remove_stale()
         self.resume()
         progress = None
         if self.rank == 0:
@@ -332,7 +342,7 @@ class Trainer:
         if self.rank == 0:
             progress.close()
             self.writer.close()
-        return last or self.output / (self.output / "latest").read_text().strip()
+        return last or self.resumed_from
 
     def _log(self, stats: dict) -> None:
         """Scalars as train/<name>; per-position lists as train/<name>@k (e.g. teacher-forced acceptance)."""
@@ -348,7 +358,7 @@ class Trainer:
         """Rank 0 writes `step_<N>/` (drafter folder + trainer state) atomically, then `latest`. Under FSDP
         every process first takes part in gathering each tensor whole (one at a time, onto rank 0's CPU),
         so the checkpoint has the same layout as a single-process one."""
-        folder = self.output / f"step_{self.step}"
+        folder = self.checkpoints.folder(self.step)
         tensors = {}
         for i, (master, state) in enumerate(zip(self.master, (self.optimizer.state.get(m, {}) for m in self.master))):
             tensors[f"master.{i}"] = self._full(master)
@@ -368,10 +378,7 @@ class Trainer:
                 save_safetensors(tensors, tmp / "trainer_state.safetensors")
                 (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-            save_folder_atomically(folder, write)
-            pointer = self.output / "latest.tmp"
-            pointer.write_text(folder.name + "\n")
-            os.replace(pointer, self.output / "latest")
+            self.checkpoints.save(self.step, write)
         if self.world > 1:
             dist.barrier()
         return folder
@@ -388,11 +395,10 @@ class Trainer:
         whole.save_pretrained(folder)
 
     def resume(self) -> bool:
-        """Continue from `output_dir/latest` if it exists. Returns whether a checkpoint was loaded."""
-        pointer = self.output / "latest"
-        if not pointer.is_file():
+        """Continue from the checkpoint `CheckpointFolder.resume_point` picks. Returns whether one was loaded."""
+        folder = self.checkpoints.resume_point()
+        if folder is None:
             return False
-        folder = self.output / pointer.read_text().strip()
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -424,4 +430,5 @@ class Trainer:
                         "exp_avg_sq": self._like(tensors[f"exp_avg_sq.{i}"], master),
                     }
         self.step = int(meta["step"])
+        self.resumed_from = folder
         return True

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 from dspark.config import to_dict
+from dspark.devices import resolve_device
+from dspark.files import exclusive_lock
 from dspark.models.zoo import BUILTIN_DIR, BUILTIN_DRAFTERS
 
 PRETRAIN_OVERRIDES = [
@@ -163,7 +165,8 @@ def train_drafter(name: str, work: Path, target: Path, data: Path, *, device: st
         return final
     _log(f"training drafter {name}")
     config = load_train_config(None, drafter_overrides(name, target, data, out, device, progress))
-    trainer = Trainer(config, load_samples(config.data.train, config.model.target, config.data.max_length))
+    trainer = Trainer(config, load_samples(config.data.train, config.model.target, config.data.max_length,
+                                           config.model.drafter))
     checkpoint = trainer.fit()
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -197,6 +200,7 @@ def calibrate_drafter(work: Path, target: Path, drafter: Path, *, device: str, p
     from dspark.calibration.fitting import fit_and_save
     from dspark.evaluation.datasets import load_set
     from dspark.evaluation.offline import EvalSettings, evaluate
+    from dspark.evaluation.traces import drafter_rounds
 
     out = work / "calibration.json"
     if out.is_file():
@@ -211,8 +215,8 @@ def calibrate_drafter(work: Path, target: Path, drafter: Path, *, device: str, p
         settings = EvalSettings(temperature=temperature, max_new_tokens=CALIBRATION_MAX_NEW_TOKENS, seed=0, batch_size=16)
         _, traces = evaluate(str(target), [str(drafter)], [prompt_set], settings, device=device, progress=progress,
                              calibration="none")
-        entry = next(iter(traces.values()))
-        per_temperature[temperature], block_size = entry["datasets"], entry["block_size"]
+        per_temperature[temperature] = drafter_rounds(traces, next(iter(traces)), "calibration rounds")
+        block_size = per_temperature[temperature].block_size
     summary = fit_and_save(per_temperature, drafter, block_size, out)
     for regime in summary["regimes"]:
         _log(f"sampling temperature {regime['sampling_temperature']:g}: ECE before {regime['ece_before']['mean']:.4f}, "
@@ -257,10 +261,18 @@ def install(work: Path, target: Path, drafters: dict[str, Path], out: Path, cali
     return manifest
 
 
-def rebuild(work: str | Path, out: str | Path = BUILTIN_DIR, *, device: str = "cpu", drafters=BUILTIN_DRAFTERS,
+def rebuild(work: str | Path, out: str | Path = BUILTIN_DIR, *, device: str = "auto", drafters=BUILTIN_DRAFTERS,
             progress: bool = True, stdlib_dir=None, docs_dir=None) -> dict:
+    """Every step above, each skipped when its result is in `work` already; one rebuild per `work` folder at
+    a time (a second one refuses at once: `dspark.files.exclusive_lock`)."""
     work, out = Path(work), Path(out)
     work.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(work, "--work"):
+        return _rebuild_locked(work, out, device=str(resolve_device(device, "--device")), drafters=drafters,
+                               progress=progress, stdlib_dir=stdlib_dir, docs_dir=docs_dir)
+
+
+def _rebuild_locked(work: Path, out: Path, *, device: str, drafters, progress: bool, stdlib_dir, docs_dir) -> dict:
     target = build_target(work, device=device, progress=progress, stdlib_dir=stdlib_dir, docs_dir=docs_dir)
     data = build_training_data(work, target, device=device, progress=progress)
     features = build_features(work, target, data, device=device, progress=progress)

@@ -10,10 +10,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dspark.devices import resolve_device, resolve_dtype
 from dspark.errors import CheckpointError, RequestError
-from dspark.models.checkpoint import load_state_into, save_folder_atomically, save_safetensors
+from dspark.models.checkpoint import (
+    IndexExpectation,
+    check_index,
+    load_state_into,
+    read_tensor_index,
+    save_folder_atomically,
+    save_safetensors,
+)
 from dspark.models.config import read_config_json
-from dspark.models.target_runner import resolve_dtype
 
 FROZEN_PREFIXES = ("embed_tokens.", "lm_head.")  # copies of the target's, never trained (SPEC §2.2)
 
@@ -28,13 +35,28 @@ class DraftCheckpointMixin:
     `parse_config(hf, where)` static method; plus the parameters a trainer may update."""
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, *, device="cpu", dtype=None):
+    def from_pretrained(cls, folder: str | Path, *, device="auto", dtype=None):
         folder = Path(folder)
-        config = cls.parse_config(read_config_json(folder), where=str(folder / "config.json"))
+        device = resolve_device(device)
+        where = str(folder / "config.json")
+        config = cls.parse_config(read_config_json(folder), where=where)
+        torch_dtype = resolve_dtype(dtype, device)
+        index = read_tensor_index(folder)
+        check_index(index, cls.index_expectation(config), folder, where)
         with torch.device("meta"):
             model = cls(config)
-        load_state_into(model, folder, dtype=resolve_dtype(dtype, torch.device(device)), device=device)
+        load_state_into(model, folder, dtype=torch_dtype, device=device, index=index)
         return model
+
+    @classmethod
+    def index_expectation(cls, config) -> IndexExpectation:
+        """What the config fixes about the checkpoint before the model is built: draft layers
+        `layers.{i}.` for i < config.layers.num_layers, the embedding [V, H], layer 0's q_proj [heads·D, H]."""
+        c = config.layers
+        return IndexExpectation("layers.", c.num_layers, {
+            "embed_tokens.weight": (c.vocab_size, c.hidden_size),
+            "layers.0.self_attn.q_proj.weight": (c.num_heads * c.head_dim, c.hidden_size),
+        })
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write config.json + model.safetensors atomically; returns the folder."""

@@ -405,7 +405,7 @@ class DSparkDrafter(Drafter):
             self.cache.free_sequence(handle)
 
 
-def load_dspark_drafter(folder: str | Path, *, device="cpu", dtype=None) -> DSparkDrafter:
+def load_dspark_drafter(folder: str | Path, *, device="auto", dtype=None) -> DSparkDrafter:
     return DSparkDrafter(DSparkModel.from_pretrained(folder, device=device, dtype=dtype))
 
 

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from dspark.errors import CheckpointError
-from dspark.models.config import DecoderConfig, parse_decoder_config
+from dspark.models.config import (
+    DecoderConfig,
+    architectures_field,
+    bool_field,
+    int_field,
+    parse_decoder_config,
+    str_field,
+)
 from dspark.models.drafters.heads import HEAD_TYPES
 
 # Family (as parsed from model_type) -> the drafter architecture name written to config.json.
@@ -72,30 +79,29 @@ def parse_dspark_config(hf: dict[str, Any], where: str = "config.json") -> DSpar
     missing = [f for f in ("num_target_layers", "block_size", "target_layer_ids", "mask_token_id") if hf.get(f) is None]
     if missing:
         raise CheckpointError(f"{where}: drafter field(s) {', '.join(missing)} missing (not a DSpark/DFlash checkpoint?)")
+    architectures_field(hf, where)
     target_like = {k: v for k, v in hf.items() if k != "architectures"}
     target_like["tie_word_embeddings"] = False
     layers = parse_decoder_config(target_like, where)
-    num_target_layers = hf["num_target_layers"]
+    num_target_layers = int_field(hf, "num_target_layers", where)
     ids = hf["target_layer_ids"]
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise CheckpointError(f"{where}: target_layer_ids must be a non-empty list of integers, got {ids!r}")
     if any(not -1 <= i < num_target_layers for i in ids) or any(a >= b for a, b in zip(ids, ids[1:])):
         raise CheckpointError(
             f"{where}: target_layer_ids {ids} must be strictly increasing in [-1, {num_target_layers - 1}] "
             "(-1 = embedding output)"
         )
-    block = hf["block_size"]
-    if not isinstance(block, int) or block < 1:
-        raise CheckpointError(f"{where}: block_size must be a positive integer, got {block!r}")
-    mask = hf["mask_token_id"]
-    if not isinstance(mask, int) or not 0 <= mask < layers.vocab_size:
+    block = int_field(hf, "block_size", where)
+    mask = int_field(hf, "mask_token_id", where, minimum=0)
+    if mask >= layers.vocab_size:
         raise CheckpointError(f"{where}: mask_token_id {mask!r} is outside the vocabulary [0, {layers.vocab_size})")
-    rank = hf.get("markov_rank", 0) or 0
-    head = hf.get("markov_head_type", "vanilla") or "vanilla"
+    rank = int_field(hf, "markov_rank", where, default=0, minimum=0)
+    head = str_field(hf, "markov_head_type", where, default="vanilla") or "vanilla"
     if head not in HEAD_TYPES:
         raise CheckpointError(f"{where}: markov_head_type {head!r} is not one of {', '.join(HEAD_TYPES)}")
-    confidence = bool(hf.get("enable_confidence_head", False))
-    with_markov = bool(hf.get("confidence_head_with_markov", False)) and confidence
+    confidence = bool_field(hf, "enable_confidence_head", where, default=False)
+    with_markov = bool_field(hf, "confidence_head_with_markov", where, default=False) and confidence
     if with_markov and rank == 0:
         raise CheckpointError(f"{where}: confidence_head_with_markov needs a Markov head (markov_rank > 0)")
     return DSparkConfig(
@@ -104,8 +110,8 @@ def parse_dspark_config(hf: dict[str, Any], where: str = "config.json") -> DSpar
         block_size=block,
         target_layer_ids=tuple(ids),
         mask_token_id=mask,
-        num_anchors=int(hf.get("num_anchors", 512)),
-        markov_rank=int(rank),
+        num_anchors=int_field(hf, "num_anchors", where, default=512),
+        markov_rank=rank,
         markov_head_type=head,
         enable_confidence_head=confidence,
         confidence_head_with_markov=with_markov,

@@ -64,7 +64,8 @@ from torch import nn
 
 from dspark.decoding.sampling import logits_to_probs, sample
 from dspark.errors import CheckpointError, RequestError
-from dspark.models.config import DecoderConfig, parse_decoder_config
+from dspark.models.checkpoint import IndexExpectation
+from dspark.models.config import DecoderConfig, architectures_field, int_field, parse_decoder_config
 from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter
 from dspark.models.drafters.common import (
     DraftCheckpointMixin,
@@ -94,6 +95,7 @@ def parse_feature_drafter_fields(
     missing = [f for f in ("num_target_layers", "target_layer_ids") if hf.get(f) is None]
     if missing:
         raise CheckpointError(f"{where}: drafter field(s) {', '.join(missing)} missing (not an {kind} checkpoint?)")
+    architectures_field(hf, where)
     target_like = {k: v for k, v in hf.items() if k != "architectures"}
     target_like["tie_word_embeddings"] = False
     layers = parse_decoder_config(target_like, where)
@@ -101,9 +103,7 @@ def parse_feature_drafter_fields(
         raise CheckpointError(
             f"{where}: an {kind} drafter has exactly one decoder layer, num_hidden_layers={layers.num_layers}"
         )
-    num_target_layers = hf["num_target_layers"]
-    if not isinstance(num_target_layers, int) or isinstance(num_target_layers, bool) or num_target_layers < 1:
-        raise CheckpointError(f"{where}: num_target_layers must be a positive integer, got {num_target_layers!r}")
+    num_target_layers = int_field(hf, "num_target_layers", where)
     ids = hf["target_layer_ids"]
     if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise CheckpointError(f"{where}: target_layer_ids must be a non-empty list of integers, got {ids!r}")
@@ -139,9 +139,7 @@ class Eagle3Config:
 def parse_eagle3_config(hf: dict[str, Any], where: str = "config.json") -> Eagle3Config:
     """Validate an EAGLE-3 drafter config.json and build an `Eagle3Config`."""
     layers, num_target_layers, ids = parse_feature_drafter_fields(hf, where, "EAGLE-3")
-    block = hf.get("block_size", 7)
-    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-        raise CheckpointError(f"{where}: block_size must be a positive integer, got {block!r}")
+    block = int_field(hf, "block_size", where, default=7)
     return Eagle3Config(layers, num_target_layers, ids, block, hf_config=dict(hf))
 
 
@@ -269,6 +267,15 @@ class Eagle3Model(DraftCheckpointMixin, nn.Module):
     """The EAGLE-3 drafter network; module names are the checkpoint's tensor names (module docstring)."""
 
     parse_config = staticmethod(parse_eagle3_config)
+
+    @classmethod
+    def index_expectation(cls, config: Eagle3Config) -> IndexExpectation:
+        """One unnumbered `midlayer`; the embedding [V, H] and its q_proj [heads·D, 2H] fixed by the config."""
+        c = config.layers
+        return IndexExpectation(None, 1, {
+            "embed_tokens.weight": (c.vocab_size, c.hidden_size),
+            "midlayer.self_attn.q_proj.weight": (c.num_heads * c.head_dim, 2 * c.hidden_size),
+        })
 
     def __init__(self, config: Eagle3Config):
         super().__init__()
@@ -504,7 +511,7 @@ class Eagle3Drafter(CausalFeatureDrafter):
         super().__init__(model, name="eagle3", cache_block_size=cache_block_size)
 
 
-def load_eagle3_drafter(folder: str | Path, *, device="cpu", dtype=None) -> Eagle3Drafter:
+def load_eagle3_drafter(folder: str | Path, *, device="auto", dtype=None) -> Eagle3Drafter:
     return Eagle3Drafter(Eagle3Model.from_pretrained(folder, device=device, dtype=dtype))
 
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dspark.errors import CheckpointError
-from dspark.models.config import DecoderConfig
+from dspark.models.config import DecoderConfig, int_field
 from dspark.models.decoder import DecoderLayer
 from dspark.models.drafters.common import DraftCheckpointMixin, compute_dtype, init_draft_weights
 from dspark.models.drafters.eagle3 import (
@@ -97,7 +97,7 @@ def parse_mtp_config(hf: dict[str, Any], where: str = "config.json") -> MTPConfi
     if ids[0] == -1:
         raise CheckpointError(f"{where}: an MTP drafter reads a decoder layer's output, not the embedding (-1)")
     for field in ("block_size", "num_nextn_predict_layers"):
-        if hf.get(field, 1) != 1:
+        if int_field(hf, field, where, default=1) != 1:
             raise CheckpointError(f"{where}: {field}={hf[field]!r}; MTP-1 drafts exactly one token per round")
     return MTPConfig(layers, num_target_layers, ids, hf_config=dict(hf))
 
@@ -231,7 +231,7 @@ class MTPDrafter(CausalFeatureDrafter):
         super().__init__(model, name="mtp", cache_block_size=cache_block_size)
 
 
-def load_mtp_drafter(folder: str | Path, *, device="cpu", dtype=None) -> MTPDrafter:
+def load_mtp_drafter(folder: str | Path, *, device="auto", dtype=None) -> MTPDrafter:
     return MTPDrafter(MTPModel.from_pretrained(folder, device=device, dtype=dtype))
 
 

@@ -1,13 +1,13 @@
-"""Resolve `--drafter` values: a built-in model-free name ("ngram") or a drafter checkpoint folder,
+"""Resolve `--drafter` values: the model-free "ngram", a built-in drafter name, or a drafter checkpoint folder
 dispatched on `architectures` in its config.json to the loader a drafter module registered."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
 from dspark.errors import CheckpointError, ConfigError
+from dspark.models.config import architectures_field, read_json_object
 from dspark.models.drafters.base import Drafter
 
 _FOLDER_LOADERS: dict[str, Callable[..., Drafter]] = {}
@@ -27,28 +27,29 @@ def register_drafter(architecture: str, loader: Callable[..., Drafter]) -> None:
 
 
 def load_drafter(spec: str, *, num_draft_tokens: int | None = None, calibration: str | None = "auto", **kwargs) -> Drafter:
-    """`spec`: "ngram" or a checkpoint folder.
+    """`spec`: "ngram", a built-in drafter name (`dspark.models.zoo.BUILTIN_DRAFTERS`) or a checkpoint folder.
 
     calibration (drafters with a confidence head): a calibration file (`dspark calibrate`) to apply, checked
     against this drafter's weights and block size; "auto" = the built-in calibration when it was fitted for
-    exactly this drafter, else the raw head; None or "none" = the raw head.
+    exactly this drafter, else the raw head; None or "none" = the raw head. A file given for a drafter
+    without a confidence head is refused (ConfigError).
     """
+    from dspark.models.zoo import DRAFTER_NAMES, resolve_drafter
+
     if spec == "ngram":
         from dspark.models.drafters.ngram import NgramDrafter
 
+        _refuse_calibration(calibration, spec)
         return NgramDrafter(num_draft_tokens=7 if num_draft_tokens is None else num_draft_tokens)
-    folder = Path(spec)
+    folder = Path(resolve_drafter(spec))
     if not folder.is_dir():
-        raise ConfigError(f"--drafter {spec!r}: neither a built-in drafter name (ngram) nor an existing folder")
+        raise ConfigError(f"--drafter {spec!r}: neither a built-in drafter name ({', '.join(DRAFTER_NAMES)}) "
+                          "nor an existing folder")
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{config_path}: missing; a drafter folder needs config.json and model.safetensors")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+    archs = architectures_field(read_json_object(config_path), str(config_path))
     _import_builtin_drafters()
-    archs = config.get("architectures") or []
     for arch in archs:
         if arch in _FOLDER_LOADERS:
             drafter = _FOLDER_LOADERS[arch](folder, **kwargs)
@@ -56,9 +57,18 @@ def load_drafter(spec: str, *, num_draft_tokens: int | None = None, calibration:
                 drafter.check_num_draft_tokens(num_draft_tokens)
             if drafter.provides_confidence:
                 drafter.set_calibration(_calibration_regimes(calibration, folder, drafter.max_draft_tokens))
+            else:
+                _refuse_calibration(calibration, f"{folder} ({arch})")
             return drafter
     known = ", ".join(sorted(_FOLDER_LOADERS)) or "none yet"
     raise CheckpointError(f"{config_path}: drafter architecture {archs!r} is not supported (supported: {known})")
+
+
+def _refuse_calibration(calibration: str | None, drafter: str) -> None:
+    """ConfigError when a calibration file was named for a drafter that has no confidence head."""
+    if calibration not in (None, "auto", "none"):
+        raise ConfigError(f"--calibration {calibration!r}: drafter {drafter} has no confidence head to calibrate; "
+                          "omit --calibration (or give 'none')")
 
 
 def _calibration_regimes(calibration: str | None, folder: Path, block_size: int) -> dict[float, list[float]] | None:
@@ -73,7 +83,7 @@ def _calibration_regimes(calibration: str | None, folder: Path, block_size: int)
         path = builtin_calibration()
         if path is None:
             return None
-        stored = json.loads(path.read_text()).get("drafter", {})
+        stored = load_calibration(path).drafter
         mine = drafter_identity(folder)
         if any(stored.get(k) != mine[k] for k in ("config_sha256", "weights_sha256")):
             return None

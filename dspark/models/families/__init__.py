@@ -57,8 +57,10 @@ def all_families() -> dict[str, ModelFamily]:
 
 
 def family_for_config(hf: dict[str, Any], where: str) -> ModelFamily:
+    from dspark.models.config import architectures_field
+
     families = all_families().values()
-    archs = hf.get("architectures") or []
+    archs = architectures_field(hf, where)
     for family in families:
         if any(a in family.architectures for a in archs):
             return family
