@@ -1,4 +1,4 @@
-# `make demo` and `make test` each create or refresh .venv, then run.
+# `make demo` and `make test` each create or refresh .venv, then run. `make test` = the suite + the mutation check.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench clean
+.PHONY: demo test mutants bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) tests/mutants/run.py
+
+mutants: $(STAMP)
+	$(PY) tests/mutants/run.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_plain_decoding.py

@@ -18,15 +18,49 @@ def _one_thread():
 
 
 @pytest.fixture(scope="session")
-def dist_runner(tmp_path_factory):
-    """Target of the exact-distribution tests: V = 8 (so joints over 3 tokens can be enumerated), weights
-    large enough (std 0.6) that its distributions are far from uniform, float64."""
+def dist_target(tmp_path_factory):
+    """Folder of the exact-distribution tests' target: V = 8 (so joints over 3 tokens can be enumerated),
+    weights large enough (std 0.6) that its distributions are far from uniform."""
     from dspark.models.random_init import build_random_model
-    from dspark.models.target_runner import TargetRunner
 
-    folder = build_random_model(
+    return build_random_model(
         tmp_path_factory.mktemp("dist") / "tiny", "tiny-qwen3", seed=2, init_std=0.6, with_tokenizer=False,
         vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, max_position_embeddings=32,
     )
-    return TargetRunner.from_pretrained(folder, dtype="float64")
+
+
+@pytest.fixture(scope="session")
+def dist_runner(dist_target):
+    """The exact-distribution tests' target in float64."""
+    from dspark.models.target_runner import TargetRunner
+
+    return TargetRunner.from_pretrained(dist_target, dtype="float64")
+
+
+@pytest.fixture(scope="session")
+def distilled(dist_target, tmp_path_factory):
+    """`distilled(kind)` → the folder of a drafter of that kind (tests/distilled.py: DSpark vanilla / gated /
+    RNN, DFlash, EAGLE-3, MTP-1) distilled toward the dist_runner target, trained once per session."""
+    from distilled import distill
+
+    root = tmp_path_factory.mktemp("distilled")
+    return lambda kind: distill(dist_target, kind, root)
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """{path: Figure} of every matplotlib figure saved during the test (the files are still written), so a
+    test can check what a plot shows, not only that a file appeared (tests/figures.py checks the file)."""
+    from pathlib import Path
+
+    from matplotlib.figure import Figure
+
+    saved, original = {}, Figure.savefig
+
+    def savefig(self, fname, *args, **kwargs):
+        saved[Path(fname)] = self
+        return original(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved

@@ -15,6 +15,8 @@ import torch
 from dspark.cli import main
 from dspark.training.corpus import CODE_INSTRUCTION, CorpusError, build_corpus, locate_docs, read_documents
 
+from figures import check_png
+
 MODULE_TEXT = '''"""Module {i}."""
 
 import os
@@ -228,7 +230,7 @@ def test_eval_reports_the_paper_protocol_fields(eval_target, eval_data, capsys, 
     assert (tmp_path / "out" / "eval.json").is_file() and (tmp_path / "out" / "table.md").is_file()
 
 
-def test_eval_compares_drafters_with_a_plot(eval_target, eval_data, capsys, tmp_path):
+def test_eval_compares_drafters_with_a_plot(eval_target, eval_data, capsys, tmp_path, saved_figures):
     report, _ = run_eval(capsys, eval_target, eval_data, "--drafter", "ngram", "--drafter", "ngram",
                          "--block-size", "3", "--limit", "2", "--out", str(tmp_path / "out"))
     assert list(report["drafters"]) == ["ngram", "ngram'"]
@@ -236,7 +238,50 @@ def test_eval_compares_drafters_with_a_plot(eval_target, eval_data, capsys, tmp_
     assert first["datasets"]["gsm8k"]["tau"] == second["datasets"]["gsm8k"]["tau"]  # same prompts, same seeds
     assert report["gains"]["ngram"]["ngram'"] == pytest.approx(0.0)
     png = tmp_path / "out" / "conditional_acceptance.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["plot"] == str(png)
+    # Fig. 2: one panel per domain (one set each here), one line per drafter with its per-position values.
+    figure = saved_figures[png]
+    check_png(png, figure)
+    assert [ax.get_title() for ax in figure.axes] == ["math", "code"]
+    for ax, name in zip(figure.axes, ("gsm8k", "mbpp")):
+        assert [line.get_label() for line in ax.get_lines()] == ["ngram", "ngram'"]
+        for line, result in zip(ax.get_lines(), report["drafters"].values()):
+            values = result["datasets"][name]["conditional_acceptance"]
+            assert len(values) >= 1
+            assert list(line.get_xdata()) == list(range(1, len(values) + 1))
+            assert list(line.get_ydata()) == pytest.approx(values)
+    assert figure.get_suptitle() == f"conditional acceptance per position (T = {report['settings']['temperature']})"
+
+
+def test_conditional_acceptance_plot_pools_each_domain_by_hand(tmp_path, saved_figures):
+    """Fig. 2 from a hand-made report: a domain's line pools its sets' counts (accepted / reached per slot),
+    a drafter without rounds in a domain has no line there."""
+    from dspark.evaluation.report import plot_conditional_acceptance
+
+    def counts(domain, accepted, reached):
+        return {"domain": domain, "rounds": reached[0], "verified_per_position": list(reached),
+                "accepted_per_position": list(accepted), "reached_per_position": list(reached)}
+
+    report = {"settings": {"temperature": 0.0}, "drafters": {
+        "a": {"domains": {"math": 1.0, "code": 1.0}, "datasets": {
+            "gsm8k": counts("math", [8, 4], [10, 8]), "math500": counts("math", [6, 3], [10, 6]),
+            "mbpp": counts("code", [9, 6, 2], [10, 9, 6])}},
+        "b": {"domains": {"math": 1.0}, "datasets": {"gsm8k": counts("math", [4, 1, 0], [10, 4, 1])}},
+    }}
+    path = plot_conditional_acceptance(report, tmp_path / "fig2.png")
+    figure = saved_figures[path]
+    assert [ax.get_title() for ax in figure.axes] == ["math", "code"]
+    math, code = figure.axes
+    assert [line.get_label() for line in math.get_lines()] == ["a", "b"]
+    expected = {"a": [14 / 20, 7 / 14], "b": [0.4, 0.25, 0.0]}  # a pools gsm8k and math500
+    for line in math.get_lines():
+        values = expected[line.get_label()]
+        assert list(line.get_xdata()) == list(range(1, len(values) + 1))
+        assert list(line.get_ydata()) == pytest.approx(values)
+    (line,) = code.get_lines()
+    assert line.get_label() == "a" and list(line.get_ydata()) == pytest.approx([0.9, 6 / 9, 2 / 6])
+    assert [t.get_text() for t in math.get_legend().get_texts()] == ["a", "b"]
+    assert figure.get_suptitle() == "conditional acceptance per position (T = 0.0)"
 
 
 def test_eval_rejects_unknown_sets_and_reports_when_none_can_be_read(eval_target, eval_data, capsys, tmp_path):

@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from dspark.calibration import Rounds, reliability_data
 from dspark.cli import main
+from dspark.evaluation.traces import drafter_rounds
 from dspark.models.drafters import load_drafter
 from dspark.models.random_init import build_random_model
 from dspark.models.target_runner import TargetRunner
 
 from drafters_for_tests import save_dspark_folder
+from figures import check_png
 
 
 def make_dspark_folder(target_dir, out, seed):
@@ -32,6 +35,26 @@ def setup(tmp_path_factory):
     return target, drafter, other, prompts
 
 
+def check_reliability_figure(figure, before, positions, min_points=10):
+    """Raw head only: one panel per position with the diagonal, the raw curve over the bins with ≥ min_points
+    rounds, the bin counts as a background histogram, and ECE / n in the text."""
+    panels = [ax for ax in figure.axes if ax.get_visible() and ax.get_title().startswith("Position")]
+    assert positions and [ax.get_title() for ax in panels] == [f"Position {k}" for k in positions]
+    for ax, k in zip(panels, positions):
+        data = before[k - 1]
+        diagonal, *curves = ax.get_lines()
+        assert list(diagonal.get_xdata()) == [0, 1] and list(diagonal.get_ydata()) == [0, 1]
+        assert [line.get_label() for line in curves] == ["Before calibration"]
+        kept = [i for i, n in enumerate(data["count_per_bin"]) if n >= min_points]
+        assert kept  # every panel shown has a curve
+        np.testing.assert_allclose(curves[0].get_xdata(), [data["mean_predicted"][i] for i in kept])
+        np.testing.assert_allclose(curves[0].get_ydata(), [data["observed"][i] for i in kept])
+        (hist,) = [a for a in ax.get_shared_x_axes().get_siblings(ax) if a is not ax]
+        assert [p.get_height() for p in hist.patches] == data["count_per_bin"] and sum(data["count_per_bin"]) > 0
+        text = ax.texts[0].get_text()
+        assert f"ECE: {100 * data['ece']:.1f}%" in text and f"n = {data['count']}" in text
+
+
 def run_json(capsys, argv):
     code = main(argv)
     captured = capsys.readouterr()
@@ -39,7 +62,7 @@ def run_json(capsys, argv):
     return json.loads(captured.out)
 
 
-def test_eval_reports_calibration_and_calibrate_fits_from_its_traces(setup, capsys, tmp_path):
+def test_eval_reports_calibration_and_calibrate_fits_from_its_traces(setup, capsys, tmp_path, saved_figures):
     target, drafter, other, prompts = setup
     report = run_json(capsys, [
         "eval", "--target", str(target), "--drafter", str(drafter), "--datasets", str(prompts), "--max-new-tokens", "24",
@@ -52,7 +75,18 @@ def test_eval_reports_calibration_and_calibrate_fits_from_its_traces(setup, caps
     assert 0 <= first["ece"] <= 1 and 0 <= first["brier"] <= 1
     assert 0 < first["ece_floor"] < 1 and calib["mean"]["ece_floor"] == pytest.approx(
         np.mean([p["ece_floor"] for p in calib["positions"]]))
-    assert (tmp_path / "eval" / "reliability_drafter.png").read_bytes()[:4] == b"\x89PNG"
+    # The reliability diagram (raw head: --calibration none) shows the traces' rounds, one panel per position.
+    png = tmp_path / "eval" / "reliability_drafter.png"
+    assert report["reliability_plots"] == {"drafter": str(png)}
+    figure = saved_figures[png]
+    check_png(png, figure, dpi=110)
+    assert figure.get_suptitle() == "drafter: prefix-survival reliability"
+    recorded = drafter_rounds(json.loads((tmp_path / "eval" / "traces.json").read_text()), "drafter")
+    before = reliability_data(Rounds.from_arrays(recorded.raw_confidences(), recorded.verified, recorded.accepted,
+                                                 drop_invalid=True))
+    assert [d["count"] for d in before] == [p["count"] for p in calib["positions"]]
+    assert [d["ece"] for d in before] == pytest.approx([p["ece"] for p in calib["positions"]])
+    check_reliability_figure(figure, before, [d["position"] for d in before if d["count"] > 0])
 
     out = tmp_path / "calibration.json"
     summary = run_json(capsys, ["calibrate", "--drafter", str(drafter), "--traces", str(tmp_path / "eval" / "traces.json"),
@@ -104,13 +138,22 @@ def test_generation_feeds_the_online_calibrator_raw_confidences_and_applies_its_
     start = [2.0, 1.5, 0.7, 3.0]
     drafter.set_calibration(start)
     calibrator = OnlineCalibrator(block_size=4, refit_every=20, window=400, min_count=5, initial=start)
-    prompts = [[5 + i, 9, 11 + i, 30] for i in range(6)]
-    common = dict(sampling=SamplingParams(), max_new_tokens=40, seed=0)
+    prompts = [[5 + i, 9, 11 + i, 30] for i in range(7)]
+    # The last request has room for one token after the prefill: in the first round it drafts nothing
+    # (ℓ = 0) while the others draft, so the calibrator is handed a row with nothing verified.
+    common = dict(sampling=SamplingParams(), max_new_tokens=[40] * 6 + [2], seed=0)
     spec = generate(runner, prompts, drafter=drafter, calibrator=calibrator, record_rounds=True, **common)
     plain = generate(runner, prompts, **common)
     assert [s.token_ids for s in spec.sequences] == [s.token_ids for s in plain.sequences]
-    rounds = [r for s in spec.sequences for r in s.rounds if r.verified > 0]
-    assert calibrator.rounds_seen == len(rounds) and calibrator.refits >= 1
+    # Rounds the drafter ran in (a recorded confidence list, empty when it drafted nothing for the request)
+    # reach the calibrator; rounds_seen counts every such row, rounds_kept only those with ℓ > 0.
+    fed = [r for s in spec.sequences for r in s.rounds if r.confidences is not None]
+    rounds = [r for r in fed if r.verified > 0]
+    unverified = [r for r in fed if r.verified == 0]
+    assert [(r.drafted, r.verified) for r in spec.sequences[6].rounds] == [(0, 0)] and len(unverified) >= 1
+    assert calibrator.rounds_seen == len(fed) != len(rounds)
+    assert calibrator.rounds_kept == len(rounds) and calibrator.rows_unverified == len(unverified)
+    assert calibrator.rows_dropped == 0 and calibrator.refits >= 1
     temps, biases = drafter.calibration_map([SamplingParams()])
     assert np.allclose(temps[0].numpy(), calibrator.temperatures, rtol=1e-6)
     assert np.allclose(biases[0].numpy(), calibrator.biases, atol=1e-6)
@@ -193,12 +236,20 @@ def test_a_calibrator_bound_to_a_sampling_temperature_sees_and_refits_only_that_
     drafter.set_calibration({0.0: greedy_start, 1.0: sampled})
     calibrator = OnlineCalibrator(block_size=4, refit_every=15, window=400, min_count=5,
                                   initial=greedy_start, sampling_temperature=0.0)
-    prompts = [[5 + i, 9, 11 + i, 30] for i in range(6)]
-    samplings = [SamplingParams(temperature=0.0 if i % 2 == 0 else 1.0) for i in range(6)]
-    spec = generate(runner, prompts, sampling=samplings, max_new_tokens=30, drafter=drafter, calibrator=calibrator,
-                    record_rounds=True, seed=0)
-    greedy_rounds = [r for i, s in enumerate(spec.sequences) if i % 2 == 0 for r in s.rounds if r.verified > 0]
-    assert calibrator.rounds_seen == len(greedy_rounds) and calibrator.refits >= 1
+    prompts = [[5 + i, 9, 11 + i, 30] for i in range(8)]
+    samplings = [SamplingParams(temperature=0.0 if i % 2 == 0 else 1.0) for i in range(8)]
+    # Requests 6 (greedy) and 7 (sampled) have room for one token after the prefill: their only round
+    # verifies nothing, and only the greedy one's row reaches the calibrator.
+    spec = generate(runner, prompts, sampling=samplings, max_new_tokens=[30] * 6 + [2, 2], drafter=drafter,
+                    calibrator=calibrator, record_rounds=True, seed=0)
+    greedy_fed = [r for i, s in enumerate(spec.sequences) if i % 2 == 0 for r in s.rounds if r.confidences is not None]
+    greedy_rounds = [r for r in greedy_fed if r.verified > 0]
+    sampled_fed = [r for i, s in enumerate(spec.sequences) if i % 2 == 1 for r in s.rounds if r.confidences is not None]
+    assert [(r.drafted, r.verified) for i in (6, 7) for r in spec.sequences[i].rounds] == [(0, 0), (0, 0)]
+    assert calibrator.rounds_seen == len(greedy_fed) != len(greedy_rounds) and sampled_fed
+    assert calibrator.rounds_kept == len(greedy_rounds)
+    assert calibrator.rows_unverified == len(greedy_fed) - len(greedy_rounds) >= 1
+    assert calibrator.rows_dropped == 0 and calibrator.refits >= 1
     temps, biases = drafter.calibration_map(samplings[:2])
     assert np.allclose(temps[0].numpy(), calibrator.temperatures, rtol=1e-6)  # the greedy regime was refitted
     assert np.allclose(biases[0].numpy(), calibrator.biases, atol=1e-6)

@@ -34,6 +34,8 @@ from dspark.calibration import (
 from dspark.calibration.calibration_file import FORMAT
 from dspark.errors import CheckpointError
 
+from figures import check_png
+
 GAMMA = 7
 SHARPEN = 2.5  # the head reports σ(2.5·logit p): overconfident, exactly undone by T = 2.5
 
@@ -507,18 +509,50 @@ def test_online_refit_schedule_and_scarce_positions():
 # --- plots ---------------------------------------------------------------------------------------------------
 
 
-def test_reliability_plot_writes_a_png(tmp_path, fitted):
+def check_reliability_figure(figure, before, after, positions, min_points=10):
+    """One panel per position: the diagonal, the raw head's curve (red) and the calibrated one's (blue) over
+    the bins with ≥ min_points rounds, the bin counts as a background histogram, ECE / AUC / n in the text."""
+    panels = [ax for ax in figure.axes if ax.get_visible() and ax.get_title().startswith("Position")]
+    assert [ax.get_title() for ax in panels] == [f"Position {k}" for k in positions]
+    for ax, k in zip(panels, positions):
+        raw, cal = before[k - 1], None if after is None else after[k - 1]
+        diagonal, *curves = ax.get_lines()
+        assert list(diagonal.get_xdata()) == [0, 1] and list(diagonal.get_ydata()) == [0, 1]
+        expected = [(raw, "Before calibration")] + ([] if cal is None else [(cal, "After calibration")])
+        assert [line.get_label() for line in curves] == [label for _, label in expected]
+        for line, (data, _) in zip(curves, expected):
+            kept = [i for i, n in enumerate(data["count_per_bin"]) if n >= min_points]
+            assert len(kept) >= 2
+            np.testing.assert_allclose(line.get_xdata(), [data["mean_predicted"][i] for i in kept])
+            np.testing.assert_allclose(line.get_ydata(), [data["observed"][i] for i in kept])
+        (hist,) = [a for a in ax.get_shared_x_axes().get_siblings(ax) if a is not ax]
+        shown = raw if cal is None else cal
+        assert [p.get_height() for p in hist.patches] == shown["count_per_bin"]
+        assert [p.get_x() for p in hist.patches] == pytest.approx(shown["lower"])
+        text = ax.texts[0].get_text()
+        ece = f"{100 * raw['ece']:.1f}%" + ("" if cal is None else f" → {100 * cal['ece']:.1f}%")
+        assert f"ECE: {ece}" in text and f"AUC: {raw['auc']:.3f}" in text and f"n = {raw['count']}" in text
+
+
+def test_reliability_plot_writes_a_png(tmp_path, fitted, saved_figures):
     from matplotlib.image import imread
 
     from dspark.calibration.plots import plot_reliability
 
     _, held, temps = fitted
-    path = plot_reliability(held.subset(np.arange(5000)), tmp_path / "plots" / "reliability.png", temps,
+    shown = held.subset(np.arange(5000))
+    path = plot_reliability(shown, tmp_path / "plots" / "reliability.png", temps,
                             positions=[1, 3, 5, 7], title="synthetic overconfident head", dpi=60)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figure = saved_figures[path]
+    check_png(path, figure, dpi=60)
     image = imread(path)
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 600
-    every = plot_reliability(held.subset(np.arange(2000)), tmp_path / "all.png", dpi=40)  # raw head, 7 panels
+    assert figure.get_suptitle() == "synthetic overconfident head"
+    check_reliability_figure(figure, reliability_data(shown), reliability_data(shown, temps), [1, 3, 5, 7])
+    raw_only = held.subset(np.arange(2000))
+    every = plot_reliability(raw_only, tmp_path / "all.png", dpi=40)  # raw head, 7 panels
+    check_png(every, saved_figures[every], dpi=40)
+    check_reliability_figure(saved_figures[every], reliability_data(raw_only), None, list(range(1, GAMMA + 1)))
     assert imread(every).shape[0] > imread(path).shape[0]
     with pytest.raises(ValueError, match="positions"):
         plot_reliability(held, tmp_path / "x.png", positions=[8])

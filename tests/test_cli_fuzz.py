@@ -314,6 +314,7 @@ PROFILE = {"device": "fuzz", "draft_layers": 1,
            "draft_ms": {"1": 1.0, "4": 1.4}}
 
 
+@pytest.mark.filterwarnings("ignore:Glyph")  # fuzzed labels hold characters the plot font lacks
 @fuzz(50)
 @given(st.data())
 def test_traces_files(tmp_path_factory, data):
@@ -327,6 +328,7 @@ def test_traces_files(tmp_path_factory, data):
     assert out.exists() == (code == 0)
 
 
+@pytest.mark.filterwarnings("ignore:Glyph")  # fuzzed labels hold characters the plot font lacks
 @fuzz(50)
 @given(st.data())
 def test_profile_files(tmp_path_factory, data):

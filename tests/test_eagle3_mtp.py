@@ -1,13 +1,13 @@
 """EAGLE-3 and MTP-1 drafters (random weights): checkpoint layout and reload, training forward = inference
-(the TTT unroll equals teacher-forced autoregressive drafting; `propose` samples from exactly the
-distributions it returns), losslessness through the generation loop (greedy equality, exact sampling
-distribution), and the training losses (alignment against a naive loop, decrease under AdamW)."""
+(the TTT unroll equals teacher-forced autoregressive drafting; `propose` returns, in float32, exactly
+logits_to_probs of its logits under each request's sampling parameters), and the training losses
+(alignment against a naive loop, decrease under AdamW). Losslessness through the generation loop, with
+drafters that are actually accepted, is test_lossless_drafters.py's."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import random
 
 import pytest
 import torch
@@ -37,7 +37,6 @@ from dspark.models.drafters.mtp import (
 from dspark.models.kv_cache import PagedKVCache
 from dspark.models.random_init import build_random_model
 from dspark.models.target_runner import TargetRunner
-from test_sampling_distribution import _assert_matches, run_gof
 
 KINDS = ("eagle3", "mtp")
 
@@ -236,7 +235,7 @@ def test_propose_returns_the_distributions_it_sampled_from(target, kind):
     gen = torch.Generator().manual_seed(3)
     seqs = [torch.randint(0, 24, (30,), generator=gen).tolist() for _ in range(3)]
     feats = [target_outputs(target, s, layers)[0] for s in seqs]
-    samplings = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=3), SamplingParams()]
+    samplings = [SamplingParams(temperature=1.0, top_p=0.8), SamplingParams(temperature=0.7, top_k=3), SamplingParams()]
     rounds = [([4, 9, 1], [5, 2, 0]), ([12, 10, 8], [0, 4, 5]), ([20, 13, 9], [3, 1, 2])]
     seen = [0, 0, 0]
     for anchors, budgets in rounds:
@@ -254,49 +253,13 @@ def test_propose_returns_the_distributions_it_sampled_from(target, kind):
             ids = torch.tensor(seqs[b][: a + 1] + drafts.tolist())[None]
             context = torch.zeros(1, ids.shape[1], feats[b].shape[-1], dtype=torch.float64)
             context[0, :a] = feats[b][:a]  # features exist only for verified positions
-            expected = logits_to_probs(train_logits(model, context, ids, n)[:, 0, a - 1], samplings[b])
-            torch.testing.assert_close(proposal.probs[b, :n], expected, rtol=1e-5, atol=1e-7)
+            expected = logits_to_probs(train_logits(model, context, ids, n)[:, 0, a - 1], samplings[b]).double()
+            assert proposal.probs.dtype == torch.float32  # and equal to the float64 reference to float32 precision
+            torch.testing.assert_close(proposal.probs[b, :n].double(), expected, rtol=1e-6, atol=1e-7)
             assert bool((proposal.probs[b, torch.arange(n), drafts] > 0).all())
     for b in range(3):
         drafter.release(b)
     assert not drafter._handles and drafter.cache.num_free_blocks == drafter.cache.num_blocks
-
-
-# ------------------------------------------------------------------------------------------------
-# Losslessness through the generation loop
-# ------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_greedy_speculative_equals_plain(target, kind):
-    rng = random.Random(7)
-    prompts = [[rng.randrange(23) for _ in range(rng.randint(1, 12))] for _ in range(48)]
-    budgets = [rng.randint(1, 20) for _ in prompts]
-    drafter = make_drafter(target, kind, std=0.5)
-    drafts_per_round = [3, 5, 1] if kind == "eagle3" else [1, 1, 1]
-    accepted = 0
-    for start in range(0, len(prompts), 16):
-        sl = slice(start, start + 16)
-        plain = generate(target, prompts[sl], max_new_tokens=budgets[sl], stop_token_ids=(5,), seed=start)
-        spec = generate(target, prompts[sl], max_new_tokens=budgets[sl], stop_token_ids=(5,), seed=start,
-                        drafter=drafter, num_draft_tokens=drafts_per_round[start // 16])
-        assert [s.token_ids for s in spec.sequences] == [s.token_ids for s in plain.sequences]
-        assert spec.stats.verified_tokens > 0
-        accepted += spec.stats.accepted_tokens
-    assert accepted > 0  # the accept path (not only rejections) is exercised
-    assert not drafter._handles and not drafter._last_hidden
-    assert drafter.cache.num_free_blocks == drafter.cache.num_blocks  # all released
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "kind, sampling, num_draft",
-    [("eagle3", SamplingParams(temperature=1.0), 3), ("mtp", SamplingParams(temperature=0.7, top_k=3), 1)],
-)
-def test_sampled_output_has_the_target_distribution(dist_runner, kind, sampling, num_draft):
-    drafter = make_drafter(dist_runner, kind, std=0.8, block_size=3, layers=(0, 1))
-    pvalue, info = run_gof(dist_runner, sampling, drafter=drafter, num_draft_tokens=num_draft)
-    _assert_matches(pvalue, info)
-    assert info["accepted"] > 0 and info["longest_round1"] == num_draft
 
 
 # ------------------------------------------------------------------------------------------------

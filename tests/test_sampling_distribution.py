@@ -119,18 +119,34 @@ def sample_joint(runner, prompt, sampling, drafter, num_draft_tokens, n_samples,
 
 
 def pooled_cells(expected_p: np.ndarray, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Cells with expected count ≥ 5 stay; the rest are pooled into one cell (itself merged into the
-    smallest kept cell if its expected count is still < 5). Returns (probabilities, index groups)."""
-    order = np.argsort(-expected_p)
-    keep = [np.array([i]) for i in order if expected_p[i] * n >= 5]
-    rest = np.array([i for i in order if expected_p[i] * n < 5], dtype=np.int64)
-    if rest.size:
-        if expected_p[rest].sum() * n >= 5 or not keep:
-            keep.append(rest)
+    """Cells of the chi-square test, pooled by prefix: within each prefix (the first N_TOKENS − 1 tokens),
+    cells with expected count ≥ 5 stay and the rest are pooled into one cell (merged into the prefix's
+    smallest kept cell while still < 5); a prefix whose whole expected count is < 5 joins one global rest
+    cell (itself merged into the smallest group if still < 5). So every group but the rest lies within one
+    prefix, which `rule_power` relies on. Returns (group probabilities, index groups)."""
+    prefixes = expected_p.reshape(-1, V).sum(-1)
+    groups, rest = [], []
+    for prefix in np.argsort(-prefixes):
+        cells = prefix * V + np.argsort(-expected_p[prefix * V:(prefix + 1) * V])
+        if prefixes[prefix] * n < 5:
+            rest.extend(cells.tolist())
+            continue
+        kept = [np.array([c]) for c in cells if expected_p[c] * n >= 5]
+        rare = np.array([c for c in cells if expected_p[c] * n < 5], dtype=np.int64)
+        if rare.size and (expected_p[rare].sum() * n >= 5 or not kept):
+            kept.append(rare)
+        elif rare.size:
+            kept[-1] = np.concatenate([kept[-1], rare])
+        groups.extend(kept)
+    if rest:
+        rest = np.array(rest, dtype=np.int64)
+        if expected_p[rest].sum() * n >= 5 or not groups:
+            groups.append(rest)
         else:
-            keep[-1] = np.concatenate([keep[-1], rest])
-    probs = np.array([expected_p[g].sum() for g in keep])
-    return probs, keep
+            smallest = int(np.argmin([expected_p[g].sum() for g in groups]))
+            groups[smallest] = np.concatenate([groups[smallest], rest])
+    probs = np.array([expected_p[g].sum() for g in groups])
+    return probs, groups
 
 
 def chi_square(counts: np.ndarray, expected_p: np.ndarray) -> tuple[float, int]:
@@ -149,6 +165,71 @@ def _power(expected_p: np.ndarray, n: int, delta: float = DELTA, alpha: float = 
         return 0.0  # a single cell: nothing to test
     lam = n * delta**2 / float(np.max(probs * (1 - probs)))
     return float(stats.ncx2.sf(stats.chi2.ppf(1 - alpha, df), df, lam))
+
+
+def rule_power(expected_p: np.ndarray, alternative_prefix: np.ndarray, n: int, alpha: float = ALPHA) -> float:
+    """Power of `chi_square` (N_TOKENS-token joint, `n` samples) against a sampler whose joint of the first
+    N_TOKENS − 1 tokens is `alternative_prefix` (flat, V^(N_TOKENS−1) cells) instead of the target's.
+
+    A lower bound that needs no knowledge of the alternative's last token: the test's groups refine the
+    partition of prefixes into blocks (each group lies within one prefix, the rest cell joins the prefixes
+    it touches into one block), and merging cells never raises the chi-square divergence, so the test's
+    noncentrality λ = n · χ²(alternative ‖ target) over its groups is at least n · χ² over the blocks of
+    prefixes; the power is then at least P(ncx2(df, λ_blocks) > chi2.ppf(1 − α, df))."""
+    probs, groups = pooled_cells(expected_p, n)
+    df = len(groups) - 1
+    if df == 0:
+        return 0.0
+    parent = list(range(expected_p.size // V))  # union-find over prefixes
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for group in groups:
+        first, *others = np.unique(group // V).tolist()
+        for other in others:
+            parent[find(other)] = find(first)
+    blocks: dict[int, list[int]] = {}
+    for prefix in range(len(parent)):
+        blocks.setdefault(find(prefix), []).append(prefix)
+    target_prefix = expected_p.reshape(-1, V).sum(-1)
+    lam = n * sum((alternative_prefix[b].sum() - target_prefix[b].sum()) ** 2 / target_prefix[b].sum()
+                  for b in map(np.array, blocks.values()) if target_prefix[b].sum() > 0)
+    return float(stats.ncx2.sf(stats.chi2.ppf(1 - alpha, df), df, lam))
+
+
+def target_conditionals(runner: TargetRunner, prompt: list[int], sampling: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """(p1 [V], p2 [V, V]): P(t_1 | prompt) and P(t_2 | prompt, t_1) (row t_1), as the sampler computes them."""
+    vocab = runner.config.vocab_size
+    seq_ids = [runner.new_sequence() for _ in range(vocab)]
+    try:
+        out = runner.forward(seq_ids, [prompt + [t] for t in range(vocab)], all_logits=True)
+    finally:
+        for s in seq_ids:
+            runner.free_sequence(s)
+    logits = out.logits.reshape(vocab, len(prompt) + 1, vocab)
+    probs = logits_to_probs(logits[:, -2:], sampling).double().numpy()
+    return probs[0, 0], probs[:, 1]
+
+
+def first_draft_outcome(p_verify: np.ndarray, q_sampled: np.ndarray, q_reported: np.ndarray,
+                        residual: bool = True) -> np.ndarray:
+    """[V] distribution of the first token a round emits when its first draft d ~ q_sampled is verified by
+    the rule of `verify` with target p_verify and reported q_reported: accept with probability
+    min(1, p(d)/q(d)) (always when q(d) = 0 < p(d)), else emit a token of norm(max(0, p − q)) — or, with
+    residual=False (a known-wrong rule), of p itself. Exact, for the power of the tests against wrong rules."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        accept = np.where(q_reported > 0, np.minimum(1.0, p_verify / q_reported), (p_verify > 0).astype(float))
+    accepted = q_sampled * accept
+    if residual:
+        rest = np.maximum(p_verify - q_reported, 0.0)
+        rest = rest / rest.sum() if rest.sum() > 0 else p_verify
+    else:
+        rest = p_verify
+    return accepted + (1.0 - accepted.sum()) * rest
 
 
 def choose_n_samples(expected_p: np.ndarray) -> int:

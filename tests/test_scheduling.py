@@ -1,5 +1,6 @@
 """Scheduling (SPEC §5): SPS profiles (loading, validation, monotone interpolation, extrapolation) and the
-verification-length policies on hand-made inputs, against a plain-Python transcription of Algorithm 1.
+verification-length policies on hand-made inputs, against a plain-Python transcription of Algorithm 1 and
+one of CausalGreedy's staircase lookahead (random staircase profiles, repeated calls on one instance).
 
 Profiles are built from dicts inside the tests (shapes of the shared H100 table: verify_ms["RxL"],
 draft_ms["R"], in ms); no test reads a file outside the repository.
@@ -313,6 +314,152 @@ def test_lookahead_passes_a_stair_that_stops_algorithm_1():
     assert call(ahead, [[0.9, 0.9, 0.0], [0.9, 0.0, 0.9]], [3, 3]) == [2, 1]
     ahead.reset()
     assert call(ahead, STAIR_C, [3, 3]) == [1, 1]
+
+
+# -------------------------------------------------------------------------------------------------
+# Staircase profiles: Algorithm 1's first stop is not the global maximum of Θ, and the lookahead acts.
+# Reference of the lookahead written from CausalGreedy's docstring, one candidate at a time.
+# -------------------------------------------------------------------------------------------------
+
+def staircase(rng: np.random.Generator) -> SPSProfile:
+    """T(B) = base + jump · ⌈B / tile⌉ + slope · B ms for random tile (2–16 tokens), height and slope: SPS
+    falls in stairs (real profiles do, SPEC §5.4), so the candidate that starts a step lowers Θ although the
+    step's flat part may pay it back."""
+    tile = int(rng.choice([2, 4, 8, 16]))
+    base, jump, slope = rng.uniform(5.0, 20.0), rng.uniform(1.0, 8.0), rng.uniform(0.0, 0.05)
+    points = {}
+    for k in range(400 // tile + 1):  # B up to 400 > 40 requests × (1 + 8)
+        for b in (k * tile + 1, (k + 1) * tile):
+            points[str(b)] = base + jump * (k + 1) + slope * b
+    return SPSProfile.from_dict({"verify_ms_by_tokens": points})
+
+
+def random_call(rng: np.random.Generator, rows: int | None = None):
+    """Confidences [R, W] (float32; ties c = 1 and zeros c = 0 included), lengths and limits for R requests
+    (default: 1–40 at random) and W = 1–8 slots."""
+    rows, width = rows or int(rng.integers(1, 41)), int(rng.integers(1, 9))
+    c = rng.uniform(0.05, 1.0, (rows, width))
+    c[rng.random((rows, width)) < 0.1] = 1.0
+    c[rng.random((rows, width)) < 0.05] = 0.0
+    return c.astype(np.float32), rng.integers(0, width + 1, rows), rng.integers(0, width + 1, rows)
+
+
+def candidates(c: np.ndarray, full: np.ndarray) -> list[tuple[float, int, int]]:
+    """(a, request, slot count j + 1) of every candidate with a > 0, by a descending, ties in flat-index order."""
+    rows, width = c.shape
+    out = []
+    for r in range(rows):
+        a = 1.0
+        for j in range(int(full[r])):
+            a *= float(c[r, j])
+            if a > 0:
+                out.append((-a, r * width + j, r, j + 1))
+    out.sort()
+    return [(-neg_a, r, j) for neg_a, _, r, j in out]
+
+
+def lookahead_reference(c: np.ndarray, full: np.ndarray, sps, forecast, max_lookaheads: int = 8):
+    """CausalGreedy (lookahead=True) from its docstring, in plain Python. sps(B) a function; forecast: the
+    previous call's (positive survivals sorted descending, its number of requests), or None. Returns
+    (lengths, this call's forecast).
+
+    Algorithm 1 admits candidates by descending a until the first candidate m that does not raise
+    Θ(k) = (R + Σ_{i<k} a_(i)) · SPS(R + k). There the forecast path, for k = m+1 … N,
+        Θ̂(k) = (τ_{m+1} + Σ_{m<i<k} min(f_i, a_(m))) · SPS(R + k),   τ_{m+1} = R + Σ_{i≤m} a_(i),
+    with f_i = previous[⌊i · R_prev / R⌋] (the previous survivals read at this batch's ranks), decides: if no
+    Θ̂(k) exceeds Θ(m) the search stops; else the first k* with the largest Θ̂ is admitted (at most the
+    candidates there are) and the early-stopping search resumes from k*; at most `max_lookaheads` times.
+    N: the forecast's last rank, and at most R · W (W = max(full)), the largest batch the call's SPS table
+    covers. A call with no candidate leaves the forecast as it was."""
+    rows, width = c.shape
+    cands = candidates(c, full)
+    count = len(cands)
+
+    def theta(k):  # Θ after admitting the first k candidates
+        return (rows + sum(a for a, _, _ in cands[:k])) * sps(rows + k)
+
+    def resume(k):  # Algorithm 1's early-stopping search from k admissions on
+        while k < count and theta(k + 1) > theta(k):
+            k += 1
+        return k
+
+    admitted = resume(0)
+    if forecast is not None:
+        previous, previous_rows = forecast
+        f = []
+        while (len(f) * previous_rows) // rows < len(previous):
+            f.append(previous[(len(f) * previous_rows) // rows])
+        horizon = min(len(f), rows * int(full.max(initial=0)))
+        for _ in range(max_lookaheads):
+            m = admitted
+            if m >= count:
+                break
+            a_m = cands[m][0]
+            tau = rows + sum(a for a, _, _ in cands[: m + 1])
+            best, best_k = -np.inf, None
+            for k in range(m + 1, horizon + 1):
+                if k > m + 1:
+                    tau += min(f[k - 1], a_m)
+                if tau * sps(rows + k) > best:
+                    best, best_k = tau * sps(rows + k), k
+            if not best > theta(m):
+                break
+            admitted = resume(min(best_k, count))
+    lengths = [0] * rows
+    for _, r, j in cands[:admitted]:
+        lengths[r] = max(lengths[r], j)
+    new_forecast = ([a for a, _, _ in cands], rows) if count else forecast
+    return lengths, new_forecast
+
+
+def test_staircases_separate_the_first_stop_from_the_global_maximum():
+    """CausalGreedy without lookahead, and on its first call with it, is Algorithm 1 on staircase profiles,
+    where its first stop differs from the global argmax of Θ in a good share of the cases (56 % here, so a
+    "global argmax" search cannot pass)."""
+    rng = np.random.default_rng(7)
+    cases = differ = 0
+    for _ in range(300):
+        profile = staircase(rng)
+        c, lengths, limits = random_call(rng)
+        full = np.minimum(lengths, limits)
+        rows = c.shape[0]
+        sps = lambda b: float(profile.sps(b, rows))  # noqa: E731
+        expected = algorithm1(c.astype(np.float64), full, sps)
+        assert call(CausalGreedy(profile, lookahead=False), c, lengths, limits=limits) == expected
+        assert call(CausalGreedy(profile), c, lengths, limits=limits) == expected  # no previous call yet
+        cases += 1
+        differ += expected != algorithm1(c.astype(np.float64), full, sps, early_stop=False)
+    assert differ >= cases / 3, (differ, cases)
+
+
+def test_causal_greedy_lookahead_matches_reference_over_repeated_calls():
+    """Sequences of 8 calls on one CausalGreedy instance against `lookahead_reference`: confidences, widths
+    and lengths change every call; in half of the sequences the number of requests too (the forecast is then
+    mapped by rank), in the other half it stays (a steady batch). The lookahead must change Algorithm 1's
+    answer in a good share of the calls that have a forecast (about half of them here), and a second
+    lookahead within one call must matter in some (8 calls here)."""
+    rng = np.random.default_rng(8)
+    calls = changed = repeated = 0
+    for sequence in range(60):
+        profile = staircase(rng)
+        scheduler, plain = CausalGreedy(profile), CausalGreedy(profile, lookahead=False)
+        forecast = None
+        steady = int(rng.integers(1, 41)) if sequence % 2 else None
+        for step in range(8):
+            c, lengths, limits = random_call(rng, steady)
+            c64, full = c.astype(np.float64), np.minimum(lengths, limits)
+            rows = c.shape[0]
+            sps = lambda b: float(profile.sps(b, rows))  # noqa: E731
+            once, _ = lookahead_reference(c64, full, sps, forecast, max_lookaheads=1)
+            calls += forecast is not None
+            expected, forecast = lookahead_reference(c64, full, sps, forecast, CausalGreedy.MAX_LOOKAHEADS)
+            assert call(scheduler, c, lengths, limits=limits) == expected, step
+            strict = call(plain, c, lengths, limits=limits)
+            assert strict == algorithm1(c64, full, sps)
+            changed += strict != expected
+            repeated += once != expected
+    assert changed >= calls / 3, (changed, calls)
+    assert repeated > 0
 
 
 def test_causal_greedy_ties_keep_prefix_order():

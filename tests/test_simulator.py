@@ -14,6 +14,8 @@ import torch
 from dspark.calibration import ConfidenceMap, Rounds, position_metrics
 from dspark.cli import main
 from dspark.evaluation.simulator import (
+    MATCHED_SPEED_GOAL,
+    TIE_TOLERANCE,
     goals,
     matched_ratios,
     parse_policies,
@@ -24,6 +26,8 @@ from dspark.evaluation.simulator import (
 )
 from dspark.evaluation.traces import drafter_rounds, select_mtp
 from dspark.scheduling import FixedLength, SPSProfile, VerifyAll
+
+from figures import check_png
 
 GAMMA = 5
 # A slice of the shared H100 / Qwen3-4B-shape table (ms), with its 5-layer drafter.
@@ -150,16 +154,80 @@ def test_goals_section_is_computed_against_the_baselines():
     g = goals(res)
     a = g["a_throughput_vs_plain_and_fixed"]
     assert len(a["points"]) == 5 and isinstance(a["met"], bool)
+    margins = []
     for row in a["points"]:
         c = row["concurrency"]
         best = max(point(res, n, c)["throughput_tok_s"] for n in res["policies"] if n == "plain" or n.startswith("fixed-"))
         assert row["best_baseline_throughput"] == pytest.approx(best)
-        assert row["margin"] == pytest.approx(point(res, "causal-greedy", c)["throughput_tok_s"] / best - 1)
+        margins.append(point(res, "causal-greedy", c)["throughput_tok_s"] / best - 1)
+        assert row["margin"] == pytest.approx(margins[-1])
+    assert a["met"] == all(m >= -TIE_TOLERANCE for m in margins) and a["met_strictly"] == all(m >= 0 for m in margins)
+    assert a["min_margin"] == pytest.approx(min(margins))
+    assert a["failing_concurrency"] == [r["concurrency"] for r, m in zip(a["points"], margins) if m < -TIE_TOLERANCE]
     b = g["b_per_user_at_lowest_concurrency"]
-    assert b["concurrency"] == 1 and 0.8 < b["ratio"] < 1.2
+    best_fixed = max(point(res, n, 1)["per_user_tok_s"] for n in res["policies"] if n.startswith("fixed-"))
+    assert b["concurrency"] == 1 and b["ratio"] == pytest.approx(point(res, "causal-greedy", 1)["per_user_tok_s"] / best_fixed)
+    assert 0.8 < b["ratio"] < 1.2
     c = g["c_per_user_vs_mtp1_at_matched_throughput"]
+    ratios = [r["ratio"] for r in c["points"]]
     assert c["points"] and c["min_ratio"] > 1 and isinstance(c["met"], bool)
+    assert all(r["ratio"] == pytest.approx(r["ours"] / r["base"]) for r in c["points"])
+    assert (c["min_ratio"], c["max_ratio"]) == (min(ratios), max(ratios)) and c["met"] == (min(ratios) >= MATCHED_SPEED_GOAL)
     assert c["min_ratio"] <= c["median_ratio"] <= c["max_ratio"]
+
+
+def hand_result(policies):
+    """A simulate() result reduced to what goals() reads, from {name: {C: throughput or (throughput, per-user)}}
+    (per-user = throughput / C when not given)."""
+    def row(c, value):
+        t, u = value if isinstance(value, tuple) else (value, value / c)
+        return {"concurrency": c, "throughput_tok_s": t, "per_user_tok_s": u}
+
+    return {"policies": {name: [row(c, v) for c, v in points.items()] for name, points in policies.items()}}
+
+
+@pytest.mark.parametrize("case", ["met", "not-met"])
+def test_goals_by_hand_met_and_not_met(case):
+    """Goals on hand-made points (concurrency 1 and 4) whose outcomes are worked out here.
+
+    met: at C = 1 causal-greedy (200) is 0.25 % behind fixed-2 (200.5), a tie; at C = 4 it beats fixed-1
+    (400 vs 380). Per-user at matched throughput vs MTP-1 (100 → 100/user, 300 → 75/user): at 200 tok/s MTP-1
+    interpolates to 87.5/user (200 / 87.5 = 2.29); at 300 tok/s ours interpolates to 150/user (150 / 75 = 2).
+    not-met: plain reaches 250 tok/s at C = 1 (margin 200 / 250 − 1 = −20 %); MTP-1 (120 → 120/user,
+    300 → 100/user, a per-user speed given by hand): at 200 tok/s it interpolates to 111.1/user (ratio 1.8),
+    at 300 ours gives 150 / 100 = 1.5.
+    """
+    met = case == "met"
+    res = hand_result({
+        "plain": {1: 100.0 if met else 250.0, 4: 300.0},
+        "fixed-1": {1: 150.0, 4: 380.0},
+        "fixed-2": {1: 200.5, 4: 350.0},
+        "causal-greedy": {1: 200.0, 4: 400.0},
+        "mtp-1": {1: 100.0, 4: 300.0} if met else {1: 120.0, 4: (300.0, 100.0)},
+    })
+    g = goals(res)
+    assert g["available"] and g["policy"] == "causal-greedy"
+    a = g["a_throughput_vs_plain_and_fixed"]
+    best = ("fixed-2", 200.5) if met else ("plain", 250.0)
+    assert [(r["concurrency"], r["best_baseline"], r["best_baseline_throughput"]) for r in a["points"]] == [
+        (1, *best), (4, "fixed-1", 380.0)]
+    margins = [200.0 / best[1] - 1, 400.0 / 380.0 - 1]
+    assert [r["margin"] for r in a["points"]] == pytest.approx(margins)
+    assert a["met"] is met and a["met"] == all(m >= -TIE_TOLERANCE for m in margins)
+    assert a["met_strictly"] is False and a["min_margin"] == pytest.approx(margins[0])
+    assert a["failing_concurrency"] == ([] if met else [1])
+    b = g["b_per_user_at_lowest_concurrency"]  # fixed lengths only: plain's 250 does not count here
+    assert (b["concurrency"], b["best_fixed"], b["best_fixed_per_user"]) == (1, "fixed-2", 200.5)
+    assert b["ratio"] == pytest.approx(200.0 / 200.5)
+    c = g["c_per_user_vs_mtp1_at_matched_throughput"]
+    ratios = [200.0 / 87.5, 150.0 / 75.0] if met else [200.0 / (120.0 - 20.0 * 80.0 / 180.0), 150.0 / 100.0]
+    assert [(r["throughput_tok_s"], r["from"]) for r in c["points"]] == [(200.0, "ours"), (300.0, "base")]
+    assert [r["ratio"] for r in c["points"]] == pytest.approx(ratios)
+    assert c["min_ratio"] == pytest.approx(min(ratios)) and c["max_ratio"] == pytest.approx(max(ratios))
+    assert c["median_ratio"] == pytest.approx(float(np.median(ratios)))
+    assert c["met"] is met and c["met"] == (min(ratios) >= MATCHED_SPEED_GOAL)
+    if not met:
+        assert min(ratios) < MATCHED_SPEED_GOAL < max(ratios)  # one point short of the goal is enough to miss it
 
 
 def test_matched_ratios_interpolate_on_the_frontier():
@@ -170,13 +238,45 @@ def test_matched_ratios_interpolate_on_the_frontier():
     assert [r["ratio"] for r in ratios] == pytest.approx([2.0, 40.0 / 15.0])
 
 
-def test_plots_are_valid_pngs(tmp_path):
+def check_simulator_figures(res, fig7, fig8):
+    """Fig. 7: one curve per policy through its (per-user, throughput) points, C written at causal-greedy's;
+    Fig. 8: throughput (top) and mean ℓ (bottom) against concurrency, one curve per policy."""
+    policies = res["policies"]
+    (ax,) = fig7.axes
+    assert [line.get_label() for line in ax.get_lines()] == list(policies)
+    for line, points in zip(ax.get_lines(), policies.values()):
+        assert list(line.get_xdata()) == pytest.approx([p["per_user_tok_s"] for p in points])
+        assert list(line.get_ydata()) == pytest.approx([p["throughput_tok_s"] for p in points])
+    cg = policies["causal-greedy"]
+    assert [(t.get_text(), *t.xy) for t in ax.texts] == [
+        (f"C={p['concurrency']}", p["per_user_tok_s"], p["throughput_tok_s"]) for p in cg]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(policies)
+    top, bottom = fig8.axes
+    concurrency = res["settings"]["concurrency"]
+    for axis, key in ((top, "throughput_tok_s"), (bottom, "mean_budget")):
+        assert [line.get_label() for line in axis.get_lines()] == list(policies)
+        for line, points in zip(axis.get_lines(), policies.values()):
+            assert list(line.get_xdata()) == [p["concurrency"] for p in points]
+            assert list(line.get_ydata()) == pytest.approx([p[key] for p in points])
+    assert list(bottom.get_xticks()) == concurrency and bottom.get_xscale() == "log"
+    assert [t.get_text() for t in bottom.get_xticklabels()] == [str(c) for c in concurrency]
+
+
+def test_plots_are_valid_pngs(tmp_path, saved_figures):
     rounds = drafter_rounds(make_traces(), "dspark")
     profile = SPSProfile.from_dict(H100_LIKE)
     res = simulate(rounds, profile, concurrency=[1, 8, 64], steps=20, min_rounds=0)
-    for path in (plot_frontier(res, tmp_path / "fig7.png"), plot_budget(res, tmp_path / "fig8.png")):
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    paths = plot_frontier(res, tmp_path / "fig7.png"), plot_budget(res, tmp_path / "fig8.png", title="budget")
+    for path in paths:
+        check_png(path, saved_figures[path])
         assert matplotlib.image.imread(path).shape[0] > 100
+    fig7, fig8 = (saved_figures[p] for p in paths)
+    assert res["settings"]["concurrency"] == [1, 8, 64] and len(res["policies"]) > 5
+    assert all(len(points) == 3 for points in res["policies"].values())
+    assert point(res, "verify-all", 1)["mean_budget"] > point(res, "plain", 1)["mean_budget"] == 0  # curves differ
+    check_simulator_figures(res, fig7, fig8)
+    assert fig7.axes[0].get_title() == "throughput vs per-user speed (paper Fig. 7)"
+    assert fig8.axes[0].get_title() == "budget"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -192,7 +292,7 @@ def files(tmp_path):
     return traces, profile
 
 
-def test_cli_simulate_writes_json_plots_and_goals(files, tmp_path, capsys):
+def test_cli_simulate_writes_json_plots_and_goals(files, tmp_path, capsys, saved_figures):
     traces, profile = files
     out = tmp_path / "sim"
     code = main(["simulate", "--traces", str(traces), "--profile", str(profile), "--concurrency", "1,16,128",
@@ -204,6 +304,9 @@ def test_cli_simulate_writes_json_plots_and_goals(files, tmp_path, capsys):
     assert report["warnings"] == []
     for name in ("simulate.json", "throughput_vs_per_user.png", "budget_vs_concurrency.png"):
         assert (out / name).stat().st_size > 0
+    fig7, fig8 = (saved_figures[out / name] for name in ("throughput_vs_per_user.png", "budget_vs_concurrency.png"))
+    check_png(out / "throughput_vs_per_user.png", fig7)
+    check_simulator_figures(report, fig7, fig8)  # the plots show the reported points
 
 
 def test_cli_simulate_never_extrapolates_the_profile_silently(files, capsys):

@@ -15,6 +15,8 @@ from dspark.errors import ConfigError
 from dspark.evaluation.traces import drafter_rounds
 from dspark.evaluation.sweep import parse_thresholds, plot_sweep, sweep
 
+from figures import check_png
+
 GAMMA = 4
 
 
@@ -89,11 +91,37 @@ def test_parse_thresholds():
             parse_thresholds(bad)
 
 
-def test_plot_is_a_valid_png(tmp_path):
+def check_sweep_figure(figure, result):
+    """One panel per domain (then "all"): accepted drafts per step as bars at each threshold, rejected ones
+    stacked on them, the acceptance rate (%) as a line on the twin axis."""
+    thresholds = result["thresholds"]
+    panels = [ax for ax in figure.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == [f"{name} ({d['rounds']} rounds)" for name, d in result["domains"].items()]
+    for ax, data in zip(panels, result["domains"].values()):
+        points = data["points"]
+        accepted, rejected = ax.containers
+        assert [p.get_x() + p.get_width() / 2 for p in accepted] == pytest.approx(thresholds)
+        assert [p.get_height() for p in accepted] == pytest.approx([p["accepted_per_step"] for p in points])
+        assert [p.get_y() for p in accepted] == [0] * len(points)
+        assert [p.get_y() for p in rejected] == pytest.approx([p["accepted_per_step"] for p in points])
+        assert [p.get_height() for p in rejected] == pytest.approx([p["rejected_per_step"] for p in points])
+        (twin,) = [a for a in ax.get_shared_x_axes().get_siblings(ax) if a is not ax]
+        (rate,) = twin.get_lines()
+        assert list(rate.get_xdata()) == pytest.approx(thresholds)
+        expected = [np.nan if p["acceptance_rate"] is None else 100 * p["acceptance_rate"] for p in points]
+        np.testing.assert_allclose(rate.get_ydata(), expected)
+    assert figure.get_suptitle() == f"static threshold sweep, {result['drafter']} (paper Fig. 5)"
+
+
+def test_plot_is_a_valid_png(tmp_path, saved_figures):
     result = sweep(drafter_rounds(informative_traces(rounds=200), "dspark"), parse_thresholds("0.1:0.9:0.2"))
     path = plot_sweep(result, tmp_path / "sweep.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    check_png(path, saved_figures[path])
     assert matplotlib.image.imread(path).shape[1] > 300
+    assert list(result["domains"]) == ["math", "chat", "all"]
+    accepted = [p["accepted_per_step"] for p in result["domains"]["all"]["points"]]
+    assert accepted[0] > accepted[-1] > 0  # distinct, non-zero bars
+    check_sweep_figure(saved_figures[path], result)
 
 
 @pytest.fixture
@@ -103,7 +131,7 @@ def traces_file(tmp_path):
     return path
 
 
-def test_cli_sweep_writes_json_and_png(traces_file, tmp_path, capsys):
+def test_cli_sweep_writes_json_and_png(traces_file, tmp_path, capsys, saved_figures):
     out = tmp_path / "sweep"
     code = main(["sweep", "--traces", str(traces_file), "--thresholds", "0.2:0.8:0.2", "--out", str(out), "--json"])
     captured = capsys.readouterr()
@@ -112,6 +140,9 @@ def test_cli_sweep_writes_json_and_png(traces_file, tmp_path, capsys):
     assert report["drafter"] == "dspark" and report["thresholds"] == [0.2, 0.4, 0.6, 0.8]
     assert json.loads((out / "sweep.json").read_text())["domains"].keys() == report["domains"].keys()
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    check_png(out / "sweep.png", saved_figures[out / "sweep.png"])
+    assert report["domains"]["all"]["rounds"] == 600 and report["kind"] == "confidence"
+    check_sweep_figure(saved_figures[out / "sweep.png"], report)  # the plot shows the reported points
     code = main(["sweep", "--traces", str(traces_file), "--kind", "survival", "--thresholds", "0.5"])
     captured = capsys.readouterr()
     assert code == 0 and "survival threshold sweep" in captured.out

@@ -1,0 +1,136 @@
+"""The known-bug mutants of the mutation check (`make mutants`, tests/mutants/run.py).
+
+Each mutant is one small edit of the package that reintroduces a bug class speculative decoders are known
+to have (or that this project had), and the tests that must catch it. `original` must occur exactly once
+in `path`; the harness refuses to run a catalogue that no longer matches the code. The equivalent mutant
+is a control of the harness itself: a change that keeps decoding lossless, which the same kind of tests
+must let through (a test that failed it would be checking an implementation detail, not the guarantee).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    bug: str  # what the edit breaks, in words
+    path: str  # file, relative to the repository root
+    original: str
+    replacement: str
+    tests: tuple[str, ...]  # pytest node ids or files, run in this order (the first failure kills)
+    equivalent: bool = False  # True: lossless on purpose, must survive
+
+    def apply(self, text: str) -> str:
+        count = text.count(self.original)
+        if count != 1:
+            raise ValueError(f"mutant {self.name}: {self.path} holds the original snippet {count} times, expected once "
+                             f"(the catalogue no longer matches the code): {self.original.strip()!r}")
+        return text.replace(self.original, self.replacement)
+
+
+LOSSLESS = "tests/test_lossless_drafters.py"
+DSPARK_SAMPLE_BLOCK = "dspark/models/drafters/dspark.py"
+
+MUTANTS: tuple[Mutant, ...] = (
+    Mutant(
+        "no-residual",
+        "after a rejection the correction token is drawn from p instead of norm(max(0, p − q))",
+        "dspark/decoding/verification.py",
+        "        final_p = torch.where(rejected.unsqueeze(-1), residual, final_p)",
+        "        final_p = torch.where(rejected.unsqueeze(-1), final_p, final_p)",
+        (f"{LOSSLESS}::test_sampled_output_has_the_target_distribution[dflash-T1-top_p0.8]",
+         "tests/test_sampling_distribution.py::test_verify_first_token_distribution_is_p"),
+    ),
+    Mutant(
+        "target-p-without-top-k",
+        "the target's distribution in the decoding rounds ignores the request's top-k",
+        "dspark/engine/generation.py",
+        "    row_params = [s.sampling for s, q in zip(active, out.query_lens) for _ in range(q)]",
+        "    row_params = [type(s.sampling)(s.sampling.temperature, 0, s.sampling.top_p)\n"
+        "                  for s, q in zip(active, out.query_lens) for _ in range(q)]",
+        (f"{LOSSLESS}::test_sampled_output_has_the_target_distribution[mtp-T1-top_k3]",),
+    ),
+    Mutant(
+        "draft-q-without-top-k",
+        "the DSpark drafter samples with top-k but reports q without it (transformers#47932)",
+        DSPARK_SAMPLE_BLOCK,
+        "            probs.append(q)",
+        "            probs.append(logits_to_probs(logits, [type(s)(s.temperature, 0, s.top_p) for s in samplings]))",
+        (f"{LOSSLESS}::test_drafts_follow_the_q_the_drafter_reports[dspark-top_k3]",
+         f"{LOSSLESS}::test_sampled_output_has_the_target_distribution[dspark-T1-top_k3]"),
+    ),
+    Mutant(
+        "draft-q-without-top-p",
+        "the DSpark drafter samples with top-p but reports q without it",
+        DSPARK_SAMPLE_BLOCK,
+        "            probs.append(q)",
+        "            probs.append(logits_to_probs(logits, [type(s)(s.temperature, s.top_k, 1.0) for s in samplings]))",
+        (f"{LOSSLESS}::test_drafts_follow_the_q_the_drafter_reports[dspark-top_p0.8]",
+         f"{LOSSLESS}::test_sampled_output_has_the_target_distribution[dspark-T1-top_p0.8]"),
+    ),
+    Mutant(
+        "eagle3-q-without-top-k",
+        "the EAGLE-3 / MTP drafters sample with top-k but report q without it",
+        "dspark/models/drafters/eagle3.py",
+        "                probs[index, k] = q",
+        "                probs[index, k] = logits_to_probs(self.model.logits(hidden[index]),\n"
+        "                                                  [type(s)(s.temperature, 0, s.top_p) for s in\n"
+        "                                                   (batch[b].sampling for b in rows)])",
+        (f"{LOSSLESS}::test_drafts_follow_the_q_the_drafter_reports[eagle3-top_k3]",),
+    ),
+    Mutant(
+        "draft-q-in-bf16",
+        "the DSpark drafter reports q rounded to bfloat16 (the drafts were sampled from the float32 q)",
+        DSPARK_SAMPLE_BLOCK,
+        "            probs.append(q)",
+        "            probs.append(q.to(torch.bfloat16).float())",
+        ("tests/test_dspark_drafter.py::test_teacher_forced_heads_equal_the_sampling_loop",),
+    ),
+    Mutant(
+        "markov-dropped-at-inference",
+        "the DSpark drafter drafts without the Markov head's bias (trained with it)",
+        DSPARK_SAMPLE_BLOCK,
+        "                logits = logits + bias.float()",
+        "                logits = logits + 0 * bias.float()",
+        ("tests/test_dspark_drafter.py::test_teacher_forced_heads_equal_the_sampling_loop",),
+    ),
+    Mutant(
+        "retrospective-algorithm-1",
+        "Algorithm 1 admits up to the global argmax of Θ instead of stopping at the first non-improving candidate",
+        "dspark/scheduling/policies.py",
+        "        admitted = _first_stop(theta, 0)",
+        "        admitted = int(theta.argmax())",
+        ("tests/test_scheduling.py::test_staircases_separate_the_first_stop_from_the_global_maximum",
+         "tests/test_scheduler_lossless.py::test_sampling_distribution_is_exact_on_small_servers[algorithm1]"),
+    ),
+    Mutant(
+        "threshold-peeks-at-next-confidence",
+        "the threshold policy admits slot k only if c_k and c_{k+1} pass (c_{k+1} depends on the token x_k)",
+        "dspark/scheduling/policies.py",
+        "        return np.minimum(np.cumprod(c >= self.threshold, axis=1).sum(1), full)",
+        "        return np.minimum(np.cumprod(np.minimum(c, np.roll(c, -1, axis=1)) >= self.threshold, axis=1).sum(1), full)",
+        ("tests/test_scheduler_lossless.py::test_schedulers_never_anticipate[confidence-threshold]",
+         "tests/test_scheduler_lossless.py::test_sampling_distribution_is_exact_under_policy[confidence_threshold]"),
+    ),
+    Mutant(
+        "kv-rollback-off-by-one",
+        "after verification the target's KV cache keeps one position too few",
+        "dspark/engine/generation.py",
+        "        runner.truncate(s.seq_id, starts[b] + 1 + n)  # keep x0 and the accepted drafts",
+        "        runner.truncate(s.seq_id, starts[b] + n)  # keep x0 and the accepted drafts",
+        (f"{LOSSLESS}::test_greedy_speculative_equals_plain[dspark]",),
+    ),
+    Mutant(
+        "equivalent: draft without top-k, reported consistently",
+        "the DSpark drafter ignores top-k when drafting and reports the q it really sampled from: still lossless",
+        DSPARK_SAMPLE_BLOCK,
+        "            q = logits_to_probs(logits, samplings)",
+        "            q = logits_to_probs(logits, [type(s)(s.temperature, 0, s.top_p) for s in samplings])",
+        (f"{LOSSLESS}::test_drafts_follow_the_q_the_drafter_reports[dspark-top_k3]",
+         f"{LOSSLESS}::test_sampled_output_has_the_target_distribution[dspark-T1-top_k3]",
+         f"{LOSSLESS}::test_greedy_speculative_equals_plain[dspark]"),
+        equivalent=True,
+    ),
+)
