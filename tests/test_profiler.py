@@ -20,7 +20,7 @@ from dspark.scheduling.profiler import (
     by_total_tokens, check_profile_matches, force_monotone, format_table, load_or_profile, profile_with_cache,
 )
 from dspark.scheduling.sps import SPSProfile
-from dspark.training.feature_cache import target_identity
+from dspark.models.fingerprint import model_fingerprint
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
@@ -98,7 +98,7 @@ def test_json_format_and_monotone(models, capsys, tmp_path):
     assert set(profile["draft_ms"]) == {"1", "2", "3"}
     assert set(profile["verify_ms_total_tokens"]) == {str(r * c) for r in (1, 2, 3) for c in (1, 2, 4)}
     assert all(v > 0 and math.isfinite(v) for v in profile["verify_ms"].values())
-    assert profile["model"] == target_identity(target) and profile["drafter"] == target_identity(drafter)
+    assert profile["model"] == model_fingerprint(target) and profile["drafter"] == model_fingerprint(drafter)
     assert_monotone(profile)
     assert json.loads((tmp_path / "copy.json").read_text()) == profile
     loaded = SPSProfile.from_dict(profile)  # the loader of the shared GPU tables reads it too
@@ -170,8 +170,8 @@ def test_profile_mismatch_is_rejected(models, monkeypatch):
     target, drafter = models
     counting_timer(monkeypatch)
     profile = load_or_profile(target, drafter, context=16, requests="1", lengths="1,2", repeats=2)
-    ident = target_identity(target)
-    check_profile_matches(profile, ident, "cpu", dtype="fp32", drafter_identity=target_identity(drafter))
+    ident = model_fingerprint(target)
+    check_profile_matches(profile, ident, "cpu", dtype="fp32", drafter_identity=model_fingerprint(drafter))
     check_profile_matches(profile, ident, profile["device"])
     with pytest.raises(ConfigError, match="measured for model"):
         check_profile_matches(profile, dict(ident, weights_sha256="0" * 64), "cpu")
@@ -180,7 +180,7 @@ def test_profile_mismatch_is_rejected(models, monkeypatch):
     with pytest.raises(ConfigError, match="bf16"):
         check_profile_matches(profile, ident, "cpu", dtype="bf16")
     with pytest.raises(ConfigError, match="drafter"):
-        check_profile_matches(profile, ident, "cpu", drafter_identity=target_identity(target))
+        check_profile_matches(profile, ident, "cpu", drafter_identity=model_fingerprint(target))
     gpu_table = {"device": "NVIDIA H100 80GB HBM3", "shape": "Qwen3-4B", "verify_ms": {"1x1": 4.5}}
     with pytest.raises(ConfigError, match="no model identity"):
         check_profile_matches(gpu_table, ident, "cpu")
@@ -218,7 +218,7 @@ def test_random_shape_builds_once_with_a_random_drafter(monkeypatch, home):
     counting_timer(monkeypatch)
     profile = load_or_profile(random_shape="tiny-test", context=8, requests="1,2", lengths="1,2", repeats=2)
     folder = home / "random-models" / "tiny-test-shape"
-    assert profile["shape"] == "tiny test shape" and profile["model"] == target_identity(folder)
+    assert profile["shape"] == "tiny test shape" and profile["model"] == model_fingerprint(folder)
     assert profile["gamma"] == 2 and set(profile["draft_ms"]) == {"1", "2"}
     assert profile["drafter"]["name"] == "random-dspark-tiny-test" and profile["markov_rank"] == 4
     mtime = (folder / "model.safetensors").stat().st_mtime_ns

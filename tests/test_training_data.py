@@ -22,7 +22,8 @@ from dspark.models.random_init import build_random_model
 from dspark.models.target_runner import TargetRunner
 from dspark.models.tokenizer import load_tokenizer, stop_token_ids
 from dspark.training import feature_cache as fc
-from dspark.training.feature_cache import FeatureCache, build_feature_cache, compute_features, target_identity
+from dspark.models.fingerprint import model_fingerprint
+from dspark.training.feature_cache import FeatureCache, build_feature_cache, compute_features
 from dspark.training.prompts import (
     chat_template_info, read_samples, render_regeneration_prompt, tokenize_conversation, tokenize_sample,
 )
@@ -195,7 +196,7 @@ def prompts(tmp_path):
 def run_regen(runner, tokenizer, model_dir, samples, output, **kwargs):
     kwargs = {"sampling": T1, "max_new_tokens": 6, "batch_size": 3, "seed": 11, "progress": False, **kwargs}
     return regenerate(runner, tokenizer, samples, output, stop_token_ids=stop_token_ids(model_dir, tokenizer),
-                      target_identity=target_identity(model_dir), **kwargs)
+                      target_identity=model_fingerprint(model_dir), **kwargs)
 
 
 def test_regenerate_rows(runner, tokenizer, model_dir, prompts, tmp_path):
@@ -310,7 +311,7 @@ def conversations(tmp_path_factory):
 def built_cache(runner, model_dir, conversations, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache") / "cache"
     manifest = build_feature_cache(
-        runner, load_tokenizer(model_dir), conversations, out, layer_ids=LAYERS, target_identity=target_identity(model_dir),
+        runner, load_tokenizer(model_dir), conversations, out, layer_ids=LAYERS, target_identity=model_fingerprint(model_dir),
         max_shard_bytes=40_000, batch_tokens=200, log=lambda msg: None,
     )
     return out, manifest
@@ -347,7 +348,7 @@ def test_cache_round_trip_equals_online_features(built_cache, runner, model_dir,
 def test_float32_cache_matches_online_tightly(runner, model_dir, conversations, tmp_path):
     out = tmp_path / "c32"
     build_feature_cache(runner, load_tokenizer(model_dir), conversations[:3], out, layer_ids=[-1, 3], dtype="float32",
-                        target_identity=target_identity(model_dir), log=lambda msg: None)
+                        target_identity=model_fingerprint(model_dir), log=lambda msg: None)
     cache = FeatureCache(out)
     for i in range(3):
         online = compute_features(runner, cache[i].input_ids, [-1, 3])
@@ -378,7 +379,7 @@ def test_refuses_when_the_disk_is_too_small(runner, model_dir, conversations, tm
     out = tmp_path / "cache"
     with pytest.raises(fc.DiskSpaceError, match="1000 B free"):
         build_feature_cache(runner, load_tokenizer(model_dir), conversations, out, layer_ids=LAYERS,
-                            target_identity=target_identity(model_dir), log=messages.append)
+                            target_identity=model_fingerprint(model_dir), log=messages.append)
     assert "B/token" in messages[0]  # the size was printed before refusing
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
@@ -387,7 +388,7 @@ def test_validate_reports_mismatches(built_cache, runner, model_dir, tmp_path):
     out, _ = built_cache
     cache = FeatureCache(out)
     cache.validate(LAYERS, runner.config.hidden_size, model_dir)
-    cache.validate(LAYERS, runner.config.hidden_size, target_identity(model_dir))
+    cache.validate(LAYERS, runner.config.hidden_size, model_fingerprint(model_dir))
     with pytest.raises(ConfigError, match="target layers"):
         cache.validate([1, 2], runner.config.hidden_size, model_dir)
     with pytest.raises(ConfigError, match="hidden size"):
@@ -424,7 +425,7 @@ def test_corrupted_truncated_or_incomplete_cache_is_detected(built_cache, tmp_pa
     killed = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
         build_feature_cache(runner, load_tokenizer(model_dir), conversations, killed, layer_ids=LAYERS,
-                            target_identity=target_identity(model_dir), batch_tokens=100, log=lambda msg: None)
+                            target_identity=model_fingerprint(model_dir), batch_tokens=100, log=lambda msg: None)
     assert not killed.exists()  # no valid-looking cache after an interrupted build
     assert not list(tmp_path.glob(".killed.tmp-*"))
 

@@ -11,7 +11,7 @@ whose sampling temperature is nearest to its own (`regime_for`). The paper fits 
 evaluation temperature 1.0); a file with only that regime behaves exactly so.
 
 JSON, format "dspark-calibration-v2":
-  {"format", "drafter": {"name", "config_sha256", "weights_sha256"} (`target_identity` of the drafter
+  {"format", "drafter": {"name", "config_sha256", "weights_sha256"} (`model_fingerprint` of the drafter
    folder), "block_size": γ, "regimes": [{"sampling_temperature": t ≥ 0 (0 = greedy), "temperatures": [γ]
    (T_k > 0, position 1 first), "fitted_on": {counts, data sets, ...}, "ece_before", "ece_after": metrics
    dicts or null, "biases": [γ] finite (absent = 0), "method": "sts" | "platt"}, ...] (distinct sampling
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dspark.calibration.metrics import ConfidenceMap
+from dspark.models.fingerprint import model_fingerprint
 from dspark.calibration.sts import check_method
 from dspark.errors import CheckpointError
 from dspark.files import write_text_atomically
@@ -47,10 +48,8 @@ DEFAULT_SAMPLING_TEMPERATURES = (1.0, 0.0)  # regimes `dspark calibrate` and the
 
 
 def drafter_identity(folder: str | Path) -> dict[str, str]:
-    """{"name", "config_sha256", "weights_sha256"} of a model folder (`feature_cache.target_identity`)."""
-    from dspark.training.feature_cache import target_identity
-
-    return target_identity(folder)
+    """{"name", "config_sha256", "weights_sha256"} of a drafter folder (`model_fingerprint`)."""
+    return model_fingerprint(folder)
 
 
 @dataclass(frozen=True)

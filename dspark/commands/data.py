@@ -163,7 +163,7 @@ def run_regenerate(args) -> int:
     from dspark.models.drafters import load_drafter
     from dspark.models.target_runner import TargetRunner
     from dspark.models.tokenizer import load_tokenizer, stop_token_ids
-    from dspark.training.feature_cache import target_identity
+    from dspark.models.fingerprint import model_fingerprint
     from dspark.training.prompts import read_samples
     from dspark.training.regenerate import regenerate
 
@@ -179,7 +179,7 @@ def run_regenerate(args) -> int:
     samples = read_samples(args.input)
     with exclusive_lock(args.output, "--output"):
         pass  # refuse now, before the target loads, if another run writes this output; regenerate() holds it after
-    identity = target_identity(args.target)
+    identity = model_fingerprint(args.target)
     tokenizer = load_tokenizer(args.target)
     runner = TargetRunner.from_pretrained(args.target, device=args.device, dtype=args.dtype)
     drafter = None
@@ -209,6 +209,7 @@ def run_cache(args) -> int:
 
     args.target = resolve_target(args.target)
 
+    from dspark.models.fingerprint import model_fingerprint
     from dspark.models.config import parse_decoder_config, read_config_json
     from dspark.models.target_runner import TargetRunner
     from dspark.models.tokenizer import load_tokenizer
@@ -228,7 +229,7 @@ def run_cache(args) -> int:
     config = parse_decoder_config(hf_config, where=f"{args.target}/config.json")
     layers = parse_layers(args.layers, config.num_layers)
     max_length = fc.resolve_max_length(args.max_length, config.max_position_embeddings)
-    identity = fc.target_identity(args.target)
+    identity = model_fingerprint(args.target)
     tokenizer = load_tokenizer(args.target)
     samples = read_samples(args.data)
     data = fc.prepare_cache_samples(tokenizer, samples, max_length=max_length, min_loss_tokens=args.min_loss_tokens,

@@ -25,7 +25,7 @@ before starting and before stopping every timer. The raw medians are kept in
    measured way to spend B tokens), then running maximum over ascending B;
 4. draft_ms: running maximum over ascending R.
 
-Metadata: "model" (`target_identity` of the target folder), "drafter" (its identity, or null),
+Metadata: "model" (`model_fingerprint` of the target folder), "drafter" (its identity, or null),
 "drafter_name", "device" (CPU model string or CUDA device name), "device_type", "dtype" (fp32 | bf16 |
 fp16 | fp64), "context", "gamma" (drafter block, null without drafter), "markov_rank" and "draft_layers"
 (DSpark drafters), "repeats", "warmup", "threads", "torch", "date", "shape", "requests", "lengths".
@@ -353,7 +353,7 @@ class _Plan:
 
 
 def _drafter_identity(spec: str | None) -> dict | None:
-    from dspark.training.feature_cache import target_identity
+    from dspark.models.fingerprint import model_fingerprint
 
     if spec is None:
         return None
@@ -361,7 +361,7 @@ def _drafter_identity(spec: str | None) -> dict | None:
         return {"name": "ngram"}
     if not Path(spec).is_dir():
         raise ConfigError(f"--drafter {spec!r}: neither a built-in drafter name nor an existing folder")
-    return target_identity(spec)
+    return model_fingerprint(spec)
 
 
 def _random_drafter_config(shape: str, target_hf: dict):
@@ -399,7 +399,7 @@ def _plan(target: str | None, drafter: str | None, random_shape: str | None, *, 
           force: bool, home: Path) -> _Plan:
     from dspark.models.config import read_config_json
     from dspark.models.zoo import resolve_drafter, resolve_target
-    from dspark.training.feature_cache import target_identity
+    from dspark.models.fingerprint import model_fingerprint
 
     if random_shape is not None:
         if target is not None:
@@ -417,7 +417,7 @@ def _plan(target: str | None, drafter: str | None, random_shape: str | None, *, 
             blob = json.dumps(config.to_hf_dict(), sort_keys=True).encode()
             d_id = {"name": f"random-dspark-{random_shape}", "config_sha256": hashlib.sha256(blob).hexdigest(),
                     "weights_sha256": "random init, seed 0"}
-            return _Plan(folder, target_identity(folder), f"random:{random_shape}", d_id, spec["label"], random_shape)
+            return _Plan(folder, model_fingerprint(folder), f"random:{random_shape}", d_id, spec["label"], random_shape)
     else:
         folder = Path(resolve_target(target))
         hf = read_config_json(folder)
@@ -428,7 +428,7 @@ def _plan(target: str | None, drafter: str | None, random_shape: str | None, *, 
     else:
         drafter = resolve_drafter(drafter)
     shape = RANDOM_SHAPES[random_shape]["label"] if random_shape else _shape_string(hf)
-    return _Plan(folder, target_identity(folder), drafter, _drafter_identity(drafter), shape, random_shape)
+    return _Plan(folder, model_fingerprint(folder), drafter, _drafter_identity(drafter), shape, random_shape)
 
 
 def cache_path(target_identity: Mapping[str, str], drafter_identity: Mapping[str, str] | None, device: str,
@@ -584,7 +584,7 @@ def check_profile_matches(
     drafter_identity: Mapping[str, str] | None = None,
 ) -> None:
     """Raise ConfigError unless `profile` was measured for this target (config and weights hashes of
-    `target_identity`), on this device (a device spec such as "cuda:0", or a device name string), and,
+    `model_fingerprint`), on this device (a device spec such as "cuda:0", or a device name string), and,
     when given, with this dtype (short name) and drafter identity."""
     where = f"SPS profile (device {profile.get('device')!r}, shape {profile.get('shape')!r})"
     model = profile.get("model")

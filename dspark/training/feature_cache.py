@@ -32,7 +32,6 @@ target in the training process, so training can run without any cache (peers-not
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -49,6 +48,7 @@ from dspark.errors import CheckpointError, ConfigError
 from dspark import files
 from dspark.files import default_mode
 from dspark.models.checkpoint import save_folder_atomically
+from dspark.models.fingerprint import model_fingerprint
 from dspark.models.target_runner import TargetRunner
 from dspark.training.prompts import Sample, TokenizedSample, chat_template_info, tokenize_sample
 
@@ -60,7 +60,6 @@ SAMPLE_IDS = "sample_ids.json"
 INDEX_COLUMNS = ("shard", "token_offset", "num_tokens", "source_index")
 DEFAULT_MAX_SHARD_BYTES = 64 * 2**30
 DEFAULT_BATCH_TOKENS = 8192
-IDENTITY_SAMPLE_BYTES = 2**20  # bytes hashed at each end of every weight file
 MANIFEST_ALLOWANCE = 4096  # bytes reserved for manifest.json in the estimate (plus 512 per shard)
 
 # name → (torch dtype, numpy dtype of the stored bits, bytes per element)
@@ -76,37 +75,7 @@ class DiskSpaceError(ConfigError):
     """The output file system cannot hold the cache."""
 
 
-# -- target identity and sizes -------------------------------------------------------------------------
-
-
-def target_identity(folder: str | Path) -> dict[str, str]:
-    """Identify a target model folder without reading all of its weights.
-
-    {"name": folder name (informative only), "config_sha256": sha256 of config.json, "weights_sha256":
-    sha256 over every *.safetensors file (sorted by name) of its name, size, first and last MiB — the
-    safetensors header and the first and last tensors' bytes, so a fine-tune of the same architecture
-    (same names and sizes) is told apart too}. Two targets match when both hashes match.
-    """
-    folder = Path(folder)
-    config = folder / "config.json"
-    if not config.is_file():
-        raise CheckpointError(f"{config}: not found; the target folder needs config.json")
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.safetensors")):
-        size = path.stat().st_size
-        digest.update(json.dumps([path.name, size]).encode())
-        with path.open("rb") as f:
-            digest.update(f.read(IDENTITY_SAMPLE_BYTES))
-            f.seek(max(0, size - IDENTITY_SAMPLE_BYTES))
-            digest.update(f.read(IDENTITY_SAMPLE_BYTES))
-    return {
-        "name": folder.resolve().name,
-        "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
-        "weights_sha256": digest.hexdigest(),
-    }
-
-
-_identity_of = target_identity  # `FeatureCache.validate` has a parameter of the same name
+# -- sizes -------------------------------------------------------------------------
 
 
 def _dtype_entry(dtype: str) -> tuple[torch.dtype, np.dtype, int]:
@@ -668,7 +637,7 @@ class FeatureCache:
         target_identity: dict | str | Path | None = None,
     ) -> None:
         """Check the cache fits a training run: same target layers, hidden size and target (config and
-        weight-file hashes; a folder path is hashed with `target_identity`), and intact shard files.
+        weight-file hashes; a folder path is hashed with `model_fingerprint`), and intact shard files.
         Mismatches raise `ConfigError` (layers, hidden size) or `CheckpointError` (target, files)."""
         if target_layer_ids is not None and [int(i) for i in target_layer_ids] != self.target_layer_ids:
             raise ConfigError(
@@ -678,7 +647,7 @@ class FeatureCache:
         if hidden_size is not None and int(hidden_size) != self.hidden_size:
             raise ConfigError(f"{self.path}: cached hidden size is {self.hidden_size}, the target's is {hidden_size}")
         if target_identity is not None:
-            wanted = target_identity if isinstance(target_identity, dict) else _identity_of(target_identity)
+            wanted = target_identity if isinstance(target_identity, dict) else model_fingerprint(target_identity)
             cached = self.manifest.get("target") or {}
             for key in ("config_sha256", "weights_sha256"):
                 if cached.get(key) != wanted.get(key):

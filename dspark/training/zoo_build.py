@@ -95,7 +95,7 @@ def build_training_data(work: Path, target: Path, *, device: str, progress: bool
     from dspark.decoding.sampling import SamplingParams
     from dspark.models.target_runner import TargetRunner
     from dspark.models.tokenizer import load_tokenizer, stop_token_ids
-    from dspark.training.feature_cache import target_identity
+    from dspark.models.fingerprint import model_fingerprint
     from dspark.training.prompts import read_samples
     from dspark.training.regenerate import regenerate
 
@@ -106,7 +106,7 @@ def build_training_data(work: Path, target: Path, *, device: str, progress: bool
     regenerate(
         runner, tokenizer, read_samples(work / "corpus" / "train-prompts.jsonl"), output,
         stop_token_ids=stop_token_ids(target, tokenizer, runner.config.eos_token_ids),
-        target_identity=target_identity(target), sampling=SamplingParams(**REGEN_SAMPLING),
+        target_identity=model_fingerprint(target), sampling=SamplingParams(**REGEN_SAMPLING),
         max_new_tokens=REGEN_MAX_NEW_TOKENS, batch_size=REGEN_BATCH_SIZE, seed=REGEN_SEED, limit=REGEN_PROMPTS,
         progress=progress,
     )
@@ -119,7 +119,8 @@ def build_features(work: Path, target: Path, data: Path, *, device: str, progres
     regenerated data once instead of once per drafter step."""
     from dspark.models.target_runner import TargetRunner
     from dspark.models.tokenizer import load_tokenizer
-    from dspark.training.feature_cache import build_feature_cache, target_identity
+    from dspark.models.fingerprint import model_fingerprint
+    from dspark.training.feature_cache import build_feature_cache
     from dspark.training.prompts import read_samples
 
     output = work / "features"
@@ -129,7 +130,7 @@ def build_features(work: Path, target: Path, data: Path, *, device: str, progres
     shared = _recipe("dspark")
     runner = TargetRunner.from_pretrained(target, device=device)
     build_feature_cache(runner, load_tokenizer(target), read_samples(data), output,
-                        layer_ids=shared.model.target_layer_ids, target_identity=target_identity(target),
+                        layer_ids=shared.model.target_layer_ids, target_identity=model_fingerprint(target),
                         max_length=shared.data.max_length, source=str(data), progress=progress, log=_log)
     return output
 
