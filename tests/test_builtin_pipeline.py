@@ -317,15 +317,15 @@ def test_bpe_conversations_tokenise_prompt_and_response_separately(tokenizer_dir
     """Byte-level BPE merges the assistant header's newline with a response's leading indentation when the
     whole conversation is tokenised at once; the training sample must instead start with exactly the ids
     inference feeds the target (the rendered prompt alone) and supervise the response."""
+    from dspark.data.chat import render_sample_prompt, tokenize_conversation
+    from dspark.data.samples import Sample
     from dspark.models.tokenizer import load_tokenizer
-    from dspark.training.prompts import render_regeneration_prompt, tokenize_conversation
-    from dspark.training.prompts import Sample
 
     tok = load_tokenizer(tokenizer_dir)
     messages = ({"role": "user", "content": "Continue this Python code:\n\ndef f(x):"},
                 {"role": "assistant", "content": "    total = x + 1\n    return total"})
     whole = tok(tok.apply_chat_template(list(messages), tokenize=False), add_special_tokens=False)["input_ids"]
-    prompt = render_regeneration_prompt(tok, Sample(0, 0, messages, "t"))
+    prompt = render_sample_prompt(tok, Sample(0, 0, messages, "t"))
     assert whole[: len(prompt)] != prompt  # the merge this test is about really happens with this tokenizer
     out = tokenize_conversation(tok, messages)
     assert out.input_ids[: len(prompt)].tolist() == prompt

@@ -23,7 +23,8 @@ from dspark.models.drafters import load_drafter
 from dspark.models.drafters.dspark import dspark_config_for_target, init_from_target
 from dspark.models.random_init import build_random_model
 from dspark.models.target_runner import TargetRunner
-from dspark.models.tokenizer import load_tokenizer, render_prompt
+from dspark.data.chat import render_prompt
+from dspark.models.tokenizer import load_tokenizer
 
 WEIGHTS = "model.safetensors"
 

@@ -24,9 +24,8 @@ from dspark.models.tokenizer import load_tokenizer, stop_token_ids
 from dspark.training import feature_cache as fc
 from dspark.models.fingerprint import model_fingerprint
 from dspark.training.feature_cache import FeatureCache, build_feature_cache, compute_features
-from dspark.training.prompts import (
-    chat_template_info, read_samples, render_regeneration_prompt, tokenize_conversation, tokenize_sample,
-)
+from dspark.data.chat import chat_template_info, render_sample_prompt, tokenize_conversation, tokenize_sample
+from dspark.data.samples import read_samples
 from dspark.training.regenerate import regenerate, scan_output, settings_path
 
 LAYERS = [0, 2]
@@ -152,7 +151,7 @@ def test_truncation_and_regeneration_prompt(tokenizer, tmp_path):
     full = tokenize_sample(tokenizer, sample)
     cut = tokenize_sample(tokenizer, sample, max_length=20)
     assert cut.input_ids.tolist() == full.input_ids[:20].tolist() and cut.loss_mask.tolist() == full.loss_mask[:20].tolist()
-    prompt = tokenizer.decode(render_regeneration_prompt(tokenizer, sample))
+    prompt = tokenizer.decode(render_sample_prompt(tokenizer, sample))
     assert prompt == "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -163,7 +162,7 @@ def test_fallback_template_when_the_tokenizer_has_none(tokenizer, tmp_path):
     assert tokenizer.decode(out.input_ids.tolist()).startswith("System:\nYou are terse.\n\nUser:\n2+2?\n\nAssistant:\n4,")
     assert masked_spans(tokenizer, out) == ["4, obviously.<|im_end|>\n\n", "6 — é<|im_end|>\n\n"]
     sample = read_samples(write_jsonl(tmp_path / "p.jsonl", [{"turns": ["hi"]}]))[0]
-    assert tokenizer.decode(render_regeneration_prompt(tokenizer, sample)) == "User:\nhi\n\nAssistant:\n"
+    assert tokenizer.decode(render_sample_prompt(tokenizer, sample)) == "User:\nhi\n\nAssistant:\n"
 
 
 def test_non_incremental_template_is_refused_not_mis_masked(tokenizer):

@@ -11,7 +11,8 @@ from dspark.decoding.sampling import SamplingParams
 from dspark.engine.generation import generate
 from dspark.models.drafters import load_drafter
 from dspark.models.target_runner import TargetRunner
-from dspark.models.tokenizer import load_tokenizer, render_prompt, stop_token_ids
+from dspark.data.chat import render_prompt
+from dspark.models.tokenizer import load_tokenizer, stop_token_ids
 from dspark.models.zoo import BUILTIN_DIR, BUILTIN_DRAFTERS, builtin_drafter, builtin_target, resolve_drafter
 
 PROMPTS = (

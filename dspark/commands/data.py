@@ -164,7 +164,7 @@ def run_regenerate(args) -> int:
     from dspark.models.target_runner import TargetRunner
     from dspark.models.tokenizer import load_tokenizer, stop_token_ids
     from dspark.models.fingerprint import model_fingerprint
-    from dspark.training.prompts import read_samples
+    from dspark.data.samples import read_samples
     from dspark.training.regenerate import regenerate
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -214,7 +214,8 @@ def run_cache(args) -> int:
     from dspark.models.target_runner import TargetRunner
     from dspark.models.tokenizer import load_tokenizer
     from dspark.training import feature_cache as fc
-    from dspark.training.prompts import chat_template_info, read_samples
+    from dspark.data.chat import chat_template_info
+    from dspark.data.samples import read_samples
 
     if args.dtype not in fc.CACHE_DTYPES:
         raise ConfigError(f"--dtype {args.dtype!r}: choose one of {', '.join(fc.CACHE_DTYPES)}")

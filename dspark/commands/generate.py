@@ -8,7 +8,8 @@ from dspark.engine.generation import generate
 from dspark.errors import RequestError
 from dspark.models.drafters import load_drafter
 from dspark.models.target_runner import TargetRunner
-from dspark.models.tokenizer import load_tokenizer, render_prompt, stop_token_ids
+from dspark.data.chat import render_prompt
+from dspark.models.tokenizer import load_tokenizer, stop_token_ids
 
 
 def register(sub) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dspark.errors import ConfigError
 from dspark.models.zoo import BUILTIN_PROMPT_SETS, builtin_prompt_file
-from dspark.training.prompts import Sample, read_samples
+from dspark.data.samples import Sample, read_samples
 
 # name → (domain, cap): the paper's nine sets and their caps, and the built-in held-out corpus prompts.
 KNOWN_SETS: dict[str, tuple[str, int]] = {

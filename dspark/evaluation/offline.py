@@ -26,7 +26,7 @@ from dspark.evaluation.traces import confidence_matrix, merge_traces, round_arra
 from dspark.models.drafters import load_drafter
 from dspark.models.target_runner import TargetRunner
 from dspark.models.tokenizer import load_tokenizer, stop_token_ids
-from dspark.training.prompts import render_regeneration_prompt
+from dspark.data.chat import DEFAULT_TEMPLATE_KWARGS, render_sample_prompt
 
 
 @dataclass
@@ -36,7 +36,7 @@ class EvalSettings:
     max_new_tokens: int = 2048
     seed: int = 0
     batch_size: int = 8
-    template_kwargs: dict = field(default_factory=lambda: {"enable_thinking": False})
+    template_kwargs: dict = field(default_factory=lambda: dict(DEFAULT_TEMPLATE_KWARGS))  # as generate renders
     strict: bool = False  # a prompt beyond the context is an error (ConfigError naming set and line), not skipped
 
 
@@ -58,7 +58,7 @@ def render_sets(tokenizer, prompt_sets: list[PromptSet], settings: EvalSettings,
     for prompt_set in prompt_sets:
         prompts, skipped = [], []
         for sample in prompt_set.samples:
-            ids = render_regeneration_prompt(tokenizer, sample, template_kwargs=settings.template_kwargs)
+            ids = render_sample_prompt(tokenizer, sample, template_kwargs=settings.template_kwargs)
             if len(ids) + 2 > max_context:  # the generation budget below keeps one position spare
                 if settings.strict:
                     raise ConfigError(f"data set {prompt_set.name!r}, {sample.where}: the prompt has {len(ids)} tokens, "

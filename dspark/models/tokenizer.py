@@ -1,13 +1,12 @@
-"""Tokenizer loading (HF `tokenizer.json` via transformers, local files only), prompt rendering and stop
-tokens. Errors name the tokenizer folder (a broken chat template, an unloadable tokenizer) or the prompt
-(text that is not valid UTF-8), on one line."""
+"""Tokenizer loading (HF `tokenizer.json` via transformers, local files only) and stop tokens; errors name
+the tokenizer folder, on one line. Rendering prompts and conversations is `dspark.data.chat`'s."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from dspark.errors import CheckpointError, RequestError
+from dspark.errors import CheckpointError
 
 
 def _one_line(exc: BaseException) -> str:
@@ -44,38 +43,3 @@ def stop_token_ids(folder: str | Path, tokenizer=None, config_eos: tuple[int, ..
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return list(dict.fromkeys(int(i) for i in ids))
-
-
-def check_text(text, what: str, error: type[Exception] = RequestError) -> str:
-    """`text` if it is a string a tokenizer can encode; else `error` naming `what`. Bytes that are not UTF-8
-    reach Python as lone surrogates (argv, surrogateescape) and so do JSON "\\ud800" escapes: no UTF-8
-    encoding exists for them."""
-    if not isinstance(text, str):
-        raise error(f"{what}: expected text, got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        near = text[max(0, exc.start - 16): exc.start + 16]
-        raise error(f"{what}: not valid UTF-8 text (an undecodable byte or lone surrogate at character {exc.start}, "
-                    f"near {near!r})") from None
-    return text
-
-
-def render_prompt(tokenizer, text: str, chat: bool, what: str = "prompt") -> list[int]:
-    """Token ids of a prompt; with `chat`, one user turn through the chat template (generation prompt on).
-
-    `what` names the text in errors: RequestError when it is not valid UTF-8 text (argv bytes that are
-    not UTF-8 arrive as lone surrogates), CheckpointError naming the tokenizer folder when its chat
-    template does not compile or render."""
-    check_text(text, what)
-    if chat:
-        folder = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
-        if not getattr(tokenizer, "chat_template", None):
-            raise CheckpointError(f"{folder}: --chat was given but the tokenizer has no chat template")
-        try:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                                add_generation_prompt=True, return_dict=False)
-        except Exception as exc:  # jinja2 syntax/runtime errors, or any Python error the template raises
-            raise CheckpointError(f"{folder}: the chat template cannot be rendered ({_one_line(exc)})") from None
-        return list(ids)
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])

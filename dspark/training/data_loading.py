@@ -4,7 +4,7 @@
 - a JSONL file of pre-tokenised rows `{"input_ids": [...], "loss_mask": [0/1, ...]}` (token ids are
   integers in [0, the target's vocab_size), loss_mask values 0 or 1), or of conversations
   (`{"conversations": [...]}` / `{"turns": [...]}`) rendered with the target's chat template by
-  `dspark.training.prompts` (loss mask = response tokens) — target features are then computed online;
+  `dspark.data.chat` (loss mask = response tokens) — target features are then computed online;
 - a feature-cache folder written by `dspark data cache` — tokens, masks and target features come from
   disk, after `FeatureCache.validate` has checked its layers, hidden size and target against the run.
 
@@ -112,14 +112,14 @@ def load_samples(path: str | Path, target_folder: str | Path, max_length: int, d
                 vocab_size = vocab_size or _target_vocab_size(target_folder)
                 samples.append(_tokenised_row(row, where, vocab_size, max_length))
             else:
-                from dspark.training.prompts import parse_sample
+                from dspark.data.samples import parse_sample
 
                 conversations.append(parse_sample(row, index=index, where=where))
             index += 1
     content = [True] * len(samples)
     if conversations:
         from dspark.models.tokenizer import load_tokenizer
-        from dspark.training.prompts import tokenize_sample
+        from dspark.data.chat import tokenize_sample
 
         tokenizer = load_tokenizer(target_folder)
         for sample in conversations:

@@ -50,7 +50,8 @@ from dspark.files import default_mode
 from dspark.models.checkpoint import save_folder_atomically
 from dspark.models.fingerprint import model_fingerprint
 from dspark.models.target_runner import TargetRunner
-from dspark.training.prompts import Sample, TokenizedSample, chat_template_info, tokenize_sample
+from dspark.data.chat import TokenizedSample, chat_template_info, tokenize_sample
+from dspark.data.samples import Sample
 
 FORMAT = "dspark-feature-cache"
 FORMAT_VERSION = 1

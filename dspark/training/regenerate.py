@@ -49,7 +49,8 @@ from dspark.errors import ConfigError
 from dspark.files import exclusive_lock
 from dspark.models.drafters.base import Drafter
 from dspark.models.target_runner import TargetRunner
-from dspark.training.prompts import Sample, chat_template_info, regeneration_messages, render_regeneration_prompt
+from dspark.data.chat import chat_template_info, render_sample_prompt
+from dspark.data.samples import Sample, prompt_messages
 
 SETTINGS_FORMAT = "dspark-regenerate-settings/1"
 
@@ -185,7 +186,7 @@ def regenerate(
     output = Path(output)
     all_ids = {s.id for s in samples}
     chosen = list(samples[:limit] if limit is not None else samples)
-    messages = {s.id: regeneration_messages(s) for s in chosen}  # fails fast on a sample without a user turn
+    messages = {s.id: prompt_messages(s) for s in chosen}  # fails fast on a sample without a user turn
     settings = {
         "format": SETTINGS_FORMAT,
         "target": target_identity,
@@ -274,7 +275,7 @@ def _run_batch(
     prompts, budgets, runnable = [], [], []
     skipped = 0
     for s in members:
-        prompt = render_regeneration_prompt(tokenizer, s, template_kwargs=template_kwargs)
+        prompt = render_sample_prompt(tokenizer, s, template_kwargs=template_kwargs)
         room = runner.max_context - len(prompt)
         if room < 1:
             skipped += s.id in missing_ids

@@ -96,7 +96,7 @@ def build_training_data(work: Path, target: Path, *, device: str, progress: bool
     from dspark.models.target_runner import TargetRunner
     from dspark.models.tokenizer import load_tokenizer, stop_token_ids
     from dspark.models.fingerprint import model_fingerprint
-    from dspark.training.prompts import read_samples
+    from dspark.data.samples import read_samples
     from dspark.training.regenerate import regenerate
 
     output = work / "regenerated.jsonl"
@@ -121,7 +121,7 @@ def build_features(work: Path, target: Path, data: Path, *, device: str, progres
     from dspark.models.tokenizer import load_tokenizer
     from dspark.models.fingerprint import model_fingerprint
     from dspark.training.feature_cache import build_feature_cache
-    from dspark.training.prompts import read_samples
+    from dspark.data.samples import read_samples
 
     output = work / "features"
     if (output / "manifest.json").is_file():

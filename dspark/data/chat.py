@@ -1,22 +1,18 @@
-"""Prompt / conversation JSONL files, chat-template rendering and the response loss mask (SPEC §2.6).
+"""Chat rendering, in one place: the prompt of one user turn (`dspark generate --chat`, the demo), the
+prompt of a sample (`dspark eval`, `dspark data regenerate`), and whole conversations with their response
+loss mask (drafter training, feature caches).
 
-Input format: one JSON object per line (blank lines are ignored), in either of two shapes:
-
-    {"id": ..., "turns": ["user message", ...]}                              (prompts only)
-    {"id": ..., "conversations": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
-
-"id" is optional (a string or an integer); without it a sample's id is its 0-based index among the
-file's non-blank lines, so it is stable across runs as long as the file is not edited. Ids must be
-unique within a file. Other top-level keys (e.g. the "finish_reason" / "num_tokens" that
-`dspark data regenerate` writes) are ignored. Every malformed line is reported as `FILE:LINE: problem`.
-
-Rendering uses the target tokenizer's own chat template (`apply_chat_template`, text first, then
-tokenised without adding special tokens — exactly what HF does with `tokenize=True`). When the tokenizer
-has no chat template, `FALLBACK_CHAT_TEMPLATE` is used instead:
+Rendering uses the tokenizer's own chat template (`apply_chat_template` to text, then tokenised without
+adding special tokens — exactly what HF does with `tokenize=True`). When the tokenizer has no chat template,
+`FALLBACK_CHAT_TEMPLATE` is used instead:
 
     [bos_token]                                        (only if the tokenizer has one)
     "System:\\n<content>\\n\\n"   "User:\\n<content>\\n\\n"   "Assistant:\\n<content><eos_token>\\n\\n"
     generation prompt: "Assistant:\\n"
+
+`DEFAULT_TEMPLATE_KWARGS` ({"enable_thinking": false}: the paper evaluates without thinking; templates that
+do not know the variable ignore it) is what generate, the demo and eval render prompts with, so the same
+user turn gives the same tokens in all three.
 
 Loss mask (1 = the token is supervised): exactly the tokens of every assistant response — its content
 and the end-of-turn marker the template renders after it (e.g. `<|im_end|>\\n`), but not the assistant
@@ -33,15 +29,17 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
-from dspark.errors import ConfigError
-from dspark.models.tokenizer import check_text
+from dspark.errors import ConfigError, RequestError
 
-ROLES = ("system", "user", "assistant")
+if TYPE_CHECKING:
+    from dspark.data.samples import Sample
+
+DEFAULT_TEMPLATE_KWARGS = MappingProxyType({"enable_thinking": False})  # read-only
 
 FALLBACK_CHAT_TEMPLATE = (  # newlines as string expressions: HF renders with trim_blocks=True
     "{{ bos_token if bos_token else '' }}"
@@ -52,16 +50,6 @@ FALLBACK_CHAT_TEMPLATE = (  # newlines as string expressions: HF renders with tr
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:\\n' }}{% endif %}"
 )
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One line of a prompt / conversation file."""
-
-    id: str | int  # the line's "id", else `index`
-    index: int  # 0-based index among the file's non-blank lines
-    messages: tuple[dict[str, str], ...]  # {"role": one of ROLES, "content": str}, in order
-    where: str  # "FILE:LINE", for error messages
 
 
 @dataclass
@@ -80,86 +68,24 @@ class TokenizedSample:
         return int(self.loss_mask.sum())
 
 
-# -- reading -------------------------------------------------------------------------------------------
-
-
-def _type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """The JSON-ish name of a value's type, for messages ("null", "str", "list", ...)."""
     return "null" if value is None else type(value).__name__
 
 
-def parse_sample(obj: Any, *, index: int, where: str) -> Sample:
-    """Validate one decoded JSON line (either format) and return it as a `Sample`."""
-    if not isinstance(obj, dict):
-        raise ConfigError(f"{where}: expected a JSON object, got {_type(obj)}")
-    sample_id = obj.get("id", index)
-    if isinstance(sample_id, bool) or not isinstance(sample_id, (str, int)):
-        raise ConfigError(f"{where}: \"id\" must be a string or an integer, got {_type(sample_id)}")
-    has_turns, has_conv = "turns" in obj, "conversations" in obj
-    if has_turns == has_conv:
-        problem = "both" if has_turns else "neither"
-        raise ConfigError(f"{where}: a sample needs exactly one of \"turns\" or \"conversations\" (found {problem})")
-    if has_turns:
-        turns = obj["turns"]
-        if not isinstance(turns, list) or not turns:
-            raise ConfigError(f"{where}: \"turns\" must be a non-empty list of strings, got {_type(turns)}")
-        for i, turn in enumerate(turns):
-            if not isinstance(turn, str):
-                raise ConfigError(f"{where}: \"turns\"[{i}] must be a string, got {_type(turn)}")
-            check_text(turn, f"{where}: \"turns\"[{i}]", ConfigError)
-        messages = tuple({"role": "user", "content": turn} for turn in turns)
-    else:
-        conv = obj["conversations"]
-        if not isinstance(conv, list) or not conv:
-            raise ConfigError(f"{where}: \"conversations\" must be a non-empty list of messages, got {_type(conv)}")
-        parsed = []
-        for i, message in enumerate(conv):
-            if not isinstance(message, dict):
-                raise ConfigError(f"{where}: \"conversations\"[{i}] must be an object, got {_type(message)}")
-            for key in ("role", "content"):
-                if key not in message:
-                    raise ConfigError(f"{where}: \"conversations\"[{i}] has no \"{key}\"")
-            role, content = message["role"], message["content"]
-            if role not in ROLES:
-                raise ConfigError(f"{where}: \"conversations\"[{i}].role is {role!r}; expected one of {', '.join(ROLES)}")
-            if not isinstance(content, str):
-                raise ConfigError(f"{where}: \"conversations\"[{i}].content must be a string, got {_type(content)}")
-            check_text(content, f"{where}: \"conversations\"[{i}].content", ConfigError)
-            parsed.append({"role": role, "content": content})
-        messages = tuple(parsed)
-    return Sample(id=sample_id, index=index, messages=messages, where=where)
-
-
-def read_samples(path: str | Path) -> list[Sample]:
-    """All samples of a JSONL file, in file order. Raises `ConfigError` naming FILE:LINE on bad input."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
-    samples: list[Sample] = []
-    first_line: dict[str | int, int] = {}
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ConfigError(f"{where}: not valid UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            sample = parse_sample(obj, index=len(samples), where=where)
-            if sample.id in first_line:
-                raise ConfigError(f"{where}: duplicate sample id {sample.id!r} (first used on line {first_line[sample.id]})")
-            first_line[sample.id] = lineno
-            samples.append(sample)
-    if not samples:
-        raise ConfigError(f"{path}: no samples (the file is empty)")
-    return samples
-
-
-# -- rendering -----------------------------------------------------------------------------------------
+def check_text(text, what: str, error: type[Exception] = RequestError) -> str:
+    """`text` if it is a string a tokenizer can encode; else `error` naming `what`. Bytes that are not UTF-8
+    reach Python as lone surrogates (argv, surrogateescape) and so do JSON "\\ud800" escapes: no UTF-8
+    encoding exists for them."""
+    if not isinstance(text, str):
+        raise error(f"{what}: expected text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        near = text[max(0, exc.start - 16): exc.start + 16]
+        raise error(f"{what}: not valid UTF-8 text (an undecodable byte or lone surrogate at character {exc.start}, "
+                    f"near {near!r})") from None
+    return text
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -193,9 +119,11 @@ def render_text(
             add_generation_prompt=add_generation_prompt, **(template_kwargs or {}),
         )
     except Exception as exc:  # jinja2 raises several types (TemplateError, TypeError from filters, ...)
-        raise ConfigError(f"{where}: the chat template cannot render this conversation ({type(exc).__name__}: {exc})") from None
+        folder = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise ConfigError(f"{where}: the chat template of {folder} cannot render this conversation ({detail})") from None
     if not isinstance(text, str):
-        raise ConfigError(f"{where}: the chat template returned {_type(text)}, expected text")
+        raise ConfigError(f"{where}: the chat template returned {json_type(text)}, expected text")
     return text
 
 
@@ -261,20 +189,24 @@ def tokenize_sample(
     return out
 
 
-def regeneration_messages(sample: Sample) -> list[dict[str, str]]:
-    """The messages a regenerated response answers: leading system message(s) + the first user turn."""
-    leading = []
-    for message in sample.messages:
-        if message["role"] == "user":
-            return leading + [dict(message)]
-        if message["role"] != "system":
-            break
-        leading.append(dict(message))
-    raise ConfigError(f"{sample.where}: sample {sample.id!r} does not start with a user turn (after optional system messages)")
+def render_prompt(tokenizer, text: str, chat: bool, what: str = "prompt",
+                  template_kwargs: Mapping[str, Any] | None = DEFAULT_TEMPLATE_KWARGS) -> list[int]:
+    """Token ids of a prompt: with `chat`, one user turn through the chat template with the generation
+    prompt (`render_text` + `encode`, as every command renders prompts); without, the raw text with the
+    tokenizer's special tokens. `what` names the text in errors (RequestError when it is not valid UTF-8;
+    ConfigError naming `what` when the chat template cannot render it)."""
+    check_text(text, what)
+    if chat:
+        rendered = render_text(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True,
+                               template_kwargs=template_kwargs, where=what)
+        return encode(tokenizer, rendered)
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
-def render_regeneration_prompt(tokenizer, sample: Sample, *, template_kwargs: dict | None = None) -> list[int]:
-    """Token ids of `regeneration_messages(sample)` with the generation prompt (assistant header) on."""
-    text = render_text(tokenizer, regeneration_messages(sample), add_generation_prompt=True,
+def render_sample_prompt(tokenizer, sample: Sample, *, template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of `prompt_messages(sample)` with the generation prompt (assistant header) on."""
+    from dspark.data.samples import prompt_messages
+
+    text = render_text(tokenizer, prompt_messages(sample), add_generation_prompt=True,
                        template_kwargs=template_kwargs, where=f"{sample.where} (id {sample.id!r})")
     return encode(tokenizer, text)
