@@ -24,7 +24,9 @@ from dspark.models.tokenizer import load_tokenizer, stop_token_ids
 from dspark.training import feature_cache as fc
 from dspark.models.fingerprint import model_fingerprint
 from dspark.training.feature_cache import FeatureCache, build_feature_cache, compute_features
-from dspark.data.chat import chat_template_info, render_sample_prompt, tokenize_conversation, tokenize_sample
+from dspark.data.chat import (
+    DEFAULT_TEMPLATE_KWARGS, chat_template_info, render_prompt, render_sample_prompt, tokenize_conversation, tokenize_sample,
+)
 from dspark.data.samples import read_samples
 from dspark.training.regenerate import regenerate, scan_output, settings_path
 
@@ -163,6 +165,26 @@ def test_fallback_template_when_the_tokenizer_has_none(tokenizer, tmp_path):
     assert masked_spans(tokenizer, out) == ["4, obviously.<|im_end|>\n\n", "6 — é<|im_end|>\n\n"]
     sample = read_samples(write_jsonl(tmp_path / "p.jsonl", [{"turns": ["hi"]}]))[0]
     assert tokenizer.decode(render_sample_prompt(tokenizer, sample)) == "User:\nhi\n\nAssistant:\n"
+
+
+def test_one_user_turn_renders_alike_in_generate_and_eval(tokenizer, tmp_path):
+    """`render_prompt(chat=True)` (generate --chat, the demo) and `render_sample_prompt` with
+    DEFAULT_TEMPLATE_KWARGS (eval) give the same ids for the same user turn, with a template that reacts to
+    enable_thinking (as Qwen3's does) and with the fallback template."""
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+    )
+    sample = read_samples(write_jsonl(tmp_path / "p.jsonl", [{"turns": ["2+2?"]}]))[0]
+    for template in (tokenizer.chat_template, None):
+        tokenizer.chat_template = template
+        via_generate = render_prompt(tokenizer, "2+2?", chat=True)
+        via_eval = render_sample_prompt(tokenizer, sample, template_kwargs=dict(DEFAULT_TEMPLATE_KWARGS))
+        assert via_generate == via_eval
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if enable_thinking is defined %}T{% endif %}"
+    assert tokenizer.decode(render_prompt(tokenizer, "x", chat=True)) == "xT"  # the default kwargs reach the template
+    assert tokenizer.decode(render_prompt(tokenizer, "x", chat=True, template_kwargs=None)) == "x"
 
 
 def test_non_incremental_template_is_refused_not_mis_masked(tokenizer):
