@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dspark.cli import main
-from dspark.training.corpus import CODE_INSTRUCTION, CorpusError, build_corpus, locate_docs, read_documents
+from dspark.pipeline.corpus import CODE_INSTRUCTION, CorpusError, build_corpus, locate_docs, read_documents
 
 from figures import check_png
 
@@ -104,7 +104,7 @@ def test_missing_documentation_names_the_package(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(corpus, tmp_path_factory):
-    from dspark.training.tokenizer_training import train_tokenizer
+    from dspark.pipeline.tokenizer_training import train_tokenizer
 
     return train_tokenizer(corpus, tmp_path_factory.mktemp("tok") / "tok", vocab_size=512)
 
@@ -159,7 +159,7 @@ def test_pretrain_exports_a_folder_transformers_and_the_runner_agree_on(corpus, 
 def test_pretrain_kill_and_resume_equals_an_uninterrupted_run(corpus, tokenizer_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from dspark.training.pretrain import Pretrainer, load_pretrain_config
+    from dspark.pipeline.pretrain import Pretrainer, load_pretrain_config
 
     full = Pretrainer(load_pretrain_config(None, pretrain_overrides(corpus, tokenizer_dir, tmp_path / "full", 6)))
     full.fit()
@@ -304,8 +304,8 @@ def test_eval_command_runs_as_a_subprocess_with_json(eval_target, eval_data):
 
 
 def test_shipped_pretrain_config_is_the_zoo_recipe():
-    from dspark.training.pretrain import load_pretrain_config
-    from dspark.training.zoo_build import PRETRAIN_OVERRIDES
+    from dspark.pipeline.pretrain import load_pretrain_config
+    from dspark.pipeline.zoo_build import PRETRAIN_OVERRIDES
 
     path = Path(__file__).resolve().parents[1] / "configs" / "pretrain_builtin.yaml"
     shipped = load_pretrain_config(path, ["data.corpus=c", "data.tokenizer=t"])
@@ -342,7 +342,7 @@ def test_zoo_rebuild_end_to_end_at_toy_scale(corpus, tokenizer_dir, tmp_path, mo
 
     from dspark.models.drafters import load_drafter
     from dspark.models.target_runner import TargetRunner
-    from dspark.training import zoo_build
+    from dspark.pipeline import zoo_build
 
     work, out = tmp_path / "work", tmp_path / "builtin"
     shutil.copytree(corpus, work / "corpus")

@@ -19,8 +19,8 @@ from dspark.models.random_init import build_random_model
 from dspark.training.checkpoints import CheckpointFolder
 from dspark.training.config import TrainConfig, load_train_config
 from dspark.training.data_loading import check_supervision
-from dspark.training.pretrain import CHECKPOINT_FILES as PRETRAIN_FILES
-from dspark.training.pretrain import load_pretrain_config
+from dspark.pipeline.pretrain import CHECKPOINT_FILES as PRETRAIN_FILES
+from dspark.pipeline.pretrain import load_pretrain_config
 from dspark.training.trainer import Sample, Trainer
 
 REPO = Path(__file__).resolve().parents[1]

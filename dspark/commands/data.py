@@ -129,7 +129,7 @@ def _check_positive(name: str, value: int | None) -> None:
 
 
 def run_corpus(args) -> int:
-    from dspark.training.corpus import build_corpus
+    from dspark.pipeline.corpus import build_corpus
 
     if not 0 < args.heldout_percent < 100:
         raise ConfigError(f"--heldout-percent must be in (0, 100), got {args.heldout_percent}")
@@ -145,7 +145,7 @@ def run_corpus(args) -> int:
 
 
 def run_tokenizer(args) -> int:
-    from dspark.training.tokenizer_training import train_tokenizer
+    from dspark.pipeline.tokenizer_training import train_tokenizer
 
     check_output_folder(args.out, "--out")
     print(train_tokenizer(args.corpus, args.out, args.vocab_size))

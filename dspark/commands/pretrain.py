@@ -1,6 +1,6 @@
 """`dspark pretrain --config FILE.yaml [section.key=value ...]`: train a Qwen3 target from scratch.
 
-Sections model/data/optim/train of `dspark.training.pretrain.PretrainConfig` (unknown keys rejected). A run
+Sections model/data/optim/train of `dspark.pipeline.pretrain.PretrainConfig` (unknown keys rejected). A run
 restarted with the same train.output_dir resumes from its latest checkpoint; a second run into the same
 train.output_dir while one is running is refused at once. The result, OUTPUT_DIR/model,
 is an HF folder that transformers and `dspark generate --model` load.
@@ -21,7 +21,7 @@ def register(sub) -> None:
 
 def run_pretrain(args) -> int:
     from dspark.training.checkpoints import output_lock
-    from dspark.training.pretrain import Pretrainer, load_pretrain_config
+    from dspark.pipeline.pretrain import Pretrainer, load_pretrain_config
 
     config = load_pretrain_config(args.config, args.overrides)  # device resolved, output_dir checked
     with output_lock(config.train.output_dir, "train.output_dir"):

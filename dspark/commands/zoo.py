@@ -56,7 +56,7 @@ def run_rebuild(args) -> int:
     from dspark.errors import ConfigError
     from dspark.files import check_output_folder
     from dspark.models.zoo import BUILTIN_DIR, BUILTIN_DRAFTERS
-    from dspark.training.zoo_build import rebuild
+    from dspark.pipeline.zoo_build import rebuild
 
     drafters = BUILTIN_DRAFTERS
     if args.drafters:

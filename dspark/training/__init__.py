@@ -1,2 +1,2 @@
-"""Drafter training (SPEC §2.5–2.6): the data pipeline (prompt files, target-regenerated responses, the
-target feature cache), anchor sampling, losses and the training loop."""
+"""Drafter training (paper §3.1): target-regenerated responses and the target feature cache (the training
+data), anchor sampling, losses, the typed config, checkpoints and the training loop."""

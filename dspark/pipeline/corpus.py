@@ -18,7 +18,7 @@ split is the same on every machine. Output folder:
   manifest.json                    versions, counts and the sha256 of every file above
 
 Prompts are instruction-style continuation requests ("Continue this Python code: ..."), the form the
-built-in target is pretrained to answer (see dspark.training.pretrain).
+built-in target is pretrained to answer (see dspark.pipeline.pretrain).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Steps, each resumable (a finished step's output is reused; an interrupted pretraining or drafter run
 resumes from its last checkpoint; regeneration resumes by sample id):
-  1. corpus     dspark.training.corpus.build_corpus                     → WORK/corpus
+  1. corpus     dspark.pipeline.corpus.build_corpus                     → WORK/corpus
   2. tokenizer  byte-level BPE on the training files                    → WORK/tokenizer
   3. target     dspark pretrain with PRETRAIN_OVERRIDES                 → WORK/pretrain/model
   4. data       the target regenerates answers to the corpus's training prompts (sampled, REGEN_*)
@@ -68,9 +68,9 @@ def _log(message: str) -> None:
 
 
 def build_target(work: Path, *, device: str, progress: bool, stdlib_dir=None, docs_dir=None) -> Path:
-    from dspark.training.corpus import build_corpus
-    from dspark.training.pretrain import Pretrainer, load_pretrain_config
-    from dspark.training.tokenizer_training import train_tokenizer
+    from dspark.pipeline.corpus import build_corpus
+    from dspark.pipeline.pretrain import Pretrainer, load_pretrain_config
+    from dspark.pipeline.tokenizer_training import train_tokenizer
 
     corpus = work / "corpus"
     if not (corpus / "manifest.json").is_file():

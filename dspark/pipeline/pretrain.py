@@ -1,4 +1,4 @@
-"""`dspark pretrain`: train a Qwen3-architecture target from scratch on the corpus (dspark.training.corpus).
+"""`dspark pretrain`: train a Qwen3-architecture target from scratch on the corpus (dspark.pipeline.corpus).
 
 Read top to bottom: config → token stream → model → AdamW loop (warmup + cosine, clipping) → atomic
 checkpoints with automatic resume (`dspark.training.checkpoints`: output_dir/checkpoints/step_N, `latest`,
@@ -36,7 +36,7 @@ from dspark.errors import CheckpointError, ConfigError
 from dspark.files import check_output_folder
 from dspark.models.checkpoint import save_folder_atomically, save_safetensors
 from dspark.training.checkpoints import CheckpointFolder, stderr_note
-from dspark.training.corpus import CODE_INSTRUCTION, PROSE_INSTRUCTION, Document, read_documents
+from dspark.pipeline.corpus import CODE_INSTRUCTION, PROSE_INSTRUCTION, Document, read_documents
 
 
 @dataclass

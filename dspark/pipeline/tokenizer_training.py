@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer trained with `tokenizers` on the corpus (dspark.training.corpus).
+"""Byte-level BPE tokenizer trained with `tokenizers` on the corpus (dspark.pipeline.corpus).
 
 Ids 0–2 are the chat special tokens `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` (EOS), merges fill the
 vocabulary up to `vocab_size - 1`, and the last id is `<|mask|>`: the drafters' mask token (the training
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dspark.errors import ConfigError
 from dspark.models.random_init import CHAT_TEMPLATE, SPECIAL_TOKENS
-from dspark.training.corpus import read_documents
+from dspark.pipeline.corpus import read_documents
 
 MASK_TOKEN = "<|mask|>"
 
