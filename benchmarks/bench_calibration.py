@@ -73,7 +73,7 @@ def main() -> int:
         temperature = recorded.sampling_temperature
         maps = {}
         for method in METHODS:
-            regime = fit_regime(recorded, temperature, method=method)
+            regime = fit_regime(recorded.fit_data(), temperature, method=method)
             maps[method] = regime.map
             if method == METHODS[0]:
                 rows.append({"temperature": temperature, "data": f"{Path(path).name}, held-out half", "method": "raw",

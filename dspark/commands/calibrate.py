@@ -71,7 +71,7 @@ def parse_sampling_temperatures(text: str | None) -> list[float]:
 
 
 def record_traces(args, drafter: str, temperature: float):
-    """Raw-head rounds (`RecordedRounds`) of `drafter` on the chosen sets at sampling `temperature`."""
+    """Raw-head rounds (`FitData`) of `drafter` on the chosen sets at sampling `temperature`."""
     from dspark.evaluation.datasets import DEFAULT_SETS, default_data_dir, load_set, resolve_set
     from dspark.evaluation.offline import EvalSettings, evaluate
     from dspark.evaluation.traces import drafter_rounds
@@ -89,11 +89,11 @@ def record_traces(args, drafter: str, temperature: float):
     settings = EvalSettings(temperature=temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
     _, traces = evaluate(resolve_target(args.target), [drafter], sets, settings, device=args.device, dtype=args.dtype,
                          progress=not args.no_progress, calibration="none")
-    return drafter_rounds(traces, next(iter(traces)), "recorded traces")
+    return drafter_rounds(traces, next(iter(traces)), "recorded traces").fit_data()
 
 
 def read_traces(paths: list[str], drafter: str) -> dict:
-    """{sampling temperature: RecordedRounds} of `drafter`'s raw-head rounds in `dspark eval` traces files, each
+    """{sampling temperature: FitData} of `drafter`'s raw-head rounds in `dspark eval` traces files, each
     read and validated by `dspark.evaluation.traces` (the reader `sweep` and `simulate` use)."""
     from dspark.evaluation.traces import drafter_rounds, load_traces
 
@@ -111,7 +111,7 @@ def read_traces(paths: list[str], drafter: str) -> dict:
                                                  name="the recorded sampling temperature")
         if temperature in out:
             raise ConfigError(f"--traces {path}: a second traces file at sampling temperature {temperature:g}")
-        out[temperature] = recorded
+        out[temperature] = recorded.fit_data()
     return out
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from dspark.calibration.fitting import FitData
 from dspark.calibration.metrics import ConfidenceMap
 from dspark.calibration.sts import apply_calibration
 from dspark.engine.stats import RoundRecord
@@ -71,6 +72,10 @@ class RecordedRounds:
     calibration: ConfidenceMap | None = None  # the calibration the recording applied (None: the raw head)
     sampling_temperature: float | None = None  # the recording's sampling temperature (None: not recorded)
     drafter: str | None = None  # the drafter spec (folder or built-in name) the rounds were recorded with
+
+    def fit_data(self) -> FitData:
+        """These rounds as `dspark.calibration.fitting` fits a regime on them (the raw head's confidences)."""
+        return FitData(self.raw_confidences(), self.verified, self.accepted, self.prompt, list(self.sets))
 
     def raw_confidences(self) -> np.ndarray:
         """[N, γ] the raw head's confidences: the recorded calibration undone."""

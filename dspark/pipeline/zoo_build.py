@@ -216,7 +216,7 @@ def calibrate_drafter(work: Path, target: Path, drafter: Path, *, device: str, p
         settings = EvalSettings(temperature=temperature, max_new_tokens=CALIBRATION_MAX_NEW_TOKENS, seed=0, batch_size=16)
         _, traces = evaluate(str(target), [str(drafter)], [prompt_set], settings, device=device, progress=progress,
                              calibration="none")
-        per_temperature[temperature] = drafter_rounds(traces, next(iter(traces)), "calibration rounds")
+        per_temperature[temperature] = drafter_rounds(traces, next(iter(traces)), "calibration rounds").fit_data()
         block_size = per_temperature[temperature].block_size
     summary = fit_and_save(per_temperature, drafter, block_size, out)
     for regime in summary["regimes"]:
