@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dspark.evaluation.simulator import parse_policies, simulate
+from dspark.evaluation.simulator import simulate
 from dspark.evaluation.traces import drafter_rounds
+from dspark.scheduling.named import parse_policies
 from dspark.scheduling import DraftGate, SPSProfile
 
 GAMMA = 5

@@ -17,7 +17,7 @@ from dspark.models.random_init import build_random_model
 from dspark.models.target_runner import TargetRunner
 from dspark.scheduling import profiler
 from dspark.scheduling.profiler import (
-    by_total_tokens, check_profile_matches, force_monotone, format_table, load_or_profile, profile_with_cache,
+    by_total_tokens, check_profile_matches, force_monotone, profile_table, load_or_profile, profile_with_cache,
 )
 from dspark.scheduling.sps import SPSProfile
 from dspark.models.fingerprint import model_fingerprint
@@ -162,7 +162,7 @@ def test_no_drafter_row_without_drafter(models, capsys):
     code, out, _ = run_cli(capsys, ["--target", target, "--drafter", "none", *SIZES, "--json"])
     profile = json.loads(out)
     assert code == 0 and "draft_ms" not in profile and profile["gamma"] is None and profile["drafter"] is None
-    assert "no drafter" in format_table(profile)
+    assert "no drafter" in profile_table(profile)
     assert not SPSProfile.from_dict(profile).has_draft_cost
 
 

@@ -40,7 +40,7 @@ from dspark.scheduling import (
     sorted_candidates,
     throughput_path,
 )
-from dspark.scheduling.policies import Scheduler
+from dspark.scheduling.policies import VerificationPolicy
 
 from drafters_for_tests import OracleDrafter, RandomDrafter
 from test_sampling_distribution import ALPHA, DELTA, chi_square, choose_n_samples, exact_joint, _power
@@ -75,7 +75,7 @@ P_TARGET, Q_DRAFT = (0.7, 0.3), (0.5, 0.5)  # over {A, B} = {0, 1}
 N_APPENDIX = 1_000
 
 
-def simulate_appendix_a(scheduler: Scheduler, n: int, seed: int) -> tuple[int, Counter]:
+def simulate_appendix_a(scheduler: VerificationPolicy, n: int, seed: int) -> tuple[int, Counter]:
     """n rounds of one request (id 0, so AsyncTopK sees its own history): x_1 ~ q; c_1 = 0.8, c_2 = 0.9 if
     x_1 = A else 0; ℓ = scheduler(c); verify with p_1 = (0.7, 0.3). Returns (#first output tokens = A,
     Counter of ℓ)."""
@@ -364,7 +364,7 @@ def test_sampling_distribution_is_exact_under_policy(dist_runner, policy):
     assert_exact(info, pvalue, policy, check_lengths=policy != "verify_all")
 
 
-class PeekingThreshold(Scheduler):
+class PeekingThreshold(VerificationPolicy):
     """WRONG on purpose (test only): verifies both drafts iff c_2 ≥ 0.7, i.e. admits x_1 on the strength
     of a confidence computed from x_1."""
 
@@ -393,7 +393,7 @@ def test_control_anticipating_policy_is_rejected(dist_runner):
 # of a few requests a request's own c_2 moves the global argmax, and the bias shows.
 # -------------------------------------------------------------------------------------------------
 
-class SmallServers(Scheduler):
+class SmallServers(VerificationPolicy):
     """Test-only wrapper: the requests of each round are partitioned into independent servers of 1–8
     requests, each served by its own `make()` instance called on that server's rows only.
 

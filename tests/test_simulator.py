@@ -18,13 +18,13 @@ from dspark.evaluation.simulator import (
     TIE_TOLERANCE,
     goals,
     matched_ratios,
-    parse_policies,
     plot_budget,
     plot_frontier,
     replay,
     simulate,
 )
 from dspark.evaluation.traces import drafter_rounds, select_mtp
+from dspark.scheduling.named import parse_policies
 from dspark.scheduling import FixedLength, SPSProfile, VerifyAll
 
 from figures import check_png

@@ -58,7 +58,7 @@ def make_scheduling(args, drafter, sampling):
         return None, None, None
     scheduler = None
     if args.scheduler:
-        from dspark.evaluation.simulator import make_scheduler, parse_policies
+        from dspark.scheduling.named import make_policy, parse_policies
 
         spec = parse_policies(args.scheduler, drafter.max_draft_tokens, "--scheduler")
         if len(spec) != 1 or spec[0].kind in ("plain", "mtp-1"):
@@ -67,7 +67,7 @@ def make_scheduling(args, drafter, sampling):
         if spec[0].kind == "causal-greedy-gated":
             raise RequestError("--scheduler causal-greedy-gated: use --scheduler causal-greedy --draft-gate")
         profile = _profile(args) if spec[0].kind in ("causal-greedy", "algorithm-1", "async-topk") else None
-        scheduler = make_scheduler(spec[0], profile)
+        scheduler = make_policy(spec[0], profile)
     calibrator = None
     if args.online_calibration is not None:
         if args.online_calibration < 1 or not drafter.provides_confidence:
@@ -100,7 +100,7 @@ def run_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise RequestError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
     if args.scheduler:
-        from dspark.evaluation.simulator import parse_policies
+        from dspark.scheduling.named import parse_policies
 
         parse_policies(args.scheduler, None, "--scheduler")  # names checked before any model loads
     if args.online_calibration is not None and args.online_calibration < 1:

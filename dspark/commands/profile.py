@@ -41,7 +41,7 @@ def register(sub) -> None:
 
 
 def run_profile(args) -> int:
-    from dspark.scheduling.profiler import format_table, profile_with_cache
+    from dspark.scheduling.profiler import profile_table, profile_with_cache
 
     def progress(message: str) -> None:
         print(f"dspark profile: {message}", file=sys.stderr, flush=True)
@@ -55,7 +55,7 @@ def run_profile(args) -> int:
     if args.json:
         print_json(profile)
         return 0
-    print(format_table(profile))
+    print(profile_table(profile))
     print(f"profile: {path} ({'measured now' if measured else 'cached; --refresh to measure again'})")
     if args.out:
         print(f"copy: {args.out}")

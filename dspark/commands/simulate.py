@@ -109,14 +109,14 @@ def measured_concurrency(concurrency: list[int], profile, extrapolate: bool) -> 
 
 def run_simulate(args) -> int:
     from dspark.evaluation.simulator import (
-        format_table,
         goals,
-        parse_policies,
         plot_budget,
         plot_frontier,
         simulate,
+        simulation_table,
     )
     from dspark.evaluation.traces import select_dspark, select_mtp
+    from dspark.scheduling.named import parse_policies
     from dspark.scheduling.profiler import parse_sizes
 
     concurrency = parse_sizes(args.concurrency, "--concurrency")
@@ -162,7 +162,7 @@ def run_simulate(args) -> int:
     if args.json:
         print_json(result)
     else:
-        print(format_table(result, result["goals"], result.get("goals_gated")))
+        print(simulation_table(result, result["goals"], result.get("goals_gated")))
         if args.out:
             print(f"written {Path(args.out) / 'simulate.json'}, {result['plots']['fig7']}, {result['plots']['fig8']}")
     return 0

@@ -30,7 +30,7 @@ from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter
 from dspark.models.target_runner import TargetRunner
 from dspark.calibration.online import OnlineCalibrator
 from dspark.scheduling.gate import DraftGate
-from dspark.scheduling.policies import Scheduler
+from dspark.scheduling.policies import VerificationPolicy
 
 
 @dataclass
@@ -119,7 +119,7 @@ def generate(
     stop_token_ids: Sequence[int] = (),
     seed: int | None = 0,
     record_rounds: bool = False,
-    scheduler: Scheduler | None = None,
+    scheduler: VerificationPolicy | None = None,
     calibrator: OnlineCalibrator | None = None,
     gate: DraftGate | None = None,
 ) -> GenerationOutput:
@@ -252,7 +252,7 @@ def _round(
     stop_ids: frozenset[int],
     generator: torch.Generator,
     record_rounds: bool,
-    scheduler: Scheduler | None = None,
+    scheduler: VerificationPolicy | None = None,
     calibrator: OnlineCalibrator | None = None,
     gate: DraftGate | None = None,
 ) -> None:

@@ -42,9 +42,7 @@ scale = 1 / draft_layers of the profile (one drafter layer instead of the profil
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,18 +56,17 @@ from dspark.evaluation.report import save_figure
 from dspark.evaluation.traces import RecordedRounds
 from dspark.scheduling import (
     AsyncTopK,
-    CausalGreedy,
     ConfidenceThreshold,
     FixedLength,
     SPSProfile,
     VerifyAll,
 )
 from dspark.scheduling.gate import DraftGate
+from dspark.scheduling.named import CONFIDENCE_POLICIES, PolicySpec, make_policy, parse_policies
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DEFAULT_STEPS = 400
 DEFAULT_MIN_ROUNDS = 4096  # request-rounds per concurrency at least (more steps at low C)
-DEFAULT_THRESHOLD = 0.5
 DEFAULT_POLICIES = "plain,fixed,verify-all,threshold-0.5,algorithm-1,causal-greedy,causal-greedy-gated,async-topk,mtp-1"
 RECORD_SETS = ("corpus-code", "corpus-prose", "gsm8k", "mbpp", "mt-bench")
 MATCHED_SPEED_GOAL = 1.6  # per-user speed vs MTP-1 at matched throughput (SPEC §5.6: +57–85 %)
@@ -109,88 +106,6 @@ def replay(accepted: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.nd
     min(a, ℓ) + 1) (module docstring)."""
     acc = np.minimum(np.asarray(accepted), np.asarray(lengths))
     return acc, acc + 1
-
-
-# -------------------------------------------------------------------------------------------------
-# Policies
-# -------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PolicySpec:
-    """One simulated policy: kind ∈ plain | fixed | verify-all | threshold | algorithm-1 | causal-greedy |
-    causal-greedy-gated | async-topk | mtp-1; param = n (fixed) or t (threshold)."""
-
-    kind: str
-    param: float | None = None
-
-    @property
-    def name(self) -> str:
-        if self.kind == "fixed":
-            return f"fixed-{int(self.param)}"
-        if self.kind == "threshold":
-            return f"threshold-{self.param:g}"
-        return self.kind
-
-
-_SIMPLE = ("plain", "verify-all", "algorithm-1", "causal-greedy", "causal-greedy-gated", "async-topk", "mtp-1")
-_CONFIDENCE_POLICIES = ("threshold", "algorithm-1", "causal-greedy", "causal-greedy-gated", "async-topk")
-
-
-def parse_policies(text: str | Sequence[str], gamma: int | None, option: str = "--policies") -> list[PolicySpec]:
-    """"plain,fixed,fixed-3,verify-all,threshold,threshold-0.7,causal-greedy,async-topk,mtp-1" → specs
-    ("fixed" = every fixed length 1..γ; "threshold" = threshold-0.5; "mtp" = mtp-1). gamma=None checks the
-    names only (no fixed length is expanded or bounded). Errors name `option`, the flag that gave `text`."""
-    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else [str(s).strip() for s in text]
-    items = [s for s in items if s]
-    if not items:
-        raise ConfigError(f"{option}: give at least one policy")
-    out: list[PolicySpec] = []
-    for item in items:
-        low = item.lower()
-        if low in _SIMPLE or low == "mtp":
-            out.append(PolicySpec("mtp-1" if low == "mtp" else low))
-        elif low == "fixed":
-            out.extend(PolicySpec("fixed", n) for n in range(1, (gamma or 0) + 1))
-        elif low == "threshold":
-            out.append(PolicySpec("threshold", DEFAULT_THRESHOLD))
-        elif (m := re.fullmatch(r"fixed[-:](\d+)", low)):
-            n = int(m.group(1))
-            if n < 1 or (gamma is not None and n > gamma):
-                bound = "" if gamma is None else f" ≤ the block size {gamma}"
-                raise ConfigError(f"{option}: {item!r} needs a length n ≥ 1{bound}")
-            out.append(PolicySpec("fixed", n))
-        elif (m := re.fullmatch(r"threshold[-:]([0-9.]+)", low)):
-            try:
-                t = float(m.group(1))
-            except ValueError:
-                t = math.nan
-            if not 0 <= t <= 1:
-                raise ConfigError(f"{option}: {item!r} needs a threshold in [0, 1]")
-            out.append(PolicySpec("threshold", t))
-        else:
-            raise ConfigError(f"{option}: unknown policy {item!r}; use plain, fixed, fixed-N, verify-all, "
-                              "threshold, threshold-T, algorithm-1, causal-greedy, causal-greedy-gated, async-topk, mtp-1")
-    return list(dict.fromkeys(out))
-
-
-def make_scheduler(spec: PolicySpec, profile: SPSProfile | None):
-    """The Scheduler of a policy spec (None for plain decoding); algorithm-1, causal-greedy and async-topk need a
-    profile."""
-    if spec.kind == "fixed":
-        return FixedLength(int(spec.param))
-    if spec.kind == "verify-all":
-        return VerifyAll()
-    if spec.kind == "threshold":
-        return ConfidenceThreshold(float(spec.param))
-    if spec.kind in ("causal-greedy", "causal-greedy-gated"):
-        return CausalGreedy(profile)
-    if spec.kind == "algorithm-1":
-        return CausalGreedy(profile, lookahead=False)
-    if spec.kind == "async-topk":
-        return AsyncTopK(profile)
-    if spec.kind == "mtp-1":
-        return FixedLength(1)
-    return None  # plain
 
 
 def mtp_draft_scale(profile: SPSProfile, override: float | None = None) -> tuple[float, str]:
@@ -331,9 +246,9 @@ def simulate(rounds: RecordedRounds, profile: SPSProfile, *, concurrency: Sequen
         verify_table = np.maximum.accumulate(np.asarray(profile.verify_ms(b, c), dtype=np.float64))
         draft = profile.draft_ms(c)
         for spec in policies:
-            scheduler = make_scheduler(spec, profile)
+            scheduler = make_policy(spec, profile)
             calibrator = None
-            if online_calibration is not None and spec.kind in _CONFIDENCE_POLICIES:
+            if online_calibration is not None and spec.kind in CONFIDENCE_POLICIES:
                 calibrator = OnlineCalibrator(gamma, refit_every=online_calibration, window=4 * online_calibration,
                                               initial=rounds.calibration, method=calibration_method)
             if spec.kind == "plain":
@@ -543,7 +458,7 @@ def plot_budget(result: dict, path: str | Path, title: str = "") -> Path:
     return save_figure(fig, path)
 
 
-def format_table(result: dict, goal: dict | None = None, gated_goal: dict | None = None) -> str:
+def simulation_table(result: dict, goal: dict | None = None, gated_goal: dict | None = None) -> str:
     """Short text table: throughput (tokens/s) per concurrency for the main policies, CG per-user speed
     and budget, then the goals (of Algorithm 1, and of Algorithm 1 behind the draft gate when given)."""
     pol = result["policies"]

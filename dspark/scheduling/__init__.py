@@ -1,5 +1,6 @@
-"""Hardware-aware verification scheduling (SPEC §5): SPS step-time profiles and verification-length
-policies that choose, per round, how many drafts of each request the target verifies."""
+"""Hardware-aware verification scheduling (paper §3.2): SPS step-time profiles, verification-length policies
+that choose, per round, how many drafts of each request the target verifies, policies by name, and the
+draft gate."""
 
 from dspark.scheduling.gate import DraftGate
 from dspark.scheduling.policies import (
@@ -7,8 +8,8 @@ from dspark.scheduling.policies import (
     CausalGreedy,
     ConfidenceThreshold,
     FixedLength,
-    Scheduler,
     SurvivalThreshold,
+    VerificationPolicy,
     VerifyAll,
     sorted_candidates,
     throughput_path,
@@ -17,5 +18,5 @@ from dspark.scheduling.sps import ProfileError, SPSProfile
 
 __all__ = [
     "AsyncTopK", "CausalGreedy", "ConfidenceThreshold", "DraftGate", "FixedLength", "ProfileError", "SPSProfile",
-    "Scheduler", "SurvivalThreshold", "VerifyAll", "sorted_candidates", "throughput_path",
+    "SurvivalThreshold", "VerificationPolicy", "VerifyAll", "sorted_candidates", "throughput_path",
 ]

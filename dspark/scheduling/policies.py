@@ -1,8 +1,8 @@
 """Verification-length policies: how many of each request's drafts to verify this round (SPEC §5).
 
-Every policy is called once per round for all R active requests:
+Every policy (a `VerificationPolicy`) is called once per round for all R active requests:
 
-    scheduler(confidences [R, K] | None, lengths [R], limits [R], request_ids [R] | None) -> ℓ [R]
+    policy(confidences [R, K] | None, lengths [R], limits [R], request_ids [R] | None) -> ℓ [R]
 
 confidences (torch, any float dtype/device) are the drafter's per-position conditional survivals
 c_k = P(slot k accepted | slots < k accepted) (SPEC §2.4); prefix survival a_k = Π_{i≤k} c_i. Slot k
@@ -45,11 +45,11 @@ def _int_array(values, count: int | None = None) -> np.ndarray:
     return out
 
 
-class Scheduler(ABC):
+class VerificationPolicy(ABC):
     """Base class: input conversion, the bad-input fallback and the candidate mask; subclasses implement
     `_lengths`. Instances may keep per-request state (AsyncTopK); `release` forgets a finished request."""
 
-    name = "scheduler"
+    name = "policy"
     needs_confidences = True
 
     def __init__(self) -> None:
@@ -117,7 +117,7 @@ class Scheduler(ABC):
 # Static policies
 # -------------------------------------------------------------------------------------------------
 
-class VerifyAll(Scheduler):
+class VerifyAll(VerificationPolicy):
     """ℓ = min(proposed, limit): the behaviour without a scheduler."""
 
     name = "verify-all"
@@ -127,7 +127,7 @@ class VerifyAll(Scheduler):
         return full.copy()
 
 
-class FixedLength(Scheduler):
+class FixedLength(VerificationPolicy):
     """ℓ = min(n, proposed, limit)."""
 
     name = "fixed"
@@ -152,7 +152,7 @@ def _check_threshold(t) -> float:
     return float(t)
 
 
-class ConfidenceThreshold(Scheduler):
+class ConfidenceThreshold(VerificationPolicy):
     """Longest prefix whose every conditional confidence c_k ≥ t (static threshold, paper §3.2.2)."""
 
     name = "confidence-threshold"
@@ -168,7 +168,7 @@ class ConfidenceThreshold(Scheduler):
         return f"ConfidenceThreshold({self.threshold})"
 
 
-class SurvivalThreshold(Scheduler):
+class SurvivalThreshold(VerificationPolicy):
     """Longest prefix whose prefix survival a_k = Π_{i≤k} c_i ≥ t (and > 0)."""
 
     name = "survival-threshold"
@@ -236,7 +236,7 @@ def _lengths_from_order(order: np.ndarray, admitted: int, width: int, count: int
     return np.bincount(order[:admitted] // width, minlength=count)
 
 
-class _HardwareAware(Scheduler):
+class _HardwareAware(VerificationPolicy):
     def __init__(self, profile: SPSProfile, include_draft: bool | None = None, cache_size: int = 64):
         super().__init__()
         if not isinstance(profile, SPSProfile):

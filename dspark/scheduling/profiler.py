@@ -610,7 +610,7 @@ def check_profile_matches(
                               f"{drafter_identity.get('name')!r}")
 
 
-def format_table(profile: Mapping[str, Any]) -> str:
+def profile_table(profile: Mapping[str, Any]) -> str:
     """Plain-text table: verify ms (rows R, columns L), then the drafter row (ms per R)."""
     cells = {}
     for key, ms in profile["verify_ms"].items():
