@@ -55,16 +55,16 @@ def main() -> None:
     rows = []
     for name in BUILTIN_DRAFTERS:
         drafter = load_drafter(str(builtin_drafter(name)), device=args.device, dtype="float32")
-        gamma = drafter.max_draft_tokens
-        timing = measure_profile(runner, drafter, context=args.context, requests=[1], lengths=[1 + gamma],
+        block_size = drafter.block_size
+        timing = measure_profile(runner, drafter, context=args.context, requests=[1], lengths=[1 + block_size],
                                  repeats=args.repeats)
-        draft_ms, verify_ms = timing["draft_ms"]["1"], timing["verify_ms"][f"1x{1 + gamma}"]
+        draft_ms, verify_ms = timing["draft_ms"]["1"], timing["verify_ms"][f"1x{1 + block_size}"]
         model = getattr(drafter, "model", drafter)
         drafter_macs = macs_per_token(model)
         if not any("lm_head" in n for n, _ in model.named_parameters()):
             drafter_macs += lm_head.numel()  # shares the target's vocabulary head
         rows.append({
-            "drafter": name, "block_size": gamma, "macs_per_token": drafter_macs, "target_macs_per_token": target_macs,
+            "drafter": name, "block_size": block_size, "macs_per_token": drafter_macs, "target_macs_per_token": target_macs,
             "macs_ratio": drafter_macs / target_macs, "draft_step_ms": draft_ms, "verify_step_ms": verify_ms,
             "time_ratio": draft_ms / verify_ms,
         })

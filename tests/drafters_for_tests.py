@@ -31,15 +31,15 @@ class AlwaysWrongDrafter(Drafter):
 
     name = "always-wrong"
 
-    def __init__(self, vocab_size: int, max_draft_tokens: int = 7, offset: int = 1):
+    def __init__(self, vocab_size: int, block_size: int = 7, offset: int = 1):
         self.vocab_size = vocab_size
-        self.max_draft_tokens = max_draft_tokens
+        self.block_size = block_size
         self.offset = offset
         self.calls = 0
 
     def propose(self, batch: list[DraftInput], generator: torch.Generator | None = None) -> DraftProposal:
         self.calls += 1
-        lengths, width = _budget(batch, self.max_draft_tokens)
+        lengths, width = _budget(batch, self.block_size)
         tokens = torch.zeros(len(batch), width, dtype=torch.long)
         for row, (item, n) in enumerate(zip(batch, lengths)):
             tok = int(item.token_ids[-1])
@@ -56,10 +56,10 @@ class RandomDrafter(Drafter):
 
     name = "random"
 
-    def __init__(self, vocab_size: int, max_draft_tokens: int = 7, scale: float = 1.5,
+    def __init__(self, vocab_size: int, block_size: int = 7, scale: float = 1.5,
                  base_logits: Sequence[float] | None = None):
         self.vocab_size = vocab_size
-        self.max_draft_tokens = max_draft_tokens
+        self.block_size = block_size
         self.scale = scale
         # Optional fixed preference added to the random logits (a drafter that "likes" some tokens).
         self.base_logits = None if base_logits is None else torch.tensor(base_logits, dtype=torch.float32)
@@ -72,7 +72,7 @@ class RandomDrafter(Drafter):
 
     def propose(self, batch: list[DraftInput], generator: torch.Generator | None = None) -> DraftProposal:
         self.calls += 1
-        lengths, width = _budget(batch, self.max_draft_tokens)
+        lengths, width = _budget(batch, self.block_size)
         count, vocab = len(batch), self.vocab_size
         logits = torch.randn(count, width, vocab, generator=generator, dtype=torch.float32) * self.scale
         if self.base_logits is not None:
@@ -106,9 +106,9 @@ class BiasedQDrafter(RandomDrafter):
 
     name = "biased-q"
 
-    def __init__(self, vocab_size: int, mode: str, max_draft_tokens: int = 7, scale: float = 1.5,
+    def __init__(self, vocab_size: int, mode: str, block_size: int = 7, scale: float = 1.5,
                  base_logits: Sequence[float] | None = None, sharpen: float = 3.0, top_k: int = 2):
-        super().__init__(vocab_size, max_draft_tokens, scale, base_logits)
+        super().__init__(vocab_size, block_size, scale, base_logits)
         if mode not in ("sharpened", "topk_unreported"):
             raise ValueError(mode)
         self.mode, self.sharpen, self.top_k = mode, sharpen, top_k
@@ -129,10 +129,10 @@ class OracleDrafter(Drafter):
 
     name = "oracle"
 
-    def __init__(self, continuations: Mapping[tuple[int, ...], Sequence[int]], max_draft_tokens: int = 7,
+    def __init__(self, continuations: Mapping[tuple[int, ...], Sequence[int]], block_size: int = 7,
                  cut_after: int | None = None):
         self.full = {prompt: list(prompt) + list(cont) for prompt, cont in continuations.items()}
-        self.max_draft_tokens = max_draft_tokens
+        self.block_size = block_size
         self.cut_after = cut_after
 
     def _reference(self, history: list[int]) -> list[int]:
@@ -147,7 +147,7 @@ class OracleDrafter(Drafter):
         drafts = []
         for item in batch:
             history = [int(t) for t in item.token_ids]
-            n = max(0, min(item.max_tokens, self.max_draft_tokens))
+            n = max(0, min(item.max_tokens, self.block_size))
             ref = self._reference(history)
             d = ref[len(history): len(history) + n]
             if self.cut_after is not None and self.cut_after in d:

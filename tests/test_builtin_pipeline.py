@@ -375,7 +375,7 @@ def test_zoo_rebuild_end_to_end_at_toy_scale(corpus, tokenizer_dir, tmp_path, mo
     for name, block in (("dspark", 3), ("mtp", 1)):
         drafter = load_drafter(str(out / "drafters" / name), calibration="none")
         drafter.check_target(target.config)
-        assert drafter.max_draft_tokens == block
+        assert drafter.block_size == block
     stamp = (work / "features" / "manifest.json").stat().st_mtime_ns
     zoo_build.rebuild(work, out, drafters=("dspark", "mtp"), progress=False)
     assert (work / "features" / "manifest.json").stat().st_mtime_ns == stamp

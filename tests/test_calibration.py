@@ -48,18 +48,18 @@ def _sigmoid(z):
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def synthetic_rounds(rng, n, *, sharpen=SHARPEN, truth=1.0, gamma=GAMMA, partial=0.3, shift=0.0, beta=(5.0, 1.5)):
+def synthetic_rounds(rng, n, *, sharpen=SHARPEN, truth=1.0, block_size=GAMMA, partial=0.3, shift=0.0, beta=(5.0, 1.5)):
     """(confidences, verified, accepted) of n rounds: per slot p_k ~ Beta(*beta); the head reports
     c_k = σ(sharpen·logit p_k + shift); slot k is accepted with probability σ(truth·logit p_k) given slots < k
     were (first rejection ends the round). A `partial` fraction verifies a random ℓ < γ, half of those with
     NaN confidences past ℓ (not drafted)."""
-    z = _logit(rng.beta(*beta, size=(n, gamma)))
+    z = _logit(rng.beta(*beta, size=(n, block_size)))
     conf = _sigmoid(sharpen * z + shift)
-    survived = np.cumprod(rng.random((n, gamma)) < _sigmoid(truth * z), axis=1).sum(axis=1)
-    verified = np.full(n, gamma)
+    survived = np.cumprod(rng.random((n, block_size)) < _sigmoid(truth * z), axis=1).sum(axis=1)
+    verified = np.full(n, block_size)
     short = rng.random(n) < partial
-    verified[short] = rng.integers(1, gamma + 1, int(short.sum()))
-    undrafted = (np.arange(1, gamma + 1)[None, :] > verified[:, None]) & (rng.random((n, 1)) < 0.5)
+    verified[short] = rng.integers(1, block_size + 1, int(short.sum()))
+    undrafted = (np.arange(1, block_size + 1)[None, :] > verified[:, None]) & (rng.random((n, 1)) < 0.5)
     conf[undrafted] = np.nan
     return conf, verified, np.minimum(survived, verified)
 
@@ -485,7 +485,7 @@ def test_online_calibrator_drops_bad_rows_and_counts_them():
     assert report["rounds_kept"] == 4 and report["rounds_in_window"] == 4 and report["refits"] == 0
     assert report["temperatures"] == [2.0, 2.0, 2.0] and report["drift"] is None
     np.testing.assert_allclose(cal.apply(np.array([[0.9, 0.9, 0.9]])), apply_calibration([[0.9] * 3], [2.0] * 3))
-    _feed(cal, synthetic_rounds(np.random.default_rng(7), 20, gamma=3), batch=7)
+    _feed(cal, synthetic_rounds(np.random.default_rng(7), 20, block_size=3), batch=7)
     assert cal.drift_report()["rounds_in_window"] == 8  # ring buffer holds the last `window` rounds
     assert len(cal.window_rounds()) == 8 and cal.rounds_kept == 24
     assert cal.observe([], [], []) == 0

@@ -128,7 +128,7 @@ def test_generation_with_gate_equals_plain_greedy(dist_runner):
     greedy = SamplingParams(temperature=0.0)
     plain = generate(dist_runner, prompts, sampling=greedy, max_new_tokens=18).sequences
     longest = generate(dist_runner, prompts, sampling=greedy, max_new_tokens=20).sequences
-    drafter = NoisyOracleDrafter({tuple(p): s.token_ids for p, s in zip(prompts, longest)}, max_draft_tokens=4)
+    drafter = NoisyOracleDrafter({tuple(p): s.token_ids for p, s in zip(prompts, longest)}, block_size=4)
     gate = alternating_gate()
     out = generate(dist_runner, prompts, sampling=greedy, max_new_tokens=18, drafter=drafter, num_draft_tokens=4,
                    record_rounds=True, gate=gate)
@@ -138,7 +138,7 @@ def test_generation_with_gate_equals_plain_greedy(dist_runner):
     report = gate.report()
     assert report["skipped_steps"] > 0 and report["drafted_steps"] > 0
     with pytest.raises(RequestError, match="gate needs confidences"):
-        generate(dist_runner, prompts, drafter=RandomDrafter(V, max_draft_tokens=2), gate=alternating_gate())
+        generate(dist_runner, prompts, drafter=RandomDrafter(V, block_size=2), gate=alternating_gate())
 
 
 @pytest.mark.slow
@@ -148,7 +148,7 @@ def test_sampling_distribution_is_exact_with_gate(dist_runner):
     and plain rounds; the drafter's confidences depend on its drafted tokens."""
     exact = exact_joint(dist_runner, PROMPT, TOP_K3)
     n_samples = choose_n_samples(exact)
-    drafter = MarkovConfidenceDrafter(V, max_draft_tokens=2, scale=0.5, base_logits=[0, 0, 0, 2.0, 0, 0, 0, 0])
+    drafter = MarkovConfidenceDrafter(V, block_size=2, scale=0.5, base_logits=[0, 0, 0, 2.0, 0, 0, 0, 0])
     counts = np.zeros(V**3, dtype=np.int64)
     first_round = Counter()
     for chunk in range(n_samples // CHUNK):

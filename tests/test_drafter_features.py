@@ -21,7 +21,7 @@ class RecordingDrafter(Drafter):
     """Proposes random tokens and records every feature slice it is given, per sequence."""
 
     name = "recording"
-    max_draft_tokens = 4
+    block_size = 4
     feature_layer_ids = LAYERS
 
     def __init__(self, vocab: int):

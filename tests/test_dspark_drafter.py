@@ -127,7 +127,7 @@ def test_hand_written_released_style_checkpoint_loads(target, tmp_path):
     (folder / "config.json").write_text(json.dumps(hf))
     save_file(tensors, str(folder / "model.safetensors"))
     drafter = load_drafter(str(folder), num_draft_tokens=7, dtype="float64")
-    assert isinstance(drafter, DSparkDrafter) and drafter.max_draft_tokens == 7
+    assert isinstance(drafter, DSparkDrafter) and drafter.block_size == 7
     assert drafter.feature_layer_ids == (0, 1, 2) and drafter.provides_confidence
     state = drafter.model.state_dict()
     for name, tensor in tensors.items():
@@ -192,7 +192,7 @@ def test_batched_training_blocks_equal_inference_one_anchor_at_a_time(target, va
     anchors = torch.tensor([2, 3, 9, 17, 25])
     valid = torch.ones(1, len(anchors), dtype=torch.bool)
     trained = model.forward_train(feats[None], anchors[None], tokens[anchors][None], valid)[0]
-    cache = PagedKVCache(2, 2, 8, block_size=4, dtype=torch.float64)
+    cache = PagedKVCache(2, 2, 8, page_size=4, dtype=torch.float64)
     handle, seen = cache.new_sequence(), 0
     for i, anchor in enumerate(anchors.tolist()):
         hidden = model.forward_block(cache, [handle], [feats[seen:anchor]], tokens[anchor : anchor + 1])[0]

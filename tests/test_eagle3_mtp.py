@@ -124,7 +124,7 @@ def test_save_writes_the_documented_layout_reloads_bit_exact_and_loads_by_folder
         assert torch.equal(tensor, reloaded.state_dict()[name]), name
     drafter = load_drafter(str(folder), dtype="float64")
     assert isinstance(drafter, Eagle3Drafter if kind == "eagle3" else MTPDrafter)
-    assert drafter.max_draft_tokens == hf["block_size"] and drafter.feature_layer_ids == tuple(hf["target_layer_ids"])
+    assert drafter.block_size == hf["block_size"] and drafter.feature_layer_ids == tuple(hf["target_layer_ids"])
     with pytest.raises(RequestError, match="block size"):
         load_drafter(str(folder), num_draft_tokens=hf["block_size"] + 1)
 
@@ -163,7 +163,7 @@ def test_drafter_for_another_target_is_refused(target, kind, tmp_path):
     with pytest.raises(CheckpointError, match="hidden_size"):
         generate(other, [[1, 2]], max_new_tokens=4, drafter=drafter)
     with pytest.raises(RequestError, match="block size"):
-        generate(target, [[1, 2]], max_new_tokens=4, drafter=drafter, num_draft_tokens=drafter.max_draft_tokens + 1)
+        generate(target, [[1, 2]], max_new_tokens=4, drafter=drafter, num_draft_tokens=drafter.block_size + 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def test_training_forward_equals_ragged_incremental_ingestion(target, kind):
     for b, (s, f) in enumerate(zip(seqs, feats)):
         ids[b, : len(s)], padded[b, : len(s)] = torch.tensor(s), f
     trained = train_logits(model, padded, ids)[0]
-    cache = PagedKVCache(1, 2, 8, block_size=4, dtype=torch.float64)
+    cache = PagedKVCache(1, 2, 8, page_size=4, dtype=torch.float64)
     handles = [cache.new_sequence(), cache.new_sequence()]
     cuts = [[0, 1, 9, 10, 25], [0, 5, 6, 12, 16]]  # rows t need x_{t+1}: rows 0..len−2
     for step in range(len(cuts[0]) - 1):
@@ -210,7 +210,7 @@ def test_ttt_unroll_equals_teacher_forced_autoregressive_drafting(target):
     feats = target_outputs(target, tokens.tolist(), layers)[0]
     ttt = model.forward_train(feats[None], tokens[None])[:, 0]  # [K, S, V]
     assert not torch.allclose(ttt[0], ttt[1])  # the steps really differ
-    cache = PagedKVCache(1, 2, 8, block_size=4, dtype=torch.float64)
+    cache = PagedKVCache(1, 2, 8, page_size=4, dtype=torch.float64)
     handle, seen = cache.new_sequence(), 0
     for t in (0, 3, 4, 11, 16):  # chain origin t = anchor − 1; its K = 6 steps stay inside the sequence
         hidden = model.ingest(cache, [handle], [feats[seen : t + 1]], [tokens[seen + 1 : t + 2]])[0][-1:]
@@ -242,7 +242,7 @@ def test_propose_returns_the_distributions_it_sampled_from(target, kind):
         batch = [DraftInput(b, seqs[b][: a + 1], feats[b][seen[b] : a], n, samplings[b])
                  for b, (a, n) in enumerate(zip(anchors, budgets))]
         proposal = drafter.propose(batch, gen)
-        expected_lengths = [min(n, drafter.max_draft_tokens) for n in budgets]
+        expected_lengths = [min(n, drafter.block_size) for n in budgets]
         assert proposal.lengths.tolist() == expected_lengths
         for b, (a, n) in enumerate(zip(anchors, expected_lengths)):
             assert drafter.cache.length(drafter._handles[b]) == a
@@ -259,7 +259,7 @@ def test_propose_returns_the_distributions_it_sampled_from(target, kind):
             assert bool((proposal.probs[b, torch.arange(n), drafts] > 0).all())
     for b in range(3):
         drafter.release(b)
-    assert not drafter._handles and drafter.cache.num_free_blocks == drafter.cache.num_blocks
+    assert not drafter._handles and drafter.cache.num_free_pages == drafter.cache.num_pages
 
 
 # ------------------------------------------------------------------------------------------------

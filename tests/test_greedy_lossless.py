@@ -117,8 +117,8 @@ def _make_drafter(name: str):
     if name == "ngram":
         return NgramDrafter(num_draft_tokens=7)
     if name == "always_wrong":
-        return AlwaysWrongDrafter(V, max_draft_tokens=7)
-    return RandomDrafter(V, max_draft_tokens=7)
+        return AlwaysWrongDrafter(V, block_size=7)
+    return RandomDrafter(V, block_size=7)
 
 
 @pytest.mark.parametrize("drafter_name", ["ngram", "always_wrong", "random"])
@@ -179,7 +179,7 @@ def test_stop_token_inside_accepted_drafts(runner, workload, reference, mode):
     # reference continuations long enough to draft past the stop token
     long_free = [s.token_ids for s in generate(runner, sub_prompts, sampling=GREEDY, max_new_tokens=40).sequences]
     oracle = OracleDrafter(
-        {tuple(p): cont for p, cont in zip(sub_prompts, long_free)}, max_draft_tokens=7,
+        {tuple(p): cont for p, cont in zip(sub_prompts, long_free)}, block_size=7,
         cut_after=stop if mode == "until_stop" else None,
     )
     out = generate(runner, sub_prompts, sampling=GREEDY, max_new_tokens=big_budgets, drafter=oracle,
@@ -220,10 +220,10 @@ def test_max_new_tokens_one_and_exact_budgets(runner, workload):
 
 
 @pytest.mark.parametrize("make", [
-    lambda: NgramDrafter(num_draft_tokens=3), lambda: RandomDrafter(V, max_draft_tokens=3),
-    lambda: AlwaysWrongDrafter(V, max_draft_tokens=3),
+    lambda: NgramDrafter(num_draft_tokens=3), lambda: RandomDrafter(V, block_size=3),
+    lambda: AlwaysWrongDrafter(V, block_size=3),
 ])
-def test_drafter_refuses_more_than_max_draft_tokens(runner, make):
+def test_drafter_refuses_more_than_block_size(runner, make):
     drafter = make()
     with pytest.raises(RequestError, match="at most 3"):
         generate(runner, [[1, 2, 3]], drafter=drafter, num_draft_tokens=4, max_new_tokens=4)
@@ -238,7 +238,7 @@ class _Overproposer(AlwaysWrongDrafter):
 
     def propose(self, batch, generator=None):
         for item in batch:
-            item.max_tokens = self.max_draft_tokens
+            item.max_tokens = self.block_size
         return super().propose(batch, generator)
 
 

@@ -365,7 +365,7 @@ def test_non_finite_draft_distribution_is_an_error(model_dir):
     from drafters_for_tests import RandomDrafter
 
     runner = TargetRunner.from_pretrained(model_dir, dtype="float32")
-    drafter = RandomDrafter(runner.config.vocab_size, max_draft_tokens=3)
+    drafter = RandomDrafter(runner.config.vocab_size, block_size=3)
     propose = drafter.propose
 
     def poisoned(inputs, generator):

@@ -78,7 +78,7 @@ def test_greedy_speculative_equals_plain(dist_runner, load, kind):
     prompts = [[rng.randrange(V) for _ in range(rng.randint(1, 12))] for _ in range(48)]
     budgets = [rng.randint(1, 20) for _ in prompts]
     drafter = load(kind)
-    per_round = [3, 2, 1] if drafter.max_draft_tokens == 3 else [1, 1, 1]
+    per_round = [3, 2, 1] if drafter.block_size == 3 else [1, 1, 1]
     verified = accepted = rejected = partial = full = rounds = emitted = 0
     for start in range(0, len(prompts), 16):
         sl = slice(start, start + 16)
@@ -97,9 +97,9 @@ def test_greedy_speculative_equals_plain(dist_runner, load, kind):
                 full += r.verified > 0 and r.accepted == r.verified
     assert accepted / verified >= 0.25 and emitted / rounds >= 1.4, (accepted, verified, emitted / rounds)
     assert rejected >= 20 and full >= 20, (rejected, full)  # rollbacks after a rejection, and whole blocks
-    if drafter.max_draft_tokens > 1:
+    if drafter.block_size > 1:
         assert partial >= 10, partial  # accepted drafts followed by a rejected one in the same round
-    assert drafter.cache.num_free_blocks == drafter.cache.num_blocks and not drafter._handles  # all released
+    assert drafter.cache.num_free_pages == drafter.cache.num_pages and not drafter._handles  # all released
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def test_greedy_speculative_equals_plain(dist_runner, load, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_sampled_output_has_the_target_distribution(dist_runner, load, kind, setting):
     drafter = load(kind)
-    k = drafter.max_draft_tokens
+    k = drafter.block_size
     pvalue, info = run_gof(dist_runner, GOF_SETTINGS[setting], drafter=drafter, num_draft_tokens=k, seed=5)
     assert info["longest_round1"] == k, info  # round 1 verified the whole block
     assert info["accepted"] >= ACCEPTANCE_FLOOR * info["verified"], info
@@ -202,7 +202,7 @@ Q_SAMPLES = (8_000, 16_000, 24_000, 32_000)  # the first with power ≥ 0.85 aga
 def draft_many(runner, drafter, sampling: SamplingParams, count: int, seed: int = 0):
     """`count` proposals of two drafts (one for MTP) after PROMPT + [3], from identical inputs in one call:
     (tokens [count, w], reported q [count, w, V])."""
-    width = min(2, drafter.max_draft_tokens)
+    width = min(2, drafter.block_size)
     seq = runner.new_sequence()
     try:
         out = runner.forward([seq], [PROMPT], all_logits=False, feature_layer_ids=drafter.feature_layer_ids)
@@ -280,7 +280,7 @@ class MisreportingDrafter(Drafter):
     filters, q reported without `field` (top_k or top_p) — the bug class of transformers#47932."""
 
     name = "misreporting (test only)"
-    max_draft_tokens = 2
+    block_size = 2
 
     def __init__(self, field: str):
         self.off = {"top_k": 0, "top_p": 1.0}[field]
@@ -291,7 +291,7 @@ class MisreportingDrafter(Drafter):
         sampling = batch[0].sampling
         sampled = logits_to_probs(self.logits, sampling)
         reported = logits_to_probs(self.logits, dataclasses.replace(sampling, **{self.field: self.off}))
-        count, width = len(batch), self.max_draft_tokens
+        count, width = len(batch), self.block_size
         tokens = torch.multinomial(sampled.expand(count * width, V), 1, replacement=True,
                                    generator=generator).reshape(count, width)
         return DraftProposal(tokens=tokens, lengths=torch.full((count,), width),

@@ -311,7 +311,7 @@ def test_length_dependent_rope_is_rejected(tmp_path, rope_type):
 def test_incremental_decoding_equals_full_forward(qwen3, qwen3_reference):
     _, folder = qwen3
     tokens, ref_logits = qwen3_reference
-    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_block_size=4)
+    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_page_size=4)
     full = run_alone(runner, tokens)
     assert rel_err(full, ref_logits) < HF_TOL
 
@@ -351,7 +351,7 @@ def test_last_logits_only(qwen3, qwen3_reference):
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_rollback_then_redecode_equals_never_decoded(qwen3, block_size):
     _, folder = qwen3
-    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_block_size=block_size)
+    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_page_size=block_size)
     prompt = tokens_of(10, seed=20)
     junk = tokens_of(13, seed=21)
     good = tokens_of(9, seed=22)
@@ -362,13 +362,13 @@ def test_rollback_then_redecode_equals_never_decoded(qwen3, block_size):
     for t in junk[4:]:
         runner.forward([sid], [[t]])
     assert runner.length(sid) == 23
-    free_before = runner.cache.num_free_blocks
+    free_before = runner.cache.num_free_pages
 
     # Roll back into the middle of a block, keeping the prompt and the first junk token.
     runner.truncate(sid, 11)
     assert runner.length(sid) == 11
     if block_size == 4:
-        assert runner.cache.num_free_blocks == free_before + (6 - 3)  # 23 tokens → 6 blocks, 11 → 3
+        assert runner.cache.num_free_pages == free_before + (6 - 3)  # 23 tokens → 6 blocks, 11 → 3
     # Another sequence grabs the freed blocks and writes into them before we re-decode.
     other = runner.new_sequence()
     other_tokens = tokens_of(21, seed=23)
@@ -400,7 +400,7 @@ def test_rollback_then_redecode_equals_never_decoded(qwen3, block_size):
 def test_rejected_draft_tokens_leave_no_trace(qwen3):
     """The speculative-decoding pattern: verify k drafts, keep a prefix, roll back the rest."""
     _, folder = qwen3
-    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_block_size=4)
+    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_page_size=4)
     seq = tokens_of(7, seed=30)
     sid = runner.new_sequence()
     runner.forward([sid], [seq])
@@ -424,7 +424,7 @@ def test_rejected_draft_tokens_leave_no_trace(qwen3):
 # -- ragged batches -------------------------------------------------------------------------------
 def test_ragged_batch_equals_sequences_alone(qwen3):
     model, folder = qwen3
-    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_block_size=4)
+    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_page_size=4)
     prefixes = [[], tokens_of(5, 40), tokens_of(17, 41), tokens_of(30, 42)]
     new = [tokens_of(1, 43), tokens_of(23, 44), tokens_of(3, 45), tokens_of(1, 46)]
     sids = [runner.new_sequence() for _ in prefixes]
@@ -456,7 +456,7 @@ def test_ragged_batch_equals_sequences_alone(qwen3):
 )
 def test_batch_shapes(qwen3, prefix_lens, new_lens):
     _, folder = qwen3
-    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_block_size=4)
+    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_page_size=4)
     seqs = [tokens_of(p + q, seed=50 + i) for i, (p, q) in enumerate(zip(prefix_lens, new_lens))]
     sids = [runner.new_sequence() for _ in seqs]
     for sid, seq, p in zip(sids, seqs, prefix_lens):
@@ -469,7 +469,7 @@ def test_batch_shapes(qwen3, prefix_lens, new_lens):
 
 def test_interleaved_sequences_over_many_forwards(qwen3):
     _, folder = qwen3
-    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_block_size=4)
+    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_page_size=4)
     gen = torch.Generator().manual_seed(60)
     totals = [45, 3, 28, 60, 12]
     seqs = [tokens_of(n, seed=61 + i) for i, n in enumerate(totals)]
@@ -518,10 +518,10 @@ def test_cache_growth_gives_identical_results(qwen3, qwen3_reference):
     two sequences are live; the results equal HF / a clean run."""
     _, folder = qwen3
     tokens, ref_logits = qwen3_reference
-    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_block_size=2)
+    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_page_size=2)
     c = runner.config
-    runner.cache = PagedKVCache(c.num_layers, c.num_kv_heads, c.head_dim, block_size=2, initial_blocks=1)
-    assert runner.cache.num_blocks == 1
+    runner.cache = PagedKVCache(c.num_layers, c.num_kv_heads, c.head_dim, page_size=2, initial_pages=1)
+    assert runner.cache.num_pages == 1
     a, b = runner.new_sequence(), runner.new_sequence()
     other = tokens_of(40, seed=70)
     parts_a, parts_b, fed_b = [], [], []
@@ -529,7 +529,7 @@ def test_cache_growth_gives_identical_results(qwen3, qwen3_reference):
     pos = 0
     grew = 0
     for i, n in enumerate(sizes):
-        blocks_before = runner.cache.num_blocks
+        blocks_before = runner.cache.num_pages
         if i % 2 == 0:
             chunk_b = other[len(fed_b):len(fed_b) + 2 * n + 1]
             out = runner.forward([a, b], [tokens[pos:pos + n], chunk_b])
@@ -540,10 +540,10 @@ def test_cache_growth_gives_identical_results(qwen3, qwen3_reference):
             la = runner.forward([a], [tokens[pos:pos + n]]).logits
         parts_a.append(la)
         pos += n
-        assert runner.cache.num_blocks >= blocks_before
-        grew += runner.cache.num_blocks > blocks_before
+        assert runner.cache.num_pages >= blocks_before
+        grew += runner.cache.num_pages > blocks_before
     assert grew >= 3
-    assert runner.cache.num_blocks >= 30
+    assert runner.cache.num_pages >= 30
     assert rel_err(torch.cat(parts_a), ref_logits) < HF_TOL
     assert runner.length(b) == len(fed_b) == 3 + 3 + 5 + 3
     assert rel_err(torch.cat(parts_b), run_alone(runner, fed_b)) < SELF_TOL
@@ -554,13 +554,13 @@ def test_cache_growth_via_from_pretrained_block_size(qwen3, qwen3_reference):
     sequence overflows it and the pools are re-allocated mid-run."""
     _, folder = qwen3
     tokens, ref_logits = qwen3_reference
-    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_block_size=1)
-    initial = runner.cache.num_blocks
+    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_page_size=1)
+    initial = runner.cache.num_pages
     a = runner.new_sequence()
     first = runner.forward([a], [tokens[:50]]).logits
     b = runner.new_sequence()
     runner.forward([b], [tokens_of(30, seed=71)])
-    assert runner.cache.num_blocks > initial
+    assert runner.cache.num_pages > initial
     rest = runner.forward([a], [tokens[50:]]).logits
     assert rel_err(torch.cat([first, rest]), ref_logits) < HF_TOL
 
@@ -568,24 +568,24 @@ def test_cache_growth_via_from_pretrained_block_size(qwen3, qwen3_reference):
 def test_cache_capacity_error_changes_nothing(qwen3, qwen3_reference):
     _, folder = qwen3
     tokens, ref_logits = qwen3_reference
-    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_block_size=4, max_cache_blocks=3)
-    assert runner.cache.num_blocks == 3
+    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_page_size=4, max_cache_pages=3)
+    assert runner.cache.num_pages == 3
     sid = runner.new_sequence()
     runner.forward([sid], [tokens[:6]])
-    free = runner.cache.num_free_blocks
+    free = runner.cache.num_free_pages
     assert free == 1
     with pytest.raises(CacheCapacityError):
         runner.forward([sid], [tokens[6:13]])  # 13 tokens > 12 slots
     assert runner.length(sid) == 6
-    assert runner.cache.num_free_blocks == free
+    assert runner.cache.num_free_pages == free
 
     # The cache content is intact: continuing within capacity gives the reference logits.
     out = runner.forward([sid], [tokens[6:12]]).logits
     assert rel_err(out, ref_logits[6:12]) < HF_TOL
-    assert runner.cache.num_blocks == 3 and runner.cache.num_free_blocks == 0
+    assert runner.cache.num_pages == 3 and runner.cache.num_free_pages == 0
     # Freeing makes room again.
     runner.free_sequence(sid)
-    assert runner.cache.num_free_blocks == 3
+    assert runner.cache.num_free_pages == 3
     other = runner.new_sequence()
     out = runner.forward([other], [tokens[:12]]).logits
     assert rel_err(out, ref_logits[:12]) < HF_TOL
@@ -596,19 +596,19 @@ def test_cache_capacity_error_in_batch_rolls_back_every_sequence(qwen3, qwen3_re
     must be undone (its block back on the free list and *off* its block table)."""
     _, folder = qwen3
     tokens, ref_logits = qwen3_reference
-    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_block_size=4, max_cache_blocks=4)
+    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_page_size=4, max_cache_pages=4)
     sid, other = runner.new_sequence(), runner.new_sequence()
     runner.forward([sid], [tokens[:6]])  # 2 blocks
-    assert runner.cache.num_free_blocks == 2
+    assert runner.cache.num_free_pages == 2
     other_tokens = tokens_of(8, seed=90)
     with pytest.raises(CacheCapacityError):
         runner.forward([sid, other], [tokens[6:9], other_tokens + [1]])  # needs 1 + 3 blocks, 2 free
     assert runner.length(sid) == 6 and runner.length(other) == 0
-    assert runner.cache.num_free_blocks == 2
+    assert runner.cache.num_free_pages == 2
 
     # `other` takes both free blocks; `sid` then has no room to reach a third block...
     other_logits = runner.forward([other], [other_tokens]).logits
-    assert runner.cache.num_free_blocks == 0
+    assert runner.cache.num_free_pages == 0
     with pytest.raises(CacheCapacityError):
         runner.forward([sid], [tokens[6:9]])
     # ...but still fits within its own two blocks, and nobody's cache was overwritten.
@@ -623,10 +623,10 @@ def test_cache_capacity_error_in_batch_rolls_back_every_sequence(qwen3, qwen3_re
 def test_failure_inside_the_model_rolls_the_sequences_back(qwen3, qwen3_reference, monkeypatch):
     _, folder = qwen3
     tokens, ref_logits = qwen3_reference
-    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_block_size=4)
+    runner = TargetRunner.from_pretrained(folder, dtype="float32", cache_page_size=4)
     a, b = runner.new_sequence(), runner.new_sequence()
     runner.forward([a], [tokens[:10]])
-    free = runner.cache.num_free_blocks
+    free = runner.cache.num_free_pages
     layer = runner.model.model.layers[1]
 
     def boom(*args, **kwargs):
@@ -636,7 +636,7 @@ def test_failure_inside_the_model_rolls_the_sequences_back(qwen3, qwen3_referenc
     with pytest.raises(RuntimeError, match="injected"):
         runner.forward([a, b], [tokens[10:20], tokens[:7]])
     assert runner.length(a) == 10 and runner.length(b) == 0
-    assert runner.cache.num_free_blocks == free
+    assert runner.cache.num_free_pages == free
     monkeypatch.undo()
     out = runner.forward([a, b], [tokens[10:20], tokens[:7]])
     la, lb = out.split(out.logits)

@@ -97,7 +97,7 @@ def sample_joint(runner, prompt, sampling, drafter, num_draft_tokens, n_samples,
     are generated k − 1 tokens longer than n: round 1 then verifies k drafts, which decide tokens 2..n
     (the joint of the first n tokens of a longer generation is the same distribution)."""
     vocab = runner.config.vocab_size
-    k = 0 if drafter is None else (drafter.max_draft_tokens if num_draft_tokens is None else num_draft_tokens)
+    k = 0 if drafter is None else (drafter.block_size if num_draft_tokens is None else num_draft_tokens)
     max_new = N_TOKENS + max(k - 1, 0)
     counts = np.zeros(vocab ** N_TOKENS, dtype=np.int64)
     accepted = verified = longest_round1 = 0
@@ -302,7 +302,7 @@ LIKES_3 = dict(scale=0.5, base_logits=[0, 0, 0, 2.0, 0, 0, 0, 0])
     ("T1.0", 3, {}), ("T0.7", 2, {}), ("top_k3", 3, LIKES_3), ("top_p0.8", 2, {}),
 ])
 def test_random_drafter_matches_exact_distribution(runner, setting, num_draft, drafter_kwargs):
-    drafter = RandomDrafter(V, max_draft_tokens=3, **drafter_kwargs)
+    drafter = RandomDrafter(V, block_size=3, **drafter_kwargs)
     pvalue, info = run_gof(runner, SETTINGS[setting], drafter=drafter, num_draft_tokens=num_draft, seed=2)
     assert info["verified"] > 0 and info["accepted"] > 0, info  # drafts were really verified and accepted
     assert info["longest_round1"] == num_draft, info  # round 1 verified all k drafts
@@ -325,7 +325,7 @@ def test_ngram_drafter_matches_exact_distribution(runner):
 @pytest.mark.slow
 def test_control_misreported_q_is_rejected(runner):
     """(a) drafts sampled from softmax(3z) but q reported as softmax(z)."""
-    drafter = BiasedQDrafter(V, mode="sharpened", max_draft_tokens=3)
+    drafter = BiasedQDrafter(V, mode="sharpened", block_size=3)
     pvalue, info = run_gof(runner, SETTINGS["T1.0"], drafter=drafter, num_draft_tokens=3, seed=2)
     assert pvalue < ALPHA, f"a drafter misreporting q went undetected: p={pvalue:.3g} {info}"
 
@@ -333,7 +333,7 @@ def test_control_misreported_q_is_rejected(runner):
 @pytest.mark.slow
 def test_control_topk_not_applied_to_reported_q_is_rejected(runner):
     """(b) drafts sampled with the request's top-k, q reported without it (transformers#47932)."""
-    drafter = BiasedQDrafter(V, mode="topk_unreported", max_draft_tokens=3, **LIKES_3)
+    drafter = BiasedQDrafter(V, mode="topk_unreported", block_size=3, **LIKES_3)
     pvalue, info = run_gof(runner, SETTINGS["top_k3"], drafter=drafter, num_draft_tokens=3, seed=2)
     assert pvalue < ALPHA, f"top-k missing from the reported q went undetected: p={pvalue:.3g} {info}"
 

@@ -318,7 +318,7 @@ def run_pipeline_gof(runner, scheduler, seed, noise=1.0):
     independent of (x_1, ε_2), so this holds exactly; an anticipating one fails it directly."""
     exact = exact_joint(runner, PROMPT, TOP_K3)
     n_samples = choose_n_samples(exact)
-    drafter = PipelineDrafter(V, max_draft_tokens=K_DRAFT, scale=0.5, base_logits=LIKES_7)
+    drafter = PipelineDrafter(V, block_size=K_DRAFT, scale=0.5, base_logits=LIKES_7)
     drafter.noise = noise
     counts = np.zeros(V**3, dtype=np.int64)
     round1 = Counter()
@@ -535,7 +535,7 @@ def greedy_workload(dist_runner):
 @pytest.mark.parametrize("policy", list(POLICIES))
 def test_greedy_equals_plain_under_policy(dist_runner, greedy_workload, policy):
     prompts, budgets, plain, references = greedy_workload
-    drafter = NoisyOracleDrafter(references, max_draft_tokens=4)
+    drafter = NoisyOracleDrafter(references, block_size=4)
     scheduler = POLICIES[policy]()
     rounds = []
     for start in range(0, len(prompts), 16):
@@ -559,7 +559,7 @@ def test_greedy_equals_plain_under_policy(dist_runner, greedy_workload, policy):
 # -------------------------------------------------------------------------------------------------
 
 def test_policy_needing_confidences_refuses_a_drafter_without_them(dist_runner):
-    drafter = RandomDrafter(V, max_draft_tokens=2)
+    drafter = RandomDrafter(V, block_size=2)
     for scheduler in (CausalGreedy(PIPELINE_SPS), ConfidenceThreshold(0.5), AsyncTopK(PIPELINE_SPS)):
         with pytest.raises(RequestError, match="provides none"):
             generate(dist_runner, [[1, 2]], max_new_tokens=4, drafter=drafter, scheduler=scheduler)

@@ -40,17 +40,17 @@ H100_LIKE = {
 }
 
 
-def dspark_set(rng, mean, prompts=12, rounds=20, gamma=GAMMA):
+def dspark_set(rng, mean, prompts=12, rounds=20, block_size=GAMMA):
     """Calibrated rounds: c_k ~ Beta around `mean`, slot k accepted with probability c_k (verify-all)."""
     conf, acc, samp = [], [], []
     for p in range(prompts):
         for _ in range(rounds):
-            c = rng.beta(4 * mean, 4 * (1 - mean), size=gamma).clip(0.02, 0.99)
-            acc.append(int(np.cumprod(rng.random(gamma) < c).sum()))
+            c = rng.beta(4 * mean, 4 * (1 - mean), size=block_size).clip(0.02, 0.99)
+            acc.append(int(np.cumprod(rng.random(block_size) < c).sum()))
             conf.append(c.tolist())
             samp.append(p)
     n = len(acc)
-    return {"confidences": conf, "drafted": [gamma] * n, "verified": [gamma] * n, "accepted": acc,
+    return {"confidences": conf, "drafted": [block_size] * n, "verified": [block_size] * n, "accepted": acc,
             "emitted": [a + 1 for a in acc], "sample": samp}
 
 

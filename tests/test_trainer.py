@@ -299,7 +299,7 @@ def test_fsdp_under_torchrun_equals_one_process_writes_plain_checkpoints_and_res
     earlier = load_file(str(tmp_path / "one" / "step_2" / "drafter" / "model.safetensors"))
     assert not torch.allclose(earlier["layers.1.mlp.up_proj.weight"], final["layers.1.mlp.up_proj.weight"])  # it trains
     drafter = load_drafter(str(two / "drafter"), dtype="float32")  # what `--drafter DIR` does
-    assert drafter.max_draft_tokens == 4 and torch.equal(drafter.model.fc.weight, final["fc.weight"])
+    assert drafter.block_size == 4 and torch.equal(drafter.model.fc.weight, final["fc.weight"])
 
     straight = {name: load_file(str(two / name)) for name in ("drafter/model.safetensors", "trainer_state.safetensors")}
     shutil.rmtree(two)  # killed after the step-2 checkpoint

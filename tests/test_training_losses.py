@@ -94,14 +94,14 @@ def random_heads(vocab=11, hidden=6, seed=0):
 @pytest.mark.parametrize("weights", [LossWeights(), LossWeights.dflash()])
 def test_loss_matches_the_formulas_and_chunking_changes_nothing(weights):
     gen = torch.Generator().manual_seed(2)
-    m, gamma, hidden_size, vocab = 9, 5, 6, 11
+    m, block_size, hidden_size, vocab = 9, 5, 6, 11
     fn, params = random_heads(vocab, hidden_size)
-    hidden = torch.randn(m, gamma, hidden_size, generator=gen, dtype=torch.float64, requires_grad=True)
-    prev = torch.randint(0, vocab, (m, gamma), generator=gen)
-    labels = torch.randint(0, vocab, (m, gamma), generator=gen)
-    supervised = (torch.rand(m, gamma, generator=gen) < 0.8).long().cumprod(-1).bool()
+    hidden = torch.randn(m, block_size, hidden_size, generator=gen, dtype=torch.float64, requires_grad=True)
+    prev = torch.randint(0, vocab, (m, block_size), generator=gen)
+    labels = torch.randint(0, vocab, (m, block_size), generator=gen)
+    supervised = (torch.rand(m, block_size, generator=gen) < 0.8).long().cumprod(-1).bool()
     supervised[0] = False
-    target_hidden = torch.randn(m, gamma, hidden_size, generator=gen, dtype=torch.float64)
+    target_hidden = torch.randn(m, block_size, hidden_size, generator=gen, dtype=torch.float64)
     head = torch.randn(vocab, hidden_size, generator=gen, dtype=torch.float64)
     grads = []
     for chunk in (1, 4, 100):

@@ -38,10 +38,10 @@ def valid_round_mask(confidences: np.ndarray, verified: np.ndarray, accepted: np
 
     0 and 1 are accepted (a bf16/fp32 sigmoid saturates there) and clamped to [EPS, 1 − EPS] later.
     """
-    gamma = confidences.shape[1]
-    ok = (verified >= 0) & (verified <= gamma) & (accepted >= 0) & (accepted <= verified)
+    block_size = confidences.shape[1]
+    ok = (verified >= 0) & (verified <= block_size) & (accepted >= 0) & (accepted <= verified)
     in_range = np.isfinite(confidences) & (confidences >= 0.0) & (confidences <= 1.0)
-    needed = np.arange(1, gamma + 1)[None, :] <= verified[:, None]
+    needed = np.arange(1, block_size + 1)[None, :] <= verified[:, None]
     return ok & np.all(in_range | ~needed, axis=1)
 
 

@@ -132,7 +132,7 @@ def run_calibrate(args) -> int:
     loaded = load_drafter(drafter, calibration="none")
     if not loaded.provides_confidence:
         raise ConfigError(f"--drafter {drafter}: has no confidence head, nothing to calibrate")
-    block_size = loaded.max_draft_tokens
+    block_size = loaded.block_size
     if args.traces:
         per_temperature = read_traces(args.traces, drafter)
     else:

@@ -60,7 +60,7 @@ def make_scheduling(args, drafter, sampling):
     if args.scheduler:
         from dspark.scheduling.named import make_policy, parse_policies
 
-        spec = parse_policies(args.scheduler, drafter.max_draft_tokens, "--scheduler")
+        spec = parse_policies(args.scheduler, drafter.block_size, "--scheduler")
         if len(spec) != 1 or spec[0].kind in ("plain", "mtp-1"):
             raise RequestError(f"--scheduler {args.scheduler!r}: give one of verify-all, fixed-N, threshold-T, causal-greedy, "
                                "algorithm-1, async-topk")
@@ -74,7 +74,7 @@ def make_scheduling(args, drafter, sampling):
             raise RequestError("--online-calibration needs N ≥ 1 and a drafter with a confidence head")
         from dspark.calibration.online import OnlineCalibrator
 
-        calibrator = OnlineCalibrator(drafter.max_draft_tokens, refit_every=args.online_calibration,
+        calibrator = OnlineCalibrator(drafter.block_size, refit_every=args.online_calibration,
                                       window=max(4 * args.online_calibration, 256), min_count=10,
                                       initial=drafter.calibration_for(sampling), sampling_temperature=sampling.temperature)
     gate = None

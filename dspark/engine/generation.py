@@ -144,7 +144,7 @@ def generate(
     budgets = _per_sequence(max_new_tokens, count, "max_new_tokens")
     k = 0
     if drafter is not None:
-        k = drafter.max_draft_tokens if num_draft_tokens is None else num_draft_tokens
+        k = drafter.block_size if num_draft_tokens is None else num_draft_tokens
         if k < 0:
             raise RequestError(f"num_draft_tokens must be ≥ 0, got {k}")
         drafter.check_num_draft_tokens(k)

@@ -137,7 +137,7 @@ def evaluate_drafter(
 
     drafter = load_drafter(drafter_spec, num_draft_tokens=settings.block_size, device=device, dtype=dtype,
                            calibration=calibration)
-    gamma = drafter.max_draft_tokens if settings.block_size is None else settings.block_size
+    block_size = drafter.block_size if settings.block_size is None else settings.block_size
     label = drafter_label(drafter_spec)
     sampling = SamplingParams(temperature=settings.temperature)
     # The calibration regime for this sampling temperature (calibration_file), as applied to every round.
@@ -164,17 +164,17 @@ def evaluate_drafter(
             bar.update(len(batch))
         report = set_report(stats, len(prompts), generated, time.perf_counter() - started, prompt_set.domain)
         report.update(skipped_too_long=len(rendered.skipped_too_long), skipped_lines=rendered.skipped_too_long)
-        traces[prompt_set.name] = dict(round_arrays(records, gamma), domain=prompt_set.domain)
+        traces[prompt_set.name] = dict(round_arrays(records, block_size), domain=prompt_set.domain)
         if drafter.provides_confidence:
-            report["calibration"] = calibration_report(traces[prompt_set.name], calibration, gamma)
+            report["calibration"] = calibration_report(traces[prompt_set.name], calibration, block_size)
         datasets[prompt_set.name] = report
     bar.close()
     domains, macro = averages(datasets)
-    result = {"drafter": drafter_spec, "label": label, "block_size": gamma, "datasets": datasets, "domains": domains,
+    result = {"drafter": drafter_spec, "label": label, "block_size": block_size, "datasets": datasets, "domains": domains,
               "macro_tau": macro, "confidence_temperatures": None if calibration is None else calibration.temperatures.tolist(),
               "confidence_biases": None if calibration is None else calibration.biases.tolist()}
     if drafter.provides_confidence:
-        result["calibration"] = calibration_report(merge_traces(traces.values()), calibration, gamma)
+        result["calibration"] = calibration_report(merge_traces(traces.values()), calibration, block_size)
     return result, traces
 
 

@@ -235,21 +235,21 @@ def simulate(rounds: RecordedRounds, profile: SPSProfile, *, concurrency: Sequen
     prompts = rounds.prompts()
     mtp_source = mtp_rounds if mtp_rounds is not None else rounds
     mtp_prompts = mtp_source.prompts() if mtp_rounds is not None else prompts
-    gamma = max(rounds.block_size, 1)
+    block_size = max(rounds.block_size, 1)
     results: dict[str, list[dict]] = {spec.name: [] for spec in policies}
     for c in concurrency:
         n_steps = max(steps, -(-min_rounds // c))
         idx, ids = stream_rounds(prompts, c, n_steps, seed)
         if any(spec.kind == "mtp-1" for spec in policies):
             midx, mids = stream_rounds(mtp_prompts, c, n_steps, seed, 1) if mtp_rounds is not None else (idx, ids)
-        b = np.arange(c, c * (1 + gamma) + 1, dtype=np.float64)
+        b = np.arange(c, c * (1 + block_size) + 1, dtype=np.float64)
         verify_table = np.maximum.accumulate(np.asarray(profile.verify_ms(b, c), dtype=np.float64))
         draft = profile.draft_ms(c)
         for spec in policies:
             scheduler = make_policy(spec, profile)
             calibrator = None
             if online_calibration is not None and spec.kind in CONFIDENCE_POLICIES:
-                calibrator = OnlineCalibrator(gamma, refit_every=online_calibration, window=4 * online_calibration,
+                calibrator = OnlineCalibrator(block_size, refit_every=online_calibration, window=4 * online_calibration,
                                               initial=rounds.calibration, method=calibration_method)
             if spec.kind == "plain":
                 ell = np.zeros_like(idx)

@@ -48,9 +48,9 @@ def load_traces(path: str | Path, what: str = "--traces") -> dict:
     for label, entry in data.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("datasets"), dict) or not entry["datasets"]:
             raise TraceError(f"{what} {path}: drafter {label!r} has no 'datasets' object of recorded rounds")
-        gamma = entry.get("block_size")
-        if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
-            raise TraceError(f"{what} {path}: drafter {label!r} has block_size {gamma!r}; expected an integer ≥ 1")
+        block_size = entry.get("block_size")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise TraceError(f"{what} {path}: drafter {label!r} has block_size {block_size!r}; expected an integer ≥ 1")
     return data
 
 
@@ -147,7 +147,7 @@ def drafter_rounds(traces: dict, label: str, source: str = "traces") -> Recorded
     if label not in traces:
         raise TraceError(f"{source}: no drafter {label!r}; it has {', '.join(map(repr, traces))}")
     entry = traces[label]
-    gamma = int(entry["block_size"])
+    block_size = int(entry["block_size"])
     parts, prompt_offset = [], 0
     for set_name, data in entry["datasets"].items():
         where = f"{source}: drafter {label!r}, set {set_name!r}"
@@ -164,13 +164,13 @@ def drafter_rounds(traces: dict, label: str, source: str = "traces") -> Recorded
                 raise TraceError(f"{where}: '{key}' has {col.size} rounds, 'drafted' has {count}")
         if not isinstance(data["confidences"], list) or len(data["confidences"]) != count:
             raise TraceError(f"{where}: 'confidences' must hold one row per round ({count})")
-        conf = confidence_matrix(data["confidences"], gamma, f"{where} 'confidences'")
+        conf = confidence_matrix(data["confidences"], block_size, f"{where} 'confidences'")
         d, v, a = cols["drafted"], cols["verified"], cols["accepted"]
-        bad = np.flatnonzero((d > gamma) | (v > d) | (a > v))
+        bad = np.flatnonzero((d > block_size) | (v > d) | (a > v))
         if bad.size:
             i = int(bad[0])
             raise TraceError(f"{where}: round {i} has drafted={d[i]}, verified={v[i]}, accepted={a[i]}; "
-                             f"need accepted ≤ verified ≤ drafted ≤ block_size {gamma}")
+                             f"need accepted ≤ verified ≤ drafted ≤ block_size {block_size}")
         domain = str(data.get("domain", "custom"))
         parts.append((conf, d, v, a, emitted, cols["sample"] + prompt_offset, np.full(count, domain, dtype=object)))
         prompt_offset += 1 + (int(cols["sample"].max()) if count else -1)
@@ -184,12 +184,12 @@ def drafter_rounds(traces: dict, label: str, source: str = "traces") -> Recorded
             cmap = ConfidenceMap.of(entry["confidence_temperatures"], entry.get("confidence_biases"))
         except (TypeError, ValueError):
             cmap = None
-        if cmap is None or cmap.block_size != gamma:
+        if cmap is None or cmap.block_size != block_size:
             raise TraceError(f"{source}: drafter {label!r} has confidence_temperatures {entry['confidence_temperatures']!r} "
-                             f"and confidence_biases {entry.get('confidence_biases')!r}; expected {gamma} finite numbers "
+                             f"and confidence_biases {entry.get('confidence_biases')!r}; expected {block_size} finite numbers "
                              "(temperatures > 0) or null")
     drafter = entry.get("drafter")
-    return RecordedRounds(label, gamma, cat[0], *cat[1:6], cat[6].astype(str), has_conf, list(entry["datasets"]), cmap,
+    return RecordedRounds(label, block_size, cat[0], *cat[1:6], cat[6].astype(str), has_conf, list(entry["datasets"]), cmap,
                           _sampling_temperature(entry, f"{source}: drafter {label!r}"),
                           drafter if isinstance(drafter, str) else None)
 

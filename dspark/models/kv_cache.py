@@ -1,13 +1,13 @@
-"""Block-paged KV cache and the metadata of one ragged forward pass.
+"""Paged KV cache (fixed-size pages of token slots) and the metadata of one ragged forward pass.
 
-Storage: per layer, one K pool and one V pool of shape [num_blocks * block_size, num_kv_heads, head_dim]
-("slots"). A sequence owns an ordered list of blocks (its block table); token position p of that
-sequence lives in slot `table[p // block_size] * block_size + p % block_size`. Rolling a sequence back
-is just lowering its length (and returning whole blocks past the new end to the free list): slots past
+Storage: per layer, one K pool and one V pool of shape [num_pages * page_size, num_kv_heads, head_dim]
+("slots"). A sequence owns an ordered list of pages (its page table); token position p of that
+sequence lives in slot `table[p // page_size] * page_size + p % page_size`. Rolling a sequence back
+is just lowering its length (and returning whole pages past the new end to the free list): slots past
 the length are overwritten by the next forward.
 
-The pools grow on demand (re-allocated, contents copied) up to `max_blocks`, so a CPU run needs no
-up-front sizing; a server passes a fixed `max_blocks` and treats `CacheCapacityError` as back-pressure.
+The pools grow on demand (re-allocated, contents copied) up to `max_pages`, so a CPU run needs no
+up-front sizing; a server passes a fixed `max_pages` and treats `CacheCapacityError` as back-pressure.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class AttentionMetadata:
 
 
 class PagedKVCache:
-    """Paged K/V storage for `num_layers` layers plus the per-sequence block tables and lengths."""
+    """Paged K/V storage for `num_layers` layers plus the per-sequence page tables and lengths."""
 
     def __init__(
         self,
@@ -56,30 +56,30 @@ class PagedKVCache:
         num_kv_heads: int,
         head_dim: int,
         *,
-        block_size: int = 16,
-        initial_blocks: int = 64,
-        max_blocks: int | None = None,
+        page_size: int = 16,
+        initial_pages: int = 64,
+        max_pages: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        if block_size <= 0 or initial_blocks <= 0:
-            raise ValueError("block_size and initial_blocks must be positive")
+        if page_size <= 0 or initial_pages <= 0:
+            raise ValueError("page_size and initial_pages must be positive")
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.block_size = block_size
-        self.max_blocks = max_blocks
+        self.page_size = page_size
+        self.max_pages = max_pages
         self.dtype = dtype
         self.device = torch.device(device)
-        self.num_blocks = 0
+        self.num_pages = 0
         self.k_pools: list[torch.Tensor] = []
         self.v_pools: list[torch.Tensor] = []
-        self._free_blocks: list[int] = []
+        self._free_pages: list[int] = []
         self._tables: dict[int, list[int]] = {}
         self._slot_tensors: dict[int, torch.Tensor] = {}  # flat slots of every reserved position, per sequence
         self._lengths: dict[int, int] = {}
         self._next_seq_id = 0
-        self._grow(min(initial_blocks, max_blocks) if max_blocks else initial_blocks)
+        self._grow(min(initial_pages, max_pages) if max_pages else initial_pages)
 
     # -- sequences -------------------------------------------------------------------------------
     def new_sequence(self) -> int:
@@ -91,7 +91,7 @@ class PagedKVCache:
         return seq_id
 
     def free_sequence(self, seq_id: int) -> None:
-        self._free_blocks.extend(reversed(self._tables.pop(seq_id)))
+        self._free_pages.extend(reversed(self._tables.pop(seq_id)))
         del self._lengths[seq_id], self._slot_tensors[seq_id]
 
     def length(self, seq_id: int) -> int:
@@ -103,21 +103,21 @@ class PagedKVCache:
         if not 0 <= new_length <= current:
             raise ValueError(f"cannot truncate sequence {seq_id} of length {current} to {new_length}")
         table = self._tables[seq_id]
-        keep = -(-new_length // self.block_size)
-        self._free_blocks.extend(reversed(table[keep:]))
+        keep = -(-new_length // self.page_size)
+        self._free_pages.extend(reversed(table[keep:]))
         del table[keep:]
-        self._slot_tensors[seq_id] = self._slot_tensors[seq_id][: keep * self.block_size]
+        self._slot_tensors[seq_id] = self._slot_tensors[seq_id][: keep * self.page_size]
         self._lengths[seq_id] = new_length
 
     @property
-    def num_free_blocks(self) -> int:
-        return len(self._free_blocks)
+    def num_free_pages(self) -> int:
+        return len(self._free_pages)
 
     # -- storage ---------------------------------------------------------------------------------
-    def _grow(self, new_num_blocks: int) -> None:
-        slots = new_num_blocks * self.block_size
+    def _grow(self, new_num_pages: int) -> None:
+        slots = new_num_pages * self.page_size
         shape = (slots, self.num_kv_heads, self.head_dim)
-        old_slots = self.num_blocks * self.block_size
+        old_slots = self.num_pages * self.page_size
         for pools in (self.k_pools, self.v_pools):
             for layer in range(self.num_layers):
                 fresh = torch.empty(shape, dtype=self.dtype, device=self.device)
@@ -126,28 +126,28 @@ class PagedKVCache:
                     pools[layer] = fresh
                 else:
                     pools.append(fresh)
-        self._free_blocks = list(range(new_num_blocks - 1, self.num_blocks - 1, -1)) + self._free_blocks
-        self.num_blocks = new_num_blocks
+        self._free_pages = list(range(new_num_pages - 1, self.num_pages - 1, -1)) + self._free_pages
+        self.num_pages = new_num_pages
 
     def _reserve(self, seq_id: int, new_length: int) -> None:
         table = self._tables[seq_id]
-        needed = -(-new_length // self.block_size) - len(table)
+        needed = -(-new_length // self.page_size) - len(table)
         if needed <= 0:
             return
-        if needed > len(self._free_blocks):
-            target = max(self.num_blocks * 2, self.num_blocks + needed - len(self._free_blocks))
-            if self.max_blocks is not None:
-                target = min(target, self.max_blocks)
-            if target - self.num_blocks + len(self._free_blocks) < needed:
+        if needed > len(self._free_pages):
+            target = max(self.num_pages * 2, self.num_pages + needed - len(self._free_pages))
+            if self.max_pages is not None:
+                target = min(target, self.max_pages)
+            if target - self.num_pages + len(self._free_pages) < needed:
                 raise CacheCapacityError(
-                    f"KV cache full: sequence {seq_id} needs {needed} more blocks of {self.block_size} tokens, "
-                    f"{len(self._free_blocks)} free of {self.num_blocks} (max_blocks={self.max_blocks})"
+                    f"KV cache full: sequence {seq_id} needs {needed} more pages of {self.page_size} tokens, "
+                    f"{len(self._free_pages)} free of {self.num_pages} (max_pages={self.max_pages})"
                 )
             self._grow(target)
-        fresh = [self._free_blocks.pop() for _ in range(needed)]
+        fresh = [self._free_pages.pop() for _ in range(needed)]
         table.extend(fresh)
-        offsets = torch.arange(self.block_size, dtype=torch.long)
-        new_slots = (torch.tensor(fresh, dtype=torch.long).unsqueeze(1) * self.block_size + offsets).view(-1)
+        offsets = torch.arange(self.page_size, dtype=torch.long)
+        new_slots = (torch.tensor(fresh, dtype=torch.long).unsqueeze(1) * self.page_size + offsets).view(-1)
         self._slot_tensors[seq_id] = torch.cat([self._slot_tensors[seq_id], new_slots])
 
     def _slots(self, seq_id: int, start: int, end: int) -> torch.Tensor:
@@ -186,9 +186,9 @@ class PagedKVCache:
         except CacheCapacityError:
             for seq_id, table in snapshot.items():
                 extra = self._tables[seq_id][len(table):]
-                self._free_blocks.extend(reversed(extra))
+                self._free_pages.extend(reversed(extra))
                 self._tables[seq_id] = table
-                self._slot_tensors[seq_id] = self._slot_tensors[seq_id][: len(table) * self.block_size]
+                self._slot_tensors[seq_id] = self._slot_tensors[seq_id][: len(table) * self.page_size]
             raise
         query_starts = [start + n for start, n in zip(starts, kv_only)]
         context_lens = [qs + q for qs, q in zip(query_starts, query_lens)]

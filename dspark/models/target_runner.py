@@ -52,8 +52,8 @@ class TargetRunner:
         self,
         model: DecoderModel,
         *,
-        cache_block_size: int = 16,
-        max_cache_blocks: int | None = None,
+        cache_page_size: int = 16,
+        max_cache_pages: int | None = None,
         name: str = "model",
     ):
         self.model = model.eval()
@@ -65,7 +65,7 @@ class TargetRunner:
         c = self.config
         self.cache = PagedKVCache(
             c.num_layers, c.num_kv_heads, c.head_dim,
-            block_size=cache_block_size, max_blocks=max_cache_blocks, dtype=self.dtype, device=self.device,
+            page_size=cache_page_size, max_pages=max_cache_pages, dtype=self.dtype, device=self.device,
         )
 
     @classmethod

@@ -49,9 +49,9 @@ SIMPLE_NAMES = ("plain", "verify-all", "algorithm-1", "causal-greedy", "causal-g
 CONFIDENCE_POLICIES = ("threshold", "algorithm-1", "causal-greedy", "causal-greedy-gated", "async-topk")
 
 
-def parse_policies(text: str | Sequence[str], gamma: int | None, option: str = "--policies") -> list[PolicySpec]:
+def parse_policies(text: str | Sequence[str], block_size: int | None, option: str = "--policies") -> list[PolicySpec]:
     """"plain,fixed,fixed-3,verify-all,threshold,threshold-0.7,causal-greedy,async-topk,mtp-1" → specs
-    ("fixed" = every fixed length 1..γ; "threshold" = threshold-0.5; "mtp" = mtp-1). gamma=None checks the
+    ("fixed" = every fixed length 1..γ; "threshold" = threshold-0.5; "mtp" = mtp-1). block_size=None checks the
     names only (no fixed length is expanded or bounded). Errors name `option`, the flag that gave `text`."""
     items = [s.strip() for s in text.split(",")] if isinstance(text, str) else [str(s).strip() for s in text]
     items = [s for s in items if s]
@@ -63,13 +63,13 @@ def parse_policies(text: str | Sequence[str], gamma: int | None, option: str = "
         if low in SIMPLE_NAMES or low == "mtp":
             out.append(PolicySpec("mtp-1" if low == "mtp" else low))
         elif low == "fixed":
-            out.extend(PolicySpec("fixed", n) for n in range(1, (gamma or 0) + 1))
+            out.extend(PolicySpec("fixed", n) for n in range(1, (block_size or 0) + 1))
         elif low == "threshold":
             out.append(PolicySpec("threshold", DEFAULT_THRESHOLD))
         elif (m := re.fullmatch(r"fixed[-:](\d+)", low)):
             n = int(m.group(1))
-            if n < 1 or (gamma is not None and n > gamma):
-                bound = "" if gamma is None else f" ≤ the block size {gamma}"
+            if n < 1 or (block_size is not None and n > block_size):
+                bound = "" if block_size is None else f" ≤ the block size {block_size}"
                 raise ConfigError(f"{option}: {item!r} needs a length n ≥ 1{bound}")
             out.append(PolicySpec("fixed", n))
         elif (m := re.fullmatch(r"threshold[-:]([0-9.]+)", low)):

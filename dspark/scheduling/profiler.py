@@ -8,7 +8,7 @@ GPU tables (`shared/data/profiles/*.json`, read by `dspark.scheduling.sps.SPSPro
   tokens per sequence with logits for all B positions (and the drafter's feature layers, as a real
   verification step returns them), after which every sequence is truncated back to `context`.
 * ``draft_ms["R"]`` — one drafter `propose()` for R requests with a full block (the drafter's
-  `max_draft_tokens`), each request's drafter context holding `context` positions (+1 per timed call)
+  `block_size`), each request's drafter context holding `context` positions (+1 per timed call)
   and receiving one new target-feature row per call. Present only when a drafter is profiled.
 * ``verify_ms_total_tokens["B"]`` — the target step as a function of the total token count B alone.
 
@@ -59,7 +59,7 @@ from dspark.files import check_output_file, write_text_atomically
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 PREFILL_TOKENS = 8192  # tokens per prefill forward (sequences are prefilled in chunks of this size)
-CACHE_BLOCK = 16  # KV-cache block size (tokens) of the profiled target runner
+CACHE_PAGE = 16  # KV-cache page size (tokens) of the profiled target runner
 
 # Default sizes per device type (context in tokens).
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -233,11 +233,11 @@ def measure_profile(
     if context + max(lengths) > limit:
         raise ConfigError(f"--context {context} + the longest verification (--lengths {max(lengths)}) exceeds the "
                           f"model's context of {limit} tokens")
-    gamma = 0
+    block_size = 0
     if drafter is not None:
         drafter.check_target(runner.config)
-        gamma = drafter.max_draft_tokens
-        need = context + warmup + repeats + gamma + 1
+        block_size = drafter.block_size
+        need = context + warmup + repeats + block_size + 1
         if need > limit:
             raise ConfigError(f"--context {context} leaves no room for the drafter's timed steps: context + warm-up + "
                               f"repeats + block + 1 = {need} positions exceed the model's context of {limit}")
@@ -302,7 +302,7 @@ def measure_profile(
     if draft_measured:
         result["draft_ms"] = {str(r): _fmt(ms) for r, ms in running_max(draft_measured).items()}
         result["draft_ms_measured"] = {str(r): _fmt(ms) for r, ms in sorted(draft_measured.items())}
-    result.update(gamma=gamma or None, requests=requests, lengths=lengths, context=context, repeats=repeats,
+    result.update(gamma=block_size or None, requests=requests, lengths=lengths, context=context, repeats=repeats,
                   warmup=warmup, monotone_forced=True)
     return result
 
@@ -314,7 +314,7 @@ def _draft_step_ms(drafter, r: int, prompts: list[list[int]], features: torch.Te
     from dspark.decoding.sampling import SamplingParams
     from dspark.models.drafters.base import DraftInput
 
-    greedy, gamma = SamplingParams(), drafter.max_draft_tokens
+    greedy, block_size = SamplingParams(), drafter.block_size
     ids = [1_000_000 + i for i in range(r)]  # drafter-side handles, released below
     histories = [list(prompts[i % len(prompts)]) + random_ids(1) for i in range(r)]
     extra = [random_ids(warmup + repeats) for _ in range(r)]
@@ -322,13 +322,13 @@ def _draft_step_ms(drafter, r: int, prompts: list[list[int]], features: torch.Te
     try:
         chunk = max(1, PREFILL_TOKENS // context)
         for i in range(0, r, chunk):
-            drafter.propose([DraftInput(ids[j], histories[j], features, gamma, greedy)
+            drafter.propose([DraftInput(ids[j], histories[j], features, block_size, greedy)
                              for j in range(i, min(r, i + chunk))], generator)
 
         def step():
             for j, history in enumerate(histories):
                 history.append(extra[j][len(history) - context - 1])
-            drafter.propose([DraftInput(ids[j], histories[j], last, gamma, greedy) for j in range(r)], generator)
+            drafter.propose([DraftInput(ids[j], histories[j], last, block_size, greedy) for j in range(r)], generator)
 
         return _median_ms(step, repeats=repeats, warmup=warmup, device=device)
     finally:
@@ -538,9 +538,9 @@ def _measure_plan(plan: _Plan, dev: torch.device, dtype, dtype_short: str, name:
 
     # Size the KV cache for the largest batch up front: its on-demand doubling could otherwise reserve
     # twice the memory the profile needs (tens of GB for a 4B-shaped model at 256 × 1024 tokens).
-    per_seq = -(-(context + max(lengths)) // CACHE_BLOCK) + 1
-    runner = TargetRunner.from_pretrained(plan.target, device=dev, dtype=dtype, cache_block_size=CACHE_BLOCK,
-                                          max_cache_blocks=max(requests) * per_seq)
+    per_seq = -(-(context + max(lengths)) // CACHE_PAGE) + 1
+    runner = TargetRunner.from_pretrained(plan.target, device=dev, dtype=dtype, cache_page_size=CACHE_PAGE,
+                                          max_cache_pages=max(requests) * per_seq)
     drafter_obj = None
     if plan.drafter_spec is not None and plan.drafter_spec.startswith("random:"):
         from dspark.models.drafters.dspark import DSparkDrafter, init_from_target

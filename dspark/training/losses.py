@@ -52,8 +52,8 @@ class LossOutput:
 
 def position_weights(supervised: torch.Tensor, decay: float) -> torch.Tensor:
     """supervised [..., γ] bool → w [..., γ] float32 = exp(−k/decay) on supervised slots, else 0."""
-    gamma = supervised.shape[-1]
-    w = torch.exp(-torch.arange(gamma, dtype=torch.float32, device=supervised.device) / decay)
+    block_size = supervised.shape[-1]
+    w = torch.exp(-torch.arange(block_size, dtype=torch.float32, device=supervised.device) / decay)
     return w * supervised.float()
 
 

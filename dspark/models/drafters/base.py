@@ -46,11 +46,12 @@ class DraftProposal:
 
 
 class Drafter(ABC):
-    """Base class. Subclasses set `name`, `max_draft_tokens` and, if they read target features,
+    """Base class. Subclasses set `name`, `block_size` (γ: the most drafts per round, its trained block) and,
+    if they read target features,
     `feature_layer_ids` (target decoder layers whose raw outputs they condition on, SPEC §2.1)."""
 
     name: str = "drafter"
-    max_draft_tokens: int = 7
+    block_size: int = 7
     feature_layer_ids: tuple[int, ...] = ()
     provides_confidence: bool = False
 
@@ -60,9 +61,9 @@ class Drafter(ABC):
 
     def check_num_draft_tokens(self, num: int) -> None:
         """Refuse to propose more tokens than the drafter was trained for (SPEC §6 field failure)."""
-        if num > self.max_draft_tokens:
+        if num > self.block_size:
             raise RequestError(
-                f"drafter '{self.name}' proposes at most {self.max_draft_tokens} tokens per round "
+                f"drafter '{self.name}' proposes at most {self.block_size} tokens per round "
                 f"(its trained block size); {num} were requested"
             )
 

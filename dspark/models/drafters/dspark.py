@@ -183,9 +183,9 @@ class DSparkModel(DraftCheckpointMixin, nn.Module):
 
         new_features[b]: [n_b, L·H]; anchor_tokens [B]. Returns post-norm block hidden states [B, γ, H].
         """
-        gamma = self.config.block_size
+        block_size = self.config.block_size
         anchors_at = [cache.length(h) + f.shape[0] for h, f in zip(handles, new_features)]
-        meta = cache.prepare(handles, [gamma] * len(handles), kv_only_lens=[f.shape[0] for f in new_features], causal=False)
+        meta = cache.prepare(handles, [block_size] * len(handles), kv_only_lens=[f.shape[0] for f in new_features], causal=False)
         try:
             dtype = self.fc.weight.dtype
             ctx = self.fuse_context(torch.cat(new_features)) if meta.kv_only_positions.numel() else \
@@ -198,7 +198,7 @@ class DSparkModel(DraftCheckpointMixin, nn.Module):
         finally:
             for handle, anchor in zip(handles, anchors_at):
                 cache.truncate(handle, min(anchor, cache.length(handle)))
-        return self.norm(h).view(len(handles), gamma, -1)
+        return self.norm(h).view(len(handles), block_size, -1)
 
     # -- training -------------------------------------------------------------------------------------
     def forward_train(
@@ -210,16 +210,16 @@ class DSparkModel(DraftCheckpointMixin, nn.Module):
         anchor_tokens [N, A], block_valid [N, A] bool → post-norm block hidden states [N, A, γ, H].
         """
         n, seq_len = features.shape[:2]
-        num_anchors, gamma = anchor_positions.shape[1], self.config.block_size
+        num_anchors, block_size = anchor_positions.shape[1], self.config.block_size
         ctx = self.fuse_context(features)
-        h = self.embed_tokens(self.block_token_ids(anchor_tokens).view(n, num_anchors * gamma))
-        positions = (anchor_positions.unsqueeze(-1) + torch.arange(gamma, device=h.device)).view(n, -1)
+        h = self.embed_tokens(self.block_token_ids(anchor_tokens).view(n, num_anchors * block_size))
+        positions = (anchor_positions.unsqueeze(-1) + torch.arange(block_size, device=h.device)).view(n, -1)
         cos, sin = self.rotary(positions, h.dtype)
         ctx_cos, ctx_sin = self.rotary(torch.arange(seq_len, device=h.device).expand(n, -1), h.dtype)
-        mask = block_attention_mask(anchor_positions, block_valid, seq_len, gamma)
+        mask = block_attention_mask(anchor_positions, block_valid, seq_len, block_size)
         for layer in self.layers:
             h = layer.forward_dense(h, cos, sin, ctx, ctx_cos, ctx_sin, mask)
-        return self.norm(h).view(n, num_anchors, gamma, -1)
+        return self.norm(h).view(n, num_anchors, block_size, -1)
 
 
 def dspark_config_for_target(
@@ -269,11 +269,11 @@ class DSparkDrafter(Drafter):
     Confidences c_k = σ(confidence logit) use the token actually sampled at slot k−1.
     """
 
-    def __init__(self, model: DSparkModel, *, cache_block_size: int = 16):
+    def __init__(self, model: DSparkModel, *, cache_page_size: int = 16):
         self.model = model.eval()
         cfg = model.config
         self.name = "dflash" if cfg.is_dflash else f"dspark-{cfg.markov_head_type}"
-        self.max_draft_tokens = cfg.block_size
+        self.block_size = cfg.block_size
         self.feature_layer_ids = cfg.target_layer_ids
         self.provides_confidence = model.confidence_head is not None
         # Confidence calibration (SPEC §4.2) per sampling regime: ascending sampling temperatures [G], and
@@ -283,7 +283,7 @@ class DSparkDrafter(Drafter):
         param = model.fc.weight
         c = cfg.layers
         self.cache = PagedKVCache(
-            c.num_layers, c.num_kv_heads, c.head_dim, block_size=cache_block_size, dtype=param.dtype, device=param.device
+            c.num_layers, c.num_kv_heads, c.head_dim, page_size=cache_page_size, dtype=param.dtype, device=param.device
         )
         self._handles: dict[int, int] = {}
 
@@ -326,8 +326,8 @@ class DSparkDrafter(Drafter):
                 cmap = value if isinstance(value, ConfidenceMap) else ConfidenceMap.of(value)
             except (TypeError, ValueError) as exc:
                 raise RequestError(f"drafter '{self.name}': bad calibration for sampling temperature {point}: {exc}") from None
-            if cmap.block_size != self.max_draft_tokens:
-                raise RequestError(f"drafter '{self.name}': need {self.max_draft_tokens} finite positive temperatures, "
+            if cmap.block_size != self.block_size:
+                raise RequestError(f"drafter '{self.name}': need {self.block_size} finite positive temperatures, "
                                    f"got {cmap.temperatures.tolist()}")
             maps.append(cmap)
         device = self.model.fc.weight.device
@@ -360,7 +360,7 @@ class DSparkDrafter(Drafter):
         anchors = torch.tensor([item.token_ids[-1] for item in batch], dtype=torch.long, device=device)
         hidden = self.model.forward_block(self.cache, handles, feats, anchors)
         tokens, probs, confidences = self.sample_block(hidden, anchors, [item.sampling for item in batch], generator)
-        lengths = torch.tensor([min(item.max_tokens, self.max_draft_tokens) for item in batch], dtype=torch.long)
+        lengths = torch.tensor([min(item.max_tokens, self.block_size) for item in batch], dtype=torch.long)
         return DraftProposal(tokens=tokens.cpu(), lengths=lengths, probs=probs, confidences=confidences)
 
     def sample_block(
@@ -373,12 +373,12 @@ class DSparkDrafter(Drafter):
         """
         model = self.model
         base = model.lm_head(hidden).float()
-        batch, gamma = hidden.shape[:2]
+        batch, block_size = hidden.shape[:2]
         head = model.markov_head
         state = head.initial_state(batch, hidden[:, 0]) if head is not None else None
         prev = anchors
         tokens, probs, conf_logits = [], [], []
-        for k in range(gamma):
+        for k in range(block_size):
             logits = base[:, k]
             if head is not None:
                 bias, state = head.step(prev, hidden[:, k], state)
@@ -395,7 +395,7 @@ class DSparkDrafter(Drafter):
             stacked = torch.stack(conf_logits, dim=1).float()
             cmap = self.calibration_map(samplings)
             if cmap is not None:
-                stacked = stacked / cmap[0][:, :gamma] + cmap[1][:, :gamma]
+                stacked = stacked / cmap[0][:, :block_size] + cmap[1][:, :block_size]
             confidences = torch.sigmoid(stacked)
         return torch.stack(tokens, dim=1), torch.stack(probs, dim=1), confidences
 

@@ -430,16 +430,16 @@ class CausalFeatureDrafter(Drafter):
     sampling parameters) and exactly that float32 tensor is returned (SPEC §1 pitfall 1).
     """
 
-    def __init__(self, model, *, name: str, cache_block_size: int = 16):
+    def __init__(self, model, *, name: str, cache_page_size: int = 16):
         self.model = model.eval()
         cfg = model.config
         self.name = name
-        self.max_draft_tokens = cfg.block_size
+        self.block_size = cfg.block_size
         self.feature_layer_ids = cfg.target_layer_ids
         param = model.lm_head.weight
         c = cfg.layers
         self.cache = PagedKVCache(
-            1, c.num_kv_heads, c.head_dim, block_size=cache_block_size, dtype=param.dtype, device=param.device
+            1, c.num_kv_heads, c.head_dim, page_size=cache_page_size, dtype=param.dtype, device=param.device
         )
         self._handles: dict[int, int] = {}
         self._last_hidden: dict[int, torch.Tensor] = {}  # seq_id → o of its last context row [H]
@@ -474,7 +474,7 @@ class CausalFeatureDrafter(Drafter):
     @torch.inference_mode()
     def propose(self, batch: list[DraftInput], generator: torch.Generator | None = None) -> DraftProposal:
         handles = self._ingest(batch)
-        limits = [max(0, min(item.max_tokens, self.max_draft_tokens)) for item in batch]
+        limits = [max(0, min(item.max_tokens, self.block_size)) for item in batch]
         width, count = max(limits, default=0), len(batch)
         if width == 0:
             return DraftProposal.empty(count)
@@ -507,8 +507,8 @@ class CausalFeatureDrafter(Drafter):
 
 
 class Eagle3Drafter(CausalFeatureDrafter):
-    def __init__(self, model: Eagle3Model, *, cache_block_size: int = 16):
-        super().__init__(model, name="eagle3", cache_block_size=cache_block_size)
+    def __init__(self, model: Eagle3Model, *, cache_page_size: int = 16):
+        super().__init__(model, name="eagle3", cache_page_size=cache_page_size)
 
 
 def load_eagle3_drafter(folder: str | Path, *, device="auto", dtype=None) -> Eagle3Drafter:

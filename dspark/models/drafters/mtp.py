@@ -227,8 +227,8 @@ def init_mtp_from_target(config: MTPConfig, target, *, seed: int = 0, std: float
 
 
 class MTPDrafter(CausalFeatureDrafter):
-    def __init__(self, model: MTPModel, *, cache_block_size: int = 16):
-        super().__init__(model, name="mtp", cache_block_size=cache_block_size)
+    def __init__(self, model: MTPModel, *, cache_page_size: int = 16):
+        super().__init__(model, name="mtp", cache_page_size=cache_page_size)
 
 
 def load_mtp_drafter(folder: str | Path, *, device="auto", dtype=None) -> MTPDrafter:

@@ -34,13 +34,13 @@ class NgramDrafter(Drafter):
             raise RequestError(f"n-gram drafter needs 1 ≤ min_ngram ≤ max_ngram, got {min_ngram}, {max_ngram}")
         if num_draft_tokens < 1:
             raise RequestError(f"n-gram drafter needs num_draft_tokens ≥ 1, got {num_draft_tokens}")
-        self.max_draft_tokens = num_draft_tokens
+        self.block_size = num_draft_tokens
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
     def propose(self, batch: list[DraftInput], generator: torch.Generator | None = None) -> DraftProposal:
         drafts = []
         for item in batch:
-            limit = min(item.max_tokens, self.max_draft_tokens)
+            limit = min(item.max_tokens, self.block_size)
             tokens = np.asarray(item.token_ids, dtype=np.int64)
             drafts.append(lookup_continuation(tokens, self.max_ngram, self.min_ngram, limit) if limit > 0 else tokens[:0])
         width = max((d.shape[0] for d in drafts), default=0)

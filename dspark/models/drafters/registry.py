@@ -56,7 +56,7 @@ def load_drafter(spec: str, *, num_draft_tokens: int | None = None, calibration:
             if num_draft_tokens is not None:
                 drafter.check_num_draft_tokens(num_draft_tokens)
             if drafter.provides_confidence:
-                drafter.set_calibration(_calibration_regimes(calibration, folder, drafter.max_draft_tokens))
+                drafter.set_calibration(_calibration_regimes(calibration, folder, drafter.block_size))
             else:
                 _refuse_calibration(calibration, f"{folder} ({arch})")
             return drafter
