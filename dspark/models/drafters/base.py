@@ -47,8 +47,8 @@ class DraftProposal:
 
 class Drafter(ABC):
     """Base class. Subclasses set `name`, `block_size` (γ: the most drafts per round, its trained block) and,
-    if they read target features,
-    `feature_layer_ids` (target decoder layers whose raw outputs they condition on, SPEC §2.1)."""
+    if they read target features, `feature_layer_ids` (target decoder layers whose raw outputs they
+    condition on, SPEC §2.1)."""
 
     name: str = "drafter"
     block_size: int = 7
