@@ -373,7 +373,7 @@ def test_zoo_rebuild_end_to_end_at_toy_scale(corpus, tokenizer_dir, tmp_path, mo
     assert [r["sampling_temperature"] for r in manifest["calibration"]["regimes"]] == [0.0, 1.0]
     target = TargetRunner.from_pretrained(out / "target", dtype="float32")
     for name, block in (("dspark", 3), ("mtp", 1)):
-        drafter = load_drafter(str(out / "drafters" / name), calibration="none")
+        drafter = load_drafter(str(out / "drafters" / name))
         drafter.check_target(target.config)
         assert drafter.block_size == block
     stamp = (work / "features" / "manifest.json").stat().st_mtime_ns

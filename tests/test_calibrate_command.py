@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from dspark.calibration import Rounds, reliability_data
+from dspark.calibration.calibration_file import regimes_for
 from dspark.cli import main
 from dspark.evaluation.traces import drafter_rounds
 from dspark.models.drafters import load_drafter
 from dspark.models.random_init import build_random_model
 from dspark.models.target_runner import TargetRunner
+from dspark.scheduling.controller import SpeculationController
 
 from drafters_for_tests import save_dspark_folder
 from figures import check_png
@@ -98,17 +100,19 @@ def test_eval_reports_calibration_and_calibrate_fits_from_its_traces(setup, caps
     after = summary["ece_after"]
     assert len(after["floor_per_position"]) == 4 and after["floor"] == pytest.approx(np.mean(after["floor_per_position"]))
 
-    # Inference applies the file: calibrated c = σ(logit(raw) / T + b), per position.
-    raw, calibrated = load_drafter(str(drafter), calibration="none"), load_drafter(str(drafter), calibration=str(out))
+    # Inference applies the file: calibrated c = σ(logit / T + b) of the drafter's raw logits, per position.
+    raw = load_drafter(str(drafter))
+    controller = SpeculationController(regimes=regimes_for(raw, str(out)))
     hidden = torch.randn(3, 4, raw.model.config.layers.hidden_size, generator=torch.Generator().manual_seed(0))
     anchors = torch.tensor([5, 6, 7])
     from dspark.decoding.sampling import SamplingParams
 
-    _, _, c_raw = raw.sample_block(hidden, anchors, [SamplingParams()] * 3, None)
-    _, _, c_cal = calibrated.sample_block(hidden, anchors, [SamplingParams()] * 3, None)
-    expected = torch.sigmoid(torch.logit(c_raw.double()) / torch.tensor(temps, dtype=torch.float64)
+    _, _, logits = raw.sample_block(hidden, anchors, [SamplingParams()] * 3, None)
+    c_cal = controller.calibrate(logits, [SamplingParams()] * 3)
+    expected = torch.sigmoid(logits.double() / torch.tensor(temps, dtype=torch.float64)
                              + torch.tensor(biases, dtype=torch.float64))
     assert torch.allclose(c_cal.double(), expected, atol=1e-5)
+    assert SpeculationController(regimes=regimes_for(raw, "none")).map_for(SamplingParams()) is None
 
     # The file is bound to this drafter: another drafter's weights are refused by name.
     code = main(["eval", "--target", str(target), "--drafter", str(other), "--datasets", str(prompts), "--limit", "1",
@@ -124,8 +128,8 @@ def test_calibrate_refuses_a_drafter_without_confidence_head(setup, capsys):
 
 def test_generation_feeds_the_online_calibrator_raw_confidences_and_applies_its_refits(setup):
     """SPEC §4.3 inside the loop: every verification round reaches the calibrator with the *raw* head's
-    confidences (the drafter's current temperatures undone), refits reach the drafter, and the output is
-    unchanged (greedy output equals plain decoding)."""
+    confidences (the drafter reports raw logits; the controller calibrates them), refits become the
+    controller's map, and the output is unchanged (greedy output equals plain decoding)."""
     import numpy as np
 
     from dspark.calibration.online import OnlineCalibrator
@@ -134,15 +138,15 @@ def test_generation_feeds_the_online_calibrator_raw_confidences_and_applies_its_
 
     target, drafter_dir, _, _ = setup
     runner = TargetRunner.from_pretrained(target, dtype="float32")
-    drafter = load_drafter(str(drafter_dir), calibration="none")
+    drafter = load_drafter(str(drafter_dir))
     start = [2.0, 1.5, 0.7, 3.0]
-    drafter.set_calibration(start)
     calibrator = OnlineCalibrator(block_size=4, refit_every=20, window=400, min_count=5, initial=start)
+    controller = SpeculationController(regimes={1.0: start}, online=calibrator)
     prompts = [[5 + i, 9, 11 + i, 30] for i in range(7)]
     # The last request has room for one token after the prefill: in the first round it drafts nothing
     # (ℓ = 0) while the others draft, so the calibrator is handed a row with nothing verified.
     common = dict(sampling=SamplingParams(), max_new_tokens=[40] * 6 + [2], seed=0)
-    spec = generate(runner, prompts, drafter=drafter, calibrator=calibrator, record_rounds=True, **common)
+    spec = generate(runner, prompts, drafter=drafter, controller=controller, record_rounds=True, **common)
     plain = generate(runner, prompts, **common)
     assert [s.token_ids for s in spec.sequences] == [s.token_ids for s in plain.sequences]
     # Rounds the drafter ran in (a recorded confidence list, empty when it drafted nothing for the request)
@@ -154,9 +158,9 @@ def test_generation_feeds_the_online_calibrator_raw_confidences_and_applies_its_
     assert calibrator.rounds_seen == len(fed) != len(rounds)
     assert calibrator.rounds_kept == len(rounds) and calibrator.rows_unverified == len(unverified)
     assert calibrator.rows_dropped == 0 and calibrator.refits >= 1
-    temps, biases = drafter.calibration_map([SamplingParams()])
-    assert np.allclose(temps[0].numpy(), calibrator.temperatures, rtol=1e-6)
-    assert np.allclose(biases[0].numpy(), calibrator.biases, atol=1e-6)
+    applied = controller.map_for(SamplingParams())
+    assert np.allclose(applied.temperatures, calibrator.temperatures, rtol=1e-6)
+    assert np.allclose(applied.biases, calibrator.biases, atol=1e-6)
     # The first rounds were drafted with the starting temperatures: the calibrator holds their raw values.
     reported = np.array(rounds[0].confidences)  # calibrated with `start` (first round of sequence 0)
     expected = 1 / (1 + np.exp(-np.log(reported / (1 - reported)) * np.array(start)[: len(reported)]))
@@ -197,15 +201,16 @@ def test_calibrate_fits_one_regime_per_sampling_temperature_and_each_request_use
     regimes = loaded.by_sampling_temperature()
     assert not np.allclose(regimes[0.0].temperatures, regimes[1.0].temperatures)  # greedy rounds: another fit
 
-    raw, calibrated = load_drafter(str(drafter), calibration="none"), load_drafter(str(drafter), calibration=str(out))
+    raw = load_drafter(str(drafter))
+    controller = SpeculationController(regimes=regimes_for(raw, str(out)))
     hidden = torch.randn(2, 4, raw.model.config.layers.hidden_size, generator=torch.Generator().manual_seed(1))
     anchors = torch.tensor([5, 6])
     mixed = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9)]
-    _, _, c_raw = raw.sample_block(hidden, anchors, mixed, torch.Generator().manual_seed(0))
-    _, _, c_cal = calibrated.sample_block(hidden, anchors, mixed, torch.Generator().manual_seed(0))
+    _, _, logits = raw.sample_block(hidden, anchors, mixed, torch.Generator().manual_seed(0))
+    c_cal = controller.calibrate(logits, mixed)
     temps = torch.tensor(np.stack([regimes[0.0].temperatures, regimes[1.0].temperatures]))
     biases = torch.tensor(np.stack([regimes[0.0].biases, regimes[1.0].biases]))
-    assert torch.allclose(c_cal.double(), torch.sigmoid(torch.logit(c_raw.double()) / temps + biases), atol=1e-5)
+    assert torch.allclose(c_cal.double(), torch.sigmoid(logits.double() / temps + biases), atol=1e-5)
 
 
 def test_calibrate_rejects_conflicting_or_bad_sampling_temperatures(setup, capsys, tmp_path):
@@ -231,17 +236,17 @@ def test_a_calibrator_bound_to_a_sampling_temperature_sees_and_refits_only_that_
 
     target, drafter_dir, _, _ = setup
     runner = TargetRunner.from_pretrained(target, dtype="float32")
-    drafter = load_drafter(str(drafter_dir), calibration="none")
+    drafter = load_drafter(str(drafter_dir))
     greedy_start, sampled = [0.8, 0.9, 1.1, 1.2], [2.0, 2.0, 2.0, 2.0]
-    drafter.set_calibration({0.0: greedy_start, 1.0: sampled})
     calibrator = OnlineCalibrator(block_size=4, refit_every=15, window=400, min_count=5,
                                   initial=greedy_start, sampling_temperature=0.0)
+    controller = SpeculationController(regimes={0.0: greedy_start, 1.0: sampled}, online=calibrator)
     prompts = [[5 + i, 9, 11 + i, 30] for i in range(8)]
     samplings = [SamplingParams(temperature=0.0 if i % 2 == 0 else 1.0) for i in range(8)]
     # Requests 6 (greedy) and 7 (sampled) have room for one token after the prefill: their only round
     # verifies nothing, and only the greedy one's row reaches the calibrator.
     spec = generate(runner, prompts, sampling=samplings, max_new_tokens=[30] * 6 + [2, 2], drafter=drafter,
-                    calibrator=calibrator, record_rounds=True, seed=0)
+                    controller=controller, record_rounds=True, seed=0)
     greedy_fed = [r for i, s in enumerate(spec.sequences) if i % 2 == 0 for r in s.rounds if r.confidences is not None]
     greedy_rounds = [r for r in greedy_fed if r.verified > 0]
     sampled_fed = [r for i, s in enumerate(spec.sequences) if i % 2 == 1 for r in s.rounds if r.confidences is not None]
@@ -250,24 +255,26 @@ def test_a_calibrator_bound_to_a_sampling_temperature_sees_and_refits_only_that_
     assert calibrator.rounds_kept == len(greedy_rounds)
     assert calibrator.rows_unverified == len(greedy_fed) - len(greedy_rounds) >= 1
     assert calibrator.rows_dropped == 0 and calibrator.refits >= 1
-    temps, biases = drafter.calibration_map(samplings[:2])
-    assert np.allclose(temps[0].numpy(), calibrator.temperatures, rtol=1e-6)  # the greedy regime was refitted
-    assert np.allclose(biases[0].numpy(), calibrator.biases, atol=1e-6)
-    assert temps[1].tolist() == sampled and not biases[1].any()  # the sampled regime is untouched
+    greedy_map, sampled_map = controller.map_for(samplings[0]), controller.map_for(samplings[1])
+    assert np.allclose(greedy_map.temperatures, calibrator.temperatures, rtol=1e-6)  # the greedy regime was refitted
+    assert np.allclose(greedy_map.biases, calibrator.biases, atol=1e-6)
+    assert sampled_map.temperatures.tolist() == sampled and not sampled_map.biases.any()  # the sampled one untouched
     plain = generate(runner, [prompts[0]], sampling=samplings[0], max_new_tokens=30, seed=0)
     assert spec.sequences[0].token_ids == plain.sequences[0].token_ids
 
 
 def test_each_request_gets_the_regime_nearest_its_sampling_temperature(setup):
-    """The drafter's batched regime lookup agrees with `nearest_regime` (ties go to the higher temperature)."""
+    """The controller's batched regime lookup agrees with `nearest_regime` (ties go to the higher temperature)."""
     from dspark.calibration.calibration_file import nearest_regime
     from dspark.decoding.sampling import SamplingParams
 
-    drafter = load_drafter(str(setup[1]), calibration="none")
     points = [0.0, 0.7, 1.0]
-    drafter.set_calibration({t: [1.0 + t + 0.1 * k for k in range(4)] for t in points})
+    controller = SpeculationController(regimes={t: [1.0 + t + 0.1 * k for k in range(4)] for t in points})
     wanted = [0.0, 0.2, 0.35, 0.5, 0.85, 0.9, 1.0, 5.0]
-    temps, _ = drafter.calibration_map([SamplingParams(temperature=t) for t in wanted])
-    chosen = [round(float(row[0]) - 1.0, 6) for row in temps]
+    samplings = [SamplingParams(temperature=t) for t in wanted]
+    chosen = [round(float(controller.map_for(s).temperatures[0]) - 1.0, 6) for s in samplings]
+    # the batched path (calibrate) picks the same regimes: logit 0 → σ(b) = 0.5, logit 1 → σ(1 / T_1)
+    calibrated = controller.calibrate(torch.ones(len(wanted), 4), samplings)[:, 0]
+    assert torch.allclose(calibrated, torch.sigmoid(1.0 / torch.tensor([1.0 + c for c in chosen])))
     assert chosen == [points[nearest_regime(points, t)] for t in wanted]
     assert chosen[2] == 0.7  # 0.35 is halfway between 0 and 0.7

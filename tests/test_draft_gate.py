@@ -11,6 +11,7 @@ from dspark.evaluation.simulator import simulate
 from dspark.evaluation.traces import drafter_rounds
 from dspark.scheduling.named import parse_policies
 from dspark.scheduling import DraftGate, SPSProfile
+from dspark.scheduling.controller import SpeculationController
 
 GAMMA = 5
 # Step time grows with the batch's tokens (ms); the drafter costs 2 ms + 0.05 ms per request.
@@ -131,14 +132,15 @@ def test_generation_with_gate_equals_plain_greedy(dist_runner):
     drafter = NoisyOracleDrafter({tuple(p): s.token_ids for p, s in zip(prompts, longest)}, block_size=4)
     gate = alternating_gate()
     out = generate(dist_runner, prompts, sampling=greedy, max_new_tokens=18, drafter=drafter, num_draft_tokens=4,
-                   record_rounds=True, gate=gate)
+                   record_rounds=True, controller=SpeculationController(gate=gate))
     assert [s.token_ids for s in out.sequences] == [s.token_ids for s in plain]
     rounds = [r for s in out.sequences for r in s.rounds]
     assert sum(r.drafted == 0 for r in rounds) > 10 and sum(r.accepted for r in rounds) > 10
     report = gate.report()
     assert report["skipped_steps"] > 0 and report["drafted_steps"] > 0
     with pytest.raises(RequestError, match="gate needs confidences"):
-        generate(dist_runner, prompts, drafter=RandomDrafter(V, block_size=2), gate=alternating_gate())
+        generate(dist_runner, prompts, drafter=RandomDrafter(V, block_size=2),
+                 controller=SpeculationController(gate=alternating_gate()))
 
 
 @pytest.mark.slow
@@ -156,7 +158,7 @@ def test_sampling_distribution_is_exact_with_gate(dist_runner):
         if chunk % 2:  # a gate that has seen a round is closed: this chunk starts with a plain round
             gate.observe(np.full((1, 2), 0.5), [2], [2], [1])
         out = generate(dist_runner, [PROMPT] * CHUNK, sampling=TOP_K3, max_new_tokens=4, drafter=drafter,
-                       num_draft_tokens=2, seed=70 + chunk, record_rounds=True, gate=gate)
+                       num_draft_tokens=2, seed=70 + chunk, record_rounds=True, controller=SpeculationController(gate=gate))
         for seq in out.sequences:
             counts[np.ravel_multi_index(seq.token_ids[:3], (V,) * 3)] += 1
             first_round[seq.rounds[0].drafted] += 1

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dspark.calibration.calibration_file import load_calibration
+from dspark.calibration.calibration_file import load_calibration, regimes_for
 from dspark.cli import main
 from dspark.errors import CheckpointError, ConfigError, RequestError
 from dspark.models import checkpoint
@@ -264,10 +264,11 @@ def test_calibration_file_for_a_drafter_without_confidence_head_is_refused(prist
     calibration = str(tmp_path / "calibration.json")
     line = cli_error(capsys, generate_args(pristine, "--drafter", "ngram", "--calibration", calibration))
     assert "--calibration" in line and "confidence head" in line
+    dflash = load_drafter(str(drafters["dflash"]), device="cpu")
     with pytest.raises(ConfigError, match="confidence head"):
-        load_drafter(str(drafters["dflash"]), calibration=calibration, device="cpu")
+        regimes_for(dflash, calibration)
     for value in ("auto", "none", None):
-        assert not load_drafter(str(drafters["dflash"]), calibration=value, device="cpu").provides_confidence
+        assert regimes_for(dflash, value) is None
 
 
 @pytest.mark.parametrize("field, value", [("temperatures", ["1.0", 1.0]), ("temperatures", [True, 1.0]),

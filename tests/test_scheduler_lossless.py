@@ -40,6 +40,7 @@ from dspark.scheduling import (
     sorted_candidates,
     throughput_path,
 )
+from dspark.scheduling.controller import SpeculationController
 from dspark.scheduling.policies import VerificationPolicy
 
 from drafters_for_tests import OracleDrafter, RandomDrafter
@@ -201,16 +202,16 @@ def test_anticipation_check_catches_the_retrospective_scheduler():
 CONF_LOGITS = [2.0, -1.0, 1.5, 0.5, -2.0, 1.0, 0.0, 2.5]  # per previous token (x_0 = the anchor)
 
 
-def markov_confidences(tokens: torch.Tensor, anchors: list[int], generator, noise: float = 1.0,
-                       first=CONF_LOGITS, after=CONF_LOGITS) -> torch.Tensor:
-    """c_1 = σ(first[x_0] + ε_1), c_k = σ(after[x_{k−1}] + ε_k) for k ≥ 2 (x_0 = the anchor), ε ~ N(0, noise²)
-    independent of the tokens; [B, K] like tokens."""
+def markov_confidence_logits(tokens: torch.Tensor, anchors: list[int], generator, noise: float = 1.0,
+                             first=CONF_LOGITS, after=CONF_LOGITS) -> torch.Tensor:
+    """Raw confidence logits (c_k = σ(logit)): first[x_0] + ε_1, then after[x_{k−1}] + ε_k for k ≥ 2 (x_0 = the
+    anchor), ε ~ N(0, noise²) independent of the tokens; [B, K] like tokens."""
     prev = torch.cat([torch.tensor(anchors, dtype=torch.long).unsqueeze(1), tokens], 1)[:, : tokens.shape[1]]
     logits = torch.tensor(after, dtype=torch.float32)[prev]
     if prev.shape[1]:
         logits[:, 0] = torch.tensor(first, dtype=torch.float32)[prev[:, 0]]
     eps = torch.randn(prev.shape, generator=generator, dtype=torch.float32) * noise
-    return torch.sigmoid(logits + eps)
+    return logits + eps
 
 
 class MarkovConfidenceDrafter(RandomDrafter):
@@ -224,8 +225,8 @@ class MarkovConfidenceDrafter(RandomDrafter):
     def propose(self, batch, generator=None):
         proposal = super().propose(batch, generator)
         anchors = [int(item.token_ids[-1]) for item in batch]
-        proposal.confidences = markov_confidences(proposal.tokens, anchors, generator, self.noise,
-                                                  self.first_logits, self.after_logits)
+        proposal.confidence_logits = markov_confidence_logits(proposal.tokens, anchors, generator, self.noise,
+                                                              self.first_logits, self.after_logits)
         return proposal
 
 
@@ -243,7 +244,7 @@ class NoisyOracleDrafter(OracleDrafter):
         tokens = torch.where(wrong, torch.randint(0, V, tokens.shape, generator=generator), tokens)
         anchors = [int(item.token_ids[-1]) for item in batch]
         return DraftProposal(tokens=tokens, lengths=proposal.lengths,
-                             confidences=markov_confidences(tokens, anchors, generator))
+                             confidence_logits=markov_confidence_logits(tokens, anchors, generator))
 
 
 # The sampling tests' drafter (every policy and both controls, noise 1). The first token t_1 is sampled from
@@ -310,7 +311,7 @@ K_DRAFT = 2  # round 1 verifies ℓ ∈ {0, 1, 2} drafts, which decide tokens 2 
 
 
 def run_pipeline_gof(runner, scheduler, seed, noise=1.0):
-    """Exact joint vs N samples of generate(scheduler=...) with PipelineDrafter, N from the power requirement
+    """Exact joint vs N samples of generate(controller=SpeculationController(policy=...)) with PipelineDrafter, N from the power requirement
     (top-k 3 with this prompt: N = 12 000, df 25, power 0.92 against a 0.02 shift; see
     test_sampling_distribution). Also returns `independence`: the p-value of a chi-square test of
     independence (2 × 2) between "round 1 verified x_1" and "c_2 > 0.5" (i.e. x_1 = 7, up to the noise). A
@@ -326,7 +327,7 @@ def run_pipeline_gof(runner, scheduler, seed, noise=1.0):
     accepted = 0
     for chunk in range(n_samples // CHUNK):
         out = generate(runner, [PROMPT] * CHUNK, sampling=TOP_K3, max_new_tokens=3 + K_DRAFT - 1, drafter=drafter,
-                       num_draft_tokens=K_DRAFT, seed=seed * 1000 + chunk, record_rounds=True, scheduler=scheduler)
+                       num_draft_tokens=K_DRAFT, seed=seed * 1000 + chunk, record_rounds=True, controller=SpeculationController(policy=scheduler))
         for seq in out.sequences:
             counts[np.ravel_multi_index(seq.token_ids[:3], (V,) * 3)] += 1
             first = seq.rounds[0]
@@ -541,7 +542,7 @@ def test_greedy_equals_plain_under_policy(dist_runner, greedy_workload, policy):
     for start in range(0, len(prompts), 16):
         sl = slice(start, start + 16)
         out = generate(dist_runner, prompts[sl], sampling=GREEDY, max_new_tokens=budgets[sl], drafter=drafter,
-                       num_draft_tokens=4, seed=start, record_rounds=True, scheduler=scheduler)
+                       num_draft_tokens=4, seed=start, record_rounds=True, controller=SpeculationController(policy=scheduler))
         for i, seq in enumerate(out.sequences):
             assert seq.token_ids == plain[start + i], f"prompt {start + i} under {policy}"
             rounds.extend(seq.rounds)
@@ -562,9 +563,9 @@ def test_policy_needing_confidences_refuses_a_drafter_without_them(dist_runner):
     drafter = RandomDrafter(V, block_size=2)
     for scheduler in (CausalGreedy(PIPELINE_SPS), ConfidenceThreshold(0.5), AsyncTopK(PIPELINE_SPS)):
         with pytest.raises(RequestError, match="provides none"):
-            generate(dist_runner, [[1, 2]], max_new_tokens=4, drafter=drafter, scheduler=scheduler)
+            generate(dist_runner, [[1, 2]], max_new_tokens=4, drafter=drafter, controller=SpeculationController(policy=scheduler))
     for scheduler in (VerifyAll(), FixedLength(1)):  # these need no confidences
-        out = generate(dist_runner, [[1, 2]], max_new_tokens=4, drafter=drafter, scheduler=scheduler)
+        out = generate(dist_runner, [[1, 2]], max_new_tokens=4, drafter=drafter, controller=SpeculationController(policy=scheduler))
         assert len(out.sequences[0].token_ids) == 4
 
 
@@ -580,8 +581,9 @@ def test_verify_all_and_missing_confidences_reproduce_the_unscheduled_run(dist_r
     kwargs = dict(sampling=SamplingParams(temperature=1.0), max_new_tokens=[6, 9, 3, 12], seed=4, record_rounds=True)
     prompts = [[1, 2, 3], [4], [5, 6], [7, 7, 7]]
     base = generate(dist_runner, prompts, drafter=_SilentDrafter(V, 3), **kwargs)
-    runs = [generate(dist_runner, prompts, drafter=_SilentDrafter(V, 3), scheduler=VerifyAll(), **kwargs),
-            generate(dist_runner, prompts, drafter=_SilentDrafter(V, 3), scheduler=CausalGreedy(PIPELINE_SPS), **kwargs)]
+    runs = [generate(dist_runner, prompts, drafter=_SilentDrafter(V, 3), controller=SpeculationController(policy=VerifyAll()), **kwargs),
+            generate(dist_runner, prompts, drafter=_SilentDrafter(V, 3),
+                     controller=SpeculationController(policy=CausalGreedy(PIPELINE_SPS)), **kwargs)]
     for out in runs:
         assert [s.token_ids for s in out.sequences] == [s.token_ids for s in base.sequences]
         assert out.stats.to_dict() == base.stats.to_dict()
@@ -591,10 +593,10 @@ def test_verify_all_and_missing_confidences_reproduce_the_unscheduled_run(dist_r
 
 def test_recorded_confidences_do_not_change_stats(dist_runner):
     kwargs = dict(sampling=SamplingParams(temperature=1.0), max_new_tokens=10, seed=7,
-                  scheduler=CausalGreedy(PIPELINE_SPS))
+                  controller=SpeculationController(policy=CausalGreedy(PIPELINE_SPS)))
     prompts = [[1, 2, 3], [4, 5]]
     recorded = generate(dist_runner, prompts, drafter=MarkovConfidenceDrafter(V, 3), record_rounds=True, **kwargs)
-    kwargs["scheduler"] = CausalGreedy(PIPELINE_SPS)
+    kwargs["controller"] = SpeculationController(policy=CausalGreedy(PIPELINE_SPS))
     plain = generate(dist_runner, prompts, drafter=MarkovConfidenceDrafter(V, 3), **kwargs)
     assert recorded.stats.to_dict() == plain.stats.to_dict()
     assert [s.token_ids for s in recorded.sequences] == [s.token_ids for s in plain.sequences]

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 from dspark.calibration.metrics import ConfidenceMap
 from dspark.models.fingerprint import model_fingerprint
 from dspark.calibration.sts import check_method
-from dspark.errors import CheckpointError
+from dspark.errors import CheckpointError, ConfigError
 from dspark.files import write_text_atomically
 
 FORMAT = "dspark-calibration-v2"
@@ -97,7 +97,7 @@ class Calibration:
         return self.regimes[nearest_regime([r.sampling_temperature for r in self.regimes], temperature)]
 
     def by_sampling_temperature(self) -> dict[float, ConfidenceMap]:
-        """{sampling temperature: map [γ]}, what `DSparkDrafter.set_calibration` takes."""
+        """{sampling temperature: map [γ]}, what `SpeculationController` takes as its regimes."""
         return {r.sampling_temperature: r.map for r in self.regimes}
 
 
@@ -258,3 +258,31 @@ def load_calibration(path: str | Path, drafter_folder: str | Path | None = None,
         created=str(content.get("created", "")),
         path=path,
     )
+
+
+def regimes_for(drafter, calibration: str | None = "auto") -> dict[float, ConfidenceMap] | None:
+    """The calibration regimes ({sampling temperature: map}) to apply to `drafter`'s confidences, or None
+    for the raw head. calibration: a file (`dspark calibrate`), checked against the drafter's weights
+    (`drafter.source`) and block size; "auto" = the built-in calibration when it was fitted for exactly this
+    drafter, else none; None or "none" = the raw head. A file named for a drafter without a confidence head
+    is refused (ConfigError)."""
+    if calibration is None or calibration == "none":
+        return None
+    if not drafter.provides_confidence or drafter.source is None:
+        if calibration == "auto":
+            return None
+        raise ConfigError(f"--calibration {calibration!r}: drafter {drafter.source or drafter.name} has no confidence "
+                          "head to calibrate; omit --calibration (or give 'none')")
+    folder = Path(drafter.source)
+    if calibration == "auto":
+        from dspark.models.zoo import builtin_calibration
+
+        path = builtin_calibration()
+        if path is None:
+            return None
+        stored = load_calibration(path).drafter
+        mine = drafter_identity(folder)
+        if any(stored.get(k) != mine[k] for k in ("config_sha256", "weights_sha256")):
+            return None
+        calibration = str(path)
+    return load_calibration(calibration, drafter_folder=folder, block_size=drafter.block_size).by_sampling_temperature()

@@ -129,7 +129,7 @@ def run_calibrate(args) -> int:
     drafter = resolve_drafter(args.drafter)
     if not Path(drafter).is_dir():
         raise ConfigError(f"--drafter {drafter!r}: calibration needs a drafter folder with a confidence head")
-    loaded = load_drafter(drafter, calibration="none")
+    loaded = load_drafter(drafter)
     if not loaded.provides_confidence:
         raise ConfigError(f"--drafter {drafter}: has no confidence head, nothing to calibrate")
     block_size = loaded.block_size

@@ -8,6 +8,7 @@ from dspark.engine.generation import generate
 from dspark.errors import RequestError
 from dspark.models.drafters import load_drafter
 from dspark.models.target_runner import TargetRunner
+from dspark.scheduling.controller import SpeculationController
 from dspark.data.chat import render_prompt
 from dspark.models.tokenizer import load_tokenizer, stop_token_ids
 
@@ -49,14 +50,16 @@ def _profile(args):
     return SPSProfile.from_dict(data, source=str(path))
 
 
-def make_scheduling(args, drafter, sampling):
-    """(scheduler, online calibrator, draft gate) from --scheduler / --profile / --online-calibration /
-    --draft-gate; the online calibrator refits the calibration regime of the request's `sampling` temperature."""
+def make_controller(args, drafter, sampling) -> SpeculationController:
+    """The controller of --calibration / --scheduler / --profile / --online-calibration / --draft-gate; the
+    online calibrator refits the calibration regime of the request's `sampling` temperature."""
+    from dspark.calibration.calibration_file import regimes_for
+
     if drafter is None:
         if args.scheduler or args.online_calibration or args.draft_gate:
             raise RequestError("--scheduler, --online-calibration and --draft-gate need a drafter")
-        return None, None, None
-    scheduler = None
+        return SpeculationController()
+    controller = SpeculationController(regimes=regimes_for(drafter, args.calibration))
     if args.scheduler:
         from dspark.scheduling.named import make_policy, parse_policies
 
@@ -67,24 +70,23 @@ def make_scheduling(args, drafter, sampling):
         if spec[0].kind == "causal-greedy-gated":
             raise RequestError("--scheduler causal-greedy-gated: use --scheduler causal-greedy --draft-gate")
         profile = _profile(args) if spec[0].kind in ("causal-greedy", "algorithm-1", "async-topk") else None
-        scheduler = make_policy(spec[0], profile)
-    calibrator = None
+        controller.policy = make_policy(spec[0], profile)
     if args.online_calibration is not None:
         if args.online_calibration < 1 or not drafter.provides_confidence:
             raise RequestError("--online-calibration needs N ≥ 1 and a drafter with a confidence head")
         from dspark.calibration.online import OnlineCalibrator
 
-        calibrator = OnlineCalibrator(drafter.block_size, refit_every=args.online_calibration,
-                                      window=max(4 * args.online_calibration, 256), min_count=10,
-                                      initial=drafter.calibration_for(sampling), sampling_temperature=sampling.temperature)
-    gate = None
+        controller.online = OnlineCalibrator(drafter.block_size, refit_every=args.online_calibration,
+                                             window=max(4 * args.online_calibration, 256), min_count=10,
+                                             initial=controller.map_for(sampling),
+                                             sampling_temperature=sampling.temperature)
     if args.draft_gate:
         if not drafter.provides_confidence:
             raise RequestError("--draft-gate needs a drafter with a confidence head")
         from dspark.scheduling.gate import DraftGate
 
-        gate = DraftGate(_profile(args))
-    return scheduler, calibrator, gate
+        controller.gate = DraftGate(_profile(args))
+    return controller
 
 
 def run_generate(args) -> int:
@@ -109,15 +111,13 @@ def run_generate(args) -> int:
     tokenizer = load_tokenizer(args.model)
     drafter = None
     if args.drafter is not None:
-        drafter = load_drafter(args.drafter, num_draft_tokens=args.num_draft_tokens, device=args.device, dtype=args.dtype,
-                               calibration=args.calibration)
-    scheduler, calibrator, gate = make_scheduling(args, drafter, sampling)
+        drafter = load_drafter(args.drafter, num_draft_tokens=args.num_draft_tokens, device=args.device, dtype=args.dtype)
+    controller = make_controller(args, drafter, sampling)
     prompts = [render_prompt(tokenizer, text, args.chat, f"--prompt {i + 1}") for i, text in enumerate(args.prompt)]
     stops = stop_token_ids(args.model, tokenizer, runner.config.eos_token_ids)
     out = generate(
         runner, prompts, sampling=sampling, max_new_tokens=args.max_new_tokens, drafter=drafter,
-        num_draft_tokens=args.num_draft_tokens, stop_token_ids=stops, seed=args.seed, scheduler=scheduler,
-        calibrator=calibrator, gate=gate,
+        num_draft_tokens=args.num_draft_tokens, stop_token_ids=stops, seed=args.seed, controller=controller,
     )
     outputs = []
     for seq in out.sequences:
@@ -139,9 +139,9 @@ def run_generate(args) -> int:
             "drafter": args.drafter,
             "outputs": outputs,
             "spec_decode": out.stats.to_dict() if drafter else None,
-            "scheduler": repr(scheduler) if scheduler is not None else None,
-            "online_calibration": calibrator.drift_report() if calibrator is not None else None,
-            "draft_gate": None if gate is None else gate.report(),
+            "scheduler": repr(controller.policy) if controller.policy is not None else None,
+            "online_calibration": controller.online.drift_report() if controller.online is not None else None,
+            "draft_gate": None if controller.gate is None else controller.gate.report(),
         })
         print_json(summary)
     else:

@@ -17,16 +17,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dspark.calibration.calibration_file import regimes_for
+from dspark.data.chat import DEFAULT_TEMPLATE_KWARGS, render_sample_prompt
 from dspark.decoding.sampling import SamplingParams
-from dspark.errors import ConfigError
 from dspark.engine.generation import generate
 from dspark.engine.stats import RoundRecord, SpecStats
+from dspark.errors import ConfigError
 from dspark.evaluation.datasets import DOMAIN_ORDER, PromptSet
 from dspark.evaluation.traces import confidence_matrix, merge_traces, round_arrays
 from dspark.models.drafters import load_drafter
 from dspark.models.target_runner import TargetRunner
 from dspark.models.tokenizer import load_tokenizer, stop_token_ids
-from dspark.data.chat import DEFAULT_TEMPLATE_KWARGS, render_sample_prompt
+from dspark.scheduling.controller import SpeculationController
 
 
 @dataclass
@@ -135,13 +137,13 @@ def evaluate_drafter(
     {set name: round_arrays}; confidences are null for drafters without a confidence head)."""
     from tqdm import tqdm
 
-    drafter = load_drafter(drafter_spec, num_draft_tokens=settings.block_size, device=device, dtype=dtype,
-                           calibration=calibration)
+    drafter = load_drafter(drafter_spec, num_draft_tokens=settings.block_size, device=device, dtype=dtype)
+    controller = SpeculationController(regimes=regimes_for(drafter, calibration))
     block_size = drafter.block_size if settings.block_size is None else settings.block_size
     label = drafter_label(drafter_spec)
     sampling = SamplingParams(temperature=settings.temperature)
     # The calibration regime for this sampling temperature (calibration_file), as applied to every round.
-    calibration = drafter.calibration_for(sampling)
+    calibration = controller.map_for(sampling)
     total = sum(len(r.prompts) for r in rendered_sets)
     bar = tqdm(total=total, disable=not progress, desc=f"eval {label}", unit="prompt")
     datasets, traces = {}, {}
@@ -155,7 +157,7 @@ def evaluate_drafter(
             out = generate(
                 runner, batch, sampling=sampling, max_new_tokens=room, drafter=drafter,
                 num_draft_tokens=settings.block_size, stop_token_ids=stops, seed=settings.seed + b,
-                record_rounds=True,
+                record_rounds=True, controller=controller,
             )
             stats.merge(out.stats)
             for i, seq in enumerate(out.sequences):

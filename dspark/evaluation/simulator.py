@@ -61,6 +61,7 @@ from dspark.scheduling import (
     SPSProfile,
     VerifyAll,
 )
+from dspark.scheduling.controller import SpeculationController
 from dspark.scheduling.gate import DraftGate
 from dspark.scheduling.named import CONFIDENCE_POLICIES, PolicySpec, make_policy, parse_policies
 
@@ -149,38 +150,41 @@ def stream_rounds(prompts: list[np.ndarray], streams: int, steps: int, seed: int
     return rounds, ids
 
 
-def _lengths(scheduler, rounds: RecordedRounds, idx: np.ndarray, ids: np.ndarray, limit: int | None,
-             gate: DraftGate | None = None, calibrator: OnlineCalibrator | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(ℓ [steps, C], drafted [steps] bool): row-wise policies in one call over all steps, cross-request ones
-    (and any policy behind a gate or with online calibration) step by step. With a gate, each step it decides
-    from earlier rounds whether the drafter runs; if it does, the scheduler picks ℓ and the gate observes the
-    round and its outcome. With a calibrator (SPEC §4.3), the scheduler sees the raw confidences under the
-    calibrator's current map, and every step's raw confidences and outcomes feed it, as in
-    `dspark.engine.generation`."""
+def _lengths(controller: SpeculationController, rounds: RecordedRounds, idx: np.ndarray, ids: np.ndarray,
+             limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(ℓ [steps, C], drafted [steps] bool) from the controller the engine would use: each step its gate
+    decides from earlier steps whether the drafter runs; if it does, its policy picks ℓ from the confidences,
+    and the gate and the online calibrator observe the replayed outcome. The policy sees the confidences as
+    recorded, or — with online calibration (SPEC §4.3) — the raw head's under the calibrator's current map,
+    as in `dspark.engine.step`. A row-wise policy with neither gate nor calibrator is planned for all steps
+    in one call."""
     steps, count = idx.shape
     full = rounds.verified if limit is None else np.minimum(rounds.verified, limit)
     drafted = np.ones(steps, dtype=bool)
-    if gate is None and calibrator is None and isinstance(scheduler, (FixedLength, VerifyAll, ConfidenceThreshold)):
+    online = controller.online is not None
+    if online:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            raw = rounds.raw_confidences()
+            logits = np.log(raw) - np.log1p(-raw)
+    if not online and controller.gate is None and isinstance(controller.policy, (FixedLength, VerifyAll, ConfidenceThreshold)):
         flat = idx.reshape(-1)
-        ell = scheduler(torch.from_numpy(rounds.confidences[flat]), rounds.drafted[flat], full[flat]).numpy()
-        return ell.reshape(steps, count), drafted
-    raw = rounds.raw_confidences() if calibrator is not None else None
+        plan = controller.plan(None, torch.from_numpy(rounds.drafted[flat]), torch.from_numpy(full[flat]), None,
+                               calibrated=torch.from_numpy(rounds.confidences[flat]))
+        return plan.lengths.numpy().reshape(steps, count), drafted
     out = np.zeros((steps, count), dtype=np.int64)
     for t in range(steps):
         row = idx[t]
-        if gate is not None and not gate.should_draft(count):
+        if not controller.should_draft(count):
             drafted[t] = False
             continue
-        conf = rounds.confidences[row] if calibrator is None else calibrator.apply(raw[row])
-        out[t] = scheduler(torch.from_numpy(conf), rounds.drafted[row], full[row], ids[t]).numpy()
-        outcome = np.minimum(rounds.accepted[row], out[t])
-        if gate is not None:
-            gate.observe(conf, np.minimum(rounds.drafted[row], full[row]), out[t], outcome)
-        if calibrator is not None:
-            calibrator.observe(raw[row], out[t], outcome)
-        if isinstance(scheduler, AsyncTopK) and t + 1 < steps:
+        step_logits = torch.from_numpy(logits[row]) if online else None
+        plan = controller.plan(step_logits, torch.from_numpy(rounds.drafted[row]), torch.from_numpy(full[row]), ids[t],
+                               calibrated=None if online else torch.from_numpy(rounds.confidences[row]))
+        out[t] = plan.lengths.numpy()
+        controller.observe(plan, torch.from_numpy(np.minimum(rounds.accepted[row], out[t])), confidence_logits=step_logits)
+        if isinstance(controller.policy, AsyncTopK) and t + 1 < steps:
             for rid in np.unique(ids[t][ids[t] != ids[t + 1]]):
-                scheduler.release(int(rid))
+                controller.release(int(rid))
     return out, drafted
 
 
@@ -246,24 +250,26 @@ def simulate(rounds: RecordedRounds, profile: SPSProfile, *, concurrency: Sequen
         verify_table = np.maximum.accumulate(np.asarray(profile.verify_ms(b, c), dtype=np.float64))
         draft = profile.draft_ms(c)
         for spec in policies:
-            scheduler = make_policy(spec, profile)
-            calibrator = None
+            controller = SpeculationController(policy=make_policy(spec, profile))
             if online_calibration is not None and spec.kind in CONFIDENCE_POLICIES:
-                calibrator = OnlineCalibrator(block_size, refit_every=online_calibration, window=4 * online_calibration,
-                                              initial=rounds.calibration, method=calibration_method)
+                controller.online = OnlineCalibrator(block_size, refit_every=online_calibration, window=4 * online_calibration,
+                                                     initial=rounds.calibration, method=calibration_method)
+                controller.set_regime(None, controller.online.calibration)
             if spec.kind == "plain":
                 ell = np.zeros_like(idx)
                 point = _point(spec, c, ell, rounds.accepted[idx], verify_table, 0.0)
             elif spec.kind == "causal-greedy-gated":
-                ell, drafted = _lengths(scheduler, rounds, idx, ids, None, DraftGate(profile), calibrator)
+                controller.gate = DraftGate(profile)
+                ell, drafted = _lengths(controller, rounds, idx, ids, None)
                 point = _point(spec, c, ell, rounds.accepted[idx], verify_table, draft * drafted)
                 point["drafted_fraction"] = float(drafted.mean())
             elif spec.kind == "mtp-1":
-                ell, _ = _lengths(scheduler, mtp_source, midx, mids, 1)
+                ell, _ = _lengths(controller, mtp_source, midx, mids, 1)
                 point = _point(spec, c, ell, mtp_source.accepted[midx], verify_table, draft * scale)
             else:
-                ell, _ = _lengths(scheduler, rounds, idx, ids, None, calibrator=calibrator)
+                ell, _ = _lengths(controller, rounds, idx, ids, None)
                 point = _point(spec, c, ell, rounds.accepted[idx], verify_table, draft)
+            calibrator = controller.online
             if calibrator is not None:
                 point["online_calibration"] = {"refits": calibrator.refits, "temperatures": calibrator.temperatures.tolist(),
                                                "biases": calibrator.biases.tolist()}

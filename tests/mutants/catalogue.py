@@ -46,10 +46,10 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "target-p-without-top-k",
         "the target's distribution in the decoding rounds ignores the request's top-k",
-        "dspark/engine/generation.py",
-        "    row_params = [s.sampling for s, q in zip(active, out.query_lens) for _ in range(q)]",
-        "    row_params = [type(s.sampling)(s.sampling.temperature, 0, s.sampling.top_p)\n"
-        "                  for s, q in zip(active, out.query_lens) for _ in range(q)]",
+        "dspark/engine/step.py",
+        "    row_params = [r.sampling for r, q in zip(requests, out.query_lens) for _ in range(q)]",
+        "    row_params = [type(r.sampling)(r.sampling.temperature, 0, r.sampling.top_p)\n"
+        "                  for r, q in zip(requests, out.query_lens) for _ in range(q)]",
         (f"{LOSSLESS}::test_sampled_output_has_the_target_distribution[mtp-T1-top_k3]",),
     ),
     Mutant(
@@ -117,9 +117,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "kv-rollback-off-by-one",
         "after verification the target's KV cache keeps one position too few",
-        "dspark/engine/generation.py",
-        "        runner.truncate(s.seq_id, starts[b] + 1 + n)  # keep x0 and the accepted drafts",
-        "        runner.truncate(s.seq_id, starts[b] + n)  # keep x0 and the accepted drafts",
+        "dspark/engine/step.py",
+        "        runner.truncate(r.seq_id, starts[b] + 1 + n)  # keep x0 and the accepted drafts",
+        "        runner.truncate(r.seq_id, starts[b] + n)  # keep x0 and the accepted drafts",
         (f"{LOSSLESS}::test_greedy_speculative_equals_plain[dspark]",),
     ),
     Mutant(

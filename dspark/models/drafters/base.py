@@ -5,7 +5,8 @@ A round, per sequence: the generation loop hands the drafter the token history (
 positions verified since the previous round (feature-conditioned drafters: DSpark, DFlash, EAGLE-3,
 MTP), and how many tokens it may propose. The drafter returns tokens, the exact float32 distributions
 it sampled them from (or None if deterministic), and optionally per-position confidences c_k
-(DSpark's confidence head: P(slot k survives | slots < k accepted), SPEC §2.4).
+(DSpark's confidence head: the raw logits of P(slot k survives | slots < k accepted), SPEC §2.4;
+calibration is the controller's, `dspark.scheduling.controller`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ class DraftProposal:
     tokens: torch.Tensor  # [B, K] long (padding: 0)
     lengths: torch.Tensor  # [B] long, proposed per sequence (≤ its max_tokens)
     probs: torch.Tensor | None = None  # [B, K, V] float32: the exact q each draft was sampled from
-    confidences: torch.Tensor | None = None  # [B, K] float32 in (0, 1): conditional survival c_k
+    # [B, K] float32: the raw (uncalibrated) logits of the conditional survivals c_k = σ(logit_k), paper
+    # Eq. 7; calibration is applied by `dspark.scheduling.controller.SpeculationController`
+    confidence_logits: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, batch: int) -> "DraftProposal":
@@ -54,6 +57,7 @@ class Drafter(ABC):
     block_size: int = 7
     feature_layer_ids: tuple[int, ...] = ()
     provides_confidence: bool = False
+    source = None  # the checkpoint folder it was loaded from (`load_drafter`), None for model-free drafters
 
     @property
     def needs_target_features(self) -> bool:
@@ -73,19 +77,6 @@ class Drafter(ABC):
     @abstractmethod
     def propose(self, batch: list[DraftInput], generator: torch.Generator | None = None) -> DraftProposal:
         """Propose up to `max_tokens` drafts for every sequence of the batch."""
-
-    def calibration_map(self, samplings: Sequence[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(temperatures, biases), each [B, γ], of the calibration applied to each request's reported
-        confidences, c = σ(logit / T + b) (SPEC §4.2); None when the confidences are the raw head's or the
-        drafter reports none."""
-        return None
-
-    def calibration_for(self, sampling: SamplingParams):
-        """The `ConfidenceMap` [γ] applied to a request sampled with `sampling` (None: raw head or none)."""
-        from dspark.calibration.metrics import ConfidenceMap
-
-        applied = self.calibration_map([sampling])
-        return None if applied is None else ConfidenceMap.of(applied[0][0].cpu(), applied[1][0].cpu())
 
     def release(self, seq_id: int) -> None:
         """Forget a finished sequence's state."""

@@ -22,17 +22,12 @@ Where SPEC and paper differ (position weights exp(−k/4) vs exp(−(k−1)/γ))
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dspark.calibration.calibration_file import check_sampling_temperature
-from dspark.calibration.metrics import ConfidenceMap
 from dspark.decoding.sampling import SamplingParams, logits_to_probs, sample
-from dspark.errors import RequestError
 from dspark.models.config import DecoderConfig
 from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter
 from dspark.models.drafters.dspark_config import ARCHITECTURE_NAMES, DSparkConfig, parse_dspark_config
@@ -276,10 +271,6 @@ class DSparkDrafter(Drafter):
         self.block_size = cfg.block_size
         self.feature_layer_ids = cfg.target_layer_ids
         self.provides_confidence = model.confidence_head is not None
-        # Confidence calibration (SPEC §4.2) per sampling regime: ascending sampling temperatures [G], and
-        # temperatures / biases [G, γ]; None = the raw head.
-        self._calibration_points = torch.empty(0, dtype=torch.float64)
-        self._calibration: tuple[torch.Tensor, torch.Tensor] | None = None
         param = model.fc.weight
         c = cfg.layers
         self.cache = PagedKVCache(
@@ -290,66 +281,6 @@ class DSparkDrafter(Drafter):
     def check_target(self, target_config: DecoderConfig) -> None:
         check_drafter_target(self.name, self.model.config, target_config)
 
-    def set_calibration(self, calibration, sampling_temperature: float | None = None) -> None:
-        """Report calibrated confidences c_k = σ(logit_k / T_k + b_k) from now on.
-
-        calibration: None (the raw head), a `ConfidenceMap` or temperatures [γ] (biases 0), or {sampling
-        temperature: map or temperatures} (the regimes of a calibration file,
-        `Calibration.by_sampling_temperature`). A request uses the regime fitted nearest to its own sampling
-        temperature. With sampling_temperature given, one map replaces (or adds) only that regime; without,
-        it serves every request.
-        """
-        if calibration is None:
-            if sampling_temperature is not None:
-                raise RequestError(f"drafter '{self.name}': a regime cannot be removed on its own")
-            self._calibration_points, self._calibration = torch.empty(0, dtype=torch.float64), None
-            return
-        if isinstance(calibration, dict):
-            regimes = {float(t): v for t, v in calibration.items()}
-        elif sampling_temperature is None:
-            regimes = {1.0: calibration}
-        else:
-            regimes = {}
-            if self._calibration is not None:
-                temps, biases = self._calibration
-                regimes = {t: ConfidenceMap.of(temps[i].cpu().numpy(), biases[i].cpu().numpy())
-                           for i, t in enumerate(self._calibration_points.tolist())}
-            regimes[float(sampling_temperature)] = calibration
-        if not regimes:
-            raise RequestError(f"drafter '{self.name}': no calibration regime given")
-        points = sorted(regimes)
-        maps = []
-        for point in points:
-            check_sampling_temperature(point, f"drafter '{self.name}': calibration regime", RequestError)
-            value = regimes[point]
-            try:
-                cmap = value if isinstance(value, ConfidenceMap) else ConfidenceMap.of(value)
-            except (TypeError, ValueError) as exc:
-                raise RequestError(f"drafter '{self.name}': bad calibration for sampling temperature {point}: {exc}") from None
-            if cmap.block_size != self.block_size:
-                raise RequestError(f"drafter '{self.name}': need {self.block_size} finite positive temperatures, "
-                                   f"got {cmap.temperatures.tolist()}")
-            maps.append(cmap)
-        device = self.model.fc.weight.device
-        self._calibration_points = torch.tensor(points, dtype=torch.float64)
-        self._calibration = (torch.tensor(np.stack([m.temperatures for m in maps]), dtype=torch.float32, device=device),
-                             torch.tensor(np.stack([m.biases for m in maps]), dtype=torch.float32, device=device))
-
-    def calibration_map(self, samplings: Sequence[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(temperatures, biases), each [B, γ] float32, applied to each request's confidences (None: raw)."""
-        if self._calibration is None:
-            return None
-        temps, biases = self._calibration
-        if self._calibration_points.numel() == 1:
-            return temps.expand(len(samplings), -1), biases.expand(len(samplings), -1)
-        # nearest fitted sampling temperature, ties to the higher one (`calibration_file.nearest_regime`):
-        # the points ascend, so the first minimum of the reversed distances
-        wanted = torch.tensor([s.temperature for s in samplings], dtype=torch.float64)
-        distance = (wanted[:, None] - self._calibration_points[None, :]).abs()
-        index = self._calibration_points.numel() - 1 - torch.argmin(distance.flip(1), dim=1)
-        index = index.to(temps.device)
-        return temps[index], biases[index]
-
     @torch.inference_mode()
     def propose(self, batch: list[DraftInput], generator: torch.Generator | None = None) -> DraftProposal:
         handles, feats = [], []
@@ -359,9 +290,9 @@ class DSparkDrafter(Drafter):
             feats.append(item.new_features.to(device))
         anchors = torch.tensor([item.token_ids[-1] for item in batch], dtype=torch.long, device=device)
         hidden = self.model.forward_block(self.cache, handles, feats, anchors)
-        tokens, probs, confidences = self.sample_block(hidden, anchors, [item.sampling for item in batch], generator)
+        tokens, probs, confidence_logits = self.sample_block(hidden, anchors, [item.sampling for item in batch], generator)
         lengths = torch.tensor([min(item.max_tokens, self.block_size) for item in batch], dtype=torch.long)
-        return DraftProposal(tokens=tokens.cpu(), lengths=lengths, probs=probs, confidences=confidences)
+        return DraftProposal(tokens=tokens.cpu(), lengths=lengths, probs=probs, confidence_logits=confidence_logits)
 
     def sample_block(
         self, hidden: torch.Tensor, anchors: torch.Tensor, samplings: list[SamplingParams], generator
@@ -369,7 +300,7 @@ class DSparkDrafter(Drafter):
         """Sequential stage (paper Eq. 4): left to right, p_k = softmax(U_k + B_k(x_{k−1})), sample x_k.
 
         hidden [B, γ, H] → tokens [B, γ], probs [B, γ, V] float32 (exactly what was sampled from),
-        confidences [B, γ] in (0, 1) or None.
+        confidence_logits [B, γ] float32 (the raw head's, Eq. 7; c_k = σ(logit)) or None.
         """
         model = self.model
         base = model.lm_head(hidden).float()
@@ -390,14 +321,8 @@ class DSparkDrafter(Drafter):
             prev = sample(q, generator)
             tokens.append(prev)
             probs.append(q)
-        confidences = None
-        if conf_logits:
-            stacked = torch.stack(conf_logits, dim=1).float()
-            cmap = self.calibration_map(samplings)
-            if cmap is not None:
-                stacked = stacked / cmap[0][:, :block_size] + cmap[1][:, :block_size]
-            confidences = torch.sigmoid(stacked)
-        return torch.stack(tokens, dim=1), torch.stack(probs, dim=1), confidences
+        confidence_logits = torch.stack(conf_logits, dim=1).float() if conf_logits else None
+        return torch.stack(tokens, dim=1), torch.stack(probs, dim=1), confidence_logits
 
     def release(self, seq_id: int) -> None:
         handle = self._handles.pop(seq_id, None)

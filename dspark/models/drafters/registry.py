@@ -26,20 +26,17 @@ def register_drafter(architecture: str, loader: Callable[..., Drafter]) -> None:
     _FOLDER_LOADERS[architecture] = loader
 
 
-def load_drafter(spec: str, *, num_draft_tokens: int | None = None, calibration: str | None = "auto", **kwargs) -> Drafter:
-    """`spec`: "ngram", a built-in drafter name (`dspark.models.zoo.BUILTIN_DRAFTERS`) or a checkpoint folder.
-
-    calibration (drafters with a confidence head): a calibration file (`dspark calibrate`) to apply, checked
-    against this drafter's weights and block size; "auto" = the built-in calibration when it was fitted for
-    exactly this drafter, else the raw head; None or "none" = the raw head. A file given for a drafter
-    without a confidence head is refused (ConfigError).
+def load_drafter(spec: str, *, num_draft_tokens: int | None = None, **kwargs) -> Drafter:
+    """`spec`: "ngram", a built-in drafter name (`dspark.models.zoo.BUILTIN_DRAFTERS`) or a checkpoint folder
+    (dispatched on its config's `architectures`); `kwargs` (device, dtype) go to the folder's loader. The
+    drafter's `source` is the folder it was loaded from (None for ngram): calibration files are bound to it
+    (`dspark.calibration.calibration_file.regimes_for`).
     """
     from dspark.models.zoo import DRAFTER_NAMES, resolve_drafter
 
     if spec == "ngram":
         from dspark.models.drafters.ngram import NgramDrafter
 
-        _refuse_calibration(calibration, spec)
         return NgramDrafter(num_draft_tokens=7 if num_draft_tokens is None else num_draft_tokens)
     folder = Path(resolve_drafter(spec))
     if not folder.is_dir():
@@ -55,37 +52,7 @@ def load_drafter(spec: str, *, num_draft_tokens: int | None = None, calibration:
             drafter = _FOLDER_LOADERS[arch](folder, **kwargs)
             if num_draft_tokens is not None:
                 drafter.check_num_draft_tokens(num_draft_tokens)
-            if drafter.provides_confidence:
-                drafter.set_calibration(_calibration_regimes(calibration, folder, drafter.block_size))
-            else:
-                _refuse_calibration(calibration, f"{folder} ({arch})")
+            drafter.source = folder
             return drafter
     known = ", ".join(sorted(_FOLDER_LOADERS)) or "none yet"
     raise CheckpointError(f"{config_path}: drafter architecture {archs!r} is not supported (supported: {known})")
-
-
-def _refuse_calibration(calibration: str | None, drafter: str) -> None:
-    """ConfigError when a calibration file was named for a drafter that has no confidence head."""
-    if calibration not in (None, "auto", "none"):
-        raise ConfigError(f"--calibration {calibration!r}: drafter {drafter} has no confidence head to calibrate; "
-                          "omit --calibration (or give 'none')")
-
-
-def _calibration_regimes(calibration: str | None, folder: Path, block_size: int) -> dict[float, list[float]] | None:
-    """{sampling temperature: temperatures [γ]} of the calibration to apply, or None (the raw head)."""
-    from dspark.calibration.calibration_file import drafter_identity, load_calibration
-
-    if calibration is None or calibration == "none":
-        return None
-    if calibration == "auto":
-        from dspark.models.zoo import builtin_calibration
-
-        path = builtin_calibration()
-        if path is None:
-            return None
-        stored = load_calibration(path).drafter
-        mine = drafter_identity(folder)
-        if any(stored.get(k) != mine[k] for k in ("config_sha256", "weights_sha256")):
-            return None
-        calibration = str(path)
-    return load_calibration(calibration, drafter_folder=folder, block_size=block_size).by_sampling_temperature()
