@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Compare the calibration methods (SPEC §4): the paper's STS against per-position Platt scaling.
+"""Compare the calibration methods (docs/design.md §4): the paper's STS against per-position Platt scaling.
 
 For each sampling temperature of the `--calibration-traces` (raw-head rounds from `dspark eval --calibration
 none --out DIR`, one temperature per file), both methods are fitted on one half of the prompts and scored on

@@ -66,7 +66,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without `pip in
 GIB = 2**30
 MB = 1e6
 
-# Qwen3-4B (SPEC §7) and the DSpark drafter built for it.
+# Qwen3-4B (docs/design.md §7) and the DSpark drafter built for it.
 QWEN3_4B = dict(
     architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=2560,
     intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Time one scheduling call (SPEC §5): CausalGreedy and AsyncTopK at R requests × γ drafts on the CPU.
+"""Time one scheduling call (docs/design.md §5): CausalGreedy and AsyncTopK at R requests × γ drafts on the CPU.
 
 Each timed call is the full `scheduler(confidences, lengths, limits, request_ids)` of the serving loop:
 input conversion, validity check, survival products, the sort, the Θ path and the per-request lengths.

@@ -127,7 +127,7 @@ def test_calibrate_refuses_a_drafter_without_confidence_head(setup, capsys):
 
 
 def test_generation_feeds_the_online_calibrator_raw_confidences_and_applies_its_refits(setup):
-    """SPEC §4.3 inside the loop: every verification round reaches the calibrator with the *raw* head's
+    """docs/design.md §4.3 inside the loop: every verification round reaches the calibrator with the *raw* head's
     confidences (the drafter reports raw logits; the controller calibrates them), refits become the
     controller's map, and the output is unchanged (greedy output equals plain decoding)."""
     import numpy as np

@@ -1,4 +1,4 @@
-"""Confidence calibration (SPEC §4): metrics by hand, STS on a known overconfident head, calibration files,
+"""Confidence calibration (docs/design.md §4): metrics by hand, STS on a known overconfident head, calibration files,
 online refitting under drift, reliability plots."""
 
 from __future__ import annotations

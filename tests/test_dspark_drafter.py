@@ -58,11 +58,11 @@ def target_features(target, tokens, layers):
 
 
 # ------------------------------------------------------------------------------------------------
-# Released checkpoint layout (SPEC §7)
+# Released checkpoint layout (docs/design.md §7)
 # ------------------------------------------------------------------------------------------------
 
 def spec_tensor_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
-    """The tensor names and shapes SPEC §7 lists for a released checkpoint, written out independently."""
+    """The tensor names and shapes docs/design.md §7 lists for a released checkpoint, written out independently."""
     h, v, r = hf["hidden_size"], hf["vocab_size"], hf["markov_rank"]
     heads, kv, d, inter = hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"], hf["intermediate_size"]
     shapes = {
@@ -113,7 +113,7 @@ def test_save_writes_exactly_the_released_layout_and_reloads_bit_exact(target, v
 
 
 def test_hand_written_released_style_checkpoint_loads(target, tmp_path):
-    """A folder built here from SPEC §7 alone (bf16 tensors, target config + draft fields) loads through
+    """A folder built here from docs/design.md §7 alone (bf16 tensors, target config + draft fields) loads through
     `--drafter DIR` and drafts; every tensor lands where its name says."""
     hf = dict(target.hf_config)
     hf.update(architectures=["Qwen3DSparkModel"], num_hidden_layers=3, num_target_layers=4, block_size=7,

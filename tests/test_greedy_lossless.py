@@ -1,5 +1,5 @@
 """Greedy speculative decoding is lossless: token for token the same output as greedy plain decoding, for
-any drafter (SPEC §1), in ragged batches where sequences finish at different rounds (different budgets,
+any drafter (docs/design.md §1), in ragged batches where sequences finish at different rounds (different budgets,
 stop tokens), for several draft lengths — plus the stop-token and max_new_tokens contracts.
 
 The target is a tiny random Qwen3 (V = 16) with weights large enough (init_std 0.3) that its greedy

@@ -1,4 +1,4 @@
-"""SPS profiler (SPEC §5.5): profile format (the shared GPU tables' format), forced monotonicity, the
+"""SPS profiler (docs/design.md §5.5): profile format (the shared GPU tables' format), forced monotonicity, the
 per-machine cache and --refresh, the model/device check, bad input, the drafter row. Tiny random models;
 no assertion on absolute speed."""
 

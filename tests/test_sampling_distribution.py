@@ -1,4 +1,4 @@
-"""Speculative sampling must reproduce the target's distribution *exactly* (SPEC §1).
+"""Speculative sampling must reproduce the target's distribution *exactly* (docs/design.md §1).
 
 Exact-distribution tests: with a tiny vocabulary (V = 8) the target's joint distribution over the first
 n = 3 generated tokens, P(t1, t2, t3 | prompt) = Π logits_to_probs(target logits)(t_i | prompt, t_<i), is

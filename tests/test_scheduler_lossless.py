@@ -1,4 +1,4 @@
-"""Scheduling keeps speculative decoding lossless (SPEC §5.3): the verification length may depend on the
+"""Scheduling keeps speculative decoding lossless (docs/design.md §5.3): the verification length may depend on the
 confidences of the slots it admits, never on the tokens they were computed after.
 
 1. The paper's Appendix A counterexample, draft → schedule → `verify` simulated many times: a

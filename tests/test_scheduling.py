@@ -1,4 +1,4 @@
-"""Scheduling (SPEC §5): SPS profiles (loading, validation, monotone interpolation, extrapolation) and the
+"""Scheduling (docs/design.md §5): SPS profiles (loading, validation, monotone interpolation, extrapolation) and the
 verification-length policies on hand-made inputs, against a plain-Python transcription of Algorithm 1 and
 one of CausalGreedy's staircase lookahead (random staircase profiles, repeated calls on one instance).
 
@@ -323,7 +323,7 @@ def test_lookahead_passes_a_stair_that_stops_algorithm_1():
 
 def staircase(rng: np.random.Generator) -> SPSProfile:
     """T(B) = base + jump · ⌈B / tile⌉ + slope · B ms for random tile (2–16 tokens), height and slope: SPS
-    falls in stairs (real profiles do, SPEC §5.4), so the candidate that starts a step lowers Θ although the
+    falls in stairs (real profiles do, docs/design.md §5.4), so the candidate that starts a step lowers Θ although the
     step's flat part may pay it back."""
     tile = int(rng.choice([2, 4, 8, 16]))
     base, jump, slope = rng.uniform(5.0, 20.0), rng.uniform(1.0, 8.0), rng.uniform(0.0, 0.05)

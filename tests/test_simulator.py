@@ -1,4 +1,4 @@
-"""Trace replay and the serving simulator (SPEC §5; paper Fig. 7, 8) on synthetic traces built here:
+"""Trace replay and the serving simulator (docs/design.md §5; paper Fig. 7, 8) on synthetic traces built here:
 the replay fact, policy limits under flat / steep profiles, hand-checked throughput arithmetic, the
 goals section, the plots, and the CLI's input errors (exit 2)."""
 
@@ -411,7 +411,7 @@ def miscalibrated_traces(temperature=4.0, seed=0):
 
 
 def test_online_calibration_recovers_a_wrong_recorded_calibration():
-    """SPEC §4.3 in the serving loop: traces recorded under temperatures that flatten the head by 8 make
+    """docs/design.md §4.3 in the serving loop: traces recorded under temperatures that flatten the head by 8 make
     causal-greedy verify too little under load (256 requests); with online calibration the
     replayed outcomes refit the temperatures back to ≈ 1 and the throughput returns to that of the
     well-calibrated recording. Without it, the recorded confidences are used as they are."""

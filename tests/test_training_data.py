@@ -1,4 +1,4 @@
-"""The training-data pipeline (SPEC §2.6): prompt files, chat rendering and the response loss mask,
+"""The training-data pipeline (docs/design.md §2.6): prompt files, chat rendering and the response loss mask,
 resumable target regeneration, the target feature cache (exact size estimate, disk-space refusal,
 validation, corruption) and its equality with online features, and the `dspark data` CLI.
 

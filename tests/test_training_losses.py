@@ -1,4 +1,4 @@
-"""Anchor sampling, block construction and the chunked DSpark / DFlash losses (SPEC §2.5–2.6)."""
+"""Anchor sampling, block construction and the chunked DSpark / DFlash losses (docs/design.md §2.5–2.6)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def test_blocks_labels_supervision_and_teacher_forcing():
 
 
 def naive_loss(draft_logits, conf_logits, target_logits, labels, supervised, weights):
-    """Straight from the SPEC §2.5 formulas, slot by slot."""
+    """Straight from the docs/design.md §2.5 formulas, slot by slot."""
     num = {"ce": 0.0, "tv": 0.0, "conf": 0.0}
     den = 0.0
     for m in range(labels.shape[0]):

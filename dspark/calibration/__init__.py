@@ -1,4 +1,4 @@
-"""Confidence-head calibration (SPEC §4, paper §3.2.1 and §5.2): metrics of the prefix survival
+"""Confidence-head calibration (docs/design.md §4, paper §3.2.1 and §5.2): metrics of the prefix survival
 â_k = Π_{i≤k} c_i, Sequential Temperature Scaling (with an optional bias), calibration files, online
 refitting, reliability plots.
 Plots live in `dspark.calibration.plots` (imports matplotlib)."""

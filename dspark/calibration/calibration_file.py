@@ -1,7 +1,7 @@
-"""Calibration file: the confidence-head calibration of one drafter (SPEC §4.2: STS temperatures, with the
+"""Calibration file: the confidence-head calibration of one drafter (docs/design.md §4.2: STS temperatures, with the
 optional bias of `dspark.calibration.sts`), bound to that drafter's weights, one map per sampling regime.
 
-The head's raw confidences are trained (SPEC §2.4) on acceptance at sampling temperature 1; at another
+The head's raw confidences are trained (docs/design.md §2.4) on acceptance at sampling temperature 1; at another
 temperature the same scores mean other acceptance rates (greedy verification accepts on an argmax match, far
 more often than the T = 1 rule for a drafter that has learnt the target's mode: on the built-in drafter a map
 fitted at T = 1 predicts 0.04 prefix survival at position 7 where 0.30 survive greedily, and Algorithm 1

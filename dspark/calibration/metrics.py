@@ -1,4 +1,4 @@
-"""Calibration metrics of the confidence head (SPEC §4.1, paper §3.2.1 and Fig. 6).
+"""Calibration metrics of the confidence head (docs/design.md §4.1, paper §3.2.1 and Fig. 6).
 
 A verification round of a drafter with a confidence head gives, for block positions k = 1..γ, the head's
 conditional confidences c_k ∈ (0, 1) (P(slot k accepted | slots < k accepted)), the number of verified

@@ -1,4 +1,4 @@
-"""Online calibration (SPEC §4.3): every verification round labels the head's confidences for free, so the
+"""Online calibration (docs/design.md §4.3): every verification round labels the head's confidences for free, so the
 engine keeps the last `window` rounds in a ring buffer and refits the head's map (`fit_map`: Platt scaling
 or STS) on them every `refit_every` rounds; `drift_report` compares the ECE of the current map on the most
 recent rounds with the ECE right after the last refit.

@@ -1,4 +1,4 @@
-"""Reliability diagrams of the prefix survival â_k (SPEC §4.1, paper Fig. 6): one panel per block position,
+"""Reliability diagrams of the prefix survival â_k (docs/design.md §4.1, paper Fig. 6): one panel per block position,
 observed acceptance frequency against mean predicted â_k per equal-width bin, before and after calibration,
 with the diagonal and the bins' sample counts as a shaded background histogram. Agg canvas, no pyplot
 state is touched."""

@@ -1,4 +1,4 @@
-"""Calibration maps of the confidence head: Sequential Temperature Scaling (SPEC §4.2, paper §3.2.1
+"""Calibration maps of the confidence head: Sequential Temperature Scaling (docs/design.md §4.2, paper §3.2.1
 "Post-hoc Calibration") and per-position Platt scaling.
 
 Both map the head's conditional scores c_k (P(slot k survives | slots < k survived)) to c'_k = σ(logit(c_k)/T_k + b_k),

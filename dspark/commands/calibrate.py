@@ -1,4 +1,4 @@
-"""`dspark calibrate`: fit Sequential Temperature Scaling for a drafter's confidence head (SPEC §4.2).
+"""`dspark calibrate`: fit Sequential Temperature Scaling for a drafter's confidence head (docs/design.md §4.2).
 
     dspark calibrate [--target DIR] [--drafter NAME|DIR] [--datasets NAMES|FILES] [--limit N]
         [--sampling-temperatures 1,0] [--traces FILE ...] [--method platt|sts] [--held-out F] [--seed N]

@@ -1,4 +1,4 @@
-"""`dspark data`: the training-data pipeline (SPEC §2.6).
+"""`dspark data`: the training-data pipeline (docs/design.md §2.6).
 
     dspark data regenerate --target DIR --input PROMPTS.jsonl --output OUT.jsonl [--max-new-tokens N]
         [--temperature F] [--top-k N] [--top-p F] [--batch-size N] [--seed N] [--limit N]

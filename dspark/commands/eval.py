@@ -1,4 +1,4 @@
-"""`dspark eval`: the paper's offline protocol (SPEC §3) — τ per data set, per-position acceptance.
+"""`dspark eval`: the paper's offline protocol (docs/design.md §3) — τ per data set, per-position acceptance.
 
     dspark eval [--target DIR] [--drafter NAME|DIR ...] [--datasets NAMES|FILES] [--limit N]
         [--temperature F] [--block-size N] [--max-new-tokens N] [--seed N] [--batch-size N]

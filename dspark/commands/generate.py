@@ -24,14 +24,14 @@ def register(sub) -> None:
     gen.add_argument("--calibration", default="auto",
                      help="confidence-head calibration file; 'auto' = the built-in one when it fits the drafter; 'none' = raw")
     gen.add_argument("--scheduler", default=None,
-                     help="verification policy (SPEC §5): verify-all (default), fixed-N, threshold-T, causal-greedy "
+                     help="verification policy (docs/design.md §5): verify-all (default), fixed-N, threshold-T, causal-greedy "
                           "(Algorithm 1 with the staircase lookahead), algorithm-1 (as published), async-topk")
     gen.add_argument("--profile", default=None,
                      help="SPS profile JSON for causal-greedy / algorithm-1 / async-topk (default: this machine's, measured once and cached)")
     gen.add_argument("--draft-gate", action="store_true",
                      help="skip the drafter in rounds where, by earlier rounds and the SPS profile, drafting does not pay")
     gen.add_argument("--online-calibration", type=int, default=None, metavar="N",
-                     help="refit the confidence temperatures every N verification rounds from the outcomes (SPEC §4.3)")
+                     help="refit the confidence temperatures every N verification rounds from the outcomes (docs/design.md §4.3)")
     gen.add_argument("--chat", action="store_true", help="render the prompt as one user turn with the chat template")
     add_sampling_args(gen)
     add_runtime_args(gen)

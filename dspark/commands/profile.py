@@ -1,4 +1,4 @@
-"""`dspark profile`: measure this machine's SPS step-time tables (SPEC §5.5), cached for the scheduler.
+"""`dspark profile`: measure this machine's SPS step-time tables (docs/design.md §5.5), cached for the scheduler.
 
     dspark profile [--target DIR] [--drafter NAME|DIR|none] [--device cpu|cuda[:N]] [--dtype T]
         [--context N] [--requests 1,2,4,...] [--lengths 1,2,3,4,6,8] [--repeats N]

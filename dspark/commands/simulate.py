@@ -12,14 +12,14 @@ throughput and per-user speed (tokens/s), mean verified drafts per request, mean
 for causal-greedy (and causal-greedy-gated) against plain decoding, fixed lengths and MTP-1.
 
 Policies (--policies, comma-separated; default all): plain, fixed (every n = 1..γ) or fixed-N, verify-all,
-threshold-T (default 0.5), algorithm-1 (SPEC §5.2 as published), causal-greedy (Algorithm 1 with the
+threshold-T (default 0.5), algorithm-1 (docs/design.md §5.2 as published), causal-greedy (Algorithm 1 with the
 staircase lookahead, the default scheduler), causal-greedy-gated (the same behind the draft gate), async-topk,
 mtp-1 (the traces' MTP drafter, else
 the DSpark rounds cut to one slot; draft cost draft_ms(C) × --mtp-draft-scale, default 1 / the profile's
 draft_layers). --profile: an SPS profile JSON (e.g. shared/data/profiles/h100-qwen3-4b-shape.json); without
 it, this machine's cached profile of the built-in model (measured first if none). Without --traces, traces
 are recorded with the built-in DSpark and MTP drafters. `--online-calibration N`: the confidence policies
-refit the head's temperatures every N verified rounds from the replayed outcomes (SPEC §4.3), starting
+refit the head's temperatures every N verified rounds from the replayed outcomes (docs/design.md §4.3), starting
 from the calibration the traces were recorded with. `--out DIR` writes simulate.json,
 throughput_vs_per_user.png (Fig. 7) and budget_vs_concurrency.png (Fig. 8).
 """

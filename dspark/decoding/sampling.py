@@ -1,10 +1,10 @@
 """Sampling parameters and the one function that turns logits into the distribution sampled from.
 
 `logits_to_probs` is used for the target in plain decoding *and* in verification, and by drafters for
-their proposal distribution q, so every path processes logits identically (SPEC §1, pitfall 2).
+their proposal distribution q, so every path processes logits identically (docs/design.md §1, pitfall 2).
 Order of operations, as in HF transformers: temperature → top-k → top-p, then softmax in float32.
 Temperature 0 means greedy: the distribution is the one-hot of the argmax, which makes the rejection
-rule reduce exactly to "accept while the draft equals the target's argmax" (SPEC §1 step 5).
+rule reduce exactly to "accept while the draft equals the target's argmax" (docs/design.md §1).
 """
 
 from __future__ import annotations

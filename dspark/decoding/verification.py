@@ -1,4 +1,4 @@
-"""Lossless verification of drafted tokens: speculative rejection sampling (SPEC §1; Leviathan et al. 2023,
+"""Lossless verification of drafted tokens: speculative rejection sampling (docs/design.md §1; Leviathan et al. 2023,
 Chen et al. 2023), batched over sequences with a different verification length per sequence (0 allowed).
 
 For sequence b with drafts d_1..d_ℓ drawn from q_1..q_ℓ and target distributions p_1..p_{ℓ+1}:

@@ -4,7 +4,7 @@ All prompts are prefilled in one ragged forward, then `dspark.engine.step.specul
 unfinished request until each hits a stop token or its max_new_tokens (the step: draft → plan → verify →
 commit; plain decoding is the same step with ℓ = 0, so both process the target's logits identically). A
 `SpeculationController` (`dspark.scheduling.controller`) decides, per step, whether the drafter runs (the
-draft gate) and how many drafts of each request are verified (the verification policy, SPEC §5), from
+draft gate) and how many drafts of each request are verified (the verification policy, docs/design.md §5), from
 confidences calibrated under each request's regime; every choice keeps the output distribution exact.
 """
 

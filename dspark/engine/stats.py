@@ -1,4 +1,4 @@
-"""Speculative-decoding statistics, with the paper's and vLLM's definitions (SPEC §1, §3, §6).
+"""Speculative-decoding statistics, with the paper's and vLLM's definitions (docs/design.md §1, §3, §6).
 
 τ (accepted length, "mean acceptance length") of a round = tokens the round emits = accepted drafts + 1
 (the correction or bonus token), or the accepted drafts up to and including a stop token when one is
@@ -20,7 +20,7 @@ class RoundRecord:
     emitted: int  # tokens the round added to the output (after stop-token / length cut)
     # The drafter's conditional confidences c_k of the drafted slots (len = drafted, as reported, before any
     # scheduling), recorded with generate(record_rounds=True) when the drafter gives them; else None.
-    # With `verified` and `accepted` this replays the round for calibration (SPEC §4) and simulation (§5).
+    # With `verified` and `accepted` this replays the round for calibration (docs/design.md §4) and simulation (§5).
     confidences: list[float] | None = None
 
 

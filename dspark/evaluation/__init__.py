@@ -1,1 +1,1 @@
-"""Offline evaluation (SPEC §3): τ tables, per-position acceptance, plots."""
+"""Offline evaluation (docs/design.md §3): τ tables, per-position acceptance, plots."""

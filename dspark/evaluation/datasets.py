@@ -1,4 +1,4 @@
-"""Prompt sets of the paper's offline evaluation (SPEC §3), plus the built-in corpus's held-out prompts.
+"""Prompt sets of the paper's offline evaluation (docs/design.md §3), plus the built-in corpus's held-out prompts.
 
 A set is named (resolved in the evaluation data folder, or the built-in prompts for `corpus-*`) or given as
 a JSONL path (`{"turns": [...]}` or `{"conversations": [...]}` lines). Only the first user turn is used.

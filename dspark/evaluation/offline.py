@@ -1,4 +1,4 @@
-"""The paper's offline evaluation (SPEC §3, Table 1 and Fig. 2).
+"""The paper's offline evaluation (docs/design.md §3, Table 1 and Fig. 2).
 
 Chain drafting with a fixed block (every drafted token is verified, no scheduler), per data set:
 τ = emitted tokens over all rounds / rounds, pooled over samples (accepted drafts + the correction or
@@ -113,7 +113,7 @@ def averages(datasets: dict[str, dict]) -> tuple[dict[str, float], float | None]
 
 
 def calibration_report(traces: dict, calibration, block_size: int) -> dict:
-    """Per-position ECE / AUC / Brier of the prefix-survival prediction (SPEC §4.1) for the confidences the
+    """Per-position ECE / AUC / Brier of the prefix-survival prediction (docs/design.md §4.1) for the confidences the
     drafter reported, and — when a calibration (a `ConfidenceMap`) was applied — for the raw head (the map
     undone)."""
     from dspark.calibration.metrics import Rounds, position_metrics

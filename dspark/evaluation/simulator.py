@@ -1,4 +1,4 @@
-"""Trace replay and a discrete-time serving simulator (SPEC §5; paper §5, Fig. 7 and Fig. 8).
+"""Trace replay and a discrete-time serving simulator (docs/design.md §5; paper §5, Fig. 7 and Fig. 8).
 
 Traces are the per-round records of `dspark eval --out DIR` (DIR/traces.json; format, reader and checks in
 `dspark.evaluation.traces`): per drafter, per data set, each round's drafted / verified / accepted /
@@ -21,7 +21,7 @@ profile, `dspark.scheduling.sps`; drafter and target run one after the other), a
 tokens. Every policy of one C replays the same round sequence (paired comparison). Confidence policies see
 the confidences as recorded (calibrated when the recording applied a calibration) or, with online
 calibration, the raw head's under the map an `OnlineCalibrator` refits from the replayed outcomes as the
-engine would (SPEC §4.3). Reported per (C, policy):
+engine would (docs/design.md §4.3). Reported per (C, policy):
 
 * throughput_tok_s — all emitted tokens / simulated time (tokens/s);
 * per_user_tok_s — mean over streams of the stream's tokens / simulated time (tokens/s per user; all
@@ -31,10 +31,10 @@ engine would (SPEC §4.3). Reported per (C, policy):
 * mean_step_ms, tokens_per_step (per request), acceptance_rate (accepted / verified drafts).
 
 Policies: plain decoding (ℓ = 0, no drafter cost); fixed-n (ℓ = min(n, drafted)); verify-all;
-threshold-t (longest prefix with every c_k ≥ t); algorithm-1 (SPEC §5.2 as published); causal-greedy
+threshold-t (longest prefix with every c_k ≥ t); algorithm-1 (docs/design.md §5.2 as published); causal-greedy
 (Algorithm 1 with the staircase lookahead of `CausalGreedy`, the default);
 causal-greedy-gated (Algorithm 1 behind `dspark.scheduling.gate.DraftGate`: a step the gate skips runs no
-drafter, costs verify_ms(C) only and emits one token per stream); async-topk (SPEC §5.4); mtp-1 — the traces' MTP-1 drafter (block size 1, label containing "mtp") verifying 1 token,
+drafter, costs verify_ms(C) only and emits one token per stream); async-topk (docs/design.md §5.4); mtp-1 — the traces' MTP-1 drafter (block size 1, label containing "mtp") verifying 1 token,
 or, without one, the DSpark rounds cut to their first slot; its draft cost is draft_ms(C) · scale with
 scale = 1 / draft_layers of the profile (one drafter layer instead of the profile drafter's five).
 """
@@ -70,7 +70,7 @@ DEFAULT_STEPS = 400
 DEFAULT_MIN_ROUNDS = 4096  # request-rounds per concurrency at least (more steps at low C)
 DEFAULT_POLICIES = "plain,fixed,verify-all,threshold-0.5,algorithm-1,causal-greedy,causal-greedy-gated,async-topk,mtp-1"
 RECORD_SETS = ("corpus-code", "corpus-prose", "gsm8k", "mbpp", "mt-bench")
-MATCHED_SPEED_GOAL = 1.6  # per-user speed vs MTP-1 at matched throughput (SPEC §5.6: +57–85 %)
+MATCHED_SPEED_GOAL = 1.6  # per-user speed vs MTP-1 at matched throughput (docs/design.md §5.6: +57–85 %)
 TIE_TOLERANCE = 0.005  # goal (a): a margin ≥ −0.5 % is a tie (at low load CG and the best fixed length agree)
 
 
@@ -155,7 +155,7 @@ def _lengths(controller: SpeculationController, rounds: RecordedRounds, idx: np.
     """(ℓ [steps, C], drafted [steps] bool) from the controller the engine would use: each step its gate
     decides from earlier steps whether the drafter runs; if it does, its policy picks ℓ from the confidences,
     and the gate and the online calibrator observe the replayed outcome. The policy sees the confidences as
-    recorded, or — with online calibration (SPEC §4.3) — the raw head's under the calibrator's current map,
+    recorded, or — with online calibration (docs/design.md §4.3) — the raw head's under the calibrator's current map,
     as in `dspark.engine.step`. A row-wise policy with neither gate nor calibrator is planned for all steps
     in one call."""
     steps, count = idx.shape
@@ -300,7 +300,7 @@ def simulate(rounds: RecordedRounds, profile: SPSProfile, *, concurrency: Sequen
 
 
 # -------------------------------------------------------------------------------------------------
-# Goals (issue item 8; SPEC §5.6)
+# Goals (issue item 8; docs/design.md §5.6)
 # -------------------------------------------------------------------------------------------------
 
 def frontier(points: Sequence[dict], x: str = "throughput_tok_s", y: str = "per_user_tok_s") -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Static confidence-threshold sweep (paper §4.3.3, Fig. 5; SPEC §4.1, §5).
+"""Static confidence-threshold sweep (paper §4.3.3, Fig. 5; docs/design.md §4.1, §5).
 
 Replays verify-all traces (`dspark.evaluation.simulator`, replay fact: verifying ℓ ≤ drafted slots of a
 recorded round accepts min(accepted, ℓ) drafts) under a static threshold t:

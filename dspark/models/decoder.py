@@ -84,7 +84,7 @@ class DecoderModel(nn.Module):
         """token_ids: [T] long. Writes the tokens' K/V into `cache` at `meta.slot_mapping`.
 
         `feature_layer_ids`: decoder layers whose raw output (the residual stream after that layer, not
-        normalised; -1 = the embedding output) is returned, concatenated → [T, L·H] (SPEC §2.1).
+        normalised; -1 = the embedding output) is returned, concatenated → [T, L·H] (docs/design.md §2.1).
         """
         h = self.model.embed_tokens(token_ids)
         cos, sin = self.rotary(meta.positions, h.dtype)

@@ -169,7 +169,7 @@ class PagedKVCache:
         Sequence b gets `kv_only_lens[b]` K/V-only rows (default 0; drafters' context features: written, no
         query) followed by `query_lens[b]` query rows. causal=True: query i sees keys up to its own position
         (decoding, verification); causal=False: every query sees every key of its sequence (a draft block
-        attends bidirectionally within itself, SPEC §2.2).
+        attends bidirectionally within itself, docs/design.md §2.2).
         """
         kv_only = kv_only_lens or [0] * len(seq_ids)
         if len(seq_ids) != len(query_lens) or len(kv_only) != len(seq_ids) or not seq_ids:

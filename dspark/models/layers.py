@@ -49,7 +49,7 @@ def paged_attention(
 
     q: [T, Hq, D]; pools: [slots, Hkv, D]. Returns [T, Hq, D].
     GQA packing: the G = Hq/Hkv query heads sharing a KV head are laid out as G·max_q query rows of that
-    head, so each KV head is read once for all its query heads and all new tokens of a sequence (SPEC §6).
+    head, so each KV head is read once for all its query heads and all new tokens of a sequence (docs/design.md §6).
     """
     batch, max_q, max_c = meta.batch_size, meta.max_query_len, meta.gather_slots.shape[1]
     num_heads, head_dim = q.shape[1], q.shape[2]

@@ -3,7 +3,7 @@
 It serves prefill, plain decoding and verification with the same call: `forward(seq_ids, new_tokens)`
 appends each sequence's new tokens (any count ≥ 1, different per sequence) and returns next-token
 logits for every new position (or only the last), plus, on request, the raw outputs of chosen decoder
-layers (the target features drafters condition on, SPEC §2.1). `truncate` rolls a sequence back.
+layers (the target features drafters condition on, docs/design.md §2.1). `truncate` rolls a sequence back.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class TargetRunner:
         all_logits=True → logits for every new position [T, V] (verification); False → only the last
         new position of each sequence [B, V] (prefill / plain decoding).
         return_final_hidden: also return the post-norm hidden state of every new position [T, H] (the
-        target's own next-token distribution is lm_head of it; drafter losses need it, SPEC §2.5).
+        target's own next-token distribution is lm_head of it; drafter losses need it, docs/design.md §2.5).
         """
         tensors = [torch.as_tensor(t, dtype=torch.long).reshape(-1) for t in new_tokens]
         query_lens = [int(t.numel()) for t in tensors]

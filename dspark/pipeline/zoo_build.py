@@ -40,7 +40,7 @@ REGEN_PROMPTS = 1200
 REGEN_MAX_NEW_TOKENS = 128
 REGEN_BATCH_SIZE = 16
 # The paper regenerates "with recommended sampling parameters" (§4.1); DeepSpec's Qwen3 defaults are
-# temperature 0.7, top-p 0.8, top-k 20 (deepspec-notes §4.2). Sampled rather than greedy answers keep the
+# temperature 0.7, top-p 0.8, top-k 20 (docs/design.md §2.6). Sampled rather than greedy answers keep the
 # drafters' training contexts close to the T = 1 text they are evaluated on (greedy answers of a small
 # target are repetitive, which inflated the confidence head's position-1 estimate at T = 1).
 REGEN_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
@@ -114,7 +114,7 @@ def build_training_data(work: Path, target: Path, *, device: str, progress: bool
 
 
 def build_features(work: Path, target: Path, data: Path, *, device: str, progress: bool) -> Path:
-    """One bfloat16 feature cache (SPEC §2.1: the raw outputs of the shared target layers and the final hidden
+    """One bfloat16 feature cache (docs/design.md §2.1: the raw outputs of the shared target layers and the final hidden
     state) for every drafter reading the DSpark recipe's `model.target_layer_ids`: the target runs over the
     regenerated data once instead of once per drafter step."""
     from dspark.models.target_runner import TargetRunner

@@ -1,8 +1,8 @@
-"""Draft gate: whether the next step should run the drafter at all (SPEC §5.5: "verifying 0 draft tokens
-must really cost nothing extra"; peers-notes §3 lesson 12: a drafter that runs while nothing is verified
+"""Draft gate: whether the next step should run the drafter at all (docs/design.md §5.5: "verifying 0 draft tokens
+must really cost nothing extra"; docs/design.md §5.5: a drafter that runs while nothing is verified
 makes speculative serving slower than plain decoding under load).
 
-Algorithm 1 (SPEC §5.2) chooses how many drafts to verify once the drafter has run, so its cost draft(R)
+Algorithm 1 (docs/design.md §5.2) chooses how many drafts to verify once the drafter has run, so its cost draft(R)
 is already paid when it picks ℓ = 0 everywhere: under heavy load, with a weak drafter, every step is then
 slower than a plain decoding step. The gate decides *before* drafting, from past rounds only:
 
@@ -41,7 +41,7 @@ requests (drafting loses 4.8 %) it still closes after its first `min_rounds`.
 The maximum runs over the whole admission path without an early stop: it contains every fixed length's
 expected throughput (ℓ = n for all R requests), so when any fixed length beats plain decoding on average,
 the gate drafts. Because the decision uses only outcomes of earlier rounds, it never depends on tokens of the
-current round and cannot bias the output (it is lossless the way the asynchronous budget of SPEC §5.4 is).
+current round and cannot bias the output (it is lossless the way the asynchronous budget of docs/design.md §5.4 is).
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
-"""Verification-length policies: how many of each request's drafts to verify this round (SPEC §5).
+"""Verification-length policies: how many of each request's drafts to verify this round (docs/design.md §5).
 
 Every policy (a `VerificationPolicy`) is called once per round for all R active requests:
 
     policy(confidences [R, K] | None, lengths [R], limits [R], request_ids [R] | None) -> ℓ [R]
 
 confidences (torch, any float dtype/device) are the drafter's per-position conditional survivals
-c_k = P(slot k accepted | slots < k accepted) (SPEC §2.4); prefix survival a_k = Π_{i≤k} c_i. Slot k
+c_k = P(slot k accepted | slots < k accepted) (docs/design.md §2.4); prefix survival a_k = Π_{i≤k} c_i. Slot k
 of request r is a candidate only if k < full_r = min(lengths_r, limits_r); ℓ_r ∈ [0, full_r] (a CPU
 LongTensor). The work is vectorised over requests (numpy on the CPU, one int64 sort per call).
 
-Losslessness (SPEC §5.3): whether slot k is verified may depend on c_1..c_k (which the drafter computed
+Losslessness (docs/design.md §5.3): whether slot k is verified may depend on c_1..c_k (which the drafter computed
 before sampling x_k) and on other requests, never on c_{k+1..} (which depend on x_k). Every policy here
 respects that; CausalGreedy through its early stop, AsyncTopK because its budget K comes from past calls.
 
@@ -186,7 +186,7 @@ class SurvivalThreshold(VerificationPolicy):
 
 
 # -------------------------------------------------------------------------------------------------
-# Hardware-aware policies (SPEC §5.1–5.4)
+# Hardware-aware policies (docs/design.md §5.1–5.4)
 # -------------------------------------------------------------------------------------------------
 
 _DESCENDING = np.int64(0x7FFF_FFFF_FFFF_FFFF)  # flips the order of non-negative float64 bit patterns
@@ -263,11 +263,11 @@ class _HardwareAware(VerificationPolicy):
 
 
 class CausalGreedy(_HardwareAware):
-    """Algorithm 1 (paper §3.2.2, SPEC §5.2): admit (r, j) by descending a_{r,j}; stop at the first
-    candidate that does not raise Θ = τ_total · SPS(B). The early stop keeps it lossless (SPEC §5.3).
+    """Algorithm 1 (paper §3.2.2, docs/design.md §5.2): admit (r, j) by descending a_{r,j}; stop at the first
+    candidate that does not raise Θ = τ_total · SPS(B). The early stop keeps it lossless (docs/design.md §5.3).
 
     Staircase lookahead (`lookahead=True`, the default; our extension, not in the paper). Real SPS curves
-    are staircases (SPEC §5.4): a candidate that starts a new step costs the whole step and lowers Θ, though
+    are staircases (docs/design.md §5.4): a candidate that starts a new step costs the whole step and lowers Θ, though
     the step's flat part would pay it back, so the early stop can end the search below the best fixed length
     (measured with the H100 profile: −2.3 % at 64 requests). The paper's answer is the asynchronous variant
     (`AsyncTopK`); this keeps Algorithm 1's causal search and adds a forecast from the previous call only. At
@@ -278,7 +278,7 @@ class CausalGreedy(_HardwareAware):
     with a = 0 among them are left out) and resumes the early-stopping search from there (at most
     `MAX_LOOKAHEADS` times per call). Every decision depends on candidates ranked at or before the one it
     admits and on the previous call, never on a later slot of the same request, so the rule stays
-    non-anticipating (SPEC §5.3) exactly as the asynchronous budget does (SPEC §5.4). Without a previous call
+    non-anticipating (docs/design.md §5.3) exactly as the asynchronous budget does (docs/design.md §5.4). Without a previous call
     (or with `lookahead=False`) it is Algorithm 1 as published.
 
     profile: the SPS table; include_draft: add the drafter's step cost draft(R) to every step
@@ -394,7 +394,7 @@ def _pad(a: np.ndarray, width: int) -> np.ndarray:
 
 
 class AsyncTopK(_HardwareAware):
-    """Production variant (paper §5.2, SPEC §5.4). The budget K (draft tokens verified this round) comes
+    """Production variant (paper §5.2, docs/design.md §5.4). The budget K (draft tokens verified this round) comes
     from an unconstrained global search (argmax of Θ, no early stop) over survivals from `lag` calls ago;
     the K slots then go to the highest *current* survivals (stable sort: prefix order kept).
 

@@ -1,4 +1,4 @@
-"""SPS profiling (SPEC §5.5): measure this machine's step-time tables, cache them, reuse them.
+"""SPS profiling (docs/design.md §5.5): measure this machine's step-time tables, cache them, reuse them.
 
 All times are milliseconds of one engine step. The profile is a JSON object in the format of the shared
 GPU tables (`shared/data/profiles/*.json`, read by `dspark.scheduling.sps.SPSProfile`):

@@ -1,5 +1,5 @@
 """Step-time profiles: SPS(B), the engine's steps per second at a verification forward of B tokens
-(SPEC §5.1, §5.5; paper §3.2.2 "profiled step curve").
+(docs/design.md §5.1, §5.5; paper §3.2.2 "profiled step curve").
 
 JSON formats (times in milliseconds, one engine step; other top-level keys are kept as metadata):
 

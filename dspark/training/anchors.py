@@ -1,4 +1,4 @@
-"""Anchor sampling and block construction for drafter training (SPEC §2.6; DeepSpec §1.6).
+"""Anchor sampling and block construction for drafter training (docs/design.md §2.6; DeepSpec §1.6).
 
 A sequence of S tokens with a loss mask (1 on response tokens) yields up to A blocks. An anchor is a
 position i with loss_mask[i] = loss_mask[i+1] = 1 (the anchor is a response token and its first label is

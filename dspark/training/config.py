@@ -2,7 +2,7 @@
 
 The YAML may name a `preset` (one per drafter kind); the file's sections override the preset, and
 command-line overrides override the file. Unknown keys anywhere are rejected with their dotted path.
-Defaults follow DeepSpec's recipe (SPEC §2.6): lr 6e-4, 4 % linear warmup then cosine, AdamW with
+Defaults follow DeepSpec's recipe (docs/design.md §2.6): lr 6e-4, 4 % linear warmup then cosine, AdamW with
 weight decay 0, gradient clipping 1.0, block size 7, 512 anchors, 5 draft layers.
 Loading also resolves `train.device` ("auto": CUDA when available, else CPU; stored as "cpu" / "cuda:N") and
 checks `train.output_dir` can be written, so a bad value is refused before any model or data is read.

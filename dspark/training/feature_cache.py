@@ -1,4 +1,4 @@
-"""Target features for drafter training (SPEC §2.1, §2.6): on disk (the "target cache") or online.
+"""Target features for drafter training (docs/design.md §2.1, §2.6): on disk (the "target cache") or online.
 
 Per conversation sample (tokenised by `prompts.tokenize_sample`, right-truncated to max_length):
   input_ids     int32 [S]
@@ -27,7 +27,7 @@ finally the manifest are on disk: an interrupted run leaves no valid-looking cac
 resume — a new run restarts from the beginning (delete the leftover `.NAME.tmp-*` folder of a killed run).
 
 Online alternative: `compute_features(runner, token_ids, layer_ids)` returns the same tensors from a frozen
-target in the training process, so training can run without any cache (peers-notes §3 item 21).
+target in the training process, so training can run without any cache (docs/design.md §2.6).
 """
 
 from __future__ import annotations

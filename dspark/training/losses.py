@@ -1,7 +1,7 @@
-"""Drafter losses (SPEC §2.5; paper §3.3, Eqs. 9–12), computed in float32 in chunks of blocks.
+"""Drafter losses (docs/design.md §2.5; paper §3.3, Eqs. 9–12), computed in float32 in chunks of blocks.
 
 Per supervised slot k (0-based in its block), weight w_k = exp(−k / decay) with decay = 4 (DeepSpec's
-constant; the paper writes exp(−(k−1)/γ) — we follow SPEC so our drafters match the released recipe).
+constant; the paper writes exp(−(k−1)/γ) — we follow the released recipe, docs/design.md §2.5).
 p_d = softmax(draft logits incl. the sequential bias), p_t = softmax(target lm_head(target final hidden at
 the position that predicts the same label)), both float32:
     L_ce   = Σ w_k · (−log p_d,k(x*_k))

@@ -1,6 +1,6 @@
 """What the training loop needs to know about each drafter kind: how to build it for a target, how many
 supervised units a micro-batch holds (the loss denominator, summed over the whole step before any loss
-is computed), and its loss (SPEC §2.5 for DSpark / DFlash, §2.7 for EAGLE-3 and MTP-1).
+is computed), and its loss (docs/design.md §2.5 for DSpark / DFlash, §2.7 for EAGLE-3 and MTP-1).
 
 `supervised_units(loss_mask)` counts what one sample gives its loss to learn from (DSpark / DFlash: anchor
 positions; EAGLE-3 / MTP-1: labels two or more tokens ahead), so data with nothing to supervise is refused

@@ -1,7 +1,7 @@
-"""Regenerate the responses of a prompt set with the target itself (SPEC §2.6), resumably by sample id.
+"""Regenerate the responses of a prompt set with the target itself (docs/design.md §2.6), resumably by sample id.
 
 Training a drafter on the target's own answers raises acceptance by about 10 % over the dataset's
-original answers (SPEC §2.6; peers-notes §3 item 25). Each sample's first user turn (after any leading
+original answers (docs/design.md §2.6; docs/design.md §2.6). Each sample's first user turn (after any leading
 system messages) is rendered with the target's chat template and the generation prompt, and answered by
 `dspark.engine.generation.generate` (plain decoding, or speculative with `drafter` — lossless, so only
 faster). Output: one JSONL row per sample, in input order,
@@ -13,7 +13,7 @@ TEXT is the decoded response without its stop token and without special tokens; 
 tokens (stop token included). A prompt that leaves no room in the target's context is skipped (no row;
 counted in the summary); otherwise max_new_tokens is clipped to the room left.
 
-Resume semantics (unlike DeepSpec, whose line-count resume duplicates/skips samples, deepspec-notes §4.2):
+Resume semantics (unlike DeepSpec, whose line-count resume duplicates/skips samples, docs/design.md §2.6):
   * batches are fixed index ranges of the input: batch b = samples [b·B, (b+1)·B);
   * batch b is generated with the seed `batch_seed(seed, b)`, so its result does not depend on which
     batches ran before; the same settings give the same file (reproducible per seed);
@@ -54,7 +54,7 @@ from dspark.data.samples import Sample, prompt_messages
 
 SETTINGS_FORMAT = "dspark-regenerate-settings/1"
 
-# DeepSpec's regeneration recipe for Qwen3 (non-thinking sampling settings; deepspec-notes §4.2).
+# DeepSpec's regeneration recipe for Qwen3 (non-thinking sampling settings; docs/design.md §2.6).
 DEFAULT_SAMPLING = SamplingParams(temperature=0.7, top_k=20, top_p=0.8)
 DEFAULT_MAX_NEW_TOKENS = 1024
 DEFAULT_BATCH_SIZE = 16

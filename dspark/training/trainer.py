@@ -1,4 +1,4 @@
-"""The drafter training loop (SPEC §2.5–2.6), readable top to bottom.
+"""The drafter training loop (docs/design.md §2.5–2.6), readable top to bottom.
 
 One optimizer step = `batch_size` sequences over all processes, split into micro-batches of
 `micro_batch_size` per process (gradient accumulation). For each micro-batch: target features come from
@@ -52,7 +52,7 @@ from dspark.models.target_runner import TargetRunner
 from dspark.training.checkpoints import CheckpointFolder, stderr_note
 from dspark.training.config import TrainConfig
 
-FROZEN = ("embed_tokens.weight", "lm_head.weight")  # shared with the target, never trained (SPEC §2.2)
+FROZEN = ("embed_tokens.weight", "lm_head.weight")  # shared with the target, never trained (docs/design.md §2.2)
 CHECKPOINT_FILES = ("drafter/config.json", "drafter/model.safetensors", "trainer_state.safetensors",
                     "trainer_state.json")  # what a complete step_N holds
 

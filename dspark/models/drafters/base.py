@@ -1,11 +1,11 @@
-"""The drafter interface, shaped to fit every drafter of SPEC §2.
+"""The drafter interface, shaped to fit every drafter of docs/design.md §2.
 
 A round, per sequence: the generation loop hands the drafter the token history (the last token, x0 or
 "anchor", is the target's newest token and not yet processed by the target), the target features of the
 positions verified since the previous round (feature-conditioned drafters: DSpark, DFlash, EAGLE-3,
 MTP), and how many tokens it may propose. The drafter returns tokens, the exact float32 distributions
 it sampled them from (or None if deterministic), and optionally per-position confidences c_k
-(DSpark's confidence head: the raw logits of P(slot k survives | slots < k accepted), SPEC §2.4;
+(DSpark's confidence head: the raw logits of P(slot k survives | slots < k accepted), docs/design.md §2.4;
 calibration is the controller's, `dspark.scheduling.controller`).
 """
 
@@ -51,7 +51,7 @@ class DraftProposal:
 class Drafter(ABC):
     """Base class. Subclasses set `name`, `block_size` (γ: the most drafts per round, its trained block) and,
     if they read target features, `feature_layer_ids` (target decoder layers whose raw outputs they
-    condition on, SPEC §2.1)."""
+    condition on, docs/design.md §2.1)."""
 
     name: str = "drafter"
     block_size: int = 7
@@ -64,7 +64,7 @@ class Drafter(ABC):
         return bool(self.feature_layer_ids)
 
     def check_num_draft_tokens(self, num: int) -> None:
-        """Refuse to propose more tokens than the drafter was trained for (SPEC §6 field failure)."""
+        """Refuse to propose more tokens than the drafter was trained for (docs/design.md §6)."""
         if num > self.block_size:
             raise RequestError(
                 f"drafter '{self.name}' proposes at most {self.block_size} tokens per round "

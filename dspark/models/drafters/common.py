@@ -22,7 +22,7 @@ from dspark.models.checkpoint import (
 )
 from dspark.models.config import read_config_json
 
-FROZEN_PREFIXES = ("embed_tokens.", "lm_head.")  # copies of the target's, never trained (SPEC §2.2)
+FROZEN_PREFIXES = ("embed_tokens.", "lm_head.")  # copies of the target's, never trained (docs/design.md §2.2)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,6 +1,6 @@
-"""DSpark and DFlash drafters: the parallel backbone with context fusion and KV injection (SPEC §2.2),
-DSpark's sequential head and confidence head (SPEC §2.3–2.4, paper §3.1–3.2.1), the released checkpoint
-layout (SPEC §7), and the `Drafter` that plugs them into the generation loop.
+"""DSpark and DFlash drafters: the parallel backbone with context fusion and KV injection (docs/design.md §2.2),
+DSpark's sequential head and confidence head (docs/design.md §2.3–2.4, paper §3.1–3.2.1), the released checkpoint
+layout (docs/design.md §7), and the `Drafter` that plugs them into the generation loop.
 
 Backbone, per round and sequence (anchor x0 at position a = number of verified tokens):
   ctx   = RMSNorm(W_c · concat(target layer outputs))           computed once, shared by all draft layers
@@ -15,8 +15,8 @@ verified positions, runs the block, and drops the block's K/V again.
 DFlash is the same model with markov_rank = 0 and no confidence head (as in DeepSpec, whose "DFlash"
 baseline already uses the anchor-as-first-slot layout).
 
-Where SPEC and paper differ (position weights exp(−k/4) vs exp(−(k−1)/γ)) the training code follows SPEC
-(DeepSpec's constant), so that our checkpoints behave like the released ones.
+Where the released recipe and the paper differ (position weights exp(−k/4) vs exp(−(k−1)/γ)) the training code
+follows the recipe (DeepSpec's constant, docs/design.md §2.5), so that our checkpoints behave like the released ones.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def block_attention_mask(anchor_positions: torch.Tensor, block_valid: torch.Tens
 
 
 class DSparkModel(DraftCheckpointMixin, nn.Module):
-    """The drafter network; module names are the released checkpoints' tensor names (SPEC §7).
+    """The drafter network; module names are the released checkpoints' tensor names (docs/design.md §7).
     `from_pretrained` / `save_pretrained` read and write that layout (config.json + model.safetensors)."""
 
     parse_config = staticmethod(parse_dspark_config)
@@ -141,7 +141,7 @@ class DSparkModel(DraftCheckpointMixin, nn.Module):
 
     # -- pieces shared by inference and training ----------------------------------------------------
     def fuse_context(self, features: torch.Tensor) -> torch.Tensor:
-        """[..., L·H] concatenated target layer outputs → [..., H] (SPEC §2.2 context fusion)."""
+        """[..., L·H] concatenated target layer outputs → [..., H] (docs/design.md §2.2 context fusion)."""
         return self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
 
     def block_token_ids(self, anchor_tokens: torch.Tensor) -> torch.Tensor:
@@ -230,7 +230,7 @@ def dspark_config_for_target(
     confidence_head_with_markov: bool = True,
     num_anchors: int = 512,
 ) -> DSparkConfig:
-    """A drafter config with the target's layer shapes (DeepSpec's construction, SPEC §7).
+    """A drafter config with the target's layer shapes (DeepSpec's construction, docs/design.md §7).
     markov_rank=0 and enable_confidence_head=False give DFlash."""
     hf = dict(target_hf_config)
     hf.update(
@@ -250,7 +250,7 @@ def dspark_config_for_target(
 
 def init_from_target(config: DSparkConfig, target, *, seed: int = 0, std: float = 0.02) -> DSparkModel:
     """A freshly initialised drafter for `target` (a `DecoderModel`): trainable weights ~ N(0, std²), norms 1,
-    biases 0; input embedding and LM head copied from the target (frozen in training, SPEC §2.2)."""
+    biases 0; input embedding and LM head copied from the target (frozen in training, docs/design.md §2.2)."""
     with torch.device(next(target.parameters()).device):
         model = DSparkModel(config)
     return init_draft_weights(model, target, seed=seed, std=std)
@@ -260,7 +260,7 @@ class DSparkDrafter(Drafter):
     """Runs a `DSparkModel` as a drafter: one backbone pass, then the sequential sampling loop.
 
     Each slot's draft is sampled from the exact float32 distribution logits_to_probs(U_k + B_k) under the
-    request's own sampling parameters, and that tensor is returned as q (SPEC §1 pitfall 1).
+    request's own sampling parameters, and that tensor is returned as q (docs/design.md §1).
     Confidences c_k = σ(confidence logit) use the token actually sampled at slot k−1.
     """
 

@@ -1,4 +1,4 @@
-"""`DSparkConfig`: the drafter config of the released DSpark checkpoints (SPEC §7).
+"""`DSparkConfig`: the drafter config of the released DSpark checkpoints (docs/design.md §7).
 
 A released `config.json` is the target's config with the draft fields added: `architectures:
 ["Qwen3DSparkModel"]`, `num_hidden_layers` = draft layers, `num_target_layers`, `block_size`,

@@ -1,4 +1,4 @@
-"""EAGLE-3 drafter (SPEC §2.7; Li et al., arXiv 2503.01840, in the variant DeepSpec trains as its baseline:
+"""EAGLE-3 drafter (docs/design.md §2.7; Li et al., arXiv 2503.01840, in the variant DeepSpec trains as its baseline:
 full target vocabulary, frozen copies of the target's embedding and LM head, `block_size` = TTT length = 7).
 
 One decoder layer with the target's layer shapes. Row t (RoPE position t) pairs a hidden state g_t with the
@@ -8,7 +8,7 @@ embedding of the *next* token x_{t+1} and predicts x_{t+2}:
     r_t      = g_t + a_t ;   o_t = r_t + mlp(post_attention_layernorm(r_t))                [H]
     logits_t = lm_head(norm(o_t))                                                          [V]  → x_{t+2}
 Attention is causal over the drafter's own rows (Qwen3: per-head q/k RMSNorm, as in the target).
-g_t = fc(concat of the target's layer outputs at t) (L·H → H, SPEC §2.1) for verified positions; while
+g_t = fc(concat of the target's layer outputs at t) (L·H → H, docs/design.md §2.1) for verified positions; while
 drafting, g is the layer's own output o (before the final norm) of the previous row.
 
 Inference, per round and sequence (anchor x0 = token_ids[-1] at position a; verified positions 0..a−1):
@@ -146,7 +146,7 @@ def parse_eagle3_config(hf: dict[str, Any], where: str = "config.json") -> Eagle
 def eagle3_config_for_target(
     target_hf_config: dict, *, target_layer_ids: tuple[int, ...], block_size: int = 7
 ) -> Eagle3Config:
-    """An EAGLE-3 config with the target's layer shapes (DeepSpec's construction; SPEC §2.7)."""
+    """An EAGLE-3 config with the target's layer shapes (DeepSpec's construction; docs/design.md §2.7)."""
     hf = dict(target_hf_config)
     hf.update(
         num_target_layers=target_hf_config["num_hidden_layers"], num_hidden_layers=1,
@@ -380,7 +380,7 @@ def eagle3_ttt_loss(
     decay: float = STEP_LOSS_DECAY,
     denominators: torch.Tensor | None = None,
 ) -> TTTLossOutput:
-    """The TTT loss (SPEC §2.7). step_logits [K, N, S, V] from `forward_train`; target_final_hidden [N, S, H]
+    """The TTT loss (docs/design.md §2.7). step_logits [K, N, S, V] from `forward_train`; target_final_hidden [N, S, H]
     (the target's post-norm hidden state: p_t at position p = softmax(lm_head(·)) over token p+1);
     lm_head_weight [V, H] (the frozen head shared with the target); loss_mask [N, S].
 
@@ -427,7 +427,7 @@ class CausalFeatureDrafter(Drafter):
     Per sequence the drafter keeps its own paged KV cache of the verified context rows and the output o of
     the last one (row a−1, whose token is the anchor), from which the first draft is sampled; drafted rows
     are dropped after each round. Every draft is sampled from q = logits_to_probs(logits, the request's
-    sampling parameters) and exactly that float32 tensor is returned (SPEC §1 pitfall 1).
+    sampling parameters) and exactly that float32 tensor is returned (docs/design.md §1).
     """
 
     def __init__(self, model, *, name: str, cache_page_size: int = 16):

@@ -1,4 +1,4 @@
-"""DSpark's sequential heads and confidence head (paper §3.1–3.2.1, SPEC §2.3–2.4).
+"""DSpark's sequential heads and confidence head (paper §3.1–3.2.1, docs/design.md §2.3–2.4).
 
 Sequential heads add a prefix-dependent bias B_k to the backbone's base logits U_k:
     p_k(v | x0, x<k) = softmax(U_k + B_k(x0, x<k, ·))                                   (paper Eq. 4)
@@ -13,7 +13,7 @@ Slot k's predecessor is x_{k−1}; slot 1's predecessor is the anchor x0 itself.
 - Confidence (paper Eq. 7): c_k = σ(wᵀ[h_k; W1[x_{k−1}]] + b) (or σ(wᵀh_k + b) without the Markov feature),
   the conditional probability that slot k survives given slots < k were accepted.
 
-Module and parameter names follow the released checkpoints (SPEC §7): `markov_head.markov_w1`,
+Module and parameter names follow the released checkpoints (docs/design.md §7): `markov_head.markov_w1`,
 `markov_head.markov_w2`, `markov_head.gate_proj`, `markov_head.joint_proj`, `confidence_head.proj`.
 Every head offers a teacher-forced block API (training: previous tokens are data tokens) and a
 single-step API with explicit state (inference: previous tokens are the ones just sampled).

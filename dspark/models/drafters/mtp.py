@@ -1,4 +1,4 @@
-"""MTP-1 drafter: DeepSeek-V3's multi-token-prediction module used as a one-token drafter (SPEC §2.7; the
+"""MTP-1 drafter: DeepSeek-V3's multi-token-prediction module used as a one-token drafter (docs/design.md §2.7; the
 paper's production baseline, which always verifies exactly one draft; DeepSeek-V3 technical report §2.2).
 
 Row t (RoPE position t) combines the target's feature h_t with the embedding of the next token x_{t+1} and
@@ -6,7 +6,7 @@ predicts x_{t+2}:
     h'_t     = eh_proj([enorm(emb(x_{t+1})) ; hnorm(h_t)])                      (2H → H, no bias)
     o_t      = decoder layer (the target's layer shapes) on h'_t, causal over the drafter's own rows
     logits_t = lm_head(norm(o_t))                                                           → x_{t+2}
-h_t is the raw output of one target decoder layer (SPEC §2.1; `target_layer_ids`, by default the last
+h_t is the raw output of one target decoder layer (docs/design.md §2.1; `target_layer_ids`, by default the last
 layer). The concatenation puts the embedding first, as DeepSeek-V3's released MTP weights (and the
 vLLM/SGLang loaders for them) lay out `eh_proj`; the paper writes [h ; emb] — the same model up to a
 permutation of eh_proj's input columns.
