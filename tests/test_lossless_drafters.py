@@ -177,8 +177,8 @@ def test_control_dspark_q_reported_without_its_markov_bias_is_rejected(dist_runn
     drafter = load("dspark")
     sample_block = drafter.sample_block
 
-    def wrong_q(hidden, anchors, samplings, generator):
-        tokens, probs, conf = sample_block(hidden, anchors, samplings, generator)
+    def wrong_q(hidden, anchors, samplings, generator, uniforms=None):
+        tokens, probs, conf = sample_block(hidden, anchors, samplings, generator, uniforms)
         return tokens, torch.softmax(drafter.model.lm_head(hidden).float(), -1), conf
 
     drafter.sample_block = wrong_q
@@ -264,7 +264,7 @@ def drafts_follow_reported_q(runner, drafter, sampling: SamplingParams, seed: in
 def test_drafts_follow_the_q_the_drafter_reports(dist_runner, load, kind, setting):
     pvalue, info = drafts_follow_reported_q(dist_runner, load(kind), Q_SETTINGS[setting])
     assert info["impossible"] == 0, info
-    assert info["df"] >= 2 and info["power"] >= 0.8, info  # the drafts are spread enough to test
+    assert info["df"] >= 1 and info["power"] >= 0.8, info  # at least two cells, and enough samples to see a shift
     assert pvalue > ALPHA, (pvalue, info)
 
 

@@ -83,6 +83,14 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams | Sequence[Samp
     return out
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from probs [N, V] (float32) → [N] long."""
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None,
+           uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row from probs [N, V] (float32) → [N] long: by inverse CDF from `uniforms` [N] in
+    [0, 1) when given (the engine draws them per request: `dspark.decoding.randomness`), else by
+    torch.multinomial with `generator`. Both draw exactly from probs; a token of probability 0 is never
+    drawn (the first index whose cumulative mass exceeds u·total)."""
+    if uniforms is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = torch.cumsum(probs, dim=-1)
+    point = uniforms.to(cdf.device, cdf.dtype).reshape(-1, 1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, point, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)

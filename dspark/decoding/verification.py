@@ -39,12 +39,15 @@ def verify(
     verify_lens: torch.Tensor,
     draft_probs: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> VerificationResult:
     """Batched rejection sampling.
 
     target_probs: [B, L+1, V] float32, row b valid for slots 0..ℓ_b (slot k is p_{k+1}; padding ignored).
     draft_tokens: [B, L] long (padding ignored). verify_lens: [B] long, ℓ_b ∈ [0, L].
     draft_probs:  [B, L, V] float32 distributions the drafts were sampled from, or None (one-hot drafts).
+    uniforms: [B, W ≥ L+1] in [0, 1): column k decides slot k's acceptance, the last column draws the
+    correction or bonus token (per-request draws, `dspark.decoding.randomness`); None = from `generator`.
     """
     batch, slots, vocab = target_probs.shape
     max_len = slots - 1
@@ -59,9 +62,10 @@ def verify(
             q_of_draft = torch.ones_like(p_of_draft)
         else:
             q_of_draft = draft_probs.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)
-        uniforms = torch.rand(batch, max_len, generator=generator, device=device)
+        accept_u = (torch.rand(batch, max_len, generator=generator, device=device) if uniforms is None
+                    else uniforms[:, :max_len].to(device, p_of_draft.dtype))
         # u < p/q  ⇔  u·q < p; accepted with probability min(1, p/q). q(d) > 0 since d was drawn from q.
-        accepted = uniforms * q_of_draft < p_of_draft
+        accepted = accept_u * q_of_draft < p_of_draft
         accepted &= torch.arange(max_len, device=device).unsqueeze(0) < verify_lens.unsqueeze(1)
         num_accepted = accepted.to(torch.long).cumprod(-1).sum(-1)
     else:
@@ -80,4 +84,5 @@ def verify(
         # mass is 0 only if p == q at that slot, where rejection has probability 0; guard numerically.
         residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), final_p)
         final_p = torch.where(rejected.unsqueeze(-1), residual, final_p)
-    return VerificationResult(num_accepted=num_accepted, next_tokens=sample(final_p, generator))
+    final_u = None if uniforms is None else uniforms[:, -1]
+    return VerificationResult(num_accepted=num_accepted, next_tokens=sample(final_p, generator, final_u))

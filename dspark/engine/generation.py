@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from dspark.decoding.randomness import StepRandom
 from dspark.decoding.sampling import SamplingParams
 from dspark.engine.request import Request
 from dspark.engine.stats import RoundRecord, SpecStats
@@ -75,7 +76,8 @@ def generate(
 
     num_draft_tokens: drafts proposed per step (default: the drafter's block size γ).
     stop_token_ids: generation of a sequence ends after it emits one of these.
-    seed: seeds the one generator used for target sampling, verification and drafting (None: random).
+    seed: seeds the one generator of every random draw: each step's uniforms (drafts, acceptance tests,
+        correction / bonus tokens; `dspark.decoding.randomness.StepRandom`) and the drafter's own (None: random).
     record_rounds: keep a RoundRecord per step and sequence (with the calibrated confidences, if any).
     controller: the draft gate, verification policy, calibration regimes and online calibrator (None: no
         gate, verify every draft, the raw head's confidences). A policy, gate or online calibrator that
@@ -117,11 +119,13 @@ def generate(
     for r in requests:
         r.seq_id = runner.new_sequence()
     active: list[Request] = []
+    draft_width = drafter.block_size if drafter is not None else 0
     try:
-        prefill(runner, requests, layers, generator)
+        prefill(runner, requests, layers, torch.rand(count, generator=generator, dtype=torch.float64))
         active = [r for r in requests if not r.finished]
         while active:
-            speculative_step(runner, active, drafter, controller, k, generator)
+            random = StepRandom.from_generator(generator, len(active), draft_width, k)
+            speculative_step(runner, active, drafter, controller, k, random, generator)
             for r in active:
                 if r.finished:
                     _release(r, drafter, controller)

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from dspark.decoding.randomness import StepRandom
 from dspark.decoding.sampling import logits_to_probs, sample
 from dspark.decoding.verification import verify
 from dspark.engine.request import Request
@@ -43,13 +44,13 @@ def check_finite(values: torch.Tensor, requests: Sequence, what: str, valid: tor
                              "was emitted from them (check the model's weights and config)")
 
 
-def prefill(runner: TargetRunner, requests: list[Request], layers: tuple[int, ...], generator) -> None:
-    """Run every request's whole prompt in one ragged forward and emit its first token; the prompt's
-    features (of `layers`) wait for the drafter."""
+def prefill(runner: TargetRunner, requests: list[Request], layers: tuple[int, ...], uniforms: torch.Tensor) -> None:
+    """Run every request's whole prompt in one ragged forward and emit its first token (inverse CDF at
+    uniforms [N]); the prompt's features (of `layers`) wait for the drafter."""
     out = runner.forward([r.seq_id for r in requests], [list(r.prompt_ids) for r in requests], all_logits=False,
                          feature_layer_ids=layers)
     check_finite(out.logits, [r.request_id for r in requests], "target's prefill logits")
-    first = sample(logits_to_probs(out.logits, [r.sampling for r in requests]), generator).tolist()
+    first = sample(logits_to_probs(out.logits, [r.sampling for r in requests]), uniforms=uniforms).tolist()
     features = out.split(out.features) if out.features is not None else [None] * len(requests)
     for request, token, feats in zip(requests, first, features):
         request.pending_features = feats
@@ -57,8 +58,10 @@ def prefill(runner: TargetRunner, requests: list[Request], layers: tuple[int, ..
 
 
 def speculative_step(runner: TargetRunner, requests: list[Request], drafter: Drafter | None, controller: SpeculationController,
-                     num_draft_tokens: int, generator) -> None:
-    """One step (module docstring) for every request of `requests` (none finished); updates them in place."""
+                     num_draft_tokens: int, random: StepRandom, generator: torch.Generator | None = None) -> None:
+    """One step (module docstring) for every request of `requests` (none finished); updates them in place.
+    random: the step's uniforms, row b for request b (drafts, acceptance tests, the final token);
+    generator: for drafters that want more randomness of their own."""
     batch = len(requests)
     layers = drafter.feature_layer_ids if drafter is not None else ()
     # Drafts are only worth proposing if the step can still emit them plus one target token.
@@ -68,8 +71,8 @@ def speculative_step(runner: TargetRunner, requests: list[Request], drafter: Dra
         limits.append(max(0, min(num_draft_tokens if r.speculate else 0, r.room - 1, context_room)))
     drafter_called = drafter is not None and any(limits) and controller.should_draft(batch)
     if drafter_called:
-        proposal = drafter.propose([DraftInput(r.seq_id, r.token_ids, r.pending_features, limit, r.sampling)
-                                    for r, limit in zip(requests, limits)], generator)
+        proposal = drafter.propose([DraftInput(r.seq_id, r.token_ids, r.pending_features, limit, r.sampling, random.draft(b))
+                                    for b, (r, limit) in enumerate(zip(requests, limits))], generator)
     else:
         proposal = DraftProposal.empty(batch)
     samplings = [r.sampling for r in requests]
@@ -99,7 +102,7 @@ def speculative_step(runner: TargetRunner, requests: list[Request], drafter: Dra
     if draft_probs is not None:
         used = torch.arange(width, device=draft_probs.device) < verify_lens.to(draft_probs.device)[:, None]
         check_finite(draft_probs, [r.request_id for r in requests], "drafter's proposal distribution", used)
-    result = verify(target_probs, drafts.to(target_probs.device), verify_lens, draft_probs, generator)
+    result = verify(target_probs, drafts.to(target_probs.device), verify_lens, draft_probs, uniforms=random.verification())
     if drafter_called:
         controller.observe(plan, result.num_accepted, samplings, proposal.confidence_logits)
     accepted = result.num_accepted.tolist()

@@ -30,6 +30,16 @@ class DraftInput:
     new_features: torch.Tensor | None  # [n_new, L·H] target features of positions verified since the last call
     max_tokens: int  # at most this many drafts are useful this round (≥ 0; at 0 still ingest new_features)
     sampling: SamplingParams
+    # [≥ block_size] uniforms in [0, 1): slot k's draft is the inverse CDF of q_k at uniforms[k]
+    # (`dspark.decoding.randomness`); None: the drafter draws from the generator `propose` receives
+    uniforms: torch.Tensor | None = None
+
+
+def draft_uniforms(batch: list[DraftInput], width: int) -> torch.Tensor | None:
+    """[B, width] the rows' draft uniforms, or None unless every row carries them."""
+    if not batch or any(item.uniforms is None for item in batch):
+        return None
+    return torch.stack([item.uniforms[:width] for item in batch])
 
 
 @dataclass

@@ -29,7 +29,7 @@ from torch import nn
 
 from dspark.decoding.sampling import SamplingParams, logits_to_probs, sample
 from dspark.models.config import DecoderConfig
-from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter
+from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter, draft_uniforms
 from dspark.models.drafters.dspark_config import ARCHITECTURE_NAMES, DSparkConfig, parse_dspark_config
 from dspark.models.drafters.heads import SEQUENTIAL_HEADS, ConfidenceHead
 from dspark.models.drafters.common import DraftCheckpointMixin, check_drafter_target, context_handle, init_draft_weights
@@ -290,14 +290,17 @@ class DSparkDrafter(Drafter):
             feats.append(item.new_features.to(device))
         anchors = torch.tensor([item.token_ids[-1] for item in batch], dtype=torch.long, device=device)
         hidden = self.model.forward_block(self.cache, handles, feats, anchors)
-        tokens, probs, confidence_logits = self.sample_block(hidden, anchors, [item.sampling for item in batch], generator)
+        tokens, probs, confidence_logits = self.sample_block(hidden, anchors, [item.sampling for item in batch], generator,
+                                                             draft_uniforms(batch, self.block_size))
         lengths = torch.tensor([min(item.max_tokens, self.block_size) for item in batch], dtype=torch.long)
         return DraftProposal(tokens=tokens.cpu(), lengths=lengths, probs=probs, confidence_logits=confidence_logits)
 
     def sample_block(
-        self, hidden: torch.Tensor, anchors: torch.Tensor, samplings: list[SamplingParams], generator
+        self, hidden: torch.Tensor, anchors: torch.Tensor, samplings: list[SamplingParams], generator,
+        uniforms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Sequential stage (paper Eq. 4): left to right, p_k = softmax(U_k + B_k(x_{k−1})), sample x_k.
+        """Sequential stage (paper Eq. 4): left to right, p_k = softmax(U_k + B_k(x_{k−1})), sample x_k (from
+        uniforms[:, k] [B, γ] when given, else from `generator`).
 
         hidden [B, γ, H] → tokens [B, γ], probs [B, γ, V] float32 (exactly what was sampled from),
         confidence_logits [B, γ] float32 (the raw head's, Eq. 7; c_k = σ(logit)) or None.
@@ -318,7 +321,7 @@ class DSparkDrafter(Drafter):
                 prev_emb = head.markov_w1(prev) if model.config.confidence_head_with_markov else None
                 conf_logits.append(model.confidence_head(hidden[:, k], prev_emb))
             q = logits_to_probs(logits, samplings)
-            prev = sample(q, generator)
+            prev = sample(q, generator, None if uniforms is None else uniforms[:, k])
             tokens.append(prev)
             probs.append(q)
         confidence_logits = torch.stack(conf_logits, dim=1).float() if conf_logits else None

@@ -66,7 +66,7 @@ from dspark.decoding.sampling import logits_to_probs, sample
 from dspark.errors import CheckpointError, RequestError
 from dspark.models.checkpoint import IndexExpectation
 from dspark.models.config import DecoderConfig, architectures_field, int_field, parse_decoder_config
-from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter
+from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter, draft_uniforms
 from dspark.models.drafters.common import (
     DraftCheckpointMixin,
     check_drafter_target,
@@ -483,6 +483,7 @@ class CausalFeatureDrafter(Drafter):
         tokens = torch.zeros(count, width, dtype=torch.long, device=device)
         probs = torch.zeros(count, width, vocab, dtype=torch.float32, device=device)
         verified = [self.cache.length(h) for h in handles]
+        uniforms = draft_uniforms(batch, width)
         try:
             for k in range(width):
                 rows = [b for b in range(count) if limits[b] > k]
@@ -492,7 +493,7 @@ class CausalFeatureDrafter(Drafter):
                     stepped = self.model.draft_step(self.cache, step_handles, hidden[index], tokens[index, k - 1])
                     hidden = hidden.index_copy(0, index, stepped)
                 q = logits_to_probs(self.model.logits(hidden[index]), [batch[b].sampling for b in rows])
-                tokens[index, k] = sample(q, generator)
+                tokens[index, k] = sample(q, generator, None if uniforms is None else uniforms[index.cpu(), k])
                 probs[index, k] = q
         finally:
             for handle, length in zip(handles, verified):
