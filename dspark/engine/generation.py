@@ -1,11 +1,13 @@
-"""The offline generation loop: a batch of prompts in, token ids and statistics out.
+"""The offline generation loop: a batch of prompts in, token ids and statistics out — a thin loop over the
+engine (`dspark.engine.engine.Engine`).
 
-All prompts are prefilled in one ragged forward, then `dspark.engine.step.speculative_step` runs for every
-unfinished request until each hits a stop token or its max_new_tokens (the step: draft → plan → verify →
-commit; plain decoding is the same step with ℓ = 0, so both process the target's logits identically). A
-`SpeculationController` (`dspark.scheduling.controller`) decides, per step, whether the drafter runs (the
-draft gate) and how many drafts of each request are verified (the verification policy, docs/design.md §5), from
-confidences calibrated under each request's regime; every choice keeps the output distribution exact.
+Every prompt is queued at once; the engine prefills them (in one ragged forward when the step's token budget
+allows, here unbounded by default) and then runs `dspark.engine.step` for every unfinished request until each
+hits a stop token or its max_new_tokens (the step: draft → plan → verify → commit; plain decoding is the same
+step with ℓ = 0, so both process the target's logits identically). A `SpeculationController`
+(`dspark.scheduling.controller`) decides, per step, whether the drafter runs (the draft gate) and how many
+drafts of each request are verified (the verification policy, docs/design.md §5), from confidences calibrated
+under each request's regime; every choice keeps the output distribution exact.
 """
 
 from __future__ import annotations
@@ -14,13 +16,10 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
 
-from dspark.decoding.randomness import StepRandom
 from dspark.decoding.sampling import SamplingParams
-from dspark.engine.request import Request
+from dspark.engine.engine import Engine, EngineConfig
 from dspark.engine.stats import RoundRecord, SpecStats
-from dspark.engine.step import prefill, speculative_step
 from dspark.errors import RequestError
 from dspark.models.drafters.base import Drafter
 from dspark.models.target_runner import TargetRunner
@@ -76,8 +75,8 @@ def generate(
 
     num_draft_tokens: drafts proposed per step (default: the drafter's block size γ).
     stop_token_ids: generation of a sequence ends after it emits one of these.
-    seed: seeds the one generator of every random draw: each step's uniforms (drafts, acceptance tests,
-        correction / bonus tokens; `dspark.decoding.randomness.StepRandom`) and the drafter's own (None: random).
+    seed: the engine's seed (None: random): every prompt's own random stream is drawn from it in order
+        (`dspark.engine.engine`), so one seed reproduces the whole batch.
     record_rounds: keep a RoundRecord per step and sequence (with the calibrated confidences, if any).
     controller: the draft gate, verification policy, calibration regimes and online calibrator (None: no
         gate, verify every draft, the raw head's confidences). A policy, gate or online calibrator that
@@ -86,55 +85,35 @@ def generate(
     count = len(prompts)
     samplings = _per_sequence(sampling, count, "sampling")
     budgets = _per_sequence(max_new_tokens, count, "max_new_tokens")
-    controller = controller or SpeculationController()
-    k = 0
-    if drafter is not None:
-        k = drafter.block_size if num_draft_tokens is None else num_draft_tokens
-        if k < 0:
-            raise RequestError(f"num_draft_tokens must be ≥ 0, got {k}")
-        drafter.check_num_draft_tokens(k)
-        drafter.check_target(runner.config)
-        controller.check_drafter(drafter)
-    for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
-        if len(prompt) == 0:
-            raise RequestError(f"prompt {i} is empty")
-        if not isinstance(budget, int) or budget < 1:
-            raise RequestError(f"max_new_tokens must be an integer ≥ 1, got {budget!r}")
-        if len(prompt) + budget > runner.max_context:
-            raise RequestError(
-                f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={budget} it needs "
-                f"{len(prompt) + budget} positions, beyond the model's context of {runner.max_context}"
-            )
-    stops = frozenset(int(t) for t in stop_token_ids)
-    generator = torch.Generator(device=runner.device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    layers = drafter.feature_layer_ids if drafter is not None else ()
+    if drafter is not None and num_draft_tokens is not None and num_draft_tokens < 0:
+        raise RequestError(f"num_draft_tokens must be ≥ 0, got {num_draft_tokens}")
+    lookahead = 1 + (drafter.block_size if drafter is not None else 0)
+    page = runner.cache.page_size
+    sizes = [len(p) + (b if isinstance(b, int) else 0) + lookahead for p, b in zip(prompts, budgets)]
+    config = EngineConfig(max_num_seqs=max(1, count), max_num_batched_tokens=max(1, sum(sizes)),
+                          num_draft_tokens=num_draft_tokens if drafter is not None else None, seed=seed)
     start_time = time.perf_counter()
-
-    requests = [Request(list(p), s, b, stops, request_id=i, record_rounds=record_rounds)
-                for i, (p, s, b) in enumerate(zip(prompts, samplings, budgets))]
-    for r in requests:
-        r.seq_id = runner.new_sequence()
-    active: list[Request] = []
-    draft_width = drafter.block_size if drafter is not None else 0
+    pages = sum(-(-n // page) for n in sizes)
+    pages += pages // 50 + 1  # the scheduler's admission watermark: every prompt is admitted at once
+    engine = Engine(runner, drafter, controller, config=config, expected_tokens=pages * page)
     try:
-        prefill(runner, requests, layers, torch.rand(count, generator=generator, dtype=torch.float64))
-        active = [r for r in requests if not r.finished]
-        while active:
-            random = StepRandom.from_generator(generator, len(active), draft_width, k)
-            speculative_step(runner, active, drafter, controller, k, random, generator)
-            for r in active:
-                if r.finished:
-                    _release(r, drafter, controller)
-            active = [r for r in active if not r.finished]
+        for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
+            if len(prompt) == 0:
+                raise RequestError(f"prompt {i} is empty")
+            if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+                raise RequestError(f"max_new_tokens must be an integer ≥ 1, got {budget!r}")
+            if len(prompt) + budget > runner.max_context:
+                raise RequestError(
+                    f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={budget} it needs "
+                    f"{len(prompt) + budget} positions, beyond the model's context of {runner.max_context}"
+                )
+        requests = [engine.add_request(i, p, sampling=s, max_new_tokens=b, stop_token_ids=stop_token_ids,
+                                       record_rounds=record_rounds)
+                    for i, (p, s, b) in enumerate(zip(prompts, samplings, budgets))]
+        while engine.has_unfinished():
+            engine.step()
     finally:
-        for r in requests:
-            runner.free_sequence(r.seq_id)
-        for r in active:
-            _release(r, drafter, controller)
+        engine.close()
     elapsed = time.perf_counter() - start_time
     total = SpecStats()
     results = []
@@ -142,10 +121,3 @@ def generate(
         total.merge(r.stats)
         results.append(SequenceResult(r.prompt_ids, r.output_ids, r.finish_reason, r.stats, r.rounds))
     return GenerationOutput(sequences=results, stats=total, elapsed_s=elapsed)
-
-
-def _release(request: Request, drafter: Drafter | None, controller: SpeculationController) -> None:
-    """Forget a finished (or abandoned) request's drafter and policy state."""
-    if drafter is not None:
-        drafter.release(request.seq_id)
-    controller.release(request.seq_id)

@@ -1,8 +1,9 @@
-"""A generation request and its decoding state: the one type the speculative step, `generate()` and the
-engine pass around."""
+"""A generation request and its decoding state: the one type the scheduler, the speculative step,
+`generate()` and the engine pass around."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Hashable
 
@@ -12,13 +13,21 @@ from dspark.decoding.sampling import SamplingParams
 from dspark.engine.stats import RoundRecord, SpecStats
 
 
-@dataclass
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued (new, or preempted: its KV freed, its output kept)
+    RUNNING = "running"  # admitted: prefilling (num_computed < prefill length) or decoding
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
 class Request:
-    """What to generate (set by the caller) and how far it got (updated by every step).
+    """What to generate (set by the caller) and how far it got (updated by every step). Compared by identity.
 
     prompt_ids: the prompt's token ids (≥ 1); max_new_tokens: tokens to generate at most; stop_token_ids:
-    generation ends after one of these is emitted (kept in the output); speculate: False = this request
-    verifies no drafts (ℓ = 0) in a speculative batch; record_rounds: keep a RoundRecord per step.
+    generation ends after one of these is emitted (kept in `output_ids`); stop: stop strings (need the
+    engine's tokenizer; the text is cut before them); seed: the request's own random stream (None: one
+    drawn from the engine's generator); speculate: False = this request verifies no drafts (ℓ = 0) in a
+    speculative batch; record_rounds: keep a RoundRecord per step.
     """
 
     prompt_ids: list[int]
@@ -28,13 +37,23 @@ class Request:
     speculate: bool = True
     request_id: Hashable = 0
     record_rounds: bool = False
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
     # -- state -----------------------------------------------------------------------------------------
+    status: Status = Status.WAITING
     seq_id: int | None = None  # the target KV cache's handle (also the drafter's and the policy's key)
     output_ids: list[int] = field(default_factory=list)  # generated tokens, a stop token included
-    finish_reason: str | None = None  # "stop" (stop token) | "length" (max_new_tokens or the context)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    num_computed: int = 0  # tokens in the target's cache (after each commit: prompt + output − 1)
+    generator: torch.Generator | None = None  # this request's random stream (`dspark.decoding.randomness`)
     pending_features: torch.Tensor | None = None  # [n, L·H] target features not yet given to the drafter
     stats: SpecStats = field(default_factory=SpecStats)
     rounds: list[RoundRecord] = field(default_factory=list)
+    num_preemptions: int = 0
+    detokenizer: object | None = None  # `dspark.engine.detokenizer.IncrementalDetokenizer` with a tokenizer
+    arrival_time: float = 0.0  # time.perf_counter() seconds
+    first_token_time: float | None = None
+    finish_time: float | None = None
 
     @property
     def last_token(self) -> int:
@@ -47,6 +66,26 @@ class Request:
         return list(self.prompt_ids) + self.output_ids
 
     @property
+    def prefill_ids(self) -> list[int]:
+        """What the target must hold before the request can decode: the prompt, or — after a preemption —
+        the prompt and every generated token but the newest (x0 of the next step, not yet run)."""
+        return list(self.prompt_ids) + self.output_ids[:-1]
+
+    @property
+    def prefill_length(self) -> int:
+        return len(self.prompt_ids) + max(len(self.output_ids) - 1, 0)
+
+    @property
+    def prefilling(self) -> bool:
+        """Running and its target cache does not hold `prefill_ids` yet (a new request: no first token yet)."""
+        return self.status is Status.RUNNING and (not self.output_ids or self.num_computed < self.prefill_length)
+
+    @property
+    def resuming(self) -> bool:
+        """Recomputing after a preemption: its prefill emits no token."""
+        return bool(self.output_ids)
+
+    @property
     def room(self) -> int:
         """Tokens it may still generate."""
         return self.max_new_tokens - len(self.output_ids)
@@ -54,6 +93,11 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def batch_invariant(self) -> bool:
+        """A seeded sampled request: its tokens must not depend on the rest of the batch (planned as if alone)."""
+        return self.seed is not None and not self.sampling.greedy
 
     def emit(self, tokens: list[int]) -> list[int]:
         """Append `tokens` cut at the first stop token (kept) and at max_new_tokens; set the finish reason.

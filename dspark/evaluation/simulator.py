@@ -401,8 +401,8 @@ def _style(name: str, fixed_names: list[str]):
         k = fixed_names.index(name)
         shade = plt.cm.Greys(0.35 + 0.5 * k / max(1, len(fixed_names) - 1))
         return {"color": shade, "lw": 1.0, "ms": 3, "alpha": 0.9}
-    colors = {"plain": "black", "verify-all": "tab:brown", "causal-greedy": "tab:red", "async-topk": "tab:orange",
-              "mtp-1": "tab:blue"}
+    colors = {"plain": "black", "ar": "black", "verify-all": "tab:brown", "causal-greedy": "tab:red",
+              "async-topk": "tab:orange", "mtp-1": "tab:blue", "mtp": "tab:blue"}
     return {"color": colors.get(name, "tab:green"), "lw": 2.2 if name == "causal-greedy" else 1.6, "ms": 4}
 
 

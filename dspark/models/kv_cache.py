@@ -6,8 +6,10 @@ sequence lives in slot `table[p // page_size] * page_size + p % page_size`. Roll
 is just lowering its length (and returning whole pages past the new end to the free list): slots past
 the length are overwritten by the next forward.
 
-The pools grow on demand (re-allocated, contents copied) up to `max_pages`, so a CPU run needs no
-up-front sizing; a server passes a fixed `max_pages` and treats `CacheCapacityError` as back-pressure.
+Two ways to size the pools. Standalone use (training, evaluation, profiling) lets them grow on demand
+(re-allocated, contents copied) up to `max_pages`. The engine calls `allocate(num_pages, page_size)` once:
+the pools are then allocated exactly once and never grow; its block manager (`dspark.engine.block_manager`)
+keeps every sequence within them, and `CacheCapacityError` past them is a bug, not back-pressure.
 """
 
 from __future__ import annotations
@@ -112,6 +114,27 @@ class PagedKVCache:
     @property
     def num_free_pages(self) -> int:
         return len(self._free_pages)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self._tables)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K + V bytes one token position takes over all layers."""
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+
+    def allocate(self, num_pages: int, page_size: int) -> None:
+        """Replace the pools by exactly `num_pages` pages of `page_size` tokens, allocated now and never grown.
+        Only while no sequence is live (ValueError otherwise)."""
+        if self._tables:
+            raise ValueError(f"cannot re-allocate a KV cache holding {len(self._tables)} sequences")
+        if num_pages <= 0 or page_size <= 0:
+            raise ValueError("num_pages and page_size must be positive")
+        self.k_pools, self.v_pools, self._free_pages = [], [], []
+        self.num_pages, self.page_size, self.max_pages = 0, page_size, num_pages
+        self._grow(num_pages)
 
     # -- storage ---------------------------------------------------------------------------------
     def _grow(self, new_num_pages: int) -> None:

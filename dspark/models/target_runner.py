@@ -116,13 +116,17 @@ class TargetRunner:
         new_tokens: Sequence[Sequence[int] | torch.Tensor],
         *,
         all_logits: bool = True,
+        logits_per_sequence: Sequence[int] | None = None,
         feature_layer_ids: tuple[int, ...] = (),
         return_final_hidden: bool = False,
     ) -> RunnerOutput:
         """Append `new_tokens[b]` to sequence `seq_ids[b]` and run them through the model in one pass.
 
         all_logits=True → logits for every new position [T, V] (verification); False → only the last
-        new position of each sequence [B, V] (prefill / plain decoding).
+        new position of each sequence [B, V] (prefill / plain decoding). logits_per_sequence (overrides
+        all_logits): logits of the last n_b new positions of sequence b (0 ≤ n_b ≤ q_b), [Σ n_b, V] — the
+        engine's mixed steps: all rows of a verified block, the last row of a finished prompt, none of a
+        prompt chunk.
         return_final_hidden: also return the post-norm hidden state of every new position [T, H] (the
         target's own next-token distribution is lm_head of it; drafter losses need it, docs/design.md §2.5).
         """
@@ -139,12 +143,19 @@ class TargetRunner:
         flat = torch.cat(tensors)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= vocab):
             raise RequestError(f"token id out of range [0, {vocab})")
+        rows = None
+        if logits_per_sequence is not None:
+            counts = [int(n) for n in logits_per_sequence]
+            if len(counts) != len(query_lens) or any(not 0 <= n <= q for n, q in zip(counts, query_lens)):
+                raise ValueError(f"logits_per_sequence {counts} does not fit the query lengths {query_lens}")
+            ends = torch.tensor(query_lens).cumsum(0).tolist()
+            rows = torch.cat([torch.arange(end - n, end) for end, n in zip(ends, counts)] + [torch.zeros(0, dtype=torch.long)])
+            rows = rows.to(self.device)
+        elif not all_logits:
+            rows = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
         starts = [self.cache.length(s) for s in seq_ids]
         meta = self.cache.prepare(list(seq_ids), query_lens)
         try:
-            rows = None
-            if not all_logits:
-                rows = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
             out = self.model(
                 flat.to(self.device), self.cache, meta, logits_rows=rows, feature_layer_ids=tuple(feature_layer_ids),
                 return_final_hidden=return_final_hidden,

@@ -49,29 +49,14 @@ class Plan:
         return cls(zeros, None, zeros)
 
 
-class SpeculationController:
-    """Calibration regimes, online calibration, draft gate and verification policy for one drafter.
+class CalibrationRegimes:
+    """Confidence maps by sampling temperature (paper §3.2.1): a request is calibrated under the regime
+    fitted nearest its own temperature (ties: the higher one; `calibration_file.nearest_regime`)."""
 
-    regimes: {sampling temperature: ConfidenceMap or temperatures [γ]} (None: the raw head); online: an
-    `OnlineCalibrator` (bound to one regime by its `sampling_temperature`, or to every request when that is
-    None); gate: a `DraftGate`; policy: a `VerificationPolicy` (None: verify every proposed draft).
-    """
-
-    def __init__(self, *, policy: VerificationPolicy | None = None, regimes: Mapping | None = None,
-                 online: OnlineCalibrator | None = None, gate: DraftGate | None = None):
-        self.policy = policy
-        self.online = online
-        self.gate = gate
-        self._points = np.empty(0)
-        self._maps: list[ConfidenceMap] = []
+    def __init__(self, regimes: Mapping | None = None):
+        self.points, self.maps = np.empty(0), []
         self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None  # [G, γ] temperatures, biases
-        self.set_regimes(regimes)
-
-    # -- calibration regimes ---------------------------------------------------------------------------
-    def set_regimes(self, regimes: Mapping | None) -> None:
-        """Replace every regime ({sampling temperature: map}); None = the raw head."""
         if not regimes:
-            self._points, self._maps, self._tensors = np.empty(0), [], None
             return
         by_point = {float(t): v for t, v in regimes.items()}
         points = sorted(by_point)
@@ -85,38 +70,27 @@ class SpeculationController:
                 raise RequestError(f"bad calibration for sampling temperature {point}: {exc}") from None
         if len({m.block_size for m in maps}) != 1:
             raise RequestError(f"calibration regimes of different block sizes: {[m.block_size for m in maps]}")
-        self._points, self._maps = np.array(points), maps
+        self.points, self.maps = np.array(points), maps
         self._tensors = (torch.tensor(np.stack([m.temperatures for m in maps]), dtype=torch.float32),
                          torch.tensor(np.stack([m.biases for m in maps]), dtype=torch.float32))
 
-    def set_regime(self, sampling_temperature: float | None, cmap: ConfidenceMap) -> None:
-        """Replace (or add) the regime of one sampling temperature; None: one map for every request."""
-        if sampling_temperature is None:
-            self.set_regimes({1.0: cmap})
-            return
-        regimes = dict(zip(self._points.tolist(), self._maps))
-        regimes[float(sampling_temperature)] = cmap
-        self.set_regimes(regimes)
+    def as_dict(self) -> dict[float, ConfidenceMap]:
+        return dict(zip(self.points.tolist(), self.maps))
 
-    @property
-    def regimes(self) -> dict[float, ConfidenceMap]:
-        return dict(zip(self._points.tolist(), self._maps))
+    def index(self, temperatures: np.ndarray) -> np.ndarray:
+        """Index of the regime nearest each temperature (ties: the higher one): the points ascend, so the
+        first minimum of the reversed distances."""
+        distance = np.abs(temperatures[:, None] - self.points[None, :])
+        return self.points.size - 1 - np.argmin(distance[:, ::-1], axis=1)
 
     def map_for(self, sampling: SamplingParams) -> ConfidenceMap | None:
-        """The map applied to a request sampled with `sampling` (None: its confidences are the raw head's)."""
-        if not self._maps:
+        if not self.maps:
             return None
-        return self._maps[int(self._regime_index(np.array([sampling.temperature]))[0])]
-
-    def _regime_index(self, temperatures: np.ndarray) -> np.ndarray:
-        """Index of the regime nearest each temperature (ties: the higher one; `calibration_file.nearest_regime`):
-        the points ascend, so the first minimum of the reversed distances."""
-        distance = np.abs(temperatures[:, None] - self._points[None, :])
-        return self._points.size - 1 - np.argmin(distance[:, ::-1], axis=1)
+        return self.maps[int(self.index(np.array([sampling.temperature]))[0])]
 
     def calibrate(self, logits: torch.Tensor, samplings: Sequence[SamplingParams]) -> torch.Tensor:
-        """Raw confidence logits [R, K] → calibrated confidences σ(logit / T + b) [R, K] float32, each row
-        under its request's regime (σ(logit) without regimes)."""
+        """Raw confidence logits [R, K] → σ(logit / T + b) [R, K] float32, each row under its request's regime
+        (σ(logit) without regimes)."""
         logits = logits.float()
         if self._tensors is None:
             return torch.sigmoid(logits)
@@ -125,10 +99,57 @@ class SpeculationController:
             temps, biases = temps.to(logits.device), biases.to(logits.device)
             self._tensors = (temps, biases)
         width = logits.shape[1]
-        if len(self._maps) == 1:
+        if len(self.maps) == 1:
             return torch.sigmoid(logits / temps[0, :width] + biases[0, :width])
-        index = torch.from_numpy(self._regime_index(np.array([s.temperature for s in samplings]))).to(logits.device)
+        index = torch.from_numpy(self.index(np.array([s.temperature for s in samplings]))).to(logits.device)
         return torch.sigmoid(logits / temps[index, :width] + biases[index, :width])
+
+
+class SpeculationController:
+    """Calibration regimes, online calibration, draft gate and verification policy for one drafter.
+
+    regimes: {sampling temperature: ConfidenceMap or temperatures [γ]} (None: the raw head); online: an
+    `OnlineCalibrator` (bound to one regime by its `sampling_temperature`, or to every request when that is
+    None); gate: a `DraftGate`; policy: a `VerificationPolicy` (None: verify every proposed draft).
+
+    Requests planned `alone` (`plan`) are calibrated under the regimes as given (never an online refit) and
+    planned by `policy.alone()`, one at a time: what they verify depends on their own confidences only.
+    """
+
+    def __init__(self, *, policy: VerificationPolicy | None = None, regimes: Mapping | None = None,
+                 online: OnlineCalibrator | None = None, gate: DraftGate | None = None):
+        self.policy = policy
+        self.online = online
+        self.gate = gate
+        self.set_regimes(regimes)
+
+    # -- calibration regimes ---------------------------------------------------------------------------
+    def set_regimes(self, regimes: Mapping | None) -> None:
+        """Replace every regime ({sampling temperature: map}); None = the raw head."""
+        self._given = self._live = CalibrationRegimes(regimes)
+
+    def set_regime(self, sampling_temperature: float | None, cmap: ConfidenceMap) -> None:
+        """Replace (or add) the live regime of one sampling temperature (an online refit); None: one map for
+        every request. Requests planned alone keep the regimes given to `set_regimes`."""
+        if sampling_temperature is None:
+            self._live = CalibrationRegimes({1.0: cmap})
+            return
+        regimes = self._live.as_dict()
+        regimes[float(sampling_temperature)] = cmap
+        self._live = CalibrationRegimes(regimes)
+
+    @property
+    def regimes(self) -> dict[float, ConfidenceMap]:
+        return self._live.as_dict()
+
+    def map_for(self, sampling: SamplingParams) -> ConfidenceMap | None:
+        """The map applied to a request sampled with `sampling` (None: its confidences are the raw head's)."""
+        return self._live.map_for(sampling)
+
+    def calibrate(self, logits: torch.Tensor, samplings: Sequence[SamplingParams]) -> torch.Tensor:
+        """Raw confidence logits [R, K] → calibrated confidences σ(logit / T + b) [R, K] float32, each row
+        under its request's live regime (σ(logit) without regimes)."""
+        return self._live.calibrate(logits, samplings)
 
     # -- the step ------------------------------------------------------------------------------------
     @property
@@ -155,27 +176,48 @@ class SpeculationController:
 
     def plan(self, confidence_logits: torch.Tensor | None, proposed: torch.Tensor, limits: torch.Tensor,
              request_ids: Sequence[int] | None, samplings: Sequence[SamplingParams] | None = None, *,
-             calibrated: torch.Tensor | None = None) -> Plan:
+             calibrated: torch.Tensor | None = None, alone: Sequence[bool] | None = None) -> Plan:
         """ℓ per request: proposed [R] drafts, limits [R] the most each may verify (room left), request ids
         (for policies with per-request state), from the raw head's confidence logits [R, K] calibrated under
         each request's regime (`samplings` picks it; unused with one regime) — or from confidences that are
-        already calibrated (`calibrated`: recorded rounds replayed by the simulator)."""
-        full = torch.minimum(proposed.cpu(), limits.cpu())
+        already calibrated (`calibrated`: recorded rounds replayed by the simulator). alone [R]: rows planned
+        as if alone (class docstring); the policy sees the other rows only."""
+        proposed, limits = proposed.cpu(), limits.cpu()
+        full = torch.minimum(proposed, limits)
         confidences = calibrated
         if confidences is None and confidence_logits is not None:
             confidences = self.calibrate(confidence_logits, samplings or ())
+        solo_rows = [] if alone is None else [i for i, a in enumerate(alone) if a]
+        if solo_rows and calibrated is None and confidence_logits is not None and self._given is not self._live:
+            index = torch.tensor(solo_rows, device=confidences.device)
+            confidences = confidences.clone()
+            confidences[index] = self._given.calibrate(confidence_logits[index], [samplings[i] for i in solo_rows])
         if self.policy is None:
             return Plan(full, confidences, full)
-        chosen = self.policy(confidences, proposed.cpu(), limits.cpu(), None if request_ids is None else list(request_ids))
+        ids = None if request_ids is None else list(request_ids)
+        if not solo_rows:
+            chosen = self.policy(confidences, proposed, limits, ids)
+            return Plan(torch.minimum(chosen.to(torch.long).clamp_min(0), full), confidences, full)
+        chosen = full.clone()
+        shared = [i for i in range(full.numel()) if i not in set(solo_rows)]
+        if shared:
+            rows = torch.tensor(shared)
+            picked = None if confidences is None else confidences[rows.to(confidences.device)]
+            chosen[rows] = self.policy(picked, proposed[rows], limits[rows], None if ids is None else [ids[i] for i in shared])
+        solo = self.policy.alone()
+        for i in solo_rows:
+            picked = None if confidences is None else confidences[i: i + 1]
+            chosen[i] = solo(picked, proposed[i: i + 1], limits[i: i + 1], None)[0]
         return Plan(torch.minimum(chosen.to(torch.long).clamp_min(0), full), confidences, full)
 
     def observe(self, plan: Plan, accepted: torch.Tensor, samplings: Sequence[SamplingParams] | None = None,
-                confidence_logits: torch.Tensor | None = None) -> None:
-        """The step's outcome (accepted [R] drafts) → the gate (calibrated confidences) and the online
-        calibrator (the raw head's `confidence_logits`, rows of its regime only); a refit replaces that
-        regime's map from the next step on."""
+                confidence_logits: torch.Tensor | None = None, *, gate: bool = True) -> None:
+        """The step's outcome (accepted [R] drafts) → the gate (calibrated confidences; not when `gate` is
+        False: a step it closed, drafted only for requests planned alone) and the online calibrator (the raw
+        head's `confidence_logits`, rows of its regime only); a refit replaces that regime's live map from the
+        next step on."""
         accepted = torch.as_tensor(accepted)
-        if self.gate is not None and plan.confidences is not None:
+        if gate and self.gate is not None and plan.confidences is not None:
             self.gate.observe(plan.confidences.detach().float().cpu().numpy(), plan.full, plan.lengths, accepted.cpu())
         if self.online is None or confidence_logits is None:
             return

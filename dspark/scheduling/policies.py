@@ -109,6 +109,13 @@ class VerificationPolicy(ABC):
     def release(self, request_id: int) -> None:
         """Forget a finished request (no-op for stateless policies)."""
 
+    def alone(self) -> "VerificationPolicy":
+        """The policy that plans a request as if it were alone in the batch, from its own confidences only
+        and without state (the engine's seeded sampled requests, whose tokens must not depend on the rest of
+        the batch). Row-independent stateless policies are their own; hardware-aware ones give Algorithm 1
+        at R = 1."""
+        return self
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -255,6 +262,12 @@ class _HardwareAware(VerificationPolicy):
                 self._tables.pop(next(iter(self._tables)))
             table = self._tables[key] = self.profile.sps_table(requests, requests * (1 + width), self.include_draft)
         return table
+
+    def alone(self) -> VerificationPolicy:
+        solo = getattr(self, "_alone", None)
+        if solo is None:
+            solo = self._alone = CausalGreedy(self.profile, self.include_draft, lookahead=False)
+        return solo
 
     @staticmethod
     def _base(full: np.ndarray, bad: np.ndarray | None) -> int:

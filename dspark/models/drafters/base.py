@@ -68,6 +68,9 @@ class Drafter(ABC):
     feature_layer_ids: tuple[int, ...] = ()
     provides_confidence: bool = False
     source = None  # the checkpoint folder it was loaded from (`load_drafter`), None for model-free drafters
+    # Its own paged KV cache (PagedKVCache), if any: the engine sizes it together with the target's
+    # (`dspark.engine.block_manager`); at most (verified context + block_size) positions per sequence.
+    cache = None
 
     @property
     def needs_target_features(self) -> bool:
