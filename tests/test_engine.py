@@ -214,7 +214,7 @@ def test_control_without_planning_alone_the_batch_changes_a_seeded_request(runne
 
 def test_no_page_leaks_after_finish_abort_and_preemption(runner, dspark_folder):
     drafter = make_drafter("dspark", dspark_folder)
-    engine = Engine(runner, drafter, config=EngineConfig(kv_cache_tokens=64, max_num_batched_tokens=8))
+    engine = Engine(runner, drafter, config=EngineConfig(kv_cache_tokens=64, max_num_batched_tokens=8, policy="verify-all"))
     rng = random.Random(3)
     for i in range(10):
         engine.add_request(i, [rng.randrange(V) for _ in range(rng.randint(3, 15))], max_new_tokens=20,
@@ -244,6 +244,12 @@ def test_engine_rejects_bad_requests_and_configs(runner):
         engine.add_request("a", [])
     with pytest.raises(RequestError, match="out of range"):
         engine.add_request("a", [V])
+    with pytest.raises(RequestError, match="must be integers"):
+        engine.add_request("a", [1, 2.5])
+    with pytest.raises(RequestError, match="not hashable"):
+        engine.add_request(["a"], [1])
+    with pytest.raises(RequestError, match="SamplingParams"):
+        engine.add_request("a", [1], sampling={"temperature": 1.0})
     with pytest.raises(RequestError, match="context of 64"):
         engine.add_request("a", [1] * 10, max_new_tokens=60)
     with pytest.raises(RequestError, match="KV budget of 32 tokens"):
@@ -280,6 +286,26 @@ def test_kv_budget_from_memory_fraction_is_fixed(runner):
     assert runner.cache.max_pages is None
 
 
+def test_default_controller_is_algorithm_1_with_the_machines_profile(runner, dspark_folder, tmp_path):
+    profile = tmp_path / "profile.json"
+    profile.write_text('{"verify_ms_by_tokens": {"1": 12.0, "400": 810.0}}')
+    drafter = make_drafter("dspark", dspark_folder)
+    engine = Engine(runner, drafter, config=EngineConfig(profile=str(profile)))
+    policy = engine.controller.policy
+    assert isinstance(policy, CausalGreedy) and policy.lookahead and engine.controller.gate is None
+    engine.close()
+    gated = Engine(runner, drafter, config=EngineConfig(profile=str(profile), policy="causal-greedy-gated"))
+    assert gated.controller.gate is not None
+    gated.close()
+    plain = Engine(runner, make_drafter("ngram", dspark_folder))  # no confidence head: verify every draft
+    assert type(plain.controller.policy).__name__ == "VerifyAll"
+    plain.close()
+    with pytest.raises(ConfigError, match="policy 'mtp-1'"):
+        Engine(runner, drafter, config=EngineConfig(policy="mtp-1"))
+    with pytest.raises(RequestError, match="confidences"):
+        Engine(runner, make_drafter("ngram", dspark_folder), config=EngineConfig(policy="threshold-0.5"))
+
+
 def test_engine_statistics(runner, dspark_folder):
     drafter = make_drafter("dspark", dspark_folder)
     engine = Engine(runner, drafter, SpeculationController(policy=CausalGreedy(COSTLY_TOKENS)))
@@ -297,6 +323,7 @@ def test_engine_statistics(runner, dspark_folder):
     assert stats.finished_requests == 4 and stats.kv_usage == 0
     spec = stats.spec
     assert spec["rounds"] == sum(len(r.rounds) for r in requests.values())
+    assert spec["drafts"] == sum(1 for r in requests.values() for x in r.rounds if x.verified > 0) > 0
     assert spec["accepted_tokens"] == sum(r.stats.accepted_tokens for r in requests.values())
     assert spec["emitted_tokens"] + 4 == sum(len(r.output_ids) for r in requests.values())  # + the prefill tokens
     assert stats.verify_budget_mean == pytest.approx(spec["verified_tokens"] / stats.steps)

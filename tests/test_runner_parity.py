@@ -445,6 +445,21 @@ def test_ragged_batch_equals_sequences_alone(qwen3):
         assert rel_err(logits, ref_logits[len(prefix):]) < HF_TOL
 
 
+def test_attention_groups_keep_prompt_chunks_and_decoding_rows_apart():
+    """Sequences of similar query length share one padded attention call; a prompt chunk is not padded
+    together with one-token rows (the ragged batch above runs as two groups: [23] and [3, 1, 1])."""
+    from dspark.models.kv_cache import group_by_query_length
+
+    assert group_by_query_length([1, 23, 3, 1]) == [[1], [2, 0, 3]]
+    assert group_by_query_length([5, 5, 5]) == [[0, 1, 2]]  # equal lengths: one call, in order
+    assert group_by_query_length([8, 1, 8, 1]) == [[0, 1, 2, 3]]  # verification rows: one call
+    lens = [134, 1, 120, 2, 40, 1, 130, 70]
+    groups = group_by_query_length(lens)
+    assert groups == [[0, 6, 2, 7], [4], [3, 1, 5]]
+    for members in groups:
+        assert all(max(lens[m] for m in members) <= max(2 * lens[b], 16) for b in members)
+
+
 @pytest.mark.parametrize(
     "prefix_lens,new_lens",
     [
@@ -452,6 +467,7 @@ def test_ragged_batch_equals_sequences_alone(qwen3):
         ([3, 12, 0], [1, 1, 1]),  # one token each, different contexts
         ([4, 11], [3, 3]),  # equal query lengths (no padding), different contexts
         ([0, 0], [6, 2]),  # two prefills
+        ([0, 20, 7, 0, 31], [40, 1, 8, 33, 1]),  # prompt chunks and decoding rows: several attention groups
     ],
 )
 def test_batch_shapes(qwen3, prefix_lens, new_lens):

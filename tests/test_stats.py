@@ -38,6 +38,7 @@ def _stats(records):
 def test_hand_computed_totals_tau_and_acceptance():
     s = _stats(HAND)
     assert (s.rounds, s.drafted_tokens, s.verified_tokens, s.accepted_tokens, s.emitted_tokens) == (5, 12, 11, 6, 10)
+    assert s.drafts == 4  # every round but the plain step R4 verified a draft
     assert s.mean_accepted_length == pytest.approx(10 / 5)  # τ = 2.0
     assert s.acceptance_rate == pytest.approx(6 / 11)  # per verified draft, bonus not counted
 

@@ -39,7 +39,7 @@ def register(sub) -> None:
     p.add_argument("--request-rate", default="", help="open-loop Poisson arrival rates, requests/s (comma-separated)")
     p.add_argument("--temperature", default="1", help="sampling temperature(s), comma-separated (0 = greedy)")
     p.add_argument("--num-requests", type=int, default=None,
-                   help="requests per point (default: max(2C, 8) closed loop, 32 open loop)")
+                   help="requests per point (default: max(4C, 16) closed loop, 64 open loop)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="output tokens per request at most")
     p.add_argument("--datasets", default=",".join(RECORD_SETS), help="prompt sets (names or JSONL paths)")
     p.add_argument("--data-dir", default=None, help="folder with <name>.jsonl prompt sets")

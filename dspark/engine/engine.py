@@ -24,6 +24,7 @@ Greedy requests need none of this: their tokens are the target's argmax whatever
 
 from __future__ import annotations
 
+import operator
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -53,7 +54,14 @@ class EngineConfig:
     first, prompt chunks take the rest); kv_cache_tokens: the KV budget in tokens (None: from
     kv_cache_memory_fraction of the free device memory, default 0.9; `dspark.engine.block_manager`);
     page_size: tokens per KV page (None: the runner's); num_draft_tokens: drafts per step (None: the
-    drafter's block size γ); seed: the engine generator's seed (None: random)."""
+    drafter's block size γ); seed: the engine generator's seed (None: random).
+
+    When the engine is given no controller (`default_controller`): policy — the verification policy by name
+    (`dspark.scheduling.named`; "auto" = causal-greedy, Algorithm 1 with the staircase lookahead, for a drafter
+    with a confidence head, else verify-all; causal-greedy-gated adds the draft gate); profile — the SPS
+    profile JSON of the hardware-aware policies (None: this machine's, measured at start-up once and cached,
+    `dspark.scheduling.profiler`); calibration — the drafter's calibration file ("auto": the built-in one when
+    it was fitted for this drafter; "none": the raw head)."""
 
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
@@ -62,6 +70,9 @@ class EngineConfig:
     page_size: int | None = None
     num_draft_tokens: int | None = None
     seed: int | None = 0
+    policy: str = "auto"
+    profile: str | None = None
+    calibration: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -128,6 +139,48 @@ class EngineStats:
         return asdict(self)
 
 
+HARDWARE_AWARE = ("causal-greedy", "causal-greedy-gated", "algorithm-1", "async-topk")
+
+
+def default_controller(runner: TargetRunner, drafter: Drafter | None, config: EngineConfig) -> SpeculationController:
+    """The controller of `config.policy` / `profile` / `calibration` (EngineConfig) for this drafter."""
+    from pathlib import Path
+
+    from dspark.calibration.calibration_file import regimes_for
+    from dspark.scheduling.gate import DraftGate
+    from dspark.scheduling.named import make_policy, parse_policies
+
+    if drafter is None:
+        return SpeculationController()
+    name = config.policy
+    if name == "auto":
+        name = "causal-greedy" if drafter.provides_confidence else "verify-all"
+    specs = parse_policies(name, drafter.block_size, "policy")
+    if len(specs) != 1 or specs[0].kind in ("plain", "mtp-1"):
+        raise ConfigError(f"policy {config.policy!r}: give one of auto, verify-all, fixed-N, threshold-T, causal-greedy, "
+                          "causal-greedy-gated, algorithm-1, async-topk")
+    spec = specs[0]
+    profile = None
+    if spec.kind in HARDWARE_AWARE:
+        from dspark.scheduling.sps import SPSProfile
+
+        if config.profile is not None:
+            profile = SPSProfile.load(config.profile)
+        else:
+            if not Path(runner.name).is_dir():
+                raise ConfigError(f"policy {name!r} needs an SPS profile: give EngineConfig.profile, or load the target "
+                                  "from a folder so this machine's profile can be measured")
+            from dspark.scheduling.profiler import profile_with_cache
+
+            data, path, _ = profile_with_cache(runner.name, drafter.source, device=runner.device, dtype=runner.dtype)
+            profile = SPSProfile.from_dict(data, source=str(path))
+    gate = DraftGate(profile) if spec.kind == "causal-greedy-gated" else None
+    controller = SpeculationController(policy=make_policy(spec, profile), regimes=regimes_for(drafter, config.calibration),
+                                       gate=gate)
+    controller.check_drafter(drafter)
+    return controller
+
+
 class Engine:
     STEP_WINDOW = 256
 
@@ -135,13 +188,14 @@ class Engine:
                  controller: SpeculationController | None = None, *, config: EngineConfig | None = None,
                  tokenizer=None, eos_token_ids: Sequence[int] = (), expected_tokens: int | None = None):
         """runner, drafter: the models (the drafter may be None: plain decoding); controller: gate, policy and
-        calibration (None: verify every draft); tokenizer: for text out and stop strings; eos_token_ids: stop
+        calibration (None: `default_controller` of the config — Algorithm 1 with the lookahead for a drafter
+        with a confidence head); tokenizer: for text out and stop strings; eos_token_ids: stop
         every request unless it sets ignore_eos; expected_tokens: the most tokens the requests will hold
         together, when known (offline batches), caps the KV budget."""
         self.runner = runner
         self.drafter = drafter
-        self.controller = controller or SpeculationController()
         self.config = config = config or EngineConfig()
+        self.controller = controller if controller is not None else default_controller(runner, drafter, config)
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.num_draft_tokens = 0
@@ -176,7 +230,6 @@ class Engine:
         self.times = StepTimes()
         self._verify_budgets: deque[int] = deque(maxlen=self.STEP_WINDOW)
         self.last_step: dict = {}
-        self.layers = drafter.feature_layer_ids if drafter is not None else ()
 
     # -- requests ------------------------------------------------------------------------------------
     def add_request(self, request_id: Hashable, prompt_ids: Sequence[int], *, sampling: SamplingParams | None = None,
@@ -186,9 +239,17 @@ class Engine:
         """Queue a request; RequestError (nothing queued) for bad input: an empty or out-of-vocabulary
         prompt, a prompt + max_new_tokens beyond the model's context or the whole KV budget, a duplicate
         id, stop strings without a tokenizer, a seed outside [0, 2^63)."""
-        if request_id in self.requests:
-            raise RequestError(f"request id {request_id!r} is already in use")
-        prompt = [int(t) for t in prompt_ids]
+        try:
+            if request_id in self.requests:
+                raise RequestError(f"request id {request_id!r} is already in use")
+        except TypeError:
+            raise RequestError(f"request id {request_id!r} is not hashable") from None
+        try:
+            prompt = [operator.index(t) for t in prompt_ids]
+        except TypeError:
+            raise RequestError(f"request {request_id!r}: prompt token ids must be integers") from None
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise RequestError(f"request {request_id!r}: sampling must be a SamplingParams, got {type(sampling).__name__}")
         vocab = self.runner.config.vocab_size
         if not prompt:
             raise RequestError(f"request {request_id!r}: the prompt is empty")

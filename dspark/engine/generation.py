@@ -95,7 +95,7 @@ def generate(
     start_time = time.perf_counter()
     pages = sum(-(-n // page) for n in sizes)
     pages += pages // 50 + 1  # the scheduler's admission watermark: every prompt is admitted at once
-    engine = Engine(runner, drafter, controller, config=config, expected_tokens=pages * page)
+    engine = Engine(runner, drafter, controller or SpeculationController(), config=config, expected_tokens=pages * page)
     try:
         for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
             if len(prompt) == 0:

@@ -29,6 +29,7 @@ class SpecStats:
     """Aggregates over rounds. Per-position lists are indexed by slot (0 = first draft)."""
 
     rounds: int = 0
+    drafts: int = 0  # rounds that verified at least one draft (vLLM's num_drafts)
     drafted_tokens: int = 0
     verified_tokens: int = 0
     accepted_tokens: int = 0
@@ -39,6 +40,7 @@ class SpecStats:
 
     def add(self, record: RoundRecord) -> None:
         self.rounds += 1
+        self.drafts += record.verified > 0
         self.drafted_tokens += record.drafted
         self.verified_tokens += record.verified
         self.accepted_tokens += record.accepted
@@ -57,6 +59,7 @@ class SpecStats:
 
     def merge(self, other: "SpecStats") -> None:
         self.rounds += other.rounds
+        self.drafts += other.drafts
         self.drafted_tokens += other.drafted_tokens
         self.verified_tokens += other.verified_tokens
         self.accepted_tokens += other.accepted_tokens
@@ -90,6 +93,7 @@ class SpecStats:
     def to_dict(self) -> dict:
         return {
             "rounds": self.rounds,
+            "drafts": self.drafts,
             "drafted_tokens": self.drafted_tokens,
             "verified_tokens": self.verified_tokens,
             "accepted_tokens": self.accepted_tokens,

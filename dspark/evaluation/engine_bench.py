@@ -48,7 +48,7 @@ class BenchSettings:
     concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY
     request_rates: tuple[float, ...] = ()
     temperatures: tuple[float, ...] = (1.0,)
-    num_requests: int | None = None  # per point; None: max(2C, 8) closed loop, 32 open loop
+    num_requests: int | None = None  # per point; None: max(4C, 16) closed loop, 64 open loop
     max_new_tokens: int = 64
     seed: int = 0
 
@@ -176,7 +176,7 @@ def run_bench(runner, prompts: list[list[int]], settings: BenchSettings, *, make
         for policy in settings.policies:
             for kind, value in loads:
                 drafter, controller = make(policy)
-                count = settings.num_requests or (max(2 * value, 8) if kind == "concurrency" else 32)
+                count = settings.num_requests or (max(4 * value, 16) if kind == "concurrency" else 64)
                 config = engine_config(value if kind == "concurrency" else count)
                 engine = Engine(runner, drafter, controller, config=config, eos_token_ids=eos_token_ids)
                 try:

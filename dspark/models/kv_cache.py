@@ -22,21 +22,37 @@ from dspark.errors import CacheCapacityError
 
 
 @dataclass
+class AttentionGroup:
+    """Sequences whose queries are padded together into one attention call: b sequences, queries padded to
+    max_q, keys gathered and padded to max_c."""
+
+    token_rows: torch.Tensor | None  # [Tg] rows of the forward's T tokens in this group (None: all, in order)
+    gather_slots: torch.Tensor  # [b, max_c] flat slots of each sequence's keys, padded with slot 0
+    padded_index: torch.Tensor  # [Tg] row of each of its tokens in the padded [b * max_q] query layout
+    attn_mask: torch.Tensor | None  # [b, 1, max_q, max_c] bool, True = may attend; None = attend to all
+    max_query_len: int
+    num_tokens: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.gather_slots.shape[0]
+
+
+@dataclass
 class AttentionMetadata:
     """Everything attention needs for one ragged batch, built once per forward and shared by all layers.
 
     B sequences with query lengths q_b (≥ 1) and context lengths c_b (cached tokens + new ones), T = Σ q_b.
-    Drafters may also write n_b K/V-only rows per sequence before its queries (`kv_only_*`).
+    Drafters may also write n_b K/V-only rows per sequence before its queries (`kv_only_*`). Attention runs
+    per `AttentionGroup`: sequences of similar query length share one padded call (`group_by_query_length`),
+    so prompt chunks and one-token decoding rows in one forward are not padded to each other's size.
     """
 
     positions: torch.Tensor  # [T] absolute position of each new token
     slot_mapping: torch.Tensor  # [T] flat cache slot each new token's K/V is written to
     query_lens: list[int]  # q_b
     context_lens: list[int]  # c_b, after this forward's tokens are written
-    gather_slots: torch.Tensor  # [B, max_c] flat slots of each sequence's keys, padded with slot 0
-    padded_index: torch.Tensor  # [T] row of each new token in the padded [B * max_q] query layout
-    attn_mask: torch.Tensor | None  # [B, 1, max_q, max_c] bool, True = may attend; None = attend to all
-    max_query_len: int
+    groups: list[AttentionGroup]
     kv_only_positions: torch.Tensor | None = None  # [Σ n_b] positions of K/V-only rows (drafter context)
     kv_only_slot_mapping: torch.Tensor | None = None  # [Σ n_b] their cache slots
 
@@ -47,6 +63,28 @@ class AttentionMetadata:
     @property
     def batch_size(self) -> int:
         return len(self.query_lens)
+
+
+MAX_PADDING = 2  # a query row of a group is padded to at most this many times its length ...
+SHORT_QUERY = 16  # ... or to this many rows (decoding and verification rows always share one call)
+
+
+def group_by_query_length(query_lens: list[int]) -> list[list[int]]:
+    """Sequence indices in groups that share one padded attention call: by descending query length, a
+    sequence joins the current group when the group's longest query is at most max(MAX_PADDING × its own,
+    SHORT_QUERY), so no row's attention costs more than twice its own (apart from short rows) and a prompt
+    chunk is never padded together with one-token rows. One group, in the original order, when all fit."""
+    order = sorted(range(len(query_lens)), key=lambda b: -query_lens[b])
+    groups, current = [], []
+    for b in order:
+        if current and query_lens[current[0]] > max(MAX_PADDING * query_lens[b], SHORT_QUERY):
+            groups.append(current)
+            current = []
+        current.append(b)
+    groups.append(current)
+    if len(groups) == 1:
+        return [list(range(len(query_lens)))]
+    return groups
 
 
 class PagedKVCache:
@@ -215,30 +253,20 @@ class PagedKVCache:
             raise
         query_starts = [start + n for start, n in zip(starts, kv_only)]
         context_lens = [qs + q for qs, q in zip(query_starts, query_lens)]
-        batch, max_q, max_c = len(seq_ids), max(query_lens), max(context_lens)
         positions = torch.cat([torch.arange(s, s + q) for s, q in zip(query_starts, query_lens)])
-        gather = torch.zeros(batch, max_c, dtype=torch.long)
-        slot_mapping, kv_only_slots, kv_only_positions = [], [], []
-        for b, (seq_id, start, qs, c) in enumerate(zip(seq_ids, starts, query_starts, context_lens)):
+        slot_mapping, kv_only_slots, kv_only_positions, all_slots = [], [], [], []
+        for seq_id, start, qs, c in zip(seq_ids, starts, query_starts, context_lens):
             slots = self._slots(seq_id, 0, c)
-            gather[b, :c] = slots
+            all_slots.append(slots)
             slot_mapping.append(slots[qs:])
             kv_only_slots.append(slots[start:qs])
             kv_only_positions.append(torch.arange(start, qs))
-        padded_index = torch.cat([torch.arange(q) + b * max_q for b, q in enumerate(query_lens)])
-        uniform = all(q == 1 for q in query_lens) or not causal
-        uniform = uniform and all(c == max_c for c in context_lens) and all(q == max_q for q in query_lens)
-        mask = None
-        if not uniform:
-            q_idx = torch.arange(max_q).view(1, max_q, 1)
-            k_idx = torch.arange(max_c).view(1, 1, max_c)
-            ctx_t = torch.tensor(context_lens).view(batch, 1, 1)
-            q_real = q_idx < torch.tensor(query_lens).view(batch, 1, 1)
-            mask = (k_idx < ctx_t) & q_real
-            if causal:
-                mask &= k_idx <= torch.tensor(query_starts).view(batch, 1, 1) + q_idx
-            mask[..., 0] |= ~q_real[..., 0]  # padded query rows attend to one key: no NaN rows
-            mask = mask.unsqueeze(1)
+        token_offsets = [0]
+        for q in query_lens:
+            token_offsets.append(token_offsets[-1] + q)
+        members = group_by_query_length(list(query_lens))
+        groups = [self._group(rows, query_lens, query_starts, context_lens, all_slots, token_offsets, causal,
+                              whole=len(members) == 1) for rows in members]
         for seq_id, c in zip(seq_ids, context_lens):
             self._lengths[seq_id] = c
         device = self.device
@@ -247,10 +275,38 @@ class PagedKVCache:
             slot_mapping=torch.cat(slot_mapping).to(device),
             query_lens=list(query_lens),
             context_lens=context_lens,
-            gather_slots=gather.to(device),
-            padded_index=padded_index.to(device),
-            attn_mask=None if mask is None else mask.to(device),
-            max_query_len=max_q,
+            groups=groups,
             kv_only_positions=torch.cat(kv_only_positions).to(device),
             kv_only_slot_mapping=torch.cat(kv_only_slots).to(device),
         )
+
+    def _group(self, rows: list[int], query_lens: list[int], query_starts: list[int], context_lens: list[int],
+               all_slots: list[torch.Tensor], token_offsets: list[int], causal: bool, whole: bool) -> AttentionGroup:
+        """The padded attention layout of the sequences `rows` (indices into the forward's batch)."""
+        q_lens = [query_lens[b] for b in rows]
+        c_lens = [context_lens[b] for b in rows]
+        batch, max_q, max_c = len(rows), max(q_lens), max(c_lens)
+        gather = torch.zeros(batch, max_c, dtype=torch.long)
+        for i, b in enumerate(rows):
+            gather[i, : c_lens[i]] = all_slots[b]
+        padded_index = torch.cat([torch.arange(q) + i * max_q for i, q in enumerate(q_lens)])
+        uniform = all(q == 1 for q in q_lens) or not causal
+        uniform = uniform and all(c == max_c for c in c_lens) and all(q == max_q for q in q_lens)
+        mask = None
+        if not uniform:
+            q_idx = torch.arange(max_q).view(1, max_q, 1)
+            k_idx = torch.arange(max_c).view(1, 1, max_c)
+            ctx_t = torch.tensor(c_lens).view(batch, 1, 1)
+            q_real = q_idx < torch.tensor(q_lens).view(batch, 1, 1)
+            mask = (k_idx < ctx_t) & q_real
+            if causal:
+                mask &= k_idx <= torch.tensor([query_starts[b] for b in rows]).view(batch, 1, 1) + q_idx
+            mask[..., 0] |= ~q_real[..., 0]  # padded query rows attend to one key: no NaN rows
+            mask = mask.unsqueeze(1)
+        token_rows = None
+        if not whole:
+            token_rows = torch.cat([torch.arange(token_offsets[b], token_offsets[b + 1]) for b in rows]).to(self.device)
+        device = self.device
+        return AttentionGroup(token_rows=token_rows, gather_slots=gather.to(device), padded_index=padded_index.to(device),
+                              attn_mask=None if mask is None else mask.to(device), max_query_len=max_q,
+                              num_tokens=sum(q_lens))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dspark.models.kv_cache import AttentionMetadata
+from dspark.models.kv_cache import AttentionGroup, AttentionMetadata
 from dspark.models.rope import apply_rotary
 
 
@@ -45,34 +45,45 @@ class GatedMLP(nn.Module):
 def paged_attention(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """Causal attention of T ragged queries against each sequence's cached keys (new ones included).
+    """Causal attention of T ragged queries against each sequence's cached keys (new ones included), one
+    padded call per `AttentionGroup` of the metadata.
 
     q: [T, Hq, D]; pools: [slots, Hkv, D]. Returns [T, Hq, D].
     GQA packing: the G = Hq/Hkv query heads sharing a KV head are laid out as G·max_q query rows of that
     head, so each KV head is read once for all its query heads and all new tokens of a sequence (docs/design.md §6).
     """
-    batch, max_q, max_c = meta.batch_size, meta.max_query_len, meta.gather_slots.shape[1]
+    if len(meta.groups) == 1 and meta.groups[0].token_rows is None:
+        return _group_attention(q, k_pool, v_pool, meta.groups[0], scale)
+    out = torch.empty_like(q)
+    for group in meta.groups:
+        out[group.token_rows] = _group_attention(q[group.token_rows], k_pool, v_pool, group, scale)
+    return out
+
+
+def _group_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, group: AttentionGroup,
+                     scale: float) -> torch.Tensor:
+    batch, max_q, max_c = group.batch_size, group.max_query_len, group.gather_slots.shape[1]
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv = k_pool.shape[1]
     groups = num_heads // num_kv
-    if meta.num_tokens == batch * max_q:
+    if group.num_tokens == batch * max_q:
         padded = q
     else:
         padded = q.new_zeros(batch * max_q, num_heads, head_dim)
-        padded[meta.padded_index] = q
+        padded[group.padded_index] = q
     # [B, max_q, Hkv, G, D] -> [B, Hkv, G * max_q, D]
     packed = padded.view(batch, max_q, num_kv, groups, head_dim).permute(0, 2, 3, 1, 4)
     packed = packed.reshape(batch, num_kv, groups * max_q, head_dim)
-    flat_slots = meta.gather_slots.view(-1)
+    flat_slots = group.gather_slots.view(-1)
     keys = k_pool.index_select(0, flat_slots).view(batch, max_c, num_kv, head_dim).transpose(1, 2)  # [B, Hkv, max_c, D]
     values = v_pool.index_select(0, flat_slots).view(batch, max_c, num_kv, head_dim).transpose(1, 2)
-    mask = meta.attn_mask
+    mask = group.attn_mask
     if mask is not None and groups > 1:
         mask = mask.expand(batch, 1, max_q, max_c).repeat(1, 1, groups, 1)
     out = F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask, scale=scale)
     out = out.view(batch, num_kv, groups, max_q, head_dim).permute(0, 3, 1, 2, 4)
     out = out.reshape(batch * max_q, num_heads, head_dim)
-    return out if meta.num_tokens == batch * max_q else out[meta.padded_index]
+    return out if group.num_tokens == batch * max_q else out[group.padded_index]
 
 
 class Attention(nn.Module):

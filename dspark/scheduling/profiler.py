@@ -31,7 +31,7 @@ fp16 | fp64), "context", "gamma" (drafter block, null without drafter), "markov_
 (DSpark drafters), "repeats", "warmup", "threads", "torch", "date", "shape", "requests", "lengths".
 
 Profiles are cached as JSON under $DSPARK_HOME/profiles/ (default ~/.cache/dspark) per (target identity,
-drafter identity, device name, dtype, context); `load_or_profile` reuses a cached profile that covers the
+drafter identity, device name, dtype, context, and on a CPU the thread count); `load_or_profile` reuses a cached profile that covers the
 requested sizes (any cached one when no sizes are given), measuring only when there is none (or on
 `refresh=True`). `check_profile_matches` rejects a profile measured for another model or device.
 """
@@ -432,12 +432,15 @@ def _plan(target: str | None, drafter: str | None, random_shape: str | None, *, 
 
 
 def cache_path(target_identity: Mapping[str, str], drafter_identity: Mapping[str, str] | None, device: str,
-               dtype: str, context: int, home: Path | None = None) -> Path:
+               dtype: str, context: int, home: Path | None = None, threads: int | None = None) -> Path:
     """$DSPARK_HOME/profiles/<target name>-<dtype>-ctx<context>-<hash>.json; the hash covers the target and
-    drafter identities, the device name, the dtype and the context."""
+    drafter identities, the device name, the dtype, the context and, on a CPU, the intra-op thread count (a
+    step's time depends on it)."""
     key = {"target": {k: target_identity.get(k) for k in ("config_sha256", "weights_sha256")},
            "drafter": dict(drafter_identity) if drafter_identity else None,
            "device": device, "dtype": dtype, "context": context}
+    if threads is not None:
+        key["threads"] = threads
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(target_identity.get("name", "model")))[:40]
     return (home or dspark_home()) / "profiles" / f"{name}-{dtype}-ctx{context}-{digest}.json"
@@ -503,7 +506,8 @@ def profile_with_cache(
     home = dspark_home()
     plan = _plan(target, drafter, random_shape, device=dev, force=force, home=home)
     name = device_name(dev)
-    path = cache_path(plan.target_identity, plan.drafter_identity, name, dtype_short, context, home)
+    threads = torch.get_num_threads() if dev.type == "cpu" else None
+    path = cache_path(plan.target_identity, plan.drafter_identity, name, dtype_short, context, home, threads)
     cached = None if refresh else _read_cached(path, progress)
     measured_now = cached is None or not _covers(cached, requests, lengths, plan.drafter_spec is not None)
     if measured_now:
