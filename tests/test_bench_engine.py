@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
 def bench(setup, capsys, *extra):
     argv = ["bench", "engine", "--model", str(setup["target"]), "--drafter", str(setup["drafter"]), "--datasets",
             str(setup["prompts"]), "--profile", str(setup["profile"]), "--no-simulate", "--max-new-tokens", "6",
-            "--num-requests", "4", "--no-progress", "--threads", "1", "--json", *extra]
+            "--num-requests", "4", "--warmup-requests", "1", "--no-progress", "--threads", "1", "--json", *extra]
     code = main(argv)
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -42,12 +42,15 @@ def bench(setup, capsys, *extra):
 
 def test_bench_json_and_greedy_identity(setup, capsys, saved_figures):
     out_dir = setup["root"] / "out"
-    result = bench(setup, capsys, "--policies", "ar,fixed-1,fixed-3,causal-greedy,gated,async-topk",
-                   "--concurrency", "1,2", "--request-rate", "50", "--temperature", "0,1", "--out", str(out_dir))
+    result = bench(setup, capsys, "--policies", "fixed-1,ar,fixed-3,causal-greedy,gated,async-topk",
+                   "--concurrency", "1,2", "--request-rate", "50", "--temperature", "0,1", "--out", str(out_dir),
+                   "--repeats", "3")
     points = result["results"]
     assert len(points) == 6 * 3 * 2  # policies × (2 concurrencies + 1 rate) × temperatures
     for p in points:
         assert KEYS <= p.keys() and ("concurrency" in p) != ("request_rate" in p)
+        runs = sorted(p["throughput_runs"])
+        assert len(runs) == 3 and p["throughput_tok_s"] == runs[1]  # the median of the repeats
         assert p["throughput_tok_s"] > 0 and p["ttft_ms_p99"] >= p["ttft_ms_p50"] > 0
         assert 4 <= p["output_tokens"] <= 4 * 6  # one token at least per request; EOS may end one early
         if p["policy"] == "ar":
@@ -60,8 +63,38 @@ def test_bench_json_and_greedy_identity(setup, capsys, saved_figures):
     figure = saved_figures[out_dir / "budget_vs_concurrency_t0.png"]
     lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
     assert set(lines) == {"ar", "fixed-1", "fixed-3", "causal-greedy", "gated", "async-topk"}
+    assert bench(setup, capsys, "--policies", "ar", "--concurrency", "1", "--temperature", "0")["greedy_identical"] is True
     measured = [p["throughput_tok_s"] for p in points if p["policy"] == "ar" and p["temperature"] == 0 and "concurrency" in p]
     assert list(lines["ar"].get_ydata()) == pytest.approx(measured)
+
+
+def test_warmup_requests_are_run_but_not_measured(setup):
+    """At C = 1 and T = 0 a point's metrics are the same with and without a warm-up before it: every metric is
+    a difference of the engine's counters over the measured requests only."""
+    from dspark.decoding.sampling import SamplingParams
+    from dspark.engine.engine import Engine, EngineConfig
+    from dspark.evaluation.engine_bench import policy_setup, run_point
+    from dspark.models.drafters import load_drafter
+    from dspark.models.target_runner import TargetRunner
+    from dspark.scheduling.sps import SPSProfile
+
+    runner = TargetRunner.from_pretrained(str(setup["target"]), device="cpu")
+    drafter = load_drafter(str(setup["drafter"]), device="cpu")
+    profile = SPSProfile.load(setup["profile"])
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    points = {}
+    for warmup in (0, 3):
+        _, controller = policy_setup("gated", drafter, None, profile, None)
+        engine = Engine(runner, drafter, controller, config=EngineConfig(max_num_seqs=1, kv_cache_tokens=256))
+        points[warmup] = run_point(engine, prompts, sampling=SamplingParams(temperature=0.0),
+                                   max_new_tokens=5, num_requests=2, concurrency=1, warmup_requests=warmup)
+        engine.close()
+    (cold, cold_tokens), (warm, warm_tokens) = points[0], points[3]
+    assert warm_tokens == cold_tokens and warm["warmup_requests"] == 3
+    for key in ("steps", "output_tokens", "tau", "mean_verify_len", "preemptions"):
+        assert warm[key] == cold[key], key
+    gate_steps = [p["gate"]["drafted_steps"] + p["gate"]["skipped_steps"] for p in (cold, warm)]
+    assert gate_steps[0] == gate_steps[1] > 0
 
 
 def test_goals_arithmetic():
@@ -88,6 +121,8 @@ def test_goals_arithmetic():
     (["--temperature", "x"], "--temperature"),
     (["--temperature", "-1"], "--temperature"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--repeats", "0"], "--repeats"),
+    (["--warmup-requests", "-1"], "--warmup-requests"),
     (["--datasets", "nowhere.jsonl"], "none of"),
 ])
 def test_bench_bad_input_is_a_clear_error(setup, capsys, extra, message):

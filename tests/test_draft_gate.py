@@ -4,6 +4,8 @@ Algorithm 1 from falling below plain decoding when the drafter's cost is not rec
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -70,6 +72,26 @@ def test_closed_gate_probes_and_skips_bad_rows():
     assert gate.rounds == before + 1  # only the clean row counts
     with pytest.raises(ValueError, match="window"):
         DraftGate(SPSProfile.from_dict(COSTLY), window=0)
+
+
+def test_probes_are_budgeted_by_their_measured_cost():
+    """A probe measured at 5 undrafted steps (the drafter's catch-up) where the profile says 1.5 is spaced
+    further apart, as the budget requires; a time recorded without a pending decision is ignored."""
+    def probes(probe_s):
+        gate = DraftGate(SPSProfile.from_dict(COSTLY), probe_every=4, min_rounds=8)
+        feed(gate, 0.05, 64)
+        gain, lasts = gate._estimate(128)
+        decisions = []
+        for _ in range(2000):
+            decisions.append(gate.should_draft(128))
+            gate.record_step(probe_s if decisions[-1] else 0.01)
+            gate.record_step(5.0)  # no decision pending: not counted
+        return np.diff(np.flatnonzero(decisions)), gain, lasts
+
+    by_profile, gain, lasts = probes(0.01)
+    measured, _, _ = probes(0.05)
+    assert set(by_profile) == {1 + math.ceil(lasts * (1 - gain) / 0.01 - lasts)}
+    assert set(measured) == {1 + math.ceil((5 - gain * lasts) / 0.01 - 5)}  # after the first probe
 
 
 def weak_traces(seed=0, rounds=600):

@@ -13,6 +13,8 @@ argmax tie between differently batched forwards practically impossible.
 
 from __future__ import annotations
 
+import json
+
 import random
 from collections import defaultdict
 
@@ -22,6 +24,7 @@ from dspark.decoding.sampling import SamplingParams
 from dspark.engine.engine import Engine, EngineConfig
 from dspark.engine.generation import generate
 from dspark.errors import ConfigError, RequestError
+from dspark.models.drafters import load_drafter
 from dspark.models.drafters.dspark import load_dspark_drafter
 from dspark.models.drafters.ngram import NgramDrafter
 from dspark.models.random_init import build_random_model
@@ -304,6 +307,22 @@ def test_default_controller_is_algorithm_1_with_the_machines_profile(runner, dsp
         Engine(runner, drafter, config=EngineConfig(policy="mtp-1"))
     with pytest.raises(RequestError, match="confidences"):
         Engine(runner, make_drafter("ngram", dspark_folder), config=EngineConfig(policy="threshold-0.5"))
+
+
+def test_default_controller_measures_and_caches_the_profile(runner, dspark_folder, tmp_path, monkeypatch):
+    """Without EngineConfig.profile the engine profiles this machine once and caches it ($DSPARK_HOME)."""
+    monkeypatch.setenv("DSPARK_HOME", str(tmp_path))
+    drafter = load_drafter(str(dspark_folder), device="cpu", dtype="float64")  # knows its folder: profiled with it
+    engine = Engine(runner, drafter)
+    policy = engine.controller.policy
+    cached = list((tmp_path / "profiles").glob("*.json"))
+    assert isinstance(policy, CausalGreedy) and len(cached) == 1 and policy.profile.has_draft_cost
+    measured = json.loads(cached[0].read_text())
+    assert measured["context"] == runner.max_context // 2  # the CPU default (256) does not fit this model
+    engine.close()
+    stamp = cached[0].stat().st_mtime_ns
+    Engine(runner, drafter).close()  # the second engine reads the cache
+    assert cached[0].stat().st_mtime_ns == stamp
 
 
 def test_engine_statistics(runner, dspark_folder):

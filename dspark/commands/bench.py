@@ -1,7 +1,7 @@
 """`dspark bench engine`: the serving engine measured under load, per verification policy (paper Figs. 7–8).
 
     dspark bench engine [--model DIR] [--drafter D] [--mtp-drafter D] [--policies LIST] [--concurrency 1,2,4,...]
-        [--request-rate R,...] [--temperature 1 | 0,1] [--num-requests N] [--max-new-tokens N] [--datasets LIST]
+        [--request-rate R,...] [--temperature 1 | 0,1] [--num-requests N] [--warmup-requests N] [--repeats N] [--max-new-tokens N] [--datasets LIST]
         [--profile FILE] [--no-simulate] [--traces FILE] [--out DIR] [--json] [--seed N] [...]
 
 In-process (no HTTP), on the built-in model by default, prompts from the evaluation sets
@@ -40,6 +40,10 @@ def register(sub) -> None:
     p.add_argument("--temperature", default="1", help="sampling temperature(s), comma-separated (0 = greedy)")
     p.add_argument("--num-requests", type=int, default=None,
                    help="requests per point (default: max(4C, 16) closed loop, 64 open loop)")
+    p.add_argument("--warmup-requests", type=int, default=None,
+                   help="unmeasured requests run first at each point's load (default: max(2C, 8) closed loop, 16 open loop)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per point, interleaved across the policies of a load; a point reports their medians")
     p.add_argument("--max-new-tokens", type=int, default=64, help="output tokens per request at most")
     p.add_argument("--datasets", default=",".join(RECORD_SETS), help="prompt sets (names or JSONL paths)")
     p.add_argument("--data-dir", default=None, help="folder with <name>.jsonl prompt sets")
@@ -87,12 +91,14 @@ def run_bench_engine(args) -> int:
     for t in temperatures:
         check_sampling_temperature(t, "dspark bench engine", ConfigError, name="--temperature")
     eb.check_loads(concurrency, rates)
-    for name, value in (("--max-new-tokens", args.max_new_tokens), ("--limit", args.limit),
+    for name, value in (("--max-new-tokens", args.max_new_tokens), ("--limit", args.limit), ("--repeats", args.repeats),
                         ("--max-num-batched-tokens", args.max_num_batched_tokens)):
         if value < 1:
             raise ConfigError(f"{name} must be ≥ 1, got {value}")
     if args.num_requests is not None and args.num_requests < 1:
         raise ConfigError(f"--num-requests must be ≥ 1, got {args.num_requests}")
+    if args.warmup_requests is not None and args.warmup_requests < 0:
+        raise ConfigError(f"--warmup-requests must be ≥ 0, got {args.warmup_requests}")
     if args.out:
         check_output_folder(args.out, "--out")
     target = resolve_target(args.model)
@@ -131,6 +137,7 @@ def run_bench_engine(args) -> int:
 
     settings = eb.BenchSettings(policies=policies, concurrency=tuple(concurrency), request_rates=tuple(rates),
                                 temperatures=tuple(temperatures), num_requests=args.num_requests,
+                                warmup_requests=args.warmup_requests, repeats=args.repeats,
                                 max_new_tokens=args.max_new_tokens, seed=args.seed)
     drafters = {"dspark": dspark, "mtp": mtp}
 
@@ -146,6 +153,7 @@ def run_bench_engine(args) -> int:
     result["goals"] = eb.goals(result)
     result["settings"] = {"policies": list(policies), "concurrency": concurrency, "request_rate": rates,
                           "temperatures": temperatures, "num_requests": args.num_requests,
+                          "warmup_requests": args.warmup_requests, "repeats": args.repeats,
                           "max_new_tokens": args.max_new_tokens, "datasets": [s.name for s in sets],
                           "prompts": len(prompts), "target": target, "drafter": dspark_spec,
                           "device": str(runner.device), "dtype": str(runner.dtype).removeprefix("torch."),

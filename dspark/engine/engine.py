@@ -60,7 +60,8 @@ class EngineConfig:
     (`dspark.scheduling.named`; "auto" = causal-greedy, Algorithm 1 with the staircase lookahead, for a drafter
     with a confidence head, else verify-all; causal-greedy-gated adds the draft gate); profile — the SPS
     profile JSON of the hardware-aware policies (None: this machine's, measured at start-up once and cached,
-    `dspark.scheduling.profiler`); calibration — the drafter's calibration file ("auto": the built-in one when
+    `dspark.scheduling.profiler`; with the drafter's cost when the drafter knows its folder, as `load_drafter`
+    records it); calibration — the drafter's calibration file ("auto": the built-in one when
     it was fitted for this drafter; "none": the raw head)."""
 
     max_num_seqs: int = 256
@@ -172,7 +173,8 @@ def default_controller(runner: TargetRunner, drafter: Drafter | None, config: En
                                   "from a folder so this machine's profile can be measured")
             from dspark.scheduling.profiler import profile_with_cache
 
-            data, path, _ = profile_with_cache(runner.name, drafter.source, device=runner.device, dtype=runner.dtype)
+            source = str(drafter.source) if drafter.source is not None else "none"
+            data, path, _ = profile_with_cache(runner.name, source, device=runner.device, dtype=runner.dtype)
             profile = SPSProfile.from_dict(data, source=str(path))
     gate = DraftGate(profile) if spec.kind == "causal-greedy-gated" else None
     controller = SpeculationController(policy=make_policy(spec, profile), regimes=regimes_for(drafter, config.calibration),
@@ -306,7 +308,7 @@ class Engine:
             self.drafter.release(request.seq_id)
         self.controller.release(request.seq_id)
         request.seq_id = None
-        request.pending_features = None
+        request.pending_features = []
 
     def _finish(self, request: Request) -> None:
         self.scheduler.remove(request)
@@ -356,8 +358,10 @@ class Engine:
         self.last_step = {"decoding": len(decoding), "prefill_tokens": sum(n for _, n in chunks),
                           "admitted": len(admitted), "preempted": len(preempted), "verified_drafts": verified,
                           "drafter_ran": drafts.drafter_called}
+        elapsed = time.perf_counter() - started
+        self.controller.record_step(elapsed)
         self.times.steps += 1
-        self.times.step_s += time.perf_counter() - started
+        self.times.step_s += elapsed
         return outputs
 
     def _detokenize(self, request: Request, tokens: list[int]) -> str | None:

@@ -46,7 +46,7 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_computed: int = 0  # tokens in the target's cache (after each commit: prompt + output − 1)
     generator: torch.Generator | None = None  # this request's random stream (`dspark.decoding.randomness`)
-    pending_features: torch.Tensor | None = None  # [n, L·H] target features not yet given to the drafter
+    pending_features: list[torch.Tensor] = field(default_factory=list)  # [n_i, L·H] parts not yet given to the drafter
     stats: SpecStats = field(default_factory=SpecStats)
     rounds: list[RoundRecord] = field(default_factory=list)
     num_preemptions: int = 0
@@ -54,6 +54,16 @@ class Request:
     arrival_time: float = 0.0  # time.perf_counter() seconds
     first_token_time: float | None = None
     finish_time: float | None = None
+
+    def drafter_features(self) -> torch.Tensor | None:
+        """The target features the drafter has not seen, as one tensor [n, L·H] (None when there are none).
+        Parts are joined only here, when the drafter runs: a request whose drafter is skipped for many steps
+        (gate closed, speculation off) appends one part per step instead of copying its whole backlog."""
+        if not self.pending_features:
+            return None
+        if len(self.pending_features) > 1:
+            self.pending_features = [torch.cat(self.pending_features)]
+        return self.pending_features[0]
 
     @property
     def last_token(self) -> int:

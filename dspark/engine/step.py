@@ -95,7 +95,7 @@ def draft_and_plan(runner: TargetRunner, requests: list[Request], drafter: Draft
     if not drafter_called:
         return StepDrafts(requests, DraftProposal.empty(batch), Plan.nothing(batch), False, False)
     started = time.perf_counter()
-    proposal = drafter.propose([DraftInput(r.seq_id, r.token_ids, r.pending_features, limit, r.sampling, random.draft(b))
+    proposal = drafter.propose([DraftInput(r.seq_id, r.token_ids, r.drafter_features(), limit, r.sampling, random.draft(b))
                                 for b, (r, limit) in enumerate(zip(requests, limits))], generator)
     if timer is not None:
         timer.draft_s += time.perf_counter() - started
@@ -149,7 +149,7 @@ def run_step(runner: TargetRunner, drafts: StepDrafts, chunks: Sequence[tuple[Re
     for (r, n), feats in zip(chunks, features[batch:]):
         r.num_computed += n
         if feats is not None:
-            r.pending_features = feats if r.pending_features is None else torch.cat([r.pending_features, feats])
+            r.pending_features.append(feats)
         if id(r) in tokens_for:
             emitted[r.request_id] = r.emit([tokens_for[id(r)]])
     return emitted
@@ -192,8 +192,10 @@ def _verify_and_commit(runner: TargetRunner, drafts: StepDrafts, logits: torch.T
         r.num_computed = starts[b] + 1 + n
         if features[b] is not None:
             verified = features[b][: 1 + n]
-            unconsumed = None if drafts.drafter_called else r.pending_features
-            r.pending_features = verified if unconsumed is None else torch.cat([unconsumed, verified])
+            if drafts.drafter_called:  # the drafter consumed the earlier parts
+                r.pending_features = [verified]
+            else:
+                r.pending_features.append(verified)
         emitted[r.request_id] = r.emit(drafts_tokens[b, :n].tolist() + [next_tokens[b]])
         drafted = int(proposal.lengths[b])
         record = RoundRecord(

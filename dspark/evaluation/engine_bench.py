@@ -1,10 +1,17 @@
 """`dspark bench engine`: the paper's Figs. 7–8 measured on the serving engine (in-process, no HTTP).
 
-Every (policy, temperature, load) point runs a fresh `Engine` over the same prompts, in the same order:
+Every (temperature, load, policy) run uses a fresh `Engine` over the same prompts, in the same order; the
+policies of one load run back to back, `repeats` times in turn, and a point reports the median of each
+metric over its runs (a shared 2-core VM drifts by ±10 % between identical runs minutes apart):
 
 * closed loop, concurrency C: C requests in flight; when one finishes the next prompt is added, until
   `num_requests` have finished (vLLM's `--max-concurrency` benchmark);
 * open loop, rate λ: request i arrives at Σ_{j≤i} Exp(λ) seconds (Poisson), queued if the engine is busy.
+
+Before the measured requests, `warmup_requests` more run on the same engine at the same load and are not
+counted (default max(2C, 8) closed loop, 16 open loop): a server is measured in its steady state, with the
+online calibration and the draft gate (which drafts through its first 256 rounds) already fed, not from a
+cold start that a short point would otherwise be dominated by.
 
 Policies: `ar` (plain decoding, no drafter), `mtp` (the MTP-1 drafter verifying its one draft), `fixed-K`
 (the DSpark drafter verifying K of its drafts), `causal-greedy` (Algorithm 1 with the staircase lookahead,
@@ -16,9 +23,10 @@ Per point (docs/design.md §6 for τ): output throughput (tokens/s over the poin
 (mean over requests of (output tokens − 1) / (finish − first token): the decode speed a user sees), TTFT
 (first token − arrival) and ITL (gaps between a request's successive outputs; a speculative step delivers
 several tokens in one output, as vLLM's benchmark counts them) at p50 / p99 in ms, τ (tokens per decoding
-step per request) and the mean verification length ℓ, the share of step time outside the model calls, and
-the number of preemptions. `greedy_identical`: at temperature 0, every policy produced the same tokens for
-every request as `ar` (None when no temperature-0 run was made).
+step per request) and the mean verification length ℓ, the mean step time and its target-forward and drafter
+parts (ms), the share of step time outside the model calls, and the number of preemptions.
+`greedy_identical`: at temperature 0, every run of every policy produced the same tokens for every request
+as `ar` (None when no temperature-0 run was made).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from dspark.decoding.sampling import SamplingParams
-from dspark.engine.engine import Engine, EngineConfig
+from dspark.engine.engine import Engine, EngineConfig, StepTimes
 from dspark.errors import ConfigError
 from dspark.scheduling.controller import SpeculationController
 
@@ -49,6 +57,8 @@ class BenchSettings:
     request_rates: tuple[float, ...] = ()
     temperatures: tuple[float, ...] = (1.0,)
     num_requests: int | None = None  # per point; None: max(4C, 16) closed loop, 64 open loop
+    warmup_requests: int | None = None  # per point, not measured; None: max(2C, 8) closed loop, 16 open loop
+    repeats: int = 1  # runs per point (interleaved across policies); a point reports their medians
     max_new_tokens: int = 64
     seed: int = 0
 
@@ -106,30 +116,28 @@ class _Tracked:
     finish: float | None = None
 
 
-def run_point(engine: Engine, prompts: list[list[int]], *, sampling: SamplingParams, max_new_tokens: int,
-              num_requests: int, concurrency: int | None = None, request_rate: float | None = None,
-              seed: int = 0) -> tuple[dict, list[list[int]]]:
-    """One load point on a fresh engine → (metrics, each request's tokens in prompt order)."""
-    rng = np.random.default_rng(seed)
-    arrivals = None
-    if request_rate is not None:
-        arrivals = np.cumsum(rng.exponential(1.0 / request_rate, num_requests))
+def _drive(engine: Engine, prompts: list[list[int]], ids: range, *, sampling: SamplingParams, max_new_tokens: int,
+           concurrency: int | None, arrivals: np.ndarray | None) -> tuple[list[_Tracked], float]:
+    """Feed requests `ids` (prompt i % len(prompts)) to the engine, closed loop (at most `concurrency` in flight)
+    or open loop (request j arrives at arrivals[j] seconds), and step it until all have finished.
+    Returns (records in id order, elapsed seconds)."""
     tracked: dict[int, _Tracked] = {}
-    next_index, done = 0, 0
+    pending, done = 0, 0
     start = time.perf_counter()
-    while done < num_requests:
+    while done < len(ids):
         now = time.perf_counter()
-        while next_index < num_requests:
+        while pending < len(ids):
             if concurrency is not None and len(tracked) - done >= concurrency:
                 break
-            if arrivals is not None and start + arrivals[next_index] > now:
+            if arrivals is not None and start + arrivals[pending] > now:
                 break
-            prompt = prompts[next_index % len(prompts)]
-            engine.add_request(next_index, prompt, sampling=sampling, max_new_tokens=max_new_tokens)
-            tracked[next_index] = _Tracked(next_index % len(prompts), now)
-            next_index += 1
+            request_id = ids[pending]
+            engine.add_request(request_id, prompts[request_id % len(prompts)], sampling=sampling,
+                               max_new_tokens=max_new_tokens)
+            tracked[request_id] = _Tracked(request_id % len(prompts), now)
+            pending += 1
         if not engine.has_unfinished():
-            time.sleep(max(0.0, start + arrivals[next_index] - time.perf_counter()))
+            time.sleep(max(0.0, start + arrivals[pending] - time.perf_counter()))
             continue
         outputs = engine.step()
         stamp = time.perf_counter()
@@ -140,64 +148,128 @@ def run_point(engine: Engine, prompts: list[list[int]], *, sampling: SamplingPar
             if out.finished:
                 record.finish = stamp
                 done += 1
-    elapsed = time.perf_counter() - start
-    records = [tracked[i] for i in range(num_requests)]
+    return [tracked[i] for i in ids], time.perf_counter() - start
+
+
+def _counters(engine: Engine) -> dict:
+    """The engine's cumulative counters that a point's metrics are differences of."""
+    spec, times, gate = engine.spec, engine.times, engine.controller.gate
+    return {"rounds": spec.rounds, "emitted": spec.emitted_tokens, "verified": spec.verified_tokens,
+            "steps": engine.steps, "step_s": times.step_s, "target_s": times.target_s, "draft_s": times.draft_s,
+            "preemptions": engine.scheduler.num_preemptions,
+            "drafted_steps": gate.drafted_steps if gate is not None else 0,
+            "skipped_steps": gate.skipped_steps if gate is not None else 0}
+
+
+def run_point(engine: Engine, prompts: list[list[int]], *, sampling: SamplingParams, max_new_tokens: int,
+              num_requests: int, concurrency: int | None = None, request_rate: float | None = None,
+              warmup_requests: int = 0, seed: int = 0) -> tuple[dict, list[list[int]]]:
+    """One load point on a fresh engine → (metrics, each request's tokens in prompt order).
+
+    First `warmup_requests` requests run at the same load and are not measured (aiperf's warm-up phase): they
+    take the engine from cold (empty calibration window, a draft gate still in its first rounds, cold
+    allocator) to the steady state a long-running server is in. Their prompts follow the measured ones in the
+    prompt list, so they differ where the list is long enough. All metrics are differences of the engine's
+    counters over the measured requests."""
+    rng = np.random.default_rng(seed)
+
+    def arrivals(count: int) -> np.ndarray | None:
+        return None if request_rate is None else np.cumsum(rng.exponential(1.0 / request_rate, count))
+
+    drive = dict(sampling=sampling, max_new_tokens=max_new_tokens, concurrency=concurrency)
+    if warmup_requests:
+        _drive(engine, prompts, range(num_requests, num_requests + warmup_requests), **drive,
+               arrivals=arrivals(warmup_requests))
+    before = _counters(engine)
+    records, elapsed = _drive(engine, prompts, range(num_requests), **drive, arrivals=arrivals(num_requests))
+    delta = {key: value - before[key] for key, value in _counters(engine).items()}
     total = sum(len(r.tokens) for r in records)
     ttft = [(r.output_times[0] - r.arrival) * 1000 for r in records]
     itl = [(b - a) * 1000 for r in records for a, b in zip(r.output_times, r.output_times[1:])]
     speeds = [(len(r.tokens) - 1) / (r.finish - r.output_times[0]) for r in records
               if len(r.tokens) > 1 and r.finish > r.output_times[0]]
-    spec = engine.spec
-    times = engine.times
+    times = StepTimes(steps=delta["steps"], step_s=delta["step_s"], target_s=delta["target_s"], draft_s=delta["draft_s"])
     point = {
         "throughput_tok_s": total / elapsed,
         "per_user_tok_s": float(np.mean(speeds)) if speeds else None,
         "ttft_ms_p50": _percentile(ttft, 50), "ttft_ms_p99": _percentile(ttft, 99),
         "itl_ms_p50": _percentile(itl, 50), "itl_ms_p99": _percentile(itl, 99),
-        "tau": spec.mean_accepted_length,
-        "mean_verify_len": spec.verified_tokens / spec.rounds if spec.rounds else 0.0,
-        "requests": num_requests, "output_tokens": total, "elapsed_s": elapsed, "steps": engine.steps,
-        "engine_overhead_share": times.overhead_share,
+        "tau": delta["emitted"] / delta["rounds"] if delta["rounds"] else None,
+        "mean_verify_len": delta["verified"] / delta["rounds"] if delta["rounds"] else 0.0,
+        "requests": num_requests, "warmup_requests": warmup_requests, "output_tokens": total, "elapsed_s": elapsed,
+        "steps": delta["steps"], "engine_overhead_share": times.overhead_share,
         "step_ms_mean": 1000 * times.step_s / max(1, times.steps),
-        "preemptions": engine.scheduler.num_preemptions,
+        "target_ms_mean": 1000 * times.target_s / max(1, times.steps),
+        "draft_ms_mean": 1000 * times.draft_s / max(1, times.steps),
+        "preemptions": delta["preemptions"],
     }
+    if engine.controller.gate is not None:
+        point["gate"] = {**engine.controller.gate.report(), "drafted_steps": delta["drafted_steps"],
+                         "skipped_steps": delta["skipped_steps"]}
     return point, [r.tokens for r in records]
+
+
+MEDIAN_KEYS = ("throughput_tok_s", "per_user_tok_s", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "tau",
+               "mean_verify_len", "elapsed_s", "engine_overhead_share", "step_ms_mean", "target_ms_mean", "draft_ms_mean")
+
+
+def _median_point(runs: list[dict]) -> dict:
+    """One point from its repeats: the median of each metric in MEDIAN_KEYS (the other fields from the run
+    of median throughput) and every run's throughput in `throughput_runs`."""
+    order = sorted(runs, key=lambda p: p["throughput_tok_s"])
+    point = dict(order[(len(order) - 1) // 2])
+    for key in MEDIAN_KEYS:
+        values = [p[key] for p in runs if p.get(key) is not None]
+        point[key] = float(np.median(values)) if values else None
+    point["throughput_runs"] = [p["throughput_tok_s"] for p in runs]
+    return point
 
 
 def run_bench(runner, prompts: list[list[int]], settings: BenchSettings, *, make: Callable[[str], tuple],
               engine_config: Callable[[int], EngineConfig], eos_token_ids: Sequence[int] = (),
               progress: Callable[[str], None] | None = None) -> dict:
-    """Every policy × temperature × load. make(policy) → (drafter, controller), fresh per point;
-    engine_config(max concurrency) → the EngineConfig. Returns {"results": [...], "greedy_identical": ...}."""
+    """Every temperature × load × policy, `settings.repeats` times. make(policy) → (drafter, controller), fresh
+    per run; engine_config(max concurrency) → the EngineConfig. The policies of one load run back to back,
+    repeat after repeat, so a drift in the machine's speed (a shared VM's neighbours) falls on all of them
+    alike; a point reports the median over its repeats. Returns {"results": [...], "greedy_identical": ...}."""
     loads = [("concurrency", c) for c in settings.concurrency] + [("request_rate", r) for r in settings.request_rates]
-    results, outputs = [], {}
+    results, greedy = [], None
     for temperature in settings.temperatures:
         sampling = SamplingParams(temperature=temperature)
-        for policy in settings.policies:
-            for kind, value in loads:
-                drafter, controller = make(policy)
-                count = settings.num_requests or (max(4 * value, 16) if kind == "concurrency" else 64)
-                config = engine_config(value if kind == "concurrency" else count)
-                engine = Engine(runner, drafter, controller, config=config, eos_token_ids=eos_token_ids)
-                try:
-                    point, tokens = run_point(
-                        engine, prompts, sampling=sampling, max_new_tokens=settings.max_new_tokens, num_requests=int(count),
-                        concurrency=value if kind == "concurrency" else None,
-                        request_rate=value if kind == "request_rate" else None, seed=settings.seed)
-                finally:
-                    engine.close()
-                point = {"policy": policy, kind: value, "temperature": temperature, **point}
-                if controller.gate is not None:
-                    point["gate"] = controller.gate.report()
-                results.append(point)
-                outputs[(temperature, policy, kind, value)] = tokens
-                if progress is not None:
-                    progress(f"T={temperature:g} {policy:>14} {kind}={value:<6g} {point['throughput_tok_s']:8.1f} tok/s "
-                             f"{point['per_user_tok_s'] or 0:7.1f} tok/s/user  τ={point['tau'] or 0:.2f}")
-    greedy = None
-    if 0.0 in settings.temperatures and "ar" in settings.policies:
-        greedy = all(tokens == outputs[(0.0, "ar", kind, value)]
-                     for (t, policy, kind, value), tokens in outputs.items() if t == 0.0)
+        for kind, value in loads:
+            count = settings.num_requests or (max(4 * value, 16) if kind == "concurrency" else 64)
+            warmup = settings.warmup_requests
+            if warmup is None:
+                warmup = max(2 * value, 8) if kind == "concurrency" else 16
+            runs: dict[str, list[dict]] = {policy: [] for policy in settings.policies}
+            ordered = sorted(settings.policies, key=lambda name: name != "ar")  # ar first: the greedy reference
+            for repeat in range(settings.repeats):
+                for policy in ordered:
+                    drafter, controller = make(policy)
+                    config = engine_config(value if kind == "concurrency" else count)
+                    engine = Engine(runner, drafter, controller, config=config, eos_token_ids=eos_token_ids)
+                    try:
+                        point, tokens = run_point(
+                            engine, prompts, sampling=sampling, max_new_tokens=settings.max_new_tokens,
+                            num_requests=int(count), concurrency=value if kind == "concurrency" else None,
+                            request_rate=value if kind == "request_rate" else None, warmup_requests=int(warmup),
+                            seed=settings.seed)
+                    finally:
+                        engine.close()
+                    runs[policy].append(point)
+                    if temperature == 0.0 and "ar" in settings.policies:
+                        if policy == "ar" and repeat == 0:
+                            reference = tokens
+                        else:
+                            greedy = (greedy is not False) and tokens == reference
+                    if progress is not None:
+                        progress(f"T={temperature:g} {kind}={value:<6g} {policy:>14} run {repeat + 1}/{settings.repeats} "
+                                 f"{point['throughput_tok_s']:8.1f} tok/s {point['per_user_tok_s'] or 0:7.1f} tok/s/user  "
+                                 f"τ={point['tau'] or 0:.2f}")
+            for policy in settings.policies:
+                results.append({"policy": policy, kind: value, "temperature": temperature, **_median_point(runs[policy])})
+    if greedy is None and 0.0 in settings.temperatures and "ar" in settings.policies:
+        greedy = True  # ar was the only policy at temperature 0
     return {"results": results, "greedy_identical": greedy}
 
 

@@ -174,6 +174,11 @@ class SpeculationController:
         """Whether the drafter runs this step (the gate's decision, from earlier steps only)."""
         return self.gate is None or self.gate.should_draft(requests)
 
+    def record_step(self, seconds: float) -> None:
+        """The wall time of the step just finished (for the gate's probe budget)."""
+        if self.gate is not None:
+            self.gate.record_step(seconds)
+
     def plan(self, confidence_logits: torch.Tensor | None, proposed: torch.Tensor, limits: torch.Tensor,
              request_ids: Sequence[int] | None, samplings: Sequence[SamplingParams] | None = None, *,
              calibrated: torch.Tensor | None = None, alone: Sequence[bool] | None = None) -> Plan:

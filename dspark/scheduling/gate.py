@@ -28,8 +28,10 @@ It drafts while it has seen fewer than `min_rounds` rounds; after that, an open 
 Θ_spec(R) > (1 + margin − hysteresis) · Θ_plain(R) and a closed gate opens when Θ_spec(R) > (1 + margin) ·
 Θ_plain(R); a closed gate drafts on every n-th step (a probe, so the estimate follows drift), n = the
 larger of `probe_every` and the interval that keeps the probes' expected cost under `probe_budget` of the
-time: a probe step lasts r = t_spec / t_plain plain steps (at the estimate's best path point) and delivers
-the fraction g = Θ_spec / Θ_plain of plain throughput, so n − 1 ≥ r · ((1 − g) / budget − 1). On a CPU,
+time: a probe step delivers g · r plain steps' tokens, r = t_spec / t_plain at the estimate's best path point
+and g = Θ_spec / Θ_plain, and lasts s = r plain steps, or the measured ratio of probe to undrafted step
+times when the engine reports them through `record_step` and it is larger (a probe's drafter first catches
+up on every position it skipped); it loses s − g · r, so n − 1 ≥ (s − g · r) / budget − s. On a CPU,
 where a drafted step at 256 requests is 17 times slower than a plain one, probing every 64th step cost 23 %
 of the simulated throughput; the budget bounds it by 1 %. `probe_every = 0` never probes. Between probes a closed gate sees no new rounds, so its decision changes with the load R only, and
 a gate closed on noise stays closed for a long time. Hence the large window and the hysteresis: replaying
@@ -94,6 +96,9 @@ class DraftGate:
         self._tables: dict[tuple[int, int], tuple[np.ndarray, float]] = {}
         self._open = True
         self._closed_steps = 0
+        self._step_kind: str | None = None  # "probe" / "closed" for the step decided last, until its time comes
+        self._closed_s: float | None = None  # moving averages of measured step times (record_step)
+        self._probe_s: float | None = None
         self.drafted_steps = 0
         self.skipped_steps = 0
         # Ring buffer [window, 4, K] of the last rounds: a_k, a_k where verified, survived, verified; its column
@@ -219,7 +224,11 @@ class DraftGate:
         gain, ratio = self._estimate(requests)
         if not gain < 1.0:
             return self.probe_every
-        needed = 1 + math.ceil(ratio * max((1.0 - gain) / self.probe_budget - 1.0, 0.0))
+        lasts = ratio  # plain steps a probe lasts; it delivers gain · ratio plain steps' tokens
+        if self._probe_s is not None and self._closed_s:
+            lasts = max(ratio, self._probe_s / self._closed_s)
+        lost = lasts - gain * ratio
+        needed = 1 + math.ceil(max(lost / self.probe_budget - lasts, 0.0))
         return max(self.probe_every, needed)
 
     def _table(self, requests: int, width: int) -> tuple[np.ndarray, float]:
@@ -245,6 +254,7 @@ class DraftGate:
         return decision
 
     def _decide(self, requests: int) -> bool:
+        self._step_kind = None
         if requests < 1 or self._filled + self._pending_rows < self.min_rounds or not self.profile.has_draft_cost:
             return True
         threshold = 1.0 + self.margin - (self.hysteresis if self._open else 0.0)
@@ -254,9 +264,23 @@ class DraftGate:
         self._open = False
         self._closed_steps += 1
         if self.probe_every and self._closed_steps >= self._probe_interval(requests):
-            self._closed_steps = 0
+            self._closed_steps, self._step_kind = 0, "probe"
             return True
+        self._step_kind = "closed"
         return False
+
+    def record_step(self, seconds: float) -> None:
+        """Wall time of the step the last decision was for (the engine calls it once per step). A closed gate
+        budgets its probes by their measured cost against the undrafted steps around it: a probe's drafter
+        first catches up on every feature it skipped, which the profile's steady drafted step does not
+        include (on the 2-core CPU at 8 requests a probe cost 3–4 plain steps, the profile said 1.5)."""
+        kind, self._step_kind = self._step_kind, None
+        if kind is None or not seconds > 0:
+            return
+        if kind == "closed":
+            self._closed_s = seconds if self._closed_s is None else 0.9 * self._closed_s + 0.1 * seconds
+        else:
+            self._probe_s = seconds if self._probe_s is None else 0.5 * self._probe_s + 0.5 * seconds
 
     def report(self) -> dict:
         """Counters and the current estimate (for --json output and metrics)."""

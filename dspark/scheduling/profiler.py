@@ -498,13 +498,21 @@ def profile_with_cache(
     if out is not None:
         check_output_file(out, "--out")
     defaults = DEFAULTS[dev.type]
-    context = _check_positive("--context", defaults["context"] if context is None else context)
+    if context is not None:
+        _check_positive("--context", context)
     if repeats is not None:
         _check_positive("--repeats", repeats)
     requests, lengths = parse_sizes(requests, "--requests"), parse_sizes(lengths, "--lengths")
     dtype_short = dtype_name(dtype, dev)
     home = dspark_home()
     plan = _plan(target, drafter, random_shape, device=dev, force=force, home=home)
+    if context is None:  # the device's default, at most half the model's context (room for the timed steps)
+        from dspark.models.config import read_config_json
+
+        limit = read_config_json(plan.target).get("max_position_embeddings")
+        context = defaults["context"]
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 1:  # else the loader names the problem
+            context = min(context, limit // 2)
     name = device_name(dev)
     threads = torch.get_num_threads() if dev.type == "cpu" else None
     path = cache_path(plan.target_identity, plan.drafter_identity, name, dtype_short, context, home, threads)

@@ -162,9 +162,11 @@ class DSparkModel(DraftCheckpointMixin, nn.Module):
         logits = self.lm_head(hidden).float()
         if self.markov_head is not None:
             logits = logits + self.markov_head.block_bias(prev_tokens, hidden).float()
-        return logits, self._confidence(hidden, prev_tokens)
+        return logits, self.confidence_logits(hidden, prev_tokens)
 
-    def _confidence(self, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor | None:
+    def confidence_logits(self, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor | None:
+        """Raw confidence logits (paper Eq. 7): hidden [N, γ, H], prev_tokens [N, γ] (x_{k−1} per slot) →
+        [N, γ] float32, or None without a confidence head."""
         if self.confidence_head is None:
             return None
         prev_emb = self.markov_head.markov_w1(prev_tokens) if self.config.confidence_head_with_markov else None
@@ -311,21 +313,20 @@ class DSparkDrafter(Drafter):
         head = model.markov_head
         state = head.initial_state(batch, hidden[:, 0]) if head is not None else None
         prev = anchors
-        tokens, probs, conf_logits = [], [], []
+        tokens, probs = [], []
         for k in range(block_size):
             logits = base[:, k]
             if head is not None:
                 bias, state = head.step(prev, hidden[:, k], state)
                 logits = logits + bias.float()
-            if model.confidence_head is not None:
-                prev_emb = head.markov_w1(prev) if model.config.confidence_head_with_markov else None
-                conf_logits.append(model.confidence_head(hidden[:, k], prev_emb))
             q = logits_to_probs(logits, samplings)
             prev = sample(q, generator, None if uniforms is None else uniforms[:, k])
             tokens.append(prev)
             probs.append(q)
-        confidence_logits = torch.stack(conf_logits, dim=1).float() if conf_logits else None
-        return torch.stack(tokens, dim=1), torch.stack(probs, dim=1), confidence_logits
+        tokens = torch.stack(tokens, dim=1)
+        # The confidence head reads h_k and x_{k−1} only, so it runs once over the block after sampling.
+        confidence_logits = model.confidence_logits(hidden, torch.cat([anchors[:, None], tokens[:, :-1]], dim=1))
+        return tokens, torch.stack(probs, dim=1), confidence_logits
 
     def release(self, seq_id: int) -> None:
         handle = self._handles.pop(seq_id, None)
