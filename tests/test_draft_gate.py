@@ -94,6 +94,21 @@ def test_probes_are_budgeted_by_their_measured_cost():
     assert set(measured) == {1 + math.ceil((5 - gain * lasts) / 0.01 - 5)}  # after the first probe
 
 
+def test_measured_step_overhead_enters_both_sides():
+    """Time outside the model calls is paid by drafted and plain steps alike: with 5 ms of it per step a
+    drafter that loses on the bare profile pays (the per-step cost weighs less against more tokens)."""
+    profile = SPSProfile.from_dict(COSTLY)
+    bare, loaded = DraftGate(profile, probe_every=0), DraftGate(profile, probe_every=0)
+    for gate in (bare, loaded):
+        feed(gate, 0.25, 512)
+    for _ in range(50):
+        loaded.should_draft(16)
+        loaded.record_step(0.025, 0.020)
+        loaded.record_step(0.025, 0.030)  # more model time than step time: ignored
+    assert bare.gain(16) < 1.0 < loaded.gain(16)
+    assert not bare.should_draft(16) and loaded.should_draft(16)
+
+
 def weak_traces(seed=0, rounds=600):
     """A weak, calibrated drafter: conditional c ~ Beta around 0.35; slot k survives with probability c_k."""
     rng = np.random.default_rng(seed)

@@ -289,17 +289,17 @@ def test_kv_budget_from_memory_fraction_is_fixed(runner):
     assert runner.cache.max_pages is None
 
 
-def test_default_controller_is_algorithm_1_with_the_machines_profile(runner, dspark_folder, tmp_path):
+def test_default_controller_is_gated_algorithm_1_with_the_machines_profile(runner, dspark_folder, tmp_path):
     profile = tmp_path / "profile.json"
     profile.write_text('{"verify_ms_by_tokens": {"1": 12.0, "400": 810.0}}')
     drafter = make_drafter("dspark", dspark_folder)
     engine = Engine(runner, drafter, config=EngineConfig(profile=str(profile)))
     policy = engine.controller.policy
-    assert isinstance(policy, CausalGreedy) and policy.lookahead and engine.controller.gate is None
+    assert isinstance(policy, CausalGreedy) and policy.lookahead and engine.controller.gate is not None
     engine.close()
-    gated = Engine(runner, drafter, config=EngineConfig(profile=str(profile), policy="causal-greedy-gated"))
-    assert gated.controller.gate is not None
-    gated.close()
+    ungated = Engine(runner, drafter, config=EngineConfig(profile=str(profile), policy="causal-greedy"))
+    assert ungated.controller.gate is None and isinstance(ungated.controller.policy, CausalGreedy)
+    ungated.close()
     plain = Engine(runner, make_drafter("ngram", dspark_folder))  # no confidence head: verify every draft
     assert type(plain.controller.policy).__name__ == "VerifyAll"
     plain.close()

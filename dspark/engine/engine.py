@@ -57,8 +57,9 @@ class EngineConfig:
     drafter's block size γ); seed: the engine generator's seed (None: random).
 
     When the engine is given no controller (`default_controller`): policy — the verification policy by name
-    (`dspark.scheduling.named`; "auto" = causal-greedy, Algorithm 1 with the staircase lookahead, for a drafter
-    with a confidence head, else verify-all; causal-greedy-gated adds the draft gate); profile — the SPS
+    (`dspark.scheduling.named`; "auto" = causal-greedy-gated, Algorithm 1 with the staircase lookahead behind
+    the draft gate, for a drafter with a confidence head, else verify-all; docs/benchmarks.md "Serving engine"
+    for why the gate is on by default); profile — the SPS
     profile JSON of the hardware-aware policies (None: this machine's, measured at start-up once and cached,
     `dspark.scheduling.profiler`; with the drafter's cost when the drafter knows its folder, as `load_drafter`
     records it); calibration — the drafter's calibration file ("auto": the built-in one when
@@ -155,7 +156,7 @@ def default_controller(runner: TargetRunner, drafter: Drafter | None, config: En
         return SpeculationController()
     name = config.policy
     if name == "auto":
-        name = "causal-greedy" if drafter.provides_confidence else "verify-all"
+        name = "causal-greedy-gated" if drafter.provides_confidence else "verify-all"
     specs = parse_policies(name, drafter.block_size, "policy")
     if len(specs) != 1 or specs[0].kind in ("plain", "mtp-1"):
         raise ConfigError(f"policy {config.policy!r}: give one of auto, verify-all, fixed-N, threshold-T, causal-greedy, "
@@ -323,6 +324,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One engine step; returns an output for every request that emitted a token or finished."""
         started = time.perf_counter()
+        model_before = self.times.target_s + self.times.draft_s
         decoding, preempted = self.scheduler.schedule_decode()
         for request in preempted:
             self._free_kv(request)
@@ -359,7 +361,7 @@ class Engine:
                           "admitted": len(admitted), "preempted": len(preempted), "verified_drafts": verified,
                           "drafter_ran": drafts.drafter_called}
         elapsed = time.perf_counter() - started
-        self.controller.record_step(elapsed)
+        self.controller.record_step(elapsed, self.times.target_s + self.times.draft_s - model_before)
         self.times.steps += 1
         self.times.step_s += elapsed
         return outputs

@@ -174,10 +174,10 @@ class SpeculationController:
         """Whether the drafter runs this step (the gate's decision, from earlier steps only)."""
         return self.gate is None or self.gate.should_draft(requests)
 
-    def record_step(self, seconds: float) -> None:
-        """The wall time of the step just finished (for the gate's probe budget)."""
+    def record_step(self, seconds: float, model_seconds: float | None = None) -> None:
+        """The wall time of the step just finished and its part in the model forwards (for the gate)."""
         if self.gate is not None:
-            self.gate.record_step(seconds)
+            self.gate.record_step(seconds, model_seconds)
 
     def plan(self, confidence_logits: torch.Tensor | None, proposed: torch.Tensor, limits: torch.Tensor,
              request_ids: Sequence[int] | None, samplings: Sequence[SamplingParams] | None = None, *,

@@ -3,8 +3,8 @@
 
 Names: plain (no drafter), verify-all, fixed-N (every fixed length 1..γ with "fixed"), threshold-T
 ("threshold" = threshold-0.5), algorithm-1 (paper §3.2.2 as published), causal-greedy (Algorithm 1 with the
-staircase lookahead, the default), causal-greedy-gated (the same behind the draft gate), async-topk
-(paper §5.2), mtp-1 (an MTP-1 drafter verifying its one draft).
+staircase lookahead), causal-greedy-gated (the same behind the draft gate; the serving engine's default),
+async-topk (paper §5.2), mtp-1 (an MTP-1 drafter verifying its one draft).
 """
 
 from __future__ import annotations
