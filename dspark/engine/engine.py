@@ -191,8 +191,8 @@ class Engine:
                  controller: SpeculationController | None = None, *, config: EngineConfig | None = None,
                  tokenizer=None, eos_token_ids: Sequence[int] = (), expected_tokens: int | None = None):
         """runner, drafter: the models (the drafter may be None: plain decoding); controller: gate, policy and
-        calibration (None: `default_controller` of the config — Algorithm 1 with the lookahead for a drafter
-        with a confidence head); tokenizer: for text out and stop strings; eos_token_ids: stop
+        calibration (None: `default_controller` of the config — Algorithm 1 with the lookahead behind the
+        draft gate for a drafter with a confidence head); tokenizer: for text out and stop strings; eos_token_ids: stop
         every request unless it sets ignore_eos; expected_tokens: the most tokens the requests will hold
         together, when known (offline batches), caps the KV budget."""
         self.runner = runner

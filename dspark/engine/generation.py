@@ -96,17 +96,7 @@ def generate(
     pages = sum(-(-n // page) for n in sizes)
     pages += pages // 50 + 1  # the scheduler's admission watermark: every prompt is admitted at once
     engine = Engine(runner, drafter, controller or SpeculationController(), config=config, expected_tokens=pages * page)
-    try:
-        for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
-            if len(prompt) == 0:
-                raise RequestError(f"prompt {i} is empty")
-            if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-                raise RequestError(f"max_new_tokens must be an integer ≥ 1, got {budget!r}")
-            if len(prompt) + budget > runner.max_context:
-                raise RequestError(
-                    f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={budget} it needs "
-                    f"{len(prompt) + budget} positions, beyond the model's context of {runner.max_context}"
-                )
+    try:  # add_request validates each prompt (request id = its index); nothing runs before all are queued
         requests = [engine.add_request(i, p, sampling=s, max_new_tokens=b, stop_token_ids=stop_token_ids,
                                        record_rounds=record_rounds)
                     for i, (p, s, b) in enumerate(zip(prompts, samplings, budgets))]
