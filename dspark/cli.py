@@ -35,7 +35,7 @@ import sys
 from dspark.errors import DSparkError
 
 # Subcommand modules under dspark.commands, in the order `dspark --help` lists them.
-COMMAND_MODULES = ("generate", "demo", "eval", "calibrate", "sweep", "simulate", "profile", "train", "pretrain", "data", "zoo", "bench")
+COMMAND_MODULES = ("generate", "serve", "demo", "eval", "calibrate", "sweep", "simulate", "profile", "train", "pretrain", "data", "zoo", "bench")
 
 
 MAX_SEED = 2**63 - 1  # seeds feed torch, numpy and Python generators: a non-negative signed 64-bit integer

@@ -351,6 +351,21 @@ def test_engine_statistics(runner, dspark_folder):
     assert stats.times["target_s"] > 0 and stats.times["draft_s"] > 0
     for request in requests.values():
         assert request.first_token_time >= request.arrival_time and request.finish_time >= request.first_token_time
+        assert request.arrival_time <= request.scheduled_time <= request.first_token_time
+    # Live totals (a server's counters) agree with the finished requests'; the calibration monitor's prediction
+    # is Σ over verified slots of the prefix survival of the confidences the plan used (here: the raw head's).
+    live = stats.spec_live
+    assert live["accepted_tokens"] == spec["accepted_tokens"] and live["verified_per_position"] == spec["verified_per_position"]
+    expected = [0.0] * len(spec["verified_per_position"])
+    for request in requests.values():
+        for record in request.rounds:
+            survival = 1.0
+            for k in range(record.verified):
+                survival *= record.confidences[k]
+                expected[k] += survival
+    monitored = stats.calibration["expected_accepted_per_position"]  # one entry per drafted slot, verified or not
+    assert monitored == pytest.approx(expected + [0.0] * (len(monitored) - len(expected)))
+    assert stats.calibration["drift"] == pytest.approx((sum(expected) - spec["accepted_tokens"]) / spec["verified_tokens"])
 
 
 def test_stop_strings_and_text_through_the_engine():

@@ -1,4 +1,5 @@
-"""`dspark bench engine`: the serving engine measured under load, per verification policy (paper Figs. 7–8).
+"""`dspark bench engine`: the serving engine measured under load, per verification policy (paper Figs. 7–8);
+`dspark bench serve`: any OpenAI-compatible HTTP server measured under load (like `vllm bench serve`).
 
     dspark bench engine [--model DIR] [--drafter D] [--mtp-drafter D] [--policies LIST] [--concurrency 1,2,4,...]
         [--request-rate R,...] [--temperature 1 | 0,1] [--num-requests N] [--warmup-requests N] [--repeats N] [--max-new-tokens N] [--datasets LIST]
@@ -8,6 +9,16 @@ In-process (no HTTP), on the built-in model by default, prompts from the evaluat
 (`dspark.evaluation.engine_bench` has the definitions). Unless --no-simulate, `dspark simulate` runs on the same
 profile and concurrencies from traces of the same prompt sets (recorded now, or --traces), and its
 prediction error per load is reported. --out writes bench.json and Fig. 7/8-style PNGs per temperature.
+
+    dspark bench serve --url URL [--endpoint completions|chat] [--api-key KEY] [--model NAME] [--num-prompts N]
+        [--max-concurrency N] [--request-rate R|inf] [--warmup-prompts N] [--max-tokens N] [--temperature T]
+        [--seed N] [--ignore-eos] [--dataset random|eval] [--random-input-len WORDS] [--datasets LIST] [--data-dir DIR]
+        [--limit N] [--timeout S] [--sample-interval S] [--out DIR] [--json] [--no-progress]
+
+Streamed requests over HTTP (`dspark.evaluation.serve_bench` has the definitions): TTFT, TPOT, ITL and
+end-to-end latency (mean, median, p90, p99), throughputs with tokens from the stream's `usage`, acceptance from
+the server's /metrics counters, and a timeline of its resident memory and KV cache usage. The key defaults to
+$DSPARK_API_KEY, then $OPENAI_API_KEY. --out writes bench_serve.json, latency CDFs and the timeline as PNGs.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-from dspark.cli import add_runtime_args, add_seed_arg, print_json
+from dspark.cli import add_runtime_args, add_seed_arg, print_json, seed_value
 from dspark.errors import ConfigError
 
 
@@ -60,6 +71,48 @@ def register(sub) -> None:
     add_seed_arg(p)
     add_runtime_args(p, default_threads=None)
     p.set_defaults(handler=run_bench_engine)
+    _register_serve(kinds, RECORD_SETS)
+
+
+def _register_serve(kinds, record_sets) -> None:
+    from dspark.evaluation.serve_bench import (DATASETS, DEFAULT_EVAL_LIMIT, DEFAULT_RANDOM_INPUT_LEN, ENDPOINTS,
+                                               ServeBenchSettings)
+
+    defaults = ServeBenchSettings(url="")
+    p = kinds.add_parser("serve", help="load generator for an OpenAI-compatible server: TTFT/TPOT/ITL, throughput, "
+                                       "acceptance (like vllm bench serve)")
+    p.add_argument("--url", required=True, help="the server's root, e.g. http://localhost:8000")
+    p.add_argument("--endpoint", choices=tuple(ENDPOINTS), default=defaults.endpoint,
+                   help="/v1/completions or /v1/chat/completions (default: completions)")
+    p.add_argument("--api-key", default=None,
+                   help="sent as 'Authorization: Bearer KEY' (default: $DSPARK_API_KEY, then $OPENAI_API_KEY)")
+    p.add_argument("--model", default=None, help="model name (default: the first of GET /v1/models)")
+    p.add_argument("--num-prompts", type=int, default=defaults.num_prompts, help="measured requests")
+    p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: unlimited)")
+    p.add_argument("--request-rate", type=float, default=defaults.request_rate,
+                   help="Poisson arrivals, requests/s (default: inf, all at once)")
+    p.add_argument("--warmup-prompts", type=int, default=defaults.warmup_prompts,
+                   help="unmeasured requests run first at the same load")
+    p.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="output tokens per request at most")
+    p.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy (default)")
+    p.add_argument("--seed", type=seed_value, default=None,
+                   help="sent as each request's seed; also seeds the prompts and arrivals (default: not sent, 0)")
+    p.add_argument("--ignore-eos", action="store_true", help="ask the server to run every request to --max-tokens")
+    p.add_argument("--dataset", choices=DATASETS, default=defaults.dataset,
+                   help="random words, or the evaluation sets' first user turns (default: random)")
+    p.add_argument("--random-input-len", type=int, default=None,
+                   help=f"words per random prompt (default: {DEFAULT_RANDOM_INPUT_LEN})")
+    p.add_argument("--datasets", default=None,
+                   help=f"--dataset eval: prompt sets, names or JSONL paths (default: {','.join(record_sets)})")
+    p.add_argument("--data-dir", default=None, help="--dataset eval: folder with <name>.jsonl prompt sets")
+    p.add_argument("--limit", type=int, default=None, help=f"--dataset eval: prompts per set (default: {DEFAULT_EVAL_LIMIT})")
+    p.add_argument("--timeout", type=float, default=defaults.timeout_s, help="seconds per request (default: 600)")
+    p.add_argument("--sample-interval", type=float, default=defaults.sample_interval_s,
+                   help="seconds between timeline samples of the server's /metrics (0: no timeline)")
+    p.add_argument("--out", default=None, help="folder for bench_serve.json and the plots")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (without the per-request latencies)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=run_bench_serve)
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -174,6 +227,49 @@ def run_bench_engine(args) -> int:
         for row in result.get("simulator_comparison", []):
             print(f"simulate vs measured, T={row['temperature']:g} {row['policy']} C={row['concurrency']}: "
                   f"{row['simulated_tok_s']:.0f} vs {row['measured_tok_s']:.0f} tok/s ({row['error']:+.1%})")
+    return 0
+
+
+def _serve_settings(args):
+    """The ServeBenchSettings of `dspark bench serve`'s flags; the API key falls back to $DSPARK_API_KEY, then
+    $OPENAI_API_KEY."""
+    import os
+
+    from dspark.evaluation.serve_bench import ServeBenchSettings
+
+    datasets = None if args.datasets is None else tuple(s.strip() for s in args.datasets.split(",") if s.strip())
+    api_key = args.api_key
+    if api_key is None:
+        api_key = os.environ.get("DSPARK_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
+    return ServeBenchSettings(url=args.url, endpoint=args.endpoint, model=args.model, api_key=api_key,
+                              num_prompts=args.num_prompts, max_concurrency=args.max_concurrency,
+                              request_rate=args.request_rate, warmup_prompts=args.warmup_prompts,
+                              max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                              ignore_eos=args.ignore_eos, timeout_s=args.timeout, dataset=args.dataset,
+                              random_input_len=args.random_input_len, datasets=datasets, data_dir=args.data_dir,
+                              limit=args.limit, sample_interval_s=args.sample_interval)
+
+
+def run_bench_serve(args) -> int:
+    from dspark.evaluation import serve_bench as sb
+    from dspark.files import check_output_folder, write_text_atomically
+
+    log = (lambda line: None) if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
+    settings = _serve_settings(args)
+    sb.check_settings(settings)
+    if args.out:
+        check_output_folder(args.out, "--out")
+    prompts = sb.load_prompts(settings, log)
+    result = sb.run_serve_bench(settings, prompts, progress=log)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        result["plots"] = [str(p) for p in sb.plot(result, out)]
+        write_text_atomically(out / "bench_serve.json", json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print_json({key: value for key, value in result.items() if key != "latencies_ms"})
+    else:
+        print(sb.results_table(result))
     return 0
 
 

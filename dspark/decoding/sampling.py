@@ -94,3 +94,22 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None,
     cdf = torch.cumsum(probs, dim=-1)
     point = uniforms.to(cdf.device, cdf.dtype).reshape(-1, 1) * cdf[:, -1:]
     return torch.searchsorted(cdf, point, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; completions allow 5
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Log-probabilities the *target* gives the emitted tokens, for OpenAI's `logprobs`: logits [N, V] (row i
+    predicts tokens[i]) → per token (its log-probability, the `top` most likely tokens with theirs).
+
+    They are the model's own distribution (log-softmax of the raw logits, as vLLM's default `raw_logprobs`):
+    independent of temperature, top-k and top-p, and of whether a draft or the target proposed the token
+    (speculation does not change them)."""
+    logp = torch.log_softmax(logits.to(torch.float32), dim=-1)
+    index = torch.as_tensor(list(tokens), dtype=torch.long, device=logp.device)
+    chosen = logp.gather(-1, index[:, None]).squeeze(-1).tolist()
+    if top <= 0:
+        return [(c, []) for c in chosen]
+    values, ids = torch.topk(logp, min(top, logp.shape[-1]), dim=-1)
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), values.tolist())]

@@ -33,7 +33,7 @@ from typing import Hashable, Sequence
 import torch
 
 from dspark.decoding.randomness import StepRandom, first_token_uniforms
-from dspark.decoding.sampling import SamplingParams
+from dspark.decoding.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from dspark.engine.block_manager import BlockManager, budget_pages
 from dspark.engine.detokenizer import IncrementalDetokenizer, check_stop_strings
 from dspark.engine.request import Request, Status
@@ -92,7 +92,9 @@ class EngineConfig:
 @dataclass
 class RequestOutput:
     """What one step did for one request: the tokens it emitted (`new_token_ids`), the text they complete
-    (`new_text`, None without a tokenizer) and, when it ended, why ("stop" | "length")."""
+    (`new_text`, None without a tokenizer) and, when it ended, why ("stop" | "length"). With the request's
+    `logprobs`: one (logprob, top alternatives) per new token; with `text_per_token`: `new_text` split into
+    one piece per new token (a piece may be empty: a character that needs the next token, a stop token)."""
 
     request_id: Hashable
     new_token_ids: list[int]
@@ -100,6 +102,8 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     num_output_tokens: int
+    logprobs: list | None = None
+    text_pieces: list[str] | None = None
 
 
 @dataclass
@@ -134,6 +138,8 @@ class EngineStats:
     spec: dict  # SpecStats of finished requests
     controller: dict  # policy, calibration regimes and drift, draft gate state
     times: dict = field(default_factory=dict)
+    spec_live: dict = field(default_factory=dict)  # SpecStats of every round so far, running requests included
+    calibration: dict = field(default_factory=dict)  # `Engine.calibration_report`
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -233,15 +239,20 @@ class Engine:
         self.times = StepTimes()
         self._verify_budgets: deque[int] = deque(maxlen=self.STEP_WINDOW)
         self.last_step: dict = {}
+        self.spec_live = SpecStats()  # every round of every request, updated each step
+        self.expected_accepted_per_position: list[float] = []  # Σ calibrated survival of each verified slot
+        self._calibration_window: deque[tuple[float, int, int]] = deque(maxlen=self.STEP_WINDOW)
 
     # -- requests ------------------------------------------------------------------------------------
     def add_request(self, request_id: Hashable, prompt_ids: Sequence[int], *, sampling: SamplingParams | None = None,
                     max_new_tokens: int = 64, stop: Sequence[str] | str | None = None,
                     stop_token_ids: Sequence[int] = (), ignore_eos: bool = False, seed: int | None = None,
-                    speculate: bool = True, record_rounds: bool = False) -> Request:
+                    speculate: bool = True, record_rounds: bool = False, logprobs: int | None = None,
+                    text_per_token: bool = False) -> Request:
         """Queue a request; RequestError (nothing queued) for bad input: an empty or out-of-vocabulary
         prompt, a prompt + max_new_tokens beyond the model's context or the whole KV budget, a duplicate
-        id, stop strings without a tokenizer, a seed outside [0, 2^63)."""
+        id, stop strings without a tokenizer, a seed outside [0, 2^63), logprobs outside [0, 20].
+        logprobs, text_per_token: see `Request`."""
         try:
             if request_id in self.requests:
                 raise RequestError(f"request id {request_id!r} is already in use")
@@ -274,12 +285,16 @@ class Engine:
             raise RequestError(f"request {request_id!r}: stop strings need the engine's tokenizer")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
             raise RequestError(f"request {request_id!r}: seed must be an integer in [0, 2^63), got {seed!r}")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+            raise RequestError(f"request {request_id!r}: logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {logprobs!r}")
         bad_ids = [t for t in stop_token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad_ids:
             raise RequestError(f"request {request_id!r}: stop token ids out of range [0, {vocab}): {bad_ids}")
         stop_ids = frozenset(int(t) for t in stop_token_ids) | (frozenset() if ignore_eos else self.eos_token_ids)
         request = Request(prompt, sampling or SamplingParams(), max_new_tokens, stop_ids, speculate=bool(speculate),
-                          request_id=request_id, record_rounds=record_rounds, stop=stops, seed=seed)
+                          request_id=request_id, record_rounds=record_rounds, stop=stops, seed=seed,
+                          logprobs=logprobs, text_per_token=bool(text_per_token))
         own_seed = seed if seed is not None else int(torch.randint(0, MAX_SEED, (), generator=self._generator))
         request.generator = torch.Generator().manual_seed(own_seed)
         if self.tokenizer is not None:
@@ -335,12 +350,18 @@ class Engine:
         chunks, admitted = self.scheduler.schedule_prefill(budget)
         for request in admitted:
             request.seq_id = self.runner.new_sequence()
+            if request.scheduled_time is None:
+                request.scheduled_time = time.perf_counter()
         if not decoding and not chunks:
             return []
         completes = [r.num_computed + n == r.prefill_length and not r.resuming for r, n in chunks]
         draws = first_token_uniforms([r.generator for (r, _), c in zip(chunks, completes) if c]).tolist()
         first = torch.tensor([draws.pop(0) if c else 0.0 for c in completes], dtype=torch.float64)
-        emitted = run_step(self.runner, drafts, chunks, self.drafter, self.controller, random, first, timer=self.times)
+        accepted_before = self.spec_live.accepted_tokens
+        emitted = run_step(self.runner, drafts, chunks, self.drafter, self.controller, random, first, timer=self.times,
+                           totals=self.spec_live)
+        if decoding and drafts.plan.confidences is not None:
+            self._observe_calibration(drafts, self.spec_live.accepted_tokens - accepted_before)
         now = time.perf_counter()
         outputs = []
         for request in decoding + [r for r, _ in chunks]:
@@ -349,9 +370,13 @@ class Engine:
                 continue
             if request.first_token_time is None and tokens:
                 request.first_token_time = now
-            text = self._detokenize(request, tokens)
+            text, pieces = self._detokenize(request, tokens)
+            logprobs = None
+            if request.logprobs is not None:
+                del request.output_logprobs[len(request.output_ids):]  # a stop string cut the output
+                logprobs = request.output_logprobs[len(request.output_ids) - len(tokens):]
             outputs.append(RequestOutput(request.request_id, tokens, text, request.finished, request.finish_reason,
-                                         len(request.output_ids)))
+                                         len(request.output_ids), logprobs, pieces))
             if request.finished:
                 self._finish(request)
         verified = int(drafts.verify_lens.sum()) if decoding else 0
@@ -366,22 +391,57 @@ class Engine:
         self.times.step_s += elapsed
         return outputs
 
-    def _detokenize(self, request: Request, tokens: list[int]) -> str | None:
+    def _detokenize(self, request: Request, tokens: list[int]) -> tuple[str | None, list[str] | None]:
         """Feed the step's tokens to the request's detokenizer; a stop string cuts the output after the token
-        that completed it (finish reason "stop"). Returns the text that may be shown now."""
+        that completed it (finish reason "stop"). Returns the text that may be shown now and, with the request's
+        `text_per_token`, that text split by token."""
         detok = request.detokenizer
         if detok is None:
-            return None
+            return None, None
+        if not tokens:
+            return detok.take_new_text(final=request.finished), ([] if request.text_per_token else None)
         kept = len(request.output_ids) - len(tokens)
+        pieces = [""] * len(tokens)
+        last = 0
         for i, token in enumerate(tokens):
             if request.finish_reason == "stop" and i == len(tokens) - 1 and token in request.stop_token_ids:
                 break  # a stop token's text is not part of the output
+            last = i
             if detok.add(token):
                 del request.output_ids[kept + i + 1:]
                 del tokens[i + 1:]
+                del pieces[i + 1:]
                 request.finish_reason = "stop"
                 break
-        return detok.take_new_text(final=request.finished)
+            if request.text_per_token:
+                pieces[i] = detok.take_new_text()
+        pieces[last] += detok.take_new_text(final=request.finished)
+        return "".join(pieces), (pieces if request.text_per_token else None)
+
+    def _observe_calibration(self, drafts, accepted: int) -> None:
+        """Calibration monitoring: the acceptance the calibrated confidences predicted for this step's verified
+        slots (prefix survival Π c'_j, paper §3.2.1) next to the drafts actually accepted."""
+        confidences, lengths = drafts.plan.confidences.detach().float().cpu(), drafts.verify_lens.cpu()
+        survival = torch.cumprod(confidences, dim=1)
+        verified = torch.arange(survival.shape[1]) < lengths[:, None]
+        per_position = (survival * verified).sum(0).tolist()
+        grow = len(per_position) - len(self.expected_accepted_per_position)
+        if grow > 0:
+            self.expected_accepted_per_position.extend([0.0] * grow)
+        for k, value in enumerate(per_position):
+            self.expected_accepted_per_position[k] += value
+        self._calibration_window.append((sum(per_position), accepted, int(lengths.sum())))
+
+    def calibration_report(self) -> dict:
+        """Live calibration: predicted and observed acceptance per verified draft over the last STEP_WINDOW
+        steps, and drift = predicted − observed (0 when the confidences are calibrated; > 0 over-confident)."""
+        expected = sum(e for e, _, _ in self._calibration_window)
+        accepted = sum(a for _, a, _ in self._calibration_window)
+        verified = sum(v for _, _, v in self._calibration_window)
+        if not verified:
+            return {"verified": 0, "predicted_acceptance": None, "observed_acceptance": None, "drift": None}
+        return {"verified": verified, "predicted_acceptance": expected / verified, "observed_acceptance": accepted / verified,
+                "drift": (expected - accepted) / verified}
 
     # -- state ---------------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
@@ -394,6 +454,8 @@ class Engine:
             spec=self.spec.to_dict(), controller=self.controller.report(),
             times={"steps": self.times.steps, "step_s": self.times.step_s, "target_s": self.times.target_s,
                    "draft_s": self.times.draft_s, "overhead_share": self.times.overhead_share},
+            spec_live=self.spec_live.to_dict(),
+            calibration=dict(self.calibration_report(), expected_accepted_per_position=list(self.expected_accepted_per_position)),
         )
 
     def close(self) -> None:

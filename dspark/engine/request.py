@@ -27,7 +27,10 @@ class Request:
     generation ends after one of these is emitted (kept in `output_ids`); stop: stop strings (need the
     engine's tokenizer; the text is cut before them); seed: the request's own random stream (None: one
     drawn from the engine's generator); speculate: False = this request verifies no drafts (ℓ = 0) in a
-    speculative batch; record_rounds: keep a RoundRecord per step.
+    speculative batch; record_rounds: keep a RoundRecord per step; logprobs: None, or the number of most
+    likely alternatives to report with each emitted token's target log-probability (`output_logprobs`,
+    `dspark.decoding.sampling.token_logprobs`); text_per_token: the engine's outputs split their new text
+    into one piece per emitted token (token-by-token streaming).
     """
 
     prompt_ids: list[int]
@@ -39,10 +42,13 @@ class Request:
     record_rounds: bool = False
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None
+    text_per_token: bool = False
     # -- state -----------------------------------------------------------------------------------------
     status: Status = Status.WAITING
     seq_id: int | None = None  # the target KV cache's handle (also the drafter's and the policy's key)
     output_ids: list[int] = field(default_factory=list)  # generated tokens, a stop token included
+    output_logprobs: list = field(default_factory=list)  # with `logprobs`: one (logprob, top) per output token
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_computed: int = 0  # tokens in the target's cache (after each commit: prompt + output − 1)
     generator: torch.Generator | None = None  # this request's random stream (`dspark.decoding.randomness`)
@@ -52,6 +58,7 @@ class Request:
     num_preemptions: int = 0
     detokenizer: object | None = None  # `dspark.engine.detokenizer.IncrementalDetokenizer` with a tokenizer
     arrival_time: float = 0.0  # time.perf_counter() seconds
+    scheduled_time: float | None = None  # first admitted to run (the end of its queue time)
     first_token_time: float | None = None
     finish_time: float | None = None
 

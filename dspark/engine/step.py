@@ -30,10 +30,10 @@ from typing import Sequence
 import torch
 
 from dspark.decoding.randomness import StepRandom
-from dspark.decoding.sampling import logits_to_probs, sample
+from dspark.decoding.sampling import logits_to_probs, sample, token_logprobs
 from dspark.decoding.verification import verify
 from dspark.engine.request import Request
-from dspark.engine.stats import RoundRecord
+from dspark.engine.stats import RoundRecord, SpecStats
 from dspark.errors import NumericalError
 from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter
 from dspark.models.target_runner import TargetRunner
@@ -106,10 +106,12 @@ def draft_and_plan(runner: TargetRunner, requests: list[Request], drafter: Draft
 
 
 def run_step(runner: TargetRunner, drafts: StepDrafts, chunks: Sequence[tuple[Request, int]], drafter: Drafter | None,
-             controller: SpeculationController, random: StepRandom, first_uniforms: torch.Tensor, timer=None) -> dict:
+             controller: SpeculationController, random: StepRandom, first_uniforms: torch.Tensor, timer=None,
+             totals: SpecStats | None = None) -> dict:
     """Phases 3–4: one forward over the decoding rows of `drafts` and the prompt `chunks` (request, tokens),
     then verification and commit; updates the requests in place. first_uniforms [C]: one uniform per chunk
-    (used only by a chunk that completes a new prompt); timer: adds the forward's seconds to its `target_s`.
+    (used only by a chunk that completes a new prompt); timer: adds the forward's seconds to its `target_s`;
+    totals: also gets every round's record (live statistics across requests).
     Returns {request_id: tokens it emitted this step}."""
     requests, proposal, plan = drafts.requests, drafts.proposal, drafts.plan
     batch = len(requests)
@@ -138,26 +140,29 @@ def run_step(runner: TargetRunner, drafts: StepDrafts, chunks: Sequence[tuple[Re
     emitted: dict = {}
     if batch:
         emitted.update(_verify_and_commit(runner, drafts, out.logits[:decode_rows], out.query_lens[:batch],
-                                          features[:batch], starts, controller, random, width))
+                                          features[:batch], starts, controller, random, width, totals))
     # Prompt chunks: K/V and features only, the first token when a new prompt completes.
     finishing = [(r, u) for (r, _), s, u in zip(chunks, samples_first, first_uniforms.tolist()) if s]
     first_tokens: list[int] = []
     if finishing:
         probs = logits_to_probs(out.logits[decode_rows:], [r.sampling for r, _ in finishing])
         first_tokens = sample(probs, uniforms=torch.tensor([u for _, u in finishing], dtype=torch.float64)).tolist()
-    tokens_for = dict(zip([id(r) for r, _ in finishing], first_tokens))
+    tokens_for = {id(r): (token, row) for row, ((r, _), token) in enumerate(zip(finishing, first_tokens))}
     for (r, n), feats in zip(chunks, features[batch:]):
         r.num_computed += n
         if feats is not None:
             r.pending_features.append(feats)
         if id(r) in tokens_for:
-            emitted[r.request_id] = r.emit([tokens_for[id(r)]])
+            token, row = tokens_for[id(r)]
+            emitted[r.request_id] = r.emit([token])
+            if r.logprobs is not None:
+                r.output_logprobs += token_logprobs(out.logits[decode_rows + row: decode_rows + row + 1], [token], r.logprobs)
     return emitted
 
 
 def _verify_and_commit(runner: TargetRunner, drafts: StepDrafts, logits: torch.Tensor, query_lens: list[int],
                        features: list, starts: list[int], controller: SpeculationController, random: StepRandom,
-                       width: int) -> dict:
+                       width: int, totals: SpecStats | None) -> dict:
     requests, proposal, plan = drafts.requests, drafts.proposal, drafts.plan
     batch, verify_lens = len(requests), plan.lengths
     # Target distributions, padded to [B, width + 1, V]; processed exactly as in plain decoding.
@@ -186,6 +191,9 @@ def _verify_and_commit(runner: TargetRunner, drafts: StepDrafts, logits: torch.T
         confidences = plan.confidences.detach().float().cpu().tolist()
 
     emitted = {}
+    row_starts = [0]
+    for q in query_lens:
+        row_starts.append(row_starts[-1] + q)
     for b, r in enumerate(requests):
         n = accepted[b]
         runner.truncate(r.seq_id, starts[b] + 1 + n)  # keep x0 and the accepted drafts
@@ -197,12 +205,17 @@ def _verify_and_commit(runner: TargetRunner, drafts: StepDrafts, logits: torch.T
             else:
                 r.pending_features.append(verified)
         emitted[r.request_id] = r.emit(drafts_tokens[b, :n].tolist() + [next_tokens[b]])
+        if r.logprobs is not None:  # row k of the request's logits predicts its k-th emitted token
+            tokens = emitted[r.request_id]
+            r.output_logprobs += token_logprobs(logits[row_starts[b]: row_starts[b] + len(tokens)], tokens, r.logprobs)
         drafted = int(proposal.lengths[b])
         record = RoundRecord(
             drafted=drafted, verified=int(verify_lens[b]), accepted=n, emitted=len(emitted[r.request_id]),
             confidences=None if confidences is None else confidences[b][:drafted],
         )
         r.stats.add(record)
+        if totals is not None:
+            totals.add(record)
         if r.record_rounds:
             r.rounds.append(record)
     return emitted

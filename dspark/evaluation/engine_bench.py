@@ -103,7 +103,9 @@ def policy_setup(name: str, dspark, mtp, profile, regimes) -> tuple[object | Non
     return dspark, SpeculationController(policy=policy, regimes=regimes, gate=gate)
 
 
-def _percentile(values: Sequence[float], q: float) -> float | None:
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0–100) of `values`, in their unit, interpolated linearly between order statistics
+    (numpy's default, as vLLM's benchmarks report them); None when there are no values."""
     return float(np.percentile(np.asarray(values), q)) if len(values) else None
 
 
@@ -192,8 +194,8 @@ def run_point(engine: Engine, prompts: list[list[int]], *, sampling: SamplingPar
     point = {
         "throughput_tok_s": total / elapsed,
         "per_user_tok_s": float(np.mean(speeds)) if speeds else None,
-        "ttft_ms_p50": _percentile(ttft, 50), "ttft_ms_p99": _percentile(ttft, 99),
-        "itl_ms_p50": _percentile(itl, 50), "itl_ms_p99": _percentile(itl, 99),
+        "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
+        "itl_ms_p50": percentile(itl, 50), "itl_ms_p99": percentile(itl, 99),
         "tau": delta["emitted"] / delta["rounds"] if delta["rounds"] else None,
         "mean_verify_len": delta["verified"] / delta["rounds"] if delta["rounds"] else 0.0,
         "requests": num_requests, "warmup_requests": warmup_requests, "output_tokens": total, "elapsed_s": elapsed,
