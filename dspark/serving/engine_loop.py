@@ -108,6 +108,8 @@ class EngineLoop:
         self._open.add(request_id)
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put(("add", (request_id, prompt_ids, sink, tag, kwargs), future))
+        if self._ended:  # the loop ended after the capacity check: nobody will run the command
+            self._refuse_pending()
         try:
             return await asyncio.wrap_future(future)
         except RequestError as exc:
@@ -133,7 +135,12 @@ class EngineLoop:
             return self.engine.stats().to_dict()
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put(("snapshot", None, future))
-        return await asyncio.wrap_future(future)
+        if self._ended:
+            self._refuse_pending()
+        try:
+            return await asyncio.wrap_future(future)
+        except APIError:
+            return self.engine.stats().to_dict()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Abort every open request and end the thread (idempotent)."""
@@ -170,6 +177,19 @@ class EngineLoop:
                 engine.abort(request_id)
             self._sinks.clear()
             self._ended = True
+            self._refuse_pending()
+
+    def _refuse_pending(self) -> None:
+        """After the loop ended: answer every command still queued, so no handler waits for ever."""
+        error = APIError(503, "the engine is not running" + (f" ({self.dead})" if self.dead else ""),
+                         code="engine_unavailable")
+        while True:
+            try:
+                kind, _, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if future is not None and not future.done():
+                future.set_exception(error)
 
     def _run_commands(self, block: bool) -> bool:
         """Run the queued commands; wait for one first when `block`. False on "stop"."""
