@@ -16,6 +16,9 @@
     dspark train --config FILE.yaml [section.key=value ...]      (torchrun for several processes)
     dspark pretrain --config FILE.yaml [section.key=value ...]
     dspark zoo list [--json] / dspark zoo rebuild [--work DIR]
+    dspark serve [--model DIR] [--drafter D] [--host H] [--port P] [--api-key KEY] [...]      (docs/serving.md)
+    dspark bench engine [...] / dspark bench serve --url URL [...]
+    dspark export sglang --out DIR [--profile FILE] [--calibration FILE]
 
 Every --model/--target/--drafter falls back to the built-in model (dspark.models.zoo) when omitted.
 
@@ -35,7 +38,7 @@ import sys
 from dspark.errors import DSparkError
 
 # Subcommand modules under dspark.commands, in the order `dspark --help` lists them.
-COMMAND_MODULES = ("generate", "serve", "demo", "eval", "calibrate", "sweep", "simulate", "profile", "train", "pretrain", "data", "zoo", "bench")
+COMMAND_MODULES = ("generate", "serve", "demo", "eval", "calibrate", "sweep", "simulate", "profile", "train", "pretrain", "data", "zoo", "bench", "export")
 
 
 MAX_SEED = 2**63 - 1  # seeds feed torch, numpy and Python generators: a non-negative signed 64-bit integer
