@@ -90,14 +90,15 @@ def serve_process(port: int, max_num_seqs: int, threads: int | None, extra: tupl
 
 
 def scrape(port: int) -> dict[str, float]:
-    """The server's unlabelled-or-single-label samples by metric name (last value wins)."""
+    """The server's /metrics samples by name, summed over labels (prometheus-client's own parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("GET", "/metrics")
-    values = {}
-    for line in conn.getresponse().read().decode().splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name.split("{", 1)[0]] = float(value)
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(conn.getresponse().read().decode()):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return values
 
 

@@ -266,6 +266,10 @@ def test_n_choices_and_speculation_stats_and_opt_out(server):
     out = client.completions.create(model=NAME, prompt="abc", max_tokens=16, temperature=1.0, n=3, seed=5,
                                     extra_body={"ignore_eos": True, "spec_decode_stats": True})
     assert [c.index for c in out.choices] == [0, 1, 2] and out.usage.completion_tokens == 48
+    assert out.usage.prompt_tokens == 3  # a prompt counts once whatever n is ("abc": 3 byte tokens)
+    two = client.completions.create(model=NAME, prompt=["abc", "de"], max_tokens=2, n=2, extra_body={"ignore_eos": True})
+    assert [c.index for c in two.choices] == [0, 1, 2, 3] and two.usage.prompt_tokens == 5
+    assert two.usage.completion_tokens == 8
     spec = out.model_extra["speculative_decoding"]
     assert spec["num_steps"] >= 3 and sum(spec["acceptance_histogram"]) == spec["num_steps"]
     assert spec["num_accepted_draft_tokens"] <= spec["num_draft_tokens"]

@@ -35,7 +35,7 @@ from dspark.data.chat import DEFAULT_TEMPLATE_KWARGS, check_text, encode, render
 from dspark.decoding.sampling import SamplingParams
 from dspark.engine.engine import Engine
 from dspark.engine.stats import SpecStats
-from dspark.errors import DSparkError
+from dspark.errors import ConfigError, DSparkError
 from dspark.serving import protocol
 from dspark.serving.engine_loop import EngineLoop, Event
 from dspark.serving.errors import APIError
@@ -58,8 +58,6 @@ class ServeConfig:
     model_path: str | None = None
 
     def __post_init__(self) -> None:
-        from dspark.errors import ConfigError
-
         if not isinstance(self.served_model_name, str) or not self.served_model_name.strip():
             raise ConfigError("served model name must be a non-empty string")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
@@ -81,6 +79,7 @@ class Choice:
     index: int
     key: tuple
     prompt_ids: list[int]
+    first_of_prompt: bool  # choice 0 of its prompt: the one whose prompt tokens `usage` counts
     text: str = ""
     token_ids: list[int] | None = None
     logprobs: list | None = None
@@ -192,7 +191,7 @@ class Server:
             for p, (ids, budget) in enumerate(zip(prompts, budgets)):
                 for j in range(req.n):
                     index = p * req.n + j
-                    choice = Choice(index, (serial, index), ids)
+                    choice = Choice(index, (serial, index), ids, j == 0)
                     await self.loop.add(choice.key, ids, sink, index, sampling=sampling, max_new_tokens=budget,
                                         stop=req.stop, stop_token_ids=req.stop_token_ids or (), ignore_eos=req.ignore_eos,
                                         seed=None if req.seed is None else (req.seed + index) % (protocol.MAX_SEED + 1),
@@ -225,7 +224,7 @@ class Server:
         return choice
 
     def usage(self, choices: list[Choice]) -> dict:
-        prompt = sum(len(c.prompt_ids) for c in {id(c.prompt_ids): c for c in choices}.values())
+        prompt = sum(len(c.prompt_ids) for c in choices if c.first_of_prompt)  # once per prompt, as OpenAI's n
         return protocol.usage(prompt, sum(len(c.token_ids or []) for c in choices))
 
     @staticmethod

@@ -147,6 +147,8 @@ class EngineLoop:
         self._stopping = True
         if self._thread is not None and self._thread.is_alive() and not self._ended:
             self._commands.put(("stop", None, None))
+            # Join an engine thread of our own; never the main thread (`run_forever`: it returns after the HTTP
+            # thread that calls this has ended, so waiting for it here would wait for ourselves).
             if self._thread is not threading.current_thread() and self._thread is not threading.main_thread():
                 self._thread.join(timeout)
 
