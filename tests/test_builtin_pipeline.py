@@ -341,6 +341,7 @@ def test_zoo_rebuild_end_to_end_at_toy_scale(corpus, tokenizer_dir, tmp_path, mo
     reuses every finished step."""
     import shutil
 
+    from dspark.calibration.calibration_file import regimes_for
     from dspark.models.drafters import load_drafter
     from dspark.models.target_runner import TargetRunner
     from dspark.pipeline import zoo_build
@@ -362,6 +363,8 @@ def test_zoo_rebuild_end_to_end_at_toy_scale(corpus, tokenizer_dir, tmp_path, mo
     ])
     monkeypatch.setattr(zoo_build, "DRAFTER_KIND_OVERRIDES", {
         "dspark": ["model.markov_rank=4"], "mtp": ["model.block_size=1", "model.target_layer_ids=null"]})
+    monkeypatch.setattr(zoo_build, "GROWN_DRAFT_LAYERS", 2)
+    monkeypatch.setattr(zoo_build, "GROW_OVERRIDES", ["train.max_steps=2"])
 
     summary = zoo_build.rebuild(work, out, drafters=("dspark", "mtp"), progress=False)
     cache = json.loads((work / "features" / "manifest.json").read_text())
@@ -370,13 +373,18 @@ def test_zoo_rebuild_end_to_end_at_toy_scale(corpus, tokenizer_dir, tmp_path, mo
     assert manifest == summary["manifest"]
     assert "data.train=FEATURES" in manifest["drafters"]["dspark"]["recipe"]
     assert "data.train=DATA" in manifest["drafters"]["mtp"]["recipe"]
-    assert manifest["calibration"]["block_size"] == 3
-    assert [r["sampling_temperature"] for r in manifest["calibration"]["regimes"]] == [0.0, 1.0]
+    assert "model.draft_layers=2" in manifest["drafters"]["dspark"]["grown"] and "grown" not in manifest["drafters"]["mtp"]
+    assert list(manifest["calibration"]) == ["dspark"] and manifest["calibration"]["dspark"]["block_size"] == 3
+    assert [r["sampling_temperature"] for r in manifest["calibration"]["dspark"]["regimes"]] == [0.0, 1.0]
+    assert json.loads((out / "drafters" / "dspark" / "calibration.json").read_text()) == manifest["calibration"]["dspark"]
     target = TargetRunner.from_pretrained(out / "target", dtype="float32")
     for name, block in (("dspark", 3), ("mtp", 1)):
         drafter = load_drafter(str(out / "drafters" / name))
         drafter.check_target(target.config)
         assert drafter.block_size == block
+    grown = load_drafter(str(out / "drafters" / "dspark")).model
+    assert len(grown.layers) == 2 and grown.greedy_confidence_head is not None  # the grown run was installed
+    assert regimes_for(load_drafter(str(out / "drafters" / "dspark"))) is not None  # "auto" finds its calibration
     stamp = (work / "features" / "manifest.json").stat().st_mtime_ns
     zoo_build.rebuild(work, out, drafters=("dspark", "mtp"), progress=False)
     assert (work / "features" / "manifest.json").stat().st_mtime_ns == stamp

@@ -26,6 +26,7 @@ VARIANTS = {
     "dspark-gated": dict(markov_rank=8, markov_head_type="gated"),
     "dspark-rnn": dict(markov_rank=8, markov_head_type="rnn"),
     "dspark-no-markov-in-confidence": dict(markov_rank=8, confidence_head_with_markov=False),
+    "dspark-greedy-confidence": dict(markov_rank=8, markov_head_type="rnn", greedy_confidence_head=True),
     "dflash": dict(markov_rank=0, enable_confidence_head=False),
 }
 
@@ -92,6 +93,9 @@ def spec_tensor_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
         width = h + (r if hf["confidence_head_with_markov"] else 0)
         shapes["confidence_head.proj.weight"] = (1, width)
         shapes["confidence_head.proj.bias"] = (1,)
+        if hf.get("enable_greedy_confidence_head"):  # dspark's own optional output (docs/design.md §2.4)
+            shapes["greedy_confidence_head.proj.weight"] = (1, width)
+            shapes["greedy_confidence_head.proj.bias"] = (1,)
     return shapes
 
 
@@ -105,6 +109,9 @@ def test_save_writes_exactly_the_released_layout_and_reloads_bit_exact(target, v
                 "markov_rank", "markov_head_type", "enable_confidence_head", "confidence_head_with_markov"):
         assert key in hf
     assert hf["num_hidden_layers"] == 2 and hf["num_target_layers"] == 4
+    # released checkpoints lack the greedy output's field; a model without that output must not write it
+    assert hf.get("enable_greedy_confidence_head", False) is VARIANTS[variant].get("greedy_confidence_head", False)
+    assert ("enable_greedy_confidence_head" in hf) == VARIANTS[variant].get("greedy_confidence_head", False)
     tensors = load_file(str(folder / "model.safetensors"))
     assert {k: tuple(t.shape) for k, t in tensors.items()} == spec_tensor_shapes(hf)
     reloaded = DSparkModel.from_pretrained(folder, dtype="float64")
@@ -228,7 +235,7 @@ def test_teacher_forced_heads_equal_the_sampling_loop(target, variant):
     sampling parameters; the teacher-forced training API fed the same previous tokens gives exactly those
     logits (float64 here), so q_k must equal logits_to_probs of them to 1e-6 (a q computed or reported in
     bf16, or without the request's temperature / top-k / top-p, fails), each draft has q_k(x_k) > 0, and the
-    confidences are the head's."""
+    confidences are the head's (for greedy rows the greedy confidence output's, when the model has one)."""
     model = make_drafter(target, variant)
     drafter = DSparkDrafter(model)
     gen = torch.Generator().manual_seed(0)
@@ -239,15 +246,20 @@ def test_teacher_forced_heads_equal_the_sampling_loop(target, variant):
     tokens, probs, confidences = drafter.sample_block(hidden, anchors, samplings, gen)  # confidence logits
     assert probs.dtype == torch.float32
     prev = torch.cat([anchors[:, None], tokens[:, :-1]], dim=1)
-    logits, conf_logits = model.heads(hidden, prev)
+    logits, conf_logits, greedy_logits = model.heads(hidden, prev)
     expected = torch.stack([logits_to_probs(logits[row].double(), s).double() for row, s in enumerate(samplings)])
     torch.testing.assert_close(probs.double(), expected, rtol=1e-6, atol=1e-7)
     assert (probs.to(torch.bfloat16).double() - expected).abs().max() > 1e-4  # the tolerance would catch bf16
     assert bool((probs.gather(-1, tokens.unsqueeze(-1)) > 0).all())
     if model.confidence_head is None:
-        assert confidences is None and conf_logits is None
-    else:
+        assert confidences is None and conf_logits is None and greedy_logits is None
+    elif model.greedy_confidence_head is None:
+        assert greedy_logits is None
         torch.testing.assert_close(conf_logits.float(), confidences)  # the raw head's logits (Eq. 7)
+    else:
+        greedy_rows = torch.tensor([s.greedy for s in samplings])[:, None]
+        torch.testing.assert_close(torch.where(greedy_rows, greedy_logits, conf_logits).float(), confidences)
+        assert (greedy_logits - conf_logits).abs().min() > 0  # the two outputs differ: the test can tell them apart
     if model.markov_head is not None:  # the sequential bias really depends on the previous token
         other_prev = (prev + 1) % 23
         assert not torch.allclose(model.heads(hidden, other_prev)[0], logits)

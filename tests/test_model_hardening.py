@@ -271,6 +271,21 @@ def test_calibration_file_for_a_drafter_without_confidence_head_is_refused(prist
         assert regimes_for(dflash, value) is None
 
 
+def test_auto_calibration_is_the_drafter_folders_own_file_for_exactly_its_weights(drafter_dir, tmp_path):
+    """"auto" applies DRAFTER/calibration.json when it was fitted for those weights; one left behind by other
+    weights (a retrained drafter) is ignored rather than misapplied; "none" ignores even a matching one."""
+    from dspark.calibration.calibration_file import save_calibration
+
+    assert regimes_for(load_drafter(str(drafter_dir), device="cpu"), "auto") is None  # no file: the raw head
+    save_calibration(drafter_dir / "calibration.json", [2.0, 1.0, 0.5], drafter_folder=drafter_dir)
+    drafter = load_drafter(str(drafter_dir), device="cpu")
+    regimes = regimes_for(drafter, "auto")
+    assert list(regimes) == [1.0] and regimes[1.0].temperatures.tolist() == [2.0, 1.0, 0.5]
+    assert regimes_for(drafter, "none") is None
+    poison(drafter_dir, "fc.weight", 0.5)  # other weights, same file
+    assert regimes_for(load_drafter(str(drafter_dir), device="cpu"), "auto") is None
+
+
 @pytest.mark.parametrize("field, value", [("temperatures", ["1.0", 1.0]), ("temperatures", [True, 1.0]),
                                           ("biases", ["0", 0.0])])
 def test_calibration_numbers_must_be_json_numbers(tmp_path, field, value):

@@ -57,9 +57,9 @@ def test_blocks_labels_supervision_and_teacher_forcing():
     assert blocks.target_rows[0, 0].tolist() == [2, 3, 4, 5]
 
 
-def naive_loss(draft_logits, conf_logits, target_logits, labels, supervised, weights):
-    """Straight from the docs/design.md §2.5 formulas, slot by slot."""
-    num = {"ce": 0.0, "tv": 0.0, "conf": 0.0}
+def naive_loss(draft_logits, conf_logits, greedy_logits, target_logits, labels, supervised, weights):
+    """Straight from the docs/design.md §2.4–2.5 formulas, slot by slot."""
+    num = {"ce": 0.0, "tv": 0.0, "conf": 0.0, "greedy_conf": 0.0}
     den = 0.0
     for m in range(labels.shape[0]):
         for k in range(labels.shape[1]):
@@ -74,9 +74,14 @@ def naive_loss(draft_logits, conf_logits, target_logits, labels, supervised, wei
             num["ce"] += w * -torch.log(p_d[labels[m, k]])
             num["tv"] += w * l1
             num["conf"] += w * -(c_star * torch.log(c) + (1 - c_star) * torch.log(1 - c))
+            match = float(int(p_d.argmax()) == int(p_t.argmax()))  # greedy verification's survival rule
+            g = torch.sigmoid(greedy_logits[m, k].double())
+            num["greedy_conf"] += w * -(match * torch.log(g) + (1 - match) * torch.log(1 - g))
             den += w
     terms = {k: v / den for k, v in num.items()}
-    return weights.ce * terms["ce"] + weights.tv * terms["tv"] + weights.conf * terms["conf"], terms
+    total = (weights.ce * terms["ce"] + weights.tv * terms["tv"] + weights.conf * terms["conf"]
+             + weights.greedy_conf * terms["greedy_conf"])
+    return total, terms
 
 
 def random_heads(vocab=11, hidden=6, seed=0):
@@ -84,14 +89,15 @@ def random_heads(vocab=11, hidden=6, seed=0):
     proj = torch.randn(vocab, hidden, generator=gen, dtype=torch.float64, requires_grad=True)
     bias_table = torch.randn(vocab, vocab, generator=gen, dtype=torch.float64, requires_grad=True)
     conf_w = torch.randn(hidden, generator=gen, dtype=torch.float64, requires_grad=True)
+    greedy_w = torch.randn(hidden, generator=gen, dtype=torch.float64, requires_grad=True)
 
     def fn(h, prev):
-        return h @ proj.T + bias_table[prev], h @ conf_w
+        return h @ proj.T + bias_table[prev], h @ conf_w, h @ greedy_w
 
-    return fn, [proj, bias_table, conf_w]
+    return fn, [proj, bias_table, conf_w, greedy_w]
 
 
-@pytest.mark.parametrize("weights", [LossWeights(), LossWeights.dflash()])
+@pytest.mark.parametrize("weights", [LossWeights(), LossWeights.dflash(), LossWeights(greedy_conf=0.0)])
 def test_loss_matches_the_formulas_and_chunking_changes_nothing(weights):
     gen = torch.Generator().manual_seed(2)
     m, block_size, hidden_size, vocab = 9, 5, 6, 11
@@ -106,15 +112,21 @@ def test_loss_matches_the_formulas_and_chunking_changes_nothing(weights):
     grads = []
     for chunk in (1, 4, 100):
         out = drafter_block_loss(fn, hidden, prev, labels, supervised, target_hidden, head, weights=weights, chunk_blocks=chunk)
-        grads.append(torch.autograd.grad(out.total, [hidden] + params))
-        draft_logits, conf_logits = fn(hidden.detach(), prev)
-        ref_total, ref_terms = naive_loss(draft_logits, conf_logits, target_hidden @ head.T, labels, supervised, weights)
+        grads.append(torch.autograd.grad(out.total, [hidden] + params, allow_unused=True))
+        draft_logits, conf_logits, greedy_logits = fn(hidden.detach(), prev)
+        ref_total, ref_terms = naive_loss(draft_logits, conf_logits, greedy_logits, target_hidden @ head.T, labels,
+                                          supervised, weights)
         torch.testing.assert_close(out.total.double(), ref_total, rtol=1e-5, atol=1e-6)
+        if weights.tv or weights.conf or weights.greedy_conf:  # the greedy term is computed whenever the target is
+            torch.testing.assert_close(out.greedy_conf.double(), ref_terms["greedy_conf"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out.ce.double(), ref_terms["ce"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out.tv.double(), ref_terms["tv"] if weights.tv else torch.tensor(0.0, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    assert (grads[0][-1] is None) == (not (weights.tv or weights.conf or weights.greedy_conf))  # DFlash: no target pass
     for g in grads[1:]:
         for a, b in zip(grads[0], g):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
 def test_global_denominator_makes_shards_add_up_to_the_whole():

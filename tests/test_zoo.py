@@ -73,6 +73,20 @@ def test_demo_on_the_builtin_model_is_lossless_and_faster_in_rounds(capsys):
     assert out["mean_accepted_length"] > 1.5
     assert out["ar_tokens_per_second"] > 0 and out["spec_tokens_per_second"] > 0
     assert out["drafter"] == str(builtin_drafter("dspark"))
+    quality = out["text_quality"]
+    assert quality["texts"] == len(out["spec_texts"]) and len(quality["per_text"]) == quality["texts"]
+    assert all(0 < row["distinct_4"] <= 1 for row in quality["per_text"])
+
+
+def test_distinct_n_counts_repeated_token_ngrams():
+    from dspark.evaluation.text_quality import distinct_n, text_quality
+
+    assert distinct_n([1, 2, 3, 4, 5], 2) == 1.0
+    assert distinct_n([7, 8] * 10, 2) == 2 / 19  # (7, 8) and (8, 7) only
+    assert distinct_n([7, 8] * 10, 1) == 2 / 20
+    assert distinct_n([3], 4) == 1.0  # nothing to repeat
+    report = text_quality([[7, 8] * 10, list(range(20))])
+    assert report["degenerate_texts"] == 1 and report["mean"]["distinct_4"] == (2 / 17 + 1.0) / 2
 
 
 def test_a_builtin_drafter_on_another_target_is_refused(tmp_path, capsys):

@@ -8,7 +8,11 @@ fitted at T = 1 predicts 0.04 prefix survival at position 7 where 0.30 survive g
 then verifies 13 % less than it should — docs/benchmarks.md). So the file holds one fit per sampling
 temperature it was fitted at (`dspark calibrate --sampling-temperatures 1,0`), and a request uses the regime
 whose sampling temperature is nearest to its own (`regime_for`). The paper fits one set (§3.2.1, at its
-evaluation temperature 1.0); a file with only that regime behaves exactly so.
+evaluation temperature 1.0); a file with only that regime behaves exactly so. A drafter whose checkpoint has
+a greedy confidence output (docs/design.md §2.4) reports it for greedy requests, so its temperature-0 regime
+is fitted on that output's scores (the recording runs greedily too).
+A drafter folder may carry its own file as DRAFTER_CALIBRATION (the built-in DSpark drafters do); commands
+apply it by default when it was fitted for exactly those weights.
 
 JSON, format "dspark-calibration-v2":
   {"format", "drafter": {"name", "config_sha256", "weights_sha256"} (`model_fingerprint` of the drafter
@@ -45,6 +49,7 @@ _FORMAT_PREFIX = "dspark-calibration-v"
 _IDENTITY_KEYS = ("config_sha256", "weights_sha256")
 PAPER_SAMPLING_TEMPERATURE = 1.0  # the regime of a version-1 file and of a bare list of temperatures
 DEFAULT_SAMPLING_TEMPERATURES = (1.0, 0.0)  # regimes `dspark calibrate` and the zoo fit: the paper's, and greedy
+DRAFTER_CALIBRATION = "calibration.json"  # a drafter folder's own calibration, applied by default ("auto")
 
 
 def drafter_identity(folder: str | Path) -> dict[str, str]:
@@ -263,9 +268,9 @@ def load_calibration(path: str | Path, drafter_folder: str | Path | None = None,
 def regimes_for(drafter, calibration: str | None = "auto") -> dict[float, ConfidenceMap] | None:
     """The calibration regimes ({sampling temperature: map}) to apply to `drafter`'s confidences, or None
     for the raw head. calibration: a file (`dspark calibrate`), checked against the drafter's weights
-    (`drafter.source`) and block size; "auto" = the built-in calibration when it was fitted for exactly this
-    drafter, else none; None or "none" = the raw head. A file named for a drafter without a confidence head
-    is refused (ConfigError)."""
+    (`drafter.source`) and block size; "auto" = the drafter folder's own DRAFTER_CALIBRATION file when it was
+    fitted for exactly these weights (the built-in DSpark drafters ship one), else none; None or "none" = the
+    raw head. A file named for a drafter without a confidence head is refused (ConfigError)."""
     if calibration is None or calibration == "none":
         return None
     if not drafter.provides_confidence or drafter.source is None:
@@ -275,10 +280,8 @@ def regimes_for(drafter, calibration: str | None = "auto") -> dict[float, Confid
                           "head to calibrate; omit --calibration (or give 'none')")
     folder = Path(drafter.source)
     if calibration == "auto":
-        from dspark.models.zoo import builtin_calibration
-
-        path = builtin_calibration()
-        if path is None:
+        path = folder / DRAFTER_CALIBRATION
+        if not path.is_file():
             return None
         stored = load_calibration(path).drafter
         mine = drafter_identity(folder)

@@ -16,8 +16,9 @@ versioned calibration file bound to the drafter's weights and block size, with o
 temperature (`dspark.calibration.calibration_file`: a request uses the regime fitted nearest to its own
 temperature). ECE before and after are measured on the held-out prompts only, next to the ECE's noise floor
 (what a perfectly calibrated head would score on that many rounds, `ece_noise_floor`). `dspark eval`, `generate`
-and the scheduler apply the file when given (`--calibration FILE`); the built-in calibration applies to
-the built-in DSpark drafter by default.
+and the scheduler apply the file when given (`--calibration FILE`), and by default the drafter folder's own
+`calibration.json` when it was fitted for those weights (`--out DRAFTER/calibration.json` puts it there; the
+built-in DSpark and DSpark-RNN drafters ship theirs).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Loads the built-in target and its DSpark drafter (dspark.models.zoo), answers a few built-in prompts
 (rendered with the chat template, the form the built-in target was trained on) greedily with and without the
-drafter, prints both texts, τ and tokens/s of each, and exits non-zero unless the outputs are identical.
+drafter, prints both texts, τ and tokens/s of each, how repetitive the text is (distinct-n,
+dspark.evaluation.text_quality), and exits non-zero unless the outputs are identical.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dspark.cli import add_runtime_args, print_json
 from dspark.decoding.sampling import SamplingParams
 from dspark.engine.generation import generate
+from dspark.evaluation.text_quality import text_quality
 from dspark.models.drafters import load_drafter
 from dspark.models.target_runner import TargetRunner
 from dspark.data.chat import render_prompt
@@ -58,6 +60,7 @@ def run_demo(args) -> int:
         return tokenizer.decode(seq.token_ids, skip_special_tokens=True)
 
     speedup = spec.tokens_per_second / plain.tokens_per_second
+    quality = text_quality([s.token_ids for s in spec.sequences])
     if args.json:
         print_json({
             "model": str(folder),
@@ -71,18 +74,24 @@ def run_demo(args) -> int:
             "prompts": list(DEMO_PROMPTS),
             "plain_texts": [text(s) for s in plain.sequences],
             "spec_texts": [text(s) for s in spec.sequences],
+            "text_quality": quality,
         })
     else:
         print(f"target: {folder}\ndrafter: {drafter_spec}\n")
-        for prompt, a, b in zip(DEMO_PROMPTS, plain.sequences, spec.sequences):
+        for prompt, a, b, row in zip(DEMO_PROMPTS, plain.sequences, spec.sequences, quality["per_text"]):
             print("prompt:\n" + prompt + "\n")
             print("plain decoding:\n" + text(a) + "\n")
             print("speculative decoding:\n" + text(b) + "\n")
-            print(f"τ = {b.stats.mean_accepted_length:.2f}, identical = {a.token_ids == b.token_ids}\n" + "-" * 72)
+            print(f"τ = {b.stats.mean_accepted_length:.2f}, identical = {a.token_ids == b.token_ids}, "
+                  f"distinct-4 = {row['distinct_4']:.2f}\n" + "-" * 72)
         print(f"plain decoding:       {plain.tokens_per_second:8.1f} tok/s  ({plain.num_generated} tokens)")
         print(
             f"speculative decoding: {spec.tokens_per_second:8.1f} tok/s  (τ = {spec.stats.mean_accepted_length:.2f}, "
             f"acceptance rate {spec.stats.acceptance_rate or 0:.2f}, {speedup:.2f}× plain)"
         )
+        mean = quality["mean"]
+        print(f"text: distinct-1/2/4 {mean['distinct_1']:.2f} / {mean['distinct_2']:.2f} / {mean['distinct_4']:.2f} "
+              f"(mean); {quality['degenerate_texts']} of {quality['texts']} texts degenerate "
+              f"(distinct-4 < {quality['threshold_distinct_4']})")
         print(f"greedy outputs identical: {identical}")
     return 0 if identical else 1

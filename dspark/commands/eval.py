@@ -43,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="folder for eval.json, table.md and the per-position plot")
     p.add_argument("--json", action="store_true", help="print the full report as JSON on stdout")
     p.add_argument("--calibration", default="auto",
-                   help="calibration file for the confidence head; 'auto' = the built-in one when it fits the drafter; 'none' = raw")
+                   help="calibration file for the confidence head; 'auto' = the drafter folder's own calibration.json when fitted for its weights; 'none' = raw")
     p.add_argument("--strict", action="store_true",
                    help="refuse a prompt that does not fit the target's context (default: skip it and count it per set)")
     p.add_argument("--no-progress", action="store_true")

@@ -22,7 +22,7 @@ def register(sub) -> None:
                           "(plain decoding); default: the built-in DSpark drafter with the built-in target, else none")
     gen.add_argument("--num-draft-tokens", type=int, default=None, help="drafts per round (default: drafter block size)")
     gen.add_argument("--calibration", default="auto",
-                     help="confidence-head calibration file; 'auto' = the built-in one when it fits the drafter; 'none' = raw")
+                     help="confidence-head calibration file; 'auto' = the drafter folder's own calibration.json when fitted for its weights; 'none' = raw")
     gen.add_argument("--scheduler", default=None,
                      help="verification policy (docs/design.md §5): verify-all (default), fixed-N, threshold-T, causal-greedy "
                           "(Algorithm 1 with the staircase lookahead), algorithm-1 (as published), async-topk")

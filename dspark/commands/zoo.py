@@ -47,7 +47,8 @@ def run_list(args) -> int:
         print(f"drafter:   {name:<11} {path}")
     for name, path in info["prompts"].items():
         print(f"prompts:   {name:<11} {path}")
-    print(f"calibration: {info['calibration'] or '(none)'}")
+    for name, path in info["calibration"].items():
+        print(f"calibration: {name:<9} {path}")
     print(f"total: {info['total_bytes'] / 2**20:.1f} MiB")
     return 0
 

@@ -2,10 +2,10 @@
 
 Layout (`dspark/builtin/`, rebuilt from scratch by `dspark zoo rebuild`):
   target/                      HF folder: config.json, model.safetensors, tokenizer, pretrain_report.json
-  drafters/<name>/             one folder per drafter in BUILTIN_DRAFTERS (config.json + model.safetensors)
+  drafters/<name>/             one folder per drafter in BUILTIN_DRAFTERS (config.json + model.safetensors;
+                               the DSpark drafters also calibration.json, their fitted calibration)
   prompts/corpus-code.jsonl    held-out prompts from the corpus, in the evaluation format
   prompts/corpus-prose.jsonl
-  calibration.json             the DSpark drafter's calibration, once fitted (optional)
   manifest.json                what was built, by which recipe, with sizes
 
 Every command that takes `--target`/`--model` or `--drafter` falls back to these when none is given, and
@@ -51,8 +51,9 @@ def builtin_prompt_file(name: str, root: Path = BUILTIN_DIR) -> Path:
     return root / "prompts" / f"{name}.jsonl"
 
 
-def builtin_calibration(root: Path = BUILTIN_DIR) -> Path | None:
-    path = root / "calibration.json"
+def builtin_calibration(name: str = DEFAULT_DRAFTER, root: Path = BUILTIN_DIR) -> Path | None:
+    """The calibration file shipped in built-in drafter `name`'s folder, or None."""
+    path = root / "drafters" / name / "calibration.json"
     return path if path.is_file() else None
 
 
@@ -88,7 +89,7 @@ def listing(root: Path = BUILTIN_DIR) -> dict:
         "drafters": drafters,
         "default_drafter": DEFAULT_DRAFTER,
         "prompts": {name: str(builtin_prompt_file(name, root)) for name in BUILTIN_PROMPT_SETS if builtin_prompt_file(name, root).is_file()},
-        "calibration": str(builtin_calibration(root)) if builtin_calibration(root) else None,
+        "calibration": {name: str(builtin_calibration(name, root)) for name in drafters if builtin_calibration(name, root)},
         "total_bytes": size(root),
         "manifest": json.loads(manifest.read_text()) if manifest.is_file() else None,
     }

@@ -9,11 +9,15 @@ resumes from its last checkpoint; regeneration resumes by sample id):
                                                                          → WORK/regenerated.jsonl
                 and caches its features at the drafters' shared layers  → WORK/features
   5. drafters   the five drafters of BUILTIN_DRAFTERS (stored in bfloat16), same data, same target layers, block size 7
-                (MTP-1: one token), each one draft layer so its forward costs about a quarter of the
-                target's eleven layers (same vocabulary head)             → WORK/drafters/<name>
-  6. calibrate  STS for the DSpark drafter's confidence head on CALIBRATION_PROMPTS training-pool prompts
+                (MTP-1: one token), each first trained with one draft layer so its forward costs about a
+                quarter of the target's eleven layers (same vocabulary head)  → WORK/drafters/<name>
+                then the parallel ones of GROWN_DRAFTERS grown to GROWN_DRAFT_LAYERS (matched drafting cost:
+                one block pass of that depth costs no more than EAGLE-3's seven dependent steps, docs/
+                benchmarks.md) and trained on (GROW_OVERRIDES; DSpark's with the greedy confidence output)
+                                                                         → WORK/drafters/<name>-grown
+  6. calibrate  Platt scaling for the DSpark drafters' confidence heads on CALIBRATION_PROMPTS training-pool prompts
                 that regeneration did not use (so evaluation sets stay out of sample), one regime per
-                sampling temperature (1 and 0)                              → WORK/calibration.json
+                sampling temperature (1 and 0)               → WORK/calibration.json, WORK/calibration-<name>.json
   7. install    copy target, drafters, calibration and the held-out prompt files into OUT (default: the
                 package's builtin folder) and write manifest.json.
 """
@@ -27,7 +31,7 @@ from pathlib import Path
 
 from dspark.config import to_dict
 from dspark.devices import resolve_device
-from dspark.files import exclusive_lock
+from dspark.files import exclusive_lock, write_text_atomically
 from dspark.models.zoo import BUILTIN_DIR, BUILTIN_DRAFTERS
 
 PRETRAIN_OVERRIDES = [
@@ -61,6 +65,15 @@ DRAFTER_KIND_OVERRIDES = {
     "dspark": ["model.markov_rank=32"], "dspark-rnn": ["model.markov_rank=32"],
     "mtp": ["model.block_size=1", "model.target_layer_ids=null", "train.max_steps=400"],
 }
+# Growing (docs/design.md §2.6): the one-layer parallel drafters start a second run at GROWN_DRAFT_LAYERS
+# layers, the new layers starting as the identity (`warm_start`), so the grown drafter first computes what the
+# one-layer one did. Three layers: the deepest block pass whose draft step costs no more than EAGLE-3's
+# chain of seven one-layer steps both at 1 and at 16 requests on the CPU (docs/benchmarks.md, drafter cost).
+GROWN_DRAFTERS = ("dspark", "dspark-rnn", "dflash")
+GROWN_DRAFT_LAYERS = 3
+GROW_OVERRIDES = ["train.max_steps=800", "optim.lr=5e-4"]
+GROW_KIND_OVERRIDES = {"dspark": ["model.greedy_confidence_head=true"], "dspark-rnn": ["model.greedy_confidence_head=true"]}
+CALIBRATED_DRAFTERS = ("dspark", "dspark-rnn")
 
 
 def _log(message: str) -> None:
@@ -156,16 +169,42 @@ def drafter_overrides(name: str, target: Path, data: Path, out: Path, device: st
 
 
 def train_drafter(name: str, work: Path, target: Path, data: Path, *, device: str, progress: bool) -> Path:
+    """Drafter `name`'s one-layer run, then for GROWN_DRAFTERS the grown run started from it; returns the
+    final (bfloat16) folder of the last run."""
+    out = work / "drafters" / name
+    first = _train_run(out, drafter_overrides(name, target, data, out, device, progress), f"training drafter {name}")
+    if name not in GROWN_DRAFTERS:
+        return first
+    out = work / "drafters" / f"{name}-grown"
+    return _train_run(out, grow_overrides(name, target, data, first, out, device, progress),
+                      f"growing drafter {name} to {GROWN_DRAFT_LAYERS} layers")
+
+
+def grow_overrides(name: str, target: Path, data: Path, start: Path, out: Path, device: str, progress: bool) -> list[str]:
+    """The grown run's recipe: the one-layer recipe, then GROWN_DRAFT_LAYERS layers started from `start`."""
+    return [*drafter_overrides(name, target, data, out, device, progress), f"model.draft_layers={GROWN_DRAFT_LAYERS}",
+            f"model.init_from={start}", *GROW_OVERRIDES, *GROW_KIND_OVERRIDES.get(name, [])]
+
+
+def drafter_manifest(name: str) -> dict:
+    """The recipe of built-in drafter `name` as the manifest records it (paths as placeholders)."""
+    data = drafter_data(name, Path("DATA"), Path("FEATURES"))
+    entry = {"recipe": drafter_overrides(name, Path("TARGET"), data, Path("OUT"), "cpu", False)}
+    if name in GROWN_DRAFTERS:
+        entry["grown"] = grow_overrides(name, Path("TARGET"), data, Path("ONE_LAYER_FINAL"), Path("OUT"), "cpu", False)
+    return entry
+
+
+def _train_run(out: Path, overrides: list[str], message: str) -> Path:
     from dspark.training.config import load_train_config
     from dspark.training.data_loading import load_samples
     from dspark.training.trainer import Trainer
 
-    out = work / "drafters" / name
     final = out / "final"
     if (final / "config.json").is_file():
         return final
-    _log(f"training drafter {name}")
-    config = load_train_config(None, drafter_overrides(name, target, data, out, device, progress))
+    _log(message)
+    config = load_train_config(None, overrides)
     trainer = Trainer(config, load_samples(config.data.train, config.model.target, config.data.max_length,
                                            config.model.drafter))
     checkpoint = trainer.fit()
@@ -194,39 +233,48 @@ def to_bfloat16(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def calibrate_drafter(work: Path, target: Path, drafter: Path, *, device: str, progress: bool) -> Path:
+def calibrate_drafter(work: Path, target: Path, drafter: Path, name: str = "dspark", *, device: str,
+                      progress: bool) -> Path:
     """Fit the confidence calibration of `drafter` on unused training-pool prompts (raw head, verify-all), one
-    regime per sampling temperature of DEFAULT_SAMPLING_TEMPERATURES."""
+    regime per sampling temperature of DEFAULT_SAMPLING_TEMPERATURES → WORK/calibration-<name>.json."""
     from dspark.calibration.calibration_file import DEFAULT_SAMPLING_TEMPERATURES
     from dspark.calibration.fitting import fit_and_save
     from dspark.evaluation.datasets import load_set
     from dspark.evaluation.offline import EvalSettings, evaluate
     from dspark.evaluation.traces import drafter_rounds
 
-    out = work / "calibration.json"
+    out = work / f"calibration-{name}.json"
     if out.is_file():
         return out
-    _log("calibrating the DSpark drafter's confidence head")
+    _log(f"calibrating drafter {name}'s confidence head")
     lines = (work / "corpus" / "train-prompts.jsonl").read_text().splitlines()
     prompts = work / "calibration-prompts.jsonl"
-    prompts.write_text("\n".join(lines[REGEN_PROMPTS:REGEN_PROMPTS + CALIBRATION_PROMPTS]) + "\n")
+    write_text_atomically(prompts, "\n".join(lines[REGEN_PROMPTS:REGEN_PROMPTS + CALIBRATION_PROMPTS]) + "\n")
     prompt_set = load_set("calibration", "corpus", prompts, limit=None, seed=0)
     per_temperature, block_size = {}, None
     for temperature in DEFAULT_SAMPLING_TEMPERATURES:
         settings = EvalSettings(temperature=temperature, max_new_tokens=CALIBRATION_MAX_NEW_TOKENS, seed=0, batch_size=16)
         _, traces = evaluate(str(target), [str(drafter)], [prompt_set], settings, device=device, progress=progress,
                              calibration="none")
-        per_temperature[temperature] = drafter_rounds(traces, next(iter(traces)), "calibration rounds").fit_data()
+        rounds = drafter_rounds(traces, next(iter(traces)), "calibration rounds")
+        rounds_file = work / f"calibration-{name}-traces-t{temperature:g}.json"
+        rounds_file.write_text(json.dumps(traces) + "\n")
+        per_temperature[temperature] = rounds.fit_data()
         block_size = per_temperature[temperature].block_size
     summary = fit_and_save(per_temperature, drafter, block_size, out)
     for regime in summary["regimes"]:
-        _log(f"sampling temperature {regime['sampling_temperature']:g}: ECE before {regime['ece_before']['mean']:.4f}, "
-             f"after {regime['ece_after']['mean']:.4f} (held-out prompts)")
+        _log(f"{name}, sampling temperature {regime['sampling_temperature']:g}: ECE before "
+             f"{regime['ece_before']['mean']:.4f}, after {regime['ece_after']['mean']:.4f} (held-out prompts)")
     return out
 
 
-def install(work: Path, target: Path, drafters: dict[str, Path], out: Path, calibration: Path | None = None) -> dict:
-    """Copy the built artefacts into `out` (replacing what was there) and write manifest.json."""
+def install(work: Path, target: Path, drafters: dict[str, Path], out: Path,
+            calibrations: dict[str, Path] | None = None) -> dict:
+    """Copy the built artefacts into `out` (replacing what was there; each calibration into its drafter's
+    folder as DRAFTER_CALIBRATION) and write manifest.json."""
+    from dspark.calibration.calibration_file import DRAFTER_CALIBRATION
+
+    calibrations = calibrations or {}
     staging = out.parent / f".{out.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(target, staging / "target")
@@ -235,8 +283,8 @@ def install(work: Path, target: Path, drafters: dict[str, Path], out: Path, cali
     (staging / "prompts").mkdir()
     shutil.copy(work / "corpus" / "prompts-code.jsonl", staging / "prompts" / "corpus-code.jsonl")
     shutil.copy(work / "corpus" / "prompts-prose.jsonl", staging / "prompts" / "corpus-prose.jsonl")
-    if calibration is not None:
-        shutil.copy(calibration, staging / "calibration.json")
+    for name, calibration in calibrations.items():
+        shutil.copy(calibration, staging / "drafters" / name / DRAFTER_CALIBRATION)
     report = json.loads((target / "pretrain_report.json").read_text())
     manifest = {
         "format": "dspark-zoo-v1",
@@ -245,12 +293,10 @@ def install(work: Path, target: Path, drafters: dict[str, Path], out: Path, cali
         "target": {"parameters": report["parameters"], "steps": report["steps"], "tokens_seen": report["tokens_seen"],
                    "heldout_loss_nats": report["heldout_loss_nats"], "heldout_perplexity": report["heldout_perplexity"],
                    "recipe": PRETRAIN_OVERRIDES},
-        "drafters": {name: {"recipe": drafter_overrides(name, Path("TARGET"), drafter_data(name, Path("DATA"), Path("FEATURES")),
-                                                        Path("OUT"), "cpu", False)}
-                     for name in drafters},
+        "drafters": {name: drafter_manifest(name) for name in drafters},
         "regeneration": {"prompts": REGEN_PROMPTS, "max_new_tokens": REGEN_MAX_NEW_TOKENS, "sampling": REGEN_SAMPLING,
                          "seed": REGEN_SEED},
-        "calibration": json.loads(calibration.read_text()) if calibration is not None else None,
+        "calibration": {name: json.loads(path.read_text()) for name, path in calibrations.items()},
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     old = out.parent / f".{out.name}.old"
@@ -279,9 +325,8 @@ def _rebuild_locked(work: Path, out: Path, *, device: str, drafters, progress: b
     features = build_features(work, target, data, device=device, progress=progress)
     built = {name: train_drafter(name, work, target, drafter_data(name, data, features), device=device,
                                  progress=progress) for name in drafters}
-    calibration = None
-    if "dspark" in built:
-        calibration = calibrate_drafter(work, target, built["dspark"], device=device, progress=progress)
-    manifest = install(work, target, built, out, calibration)
+    calibrations = {name: calibrate_drafter(work, target, built[name], name, device=device, progress=progress)
+                    for name in CALIBRATED_DRAFTERS if name in built}
+    manifest = install(work, target, built, out, calibrations)
     _log(f"installed into {out}")
     return {"out": str(out), "work": str(work), "manifest": to_dict(manifest)}

@@ -34,7 +34,9 @@ class ModelSection:
     markov_rank: int = 256
     markov_head_type: str = "vanilla"  # vanilla | gated | rnn
     confidence_head: bool = True
+    greedy_confidence_head: bool = False  # a second confidence output trained on greedy acceptance (design.md §2.4)
     init_std: float = 0.02
+    init_from: str = ""  # a drafter folder to start from (same kind; more draft layers start as identity)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class OptimSection:
     ce_weight: float = 0.1
     tv_weight: float = 0.9
     confidence_weight: float = 1.0
+    greedy_confidence_weight: float = 1.0
     position_decay: float = 4.0
 
 
@@ -138,6 +141,10 @@ def validate(config: TrainConfig) -> None:
             f"model.drafter={m.drafter} has no Markov or confidence head: set markov_rank: 0, confidence_head: false "
             f"(or use preset: {m.drafter})"
         )
+    if m.greedy_confidence_head and not m.confidence_head:
+        raise ConfigError("model.greedy_confidence_head needs model.confidence_head (it is a second confidence output)")
+    if m.init_from and not (Path(m.init_from) / "config.json").is_file():
+        raise ConfigError(f"model.init_from: {m.init_from} is not a drafter folder (no config.json)")
     if m.drafter in ("eagle3", "mtp") and m.draft_layers != 1:
         raise ConfigError(f"model.drafter={m.drafter} has exactly one layer: set draft_layers: 1")
     if m.drafter == "mtp" and m.block_size != 1:
@@ -152,6 +159,8 @@ def validate(config: TrainConfig) -> None:
         (0 <= o.warmup_ratio < 1, "optim.warmup_ratio must be in [0, 1)"),
         (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)"),
         (o.grad_clip >= 0, "optim.grad_clip must be ≥ 0 (0 = off)"),
+        (min(o.ce_weight, o.tv_weight, o.confidence_weight, o.greedy_confidence_weight) >= 0,
+         "optim.*_weight must be ≥ 0"),
         (t.batch_size >= 1 and t.micro_batch_size >= 1, "train.batch_size and train.micro_batch_size must be ≥ 1"),
         (t.epochs >= 1, "train.epochs must be ≥ 1"),
         (t.max_steps is None or t.max_steps >= 1, "train.max_steps must be ≥ 1"),

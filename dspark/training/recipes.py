@@ -38,7 +38,8 @@ class DSparkRecipe:
     def __init__(self, config: TrainConfig):
         self.config = config
         o = config.optim
-        self.weights = LossWeights(o.ce_weight, o.tv_weight, o.confidence_weight, o.position_decay)
+        greedy = o.greedy_confidence_weight if config.model.greedy_confidence_head else 0.0
+        self.weights = LossWeights(o.ce_weight, o.tv_weight, o.confidence_weight, o.position_decay, greedy)
 
     def build(self, target, seed: int):
         m = self.config.model
@@ -48,7 +49,7 @@ class DSparkRecipe:
             target.hf_config, target_layer_ids=tuple(layer_ids), mask_token_id=mask_id,
             num_draft_layers=m.draft_layers, block_size=m.block_size, markov_rank=m.markov_rank,
             markov_head_type=m.markov_head_type, enable_confidence_head=m.confidence_head,
-            num_anchors=self.config.data.num_anchors,
+            greedy_confidence_head=m.greedy_confidence_head, num_anchors=self.config.data.num_anchors,
         )
         return init_from_target(draft_config, target.model, seed=seed, std=m.init_std)
 
@@ -86,6 +87,8 @@ class DSparkRecipe:
         scale = float(denominator) / local if local > 0 else 0.0
         stats = {"ce": float(out.ce) * scale, "tv": float(out.tv) * scale, "conf": float(out.conf) * scale,
                  "acceptance": out.acceptance_per_position.tolist()}
+        if self.weights.greedy_conf > 0:
+            stats["greedy_conf"] = float(out.greedy_conf) * scale
         if not math.isnan(float(out.expected_tau)):
             stats["expected_tau"] = float(out.expected_tau)
         return out.total, stats

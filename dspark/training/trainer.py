@@ -110,6 +110,10 @@ class Trainer:
         self.recipe = RECIPES[config.model.drafter](config)
         self.param_dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
         self.model = self.recipe.build(self.target, t.seed).to(device=self.device, dtype=self.param_dtype).train()
+        if config.model.init_from:  # a resumed checkpoint, when there is one, replaces these weights in fit()
+            from dspark.models.drafters.common import warm_start
+
+            warm_start(self.model, config.model.init_from)
         if hasattr(samples, "validate"):  # a feature cache: it must match this target and these layers
             samples.validate(self.model.config.target_layer_ids, self.target.config.hidden_size, config.model.target)
         for name, param in self.model.named_parameters():

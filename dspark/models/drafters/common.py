@@ -100,6 +100,49 @@ def init_draft_weights(model: nn.Module, target, *, seed: int = 0, std: float = 
 
 
 
+WARM_START_FIELDS = ("architectures", "block_size", "target_layer_ids", "mask_token_id", "markov_rank", "markov_head_type")
+IDENTITY_AT_START = ("self_attn.o_proj.weight", "mlp.down_proj.weight")  # zeroed: a residual block adds nothing
+
+
+def warm_start(model: nn.Module, folder: str | Path) -> dict:
+    """Start a freshly built drafter from checkpoint `folder` (docs/design.md §2.6, "growing a drafter").
+
+    Every tensor of the checkpoint must exist in `model` with the same shape, and the checkpoint's
+    WARM_START_FIELDS must equal the model's, else CheckpointError naming the difference. Draft layers
+    beyond the checkpoint's depth start as the identity (their attention output and MLP down projections
+    zeroed, so the deeper drafter first computes exactly what the checkpoint did); a greedy confidence head
+    the checkpoint lacks starts as a copy of its confidence head. Returns {"loaded": n, "new": [names]}.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    hf = read_config_json(folder)
+    mine = model.config.to_hf_dict()
+    differ = [f"{k} {hf.get(k)!r} vs {mine.get(k)!r}" for k in WARM_START_FIELDS if k in mine and hf.get(k) != mine.get(k)]
+    if differ:
+        raise CheckpointError(f"model.init_from {folder}: the checkpoint was built differently: {'; '.join(differ)}")
+    state = load_file(str(folder / "model.safetensors"))
+    params = dict(model.named_parameters())
+    for name, tensor in state.items():
+        if name not in params:
+            raise CheckpointError(f"model.init_from {folder}: tensor {name} has no place in this drafter "
+                                  "(another drafter kind?)")
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise CheckpointError(f"model.init_from {folder}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                  f"this drafter {tuple(params[name].shape)}")
+    new = [name for name in params if name not in state]
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+        for name in new:
+            source = name.replace("greedy_confidence_head.", "confidence_head.", 1)
+            if name.startswith("greedy_confidence_head.") and source in state:
+                params[name].copy_(state[source])
+            elif name.startswith("layers.") and name.endswith(IDENTITY_AT_START):
+                params[name].zero_()
+    return {"loaded": len(state), "new": new}
+
+
 def check_drafter_target(name: str, drafter_config, target_config) -> None:
     """Refuse a target this drafter was not built for: vocabulary, hidden size, number of target layers.
     `drafter_config` has `.layers` (the draft layers' `DecoderConfig`) and `.num_target_layers`."""

@@ -137,6 +137,9 @@ class DSparkModel(DraftCheckpointMixin, nn.Module):
         self.confidence_head = None
         if config.enable_confidence_head:
             self.confidence_head = ConfidenceHead(hidden, config.markov_rank if config.confidence_head_with_markov else 0)
+        self.greedy_confidence_head = None
+        if config.enable_greedy_confidence_head:
+            self.greedy_confidence_head = ConfidenceHead(hidden, config.markov_rank if config.confidence_head_with_markov else 0)
         self.rotary = RotaryEmbedding(c.rope, c.head_dim, c.max_position_embeddings)
 
     # -- pieces shared by inference and training ----------------------------------------------------
@@ -153,24 +156,36 @@ class DSparkModel(DraftCheckpointMixin, nn.Module):
 
     def heads(
         self, hidden: torch.Tensor, prev_tokens: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Teacher-forced draft logits and confidence logits for whole blocks.
 
         hidden [N, γ, H] post-norm block states; prev_tokens [N, γ] = [x0, x_1, ..., x_{γ−1}] →
-        (logits [N, γ, V] float32 incl. the sequential bias, confidence logits [N, γ] float32 or None).
+        (logits [N, γ, V] float32 incl. the sequential bias, confidence logits [N, γ] float32 or None,
+        greedy confidence logits [N, γ] float32 or None).
         """
         logits = self.lm_head(hidden).float()
         if self.markov_head is not None:
             logits = logits + self.markov_head.block_bias(prev_tokens, hidden).float()
-        return logits, self.confidence_logits(hidden, prev_tokens)
+        greedy = None if self.greedy_confidence_head is None else self._confidence(self.greedy_confidence_head, hidden, prev_tokens)
+        return logits, self.confidence_logits(hidden, prev_tokens), greedy
 
-    def confidence_logits(self, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor | None:
+    def _confidence(self, head: ConfidenceHead, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
+        prev_emb = self.markov_head.markov_w1(prev_tokens) if self.config.confidence_head_with_markov else None
+        return head(hidden, prev_emb)
+
+    def confidence_logits(
+        self, hidden: torch.Tensor, prev_tokens: torch.Tensor, greedy_rows: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Raw confidence logits (paper Eq. 7): hidden [N, γ, H], prev_tokens [N, γ] (x_{k−1} per slot) →
-        [N, γ] float32, or None without a confidence head."""
+        [N, γ] float32, or None without a confidence head. Rows flagged in greedy_rows [N] bool read the greedy
+        confidence head instead, when the checkpoint has one (trained on greedy acceptance, docs/design.md §2.4)."""
         if self.confidence_head is None:
             return None
-        prev_emb = self.markov_head.markov_w1(prev_tokens) if self.config.confidence_head_with_markov else None
-        return self.confidence_head(hidden, prev_emb)
+        logits = self._confidence(self.confidence_head, hidden, prev_tokens)
+        if greedy_rows is not None and self.greedy_confidence_head is not None:
+            greedy = self._confidence(self.greedy_confidence_head, hidden, prev_tokens)
+            logits = torch.where(greedy_rows[:, None], greedy, logits)
+        return logits
 
     # -- inference ------------------------------------------------------------------------------------
     def forward_block(
@@ -230,6 +245,7 @@ def dspark_config_for_target(
     markov_head_type: str = "vanilla",
     enable_confidence_head: bool = True,
     confidence_head_with_markov: bool = True,
+    greedy_confidence_head: bool = False,
     num_anchors: int = 512,
 ) -> DSparkConfig:
     """A drafter config with the target's layer shapes (DeepSpec's construction, docs/design.md §7).
@@ -246,6 +262,7 @@ def dspark_config_for_target(
         markov_head_type=markov_head_type,
         enable_confidence_head=enable_confidence_head,
         confidence_head_with_markov=confidence_head_with_markov and enable_confidence_head and markov_rank > 0,
+        enable_greedy_confidence_head=greedy_confidence_head and enable_confidence_head,
     )
     return parse_dspark_config(hf, where="drafter config")
 
@@ -263,7 +280,8 @@ class DSparkDrafter(Drafter):
 
     Each slot's draft is sampled from the exact float32 distribution logits_to_probs(U_k + B_k) under the
     request's own sampling parameters, and that tensor is returned as q (docs/design.md §1).
-    Confidences c_k = σ(confidence logit) use the token actually sampled at slot k−1.
+    Confidences c_k = σ(confidence logit) use the token actually sampled at slot k−1; greedy requests read
+    the greedy confidence head when the checkpoint has one.
     """
 
     def __init__(self, model: DSparkModel, *, cache_page_size: int = 16):
@@ -324,8 +342,11 @@ class DSparkDrafter(Drafter):
             tokens.append(prev)
             probs.append(q)
         tokens = torch.stack(tokens, dim=1)
-        # The confidence head reads h_k and x_{k−1} only, so it runs once over the block after sampling.
-        confidence_logits = model.confidence_logits(hidden, torch.cat([anchors[:, None], tokens[:, :-1]], dim=1))
+        # The confidence head reads h_k and x_{k−1} only, so it runs once over the block after sampling;
+        # greedy requests read the head trained on greedy acceptance where there is one.
+        greedy_rows = torch.tensor([s.greedy for s in samplings], dtype=torch.bool, device=hidden.device)
+        confidence_logits = model.confidence_logits(hidden, torch.cat([anchors[:, None], tokens[:, :-1]], dim=1),
+                                                    greedy_rows)
         return tokens, torch.stack(probs, dim=1), confidence_logits
 
     def release(self, seq_id: int) -> None:

@@ -4,8 +4,11 @@ A released `config.json` is the target's config with the draft fields added: `ar
 ["Qwen3DSparkModel"]`, `num_hidden_layers` = draft layers, `num_target_layers`, `block_size`,
 `target_layer_ids`, `mask_token_id`, `num_anchors`, `markov_rank`, `markov_head_type`,
 `enable_confidence_head`, `confidence_head_with_markov`, `tie_word_embeddings: false`. A DFlash checkpoint
-is the same with `markov_rank: 0` and no confidence head. The draft layers have the target's layer shapes,
-so the layer part is parsed with the target's own family rules (`parse_decoder_config`).
+is the same with `markov_rank: 0` and no confidence head. dspark adds one optional field of its own,
+`enable_greedy_confidence_head` (default false, so released checkpoints read unchanged): a second confidence
+output trained on greedy acceptance (docs/design.md §2.4), read by requests at temperature 0. The draft
+layers have the target's layer shapes, so the layer part is parsed with the target's own family rules
+(`parse_decoder_config`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from dspark.models.drafters.heads import HEAD_TYPES
 ARCHITECTURE_NAMES = {"qwen3": "Qwen3DSparkModel", "qwen2": "Qwen2DSparkModel", "llama": "LlamaDSparkModel"}
 DRAFT_FIELDS = (
     "num_target_layers", "block_size", "target_layer_ids", "mask_token_id", "num_anchors", "markov_rank",
-    "markov_head_type", "enable_confidence_head", "confidence_head_with_markov",
+    "markov_head_type", "enable_confidence_head", "confidence_head_with_markov", "enable_greedy_confidence_head",
 )
 
 
@@ -45,6 +48,7 @@ class DSparkConfig:
     markov_head_type: str = "vanilla"
     enable_confidence_head: bool = True
     confidence_head_with_markov: bool = True
+    enable_greedy_confidence_head: bool = False  # dspark's extension: the temperature-0 confidence output
     hf_config: dict | None = None  # the full config.json (target fields included), written back on save
 
     @property
@@ -71,6 +75,10 @@ class DSparkConfig:
             confidence_head_with_markov=self.confidence_head_with_markov,
             tie_word_embeddings=False,
         )
+        if self.enable_greedy_confidence_head:
+            out["enable_greedy_confidence_head"] = True
+        else:
+            out.pop("enable_greedy_confidence_head", None)
         return out
 
 
@@ -104,6 +112,10 @@ def parse_dspark_config(hf: dict[str, Any], where: str = "config.json") -> DSpar
     with_markov = bool_field(hf, "confidence_head_with_markov", where, default=False) and confidence
     if with_markov and rank == 0:
         raise CheckpointError(f"{where}: confidence_head_with_markov needs a Markov head (markov_rank > 0)")
+    greedy = bool_field(hf, "enable_greedy_confidence_head", where, default=False)
+    if greedy and not confidence:
+        raise CheckpointError(f"{where}: enable_greedy_confidence_head needs enable_confidence_head (the greedy output "
+                              "is a second confidence head beside the first)")
     return DSparkConfig(
         layers=layers,
         num_target_layers=num_target_layers,
@@ -115,5 +127,6 @@ def parse_dspark_config(hf: dict[str, Any], where: str = "config.json") -> DSpar
         markov_head_type=head,
         enable_confidence_head=confidence,
         confidence_head_with_markov=with_markov,
+        enable_greedy_confidence_head=greedy,
         hf_config=dict(hf),
     )
