@@ -10,6 +10,13 @@ prediction over the γ positions, the ECE's noise floor (what a perfectly calibr
 that many rounds with those predictions; raw rows of the held-out half have none), mean predicted vs
 observed survival, and the fitted maps.
 
+One more row per data set measures a candidate that dspark does not ship yet, "platt+prefix-bins": the
+Platt map, then per position k a histogram map of the prefix survival â_k itself (HISTOGRAM_BINS equal-mass
+bins fitted on the same half, each predicting its bins' observed survival; non-increasing in k). Under greedy
+verification slot outcomes are strongly correlated (loops are accepted whole), so the product of calibrated
+conditional scores is miscalibrated in a way no per-position monotone map of the scores can remove (docs/
+benchmarks.md, calibration); this row measures how far a map of the prefix survival gets.
+
     .venv/bin/python benchmarks/bench_calibration.py \\
         --calibration-traces benchmarks/results/calibration_traces_t1.json \\
         --calibration-traces benchmarks/results/calibration_traces_t0.json \\
@@ -34,6 +41,16 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without `pip in
 
 from dspark.calibration import METHODS, Rounds, position_metrics  # noqa: E402
 from dspark.calibration.fitting import fit_regime  # noqa: E402
+from dspark.calibration.metrics import (  # noqa: E402
+    ece_noise_floor,
+    expected_calibration_error,
+    prefix_survival,
+    survival_events,
+    valid_round_mask,
+)
+from dspark.calibration.sts import fit_map, split_rounds  # noqa: E402
+
+HISTOGRAM_BINS = 10
 from dspark.evaluation.traces import drafter_rounds, load_traces  # noqa: E402
 
 
@@ -54,6 +71,40 @@ def _summary(metrics: dict) -> dict:
     return {"ece": mean["ece"], "ece_floor": mean.get("ece_floor"), "brier": mean["brier"],
             "mean_predicted": mean["mean_predicted"], "mean_observed": mean["mean_observed"],
             "ece_per_position": [p["ece"] for p in metrics["positions"]]}
+
+
+def prefix_bins_fit(fit: Rounds, cmap) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per position: (bin edges, observed prefix survival per bin) of â_k under `cmap`, equal-mass bins."""
+    pred, (outcome, mask) = prefix_survival(fit.confidences, cmap), survival_events(fit)
+    out = []
+    for j in range(fit.block_size):
+        x, y = pred[mask[:, j], j], outcome[mask[:, j], j]
+        edges = np.unique(np.quantile(x, np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)))
+        index = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, len(edges) - 2)
+        out.append((edges, np.array([y[index == i].mean() if (index == i).any() else 0.0 for i in range(len(edges) - 1)])))
+    return out
+
+
+def prefix_bins_summary(held: Rounds, cmap, bins: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """The `_summary` fields of the candidate map on `held` (mean over positions)."""
+    pred, (outcome, mask) = prefix_survival(held.confidences, cmap), survival_events(held)
+    mapped, previous = np.full(pred.shape, np.nan), np.ones(len(held))
+    for j, (edges, values) in enumerate(bins):
+        index = np.clip(np.searchsorted(edges, pred[:, j], side="right") - 1, 0, len(edges) - 2)
+        mapped[:, j] = np.minimum(values[index], previous)
+        previous = mapped[:, j]
+    ece, floor, brier, predicted, observed = [], [], [], [], []
+    for j in range(held.block_size):
+        p, y = mapped[mask[:, j], j], outcome[mask[:, j], j]
+        if p.size:
+            ece.append(expected_calibration_error(p, y))
+            floor.append(ece_noise_floor(p))
+            brier.append(float(np.mean((p - y) ** 2)))
+            predicted.append(float(p.mean()))
+            observed.append(float(y.mean()))
+    return {"ece": float(np.mean(ece)), "ece_floor": float(np.mean(floor)), "brier": float(np.mean(brier)),
+            "mean_predicted": float(np.mean(predicted)), "mean_observed": float(np.mean(observed)),
+            "ece_per_position": ece}
 
 
 def main() -> int:
@@ -81,6 +132,14 @@ def main() -> int:
             rows.append({"temperature": temperature, "data": f"{Path(path).name}, held-out half", "method": method,
                          **_summary(regime.ece_after), "temperatures": regime.temperatures,
                          "biases": regime.map.biases.tolist()})
+        data = recorded.fit_data()
+        keep = valid_round_mask(data.confidences, data.verified, data.accepted)  # as fit_regime: same split
+        fit, held = split_rounds(Rounds(data.confidences[keep], data.verified[keep], data.accepted[keep]), 0.5, 0,
+                                 data.prompt[keep])
+        platt = fit_map(fit, method="platt")
+        candidate = (platt, prefix_bins_fit(fit, platt))
+        rows.append({"temperature": temperature, "data": f"{Path(path).name}, held-out half",
+                     "method": "platt+prefix-bins", **prefix_bins_summary(held, *candidate)})
         for eval_path in args.eval_traces:
             eval_name, eval_entry = _entry(eval_path, args.drafter or name)
             if float(eval_entry["temperature"]) != temperature:
@@ -90,6 +149,8 @@ def main() -> int:
             for method, cmap in (("raw", None), *maps.items()):
                 rows.append({"temperature": temperature, "data": eval_path, "method": method,
                              **_summary(position_metrics(raw, cmap, noise_floor=True))})
+            rows.append({"temperature": temperature, "data": eval_path, "method": "platt+prefix-bins",
+                         **prefix_bins_summary(raw, *candidate)})
     report = {
         "benchmark": "calibration_methods",
         "date": dt.date.today().isoformat(),

@@ -12,8 +12,8 @@ Measures, side by side in one run:
     against the target's verification step over 1 + γ tokens per request at the same context length, median
     of `--repeats` (dspark.scheduling.profiler's measurement).
 `--depths 1,3,5` adds the parallel drafters (DSpark, DSpark-RNN, DFlash) at those depths: the built-in
-drafter grown by `dspark.models.drafters.common.warm_start` (extra layers are real layers of the target's
-shape; their values do not change the time). Writes benchmarks/results/drafter_cost_<device>.json and a table.
+drafter's config with that many draft layers, weights freshly initialised from the target (the values do not
+change the time). Writes benchmarks/results/drafter_cost_<device>.json and a table.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_drafter_cost.py [--context 256] [--repeats 30] \
         [--requests 1,16] [--depths 1,2,3,4,5] [--drafter NAME=FOLDER ...]
@@ -36,8 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from dspark.models.drafters import load_drafter  # noqa: E402
-from dspark.models.drafters.common import warm_start  # noqa: E402
-from dspark.models.drafters.dspark import DSparkDrafter, DSparkModel  # noqa: E402
+from dspark.models.drafters.dspark import DSparkDrafter, DSparkModel, init_from_target  # noqa: E402
 from dspark.models.target_runner import TargetRunner  # noqa: E402
 from dspark.models.zoo import BUILTIN_DRAFTERS, builtin_drafter, builtin_target  # noqa: E402
 from dspark.scheduling.profiler import measure_profile, parse_sizes  # noqa: E402
@@ -50,15 +49,11 @@ def macs_per_token(module: torch.nn.Module, skip: tuple[str, ...] = ("embed_toke
     return sum(p.numel() for n, p in module.named_parameters() if p.dim() == 2 and not any(s in n for s in skip))
 
 
-def grown(name: str, depth: int, device: str) -> DSparkDrafter:
-    """The built-in parallel drafter `name` with `depth` draft layers (float32)."""
-    folder = builtin_drafter(name)
-    base = DSparkModel.from_pretrained(folder, device=device, dtype="float32")
+def at_depth(name: str, depth: int, runner: TargetRunner) -> DSparkDrafter:
+    """The built-in parallel drafter `name`'s build with `depth` draft layers (float32, fresh weights)."""
+    base = DSparkModel.from_pretrained(builtin_drafter(name), device=runner.device, dtype="float32")
     config = dataclasses.replace(base.config, layers=dataclasses.replace(base.config.layers, num_layers=depth))
-    with torch.device(device):
-        model = DSparkModel(config)
-    warm_start(model, folder)
-    return DSparkDrafter(model.float())
+    return DSparkDrafter(init_from_target(config, runner.model))
 
 
 def main() -> None:
@@ -82,7 +77,7 @@ def main() -> None:
     target_macs = macs_per_token(runner.model) + (lm_head.numel() if runner.config.tie_word_embeddings else 0)
     candidates = [(name, None, lambda name=name: load_drafter(str(builtin_drafter(name)), device=args.device,
                                                                dtype="float32")) for name in BUILTIN_DRAFTERS]
-    candidates += [(name, depth, lambda name=name, depth=depth: grown(name, depth, args.device))
+    candidates += [(name, depth, lambda name=name, depth=depth: at_depth(name, depth, runner))
                    for name in PARALLEL_DRAFTERS for depth in depths]
     for spec in args.drafter:
         label, _, folder = spec.partition("=")
@@ -100,7 +95,7 @@ def main() -> None:
         layers = len(model.layers) if hasattr(model, "layers") else 1
         chain = not isinstance(drafter, DSparkDrafter)  # EAGLE-3: γ dependent steps; MTP-1: γ = 1
         row = {
-            "drafter": name, "draft_layers": layers, "grown": depth is not None, "block_size": block_size,
+            "drafter": name, "draft_layers": layers, "fresh_weights": depth is not None, "block_size": block_size,
             "macs_per_token": drafter_macs, "target_macs_per_token": target_macs, "macs_ratio": drafter_macs / target_macs,
             "macs_per_round": drafter_macs * block_size, "weight_passes_per_round": block_size if chain else 1,
             "draft_ms": {}, "verify_ms": {}, "time_ratio": {},

@@ -31,6 +31,18 @@ def dist_target(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trainer_target(tmp_path_factory):
+    """Folder of the training tests' target: V = 40, 4 layers of width 32 (a drafter step takes milliseconds)."""
+    from dspark.models.random_init import build_random_model
+
+    return build_random_model(
+        tmp_path_factory.mktemp("trainer") / "target", "tiny-qwen3", seed=6, init_std=0.3, with_tokenizer=False,
+        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+    )
+
+
+@pytest.fixture(scope="session")
 def dist_runner(dist_target):
     """The exact-distribution tests' target in float64."""
     from dspark.models.target_runner import TargetRunner

@@ -16,19 +16,14 @@ from dspark.models.drafters.base import DraftInput
 from dspark.models.drafters.common import warm_start
 from dspark.models.drafters.dspark import DSparkDrafter, DSparkModel, dspark_config_for_target, init_from_target
 from dspark.models.drafters.eagle3 import eagle3_config_for_target, init_eagle3_from_target
-from dspark.models.random_init import build_random_model
 from dspark.models.target_runner import TargetRunner
 from dspark.training.config import TrainConfig, load_train_config
 from dspark.training.trainer import Sample, Trainer
 
 
 @pytest.fixture(scope="module")
-def target_dir(tmp_path_factory):
-    return build_random_model(
-        tmp_path_factory.mktemp("growth") / "target", "tiny-qwen3", seed=9, init_std=0.3, with_tokenizer=False,
-        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-    )
+def target_dir(trainer_target):
+    return trainer_target
 
 
 @pytest.fixture(scope="module")

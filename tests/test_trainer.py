@@ -21,12 +21,8 @@ from dspark.training.trainer import Sample, Trainer, lr_at
 
 
 @pytest.fixture(scope="module")
-def target_dir(tmp_path_factory):
-    return build_random_model(
-        tmp_path_factory.mktemp("trainer") / "target", "tiny-qwen3", seed=6, init_std=0.3, with_tokenizer=False,
-        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-    )
+def target_dir(trainer_target):
+    return trainer_target
 
 
 def make_samples(count: int, seed: int = 0) -> list[Sample]:

@@ -15,11 +15,12 @@ resumes from its last checkpoint; regeneration resumes by sample id):
                 one block pass of that depth costs no more than EAGLE-3's seven dependent steps, docs/
                 benchmarks.md) and trained on (GROW_OVERRIDES; DSpark's with the greedy confidence output)
                                                                          → WORK/drafters/<name>-grown
-  6. calibrate  Platt scaling for the DSpark drafters' confidence heads on CALIBRATION_PROMPTS training-pool prompts
-                that regeneration did not use (so evaluation sets stay out of sample), one regime per
-                sampling temperature (1 and 0)               → WORK/calibration.json, WORK/calibration-<name>.json
-  7. install    copy target, drafters, calibration and the held-out prompt files into OUT (default: the
-                package's builtin folder) and write manifest.json.
+  6. calibrate  Platt scaling for the confidence heads of CALIBRATED_DRAFTERS on CALIBRATION_PROMPTS
+                training-pool prompts that regeneration did not use (so evaluation sets stay out of sample),
+                one regime per sampling temperature (1 and 0)                → WORK/calibration-<name>.json
+                (the recorded raw-head rounds: WORK/calibration-<name>-traces-t<T>.json)
+  7. install    copy target, drafters (each with its calibration) and the held-out prompt files into OUT
+                (default: the package's builtin folder) and write manifest.json.
 """
 
 from __future__ import annotations
