@@ -5,9 +5,9 @@ with Unlikelihood Training").
 
 distinct_n(tokens, n) = |{distinct n-grams}| / |n-grams| of one sequence, in [0, 1] (1.0 when it has fewer
 than n tokens: nothing repeats). Token ids rather than words, so that loops inside a word ("Py_C_C_C…")
-count too. A loop such as "#\\n#\\n#…" scores near 2/len at n = 4; the held-out corpus texts of the built-in
-model score above 0.9 over their first 96 tokens. A text whose distinct-4 is below `DEGENERATE_DISTINCT_4`
-repeats more than half of its 4-grams: `dspark demo` counts those.
+count too. A loop such as "#\\n#\\n#…" scores near 2/len at n = 4; 96-token windows of the built-in model's
+held-out corpus files score 0.94 on average (10th percentile 0.82, lowest 0.59; 114 windows). A text whose
+distinct-4 is below `DEGENERATE_DISTINCT_4` repeats more than half of its 4-grams: `dspark demo` counts those.
 """
 
 from __future__ import annotations
