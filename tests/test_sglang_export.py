@@ -43,6 +43,37 @@ def test_grid_table_reads_tokens_as_speculative_requests_with_the_drafter():
         sps_table(profile, max_batch_tokens=0)
 
 
+def test_an_sglang_table_reads_back_as_a_profile(tmp_path):
+    """SGLang's table is accepted wherever a profile is (`SPSProfile.load`): the step time at every sampled B
+    is 1000 / its rate; between samples the profile interpolates, within the table's ≤ 3 % spacing of the
+    original beyond 256 tokens; nothing is charged for drafting again (the table's steps include it)."""
+    original = SPSProfile.from_dict(FLAT)
+    table = sps_table(original, max_batch_tokens=1024)
+    path = tmp_path / "sps_table.json"
+    path.write_text(json.dumps(table))
+    loaded = SPSProfile.load(path)
+    assert not loaded.has_draft_cost and loaded.metadata["format"] == "sglang-sps"
+    for b, rate in zip(table["sample_batch_tokens"], table["sample_steps_per_sec"]):
+        assert float(loaded.step_ms(b)) == pytest.approx(1000.0 / rate)
+    for b in range(256, 1025, 5):
+        assert float(loaded.step_ms(b)) == pytest.approx(float(original.step_ms(b)), rel=0.03)
+    with pytest.raises(ConfigError, match="records no 'device'"):
+        SPSProfile.load(path, expect={"device": "cpu"})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"sample_steps_per_sec": [100.0]}, "same length"),
+    ({"sample_batch_tokens": [1, 1, 3]}, r"sample_batch_tokens\[1\] = 1"),
+    ({"sample_steps_per_sec": [100.0, 0.0, 50.0]}, r"sample_steps_per_sec\[1\]"),
+    ({"sample_batch_tokens": [1, 2.5, 3]}, r"sample_batch_tokens\[1\] = 2.5"),
+])
+def test_a_malformed_sglang_table_is_refused_by_field(change, message):
+    table = dict({"sample_batch_tokens": [1, 2, 3], "sample_steps_per_sec": [100.0, 90.0, 80.0],
+                  "max_batch_tokens": 3}, **change)
+    with pytest.raises(ConfigError, match=message):
+        SPSProfile.from_dict(table)
+
+
 def test_sts_file_from_an_sts_calibration_and_platt_refused(tmp_path):
     metrics = {"positions": [{"position": 1, "ece": 0.05}, {"position": 2, "ece": 0.07}]}
     sts = tmp_path / "sts.json"

@@ -9,6 +9,12 @@ JSON formats (times in milliseconds, one engine step; other top-level keys are k
 * flat: ``"verify_ms_by_tokens": {"B": ms}`` (or ``"verify_ms_total_tokens"``, the name
   `dspark.scheduling.profiler` writes next to its grid) — target step time as a function of the total
   token count B only, optional ``"draft_ms": {"R": ms}`` as above. When a file has both, the grid is used.
+* SGLang's SPS table (what `dspark export sglang` writes, docs/serving.md): ``"sample_batch_tokens": [B
+  ascending]``, ``"sample_steps_per_sec": [steps/s at B]``, ``"max_batch_tokens"`` — read as a flat profile
+  with step time 1000 / steps-per-second at each B. Its steps already include the drafter's (SGLang
+  measures whole speculative steps), so it has no separate draft table: drafting is not charged again, and
+  a plain-decoding step is charged as much as a speculative one of the same B (pessimistic for plain). dspark
+  interpolates between samples where SGLang reads by floor.
 
 Conversion: every table is made monotone non-decreasing (running maximum) along each axis, read by
 linear interpolation between measured sizes, held constant below the smallest size and extrapolated
@@ -32,6 +38,7 @@ from dspark.errors import ConfigError
 
 _GRID_KEY = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 _FLAT_KEYS = ("verify_ms_by_tokens", "verify_ms_total_tokens")
+SGLANG_KEYS = ("sample_batch_tokens", "sample_steps_per_sec")
 
 
 class ProfileError(ConfigError):
@@ -131,6 +138,11 @@ class SPSProfile:
         if not isinstance(data, Mapping):
             raise ProfileError(f"SPS profile {source}: expected a JSON object, got {type(data).__name__}")
         flat_key = next((k for k in _FLAT_KEYS if k in data), None)
+        if "verify_ms" not in data and flat_key is None and all(k in data for k in SGLANG_KEYS):
+            for key, want in (expect or {}).items():
+                raise ProfileError(f"SPS profile {source} is SGLang's table, which records no '{key}'; expected "
+                                   f"{key}={want!r} (give a `dspark profile` of this engine instead)")
+            return cls._from_sglang(data, source)
         if "verify_ms" not in data and flat_key is None:
             raise ProfileError(f"SPS profile {source}: missing 'verify_ms' (\"RxL\": ms) or 'verify_ms_by_tokens' (\"B\": ms)")
         for key, want in (expect or {}).items():
@@ -159,6 +171,23 @@ class SPSProfile:
                 raise ProfileError(f"{source} verify_ms: key {key!r} needs R ≥ 1 and L ≥ 1")
             grid[(r, length)] = _positive_time(ms, f"{source} verify_ms[{key!r}]")
         return cls(verify_grid=grid, draft_by_requests=draft, metadata=metadata)
+
+    @classmethod
+    def _from_sglang(cls, data: Mapping[str, Any], source: str) -> "SPSProfile":
+        """SGLang's SPS table (module docstring) → a flat profile without a draft table."""
+        tokens, rates = data["sample_batch_tokens"], data["sample_steps_per_sec"]
+        if not isinstance(tokens, list) or not isinstance(rates, list) or not tokens or len(tokens) != len(rates):
+            raise ProfileError(f"SPS profile {source}: 'sample_batch_tokens' and 'sample_steps_per_sec' must be "
+                               "non-empty lists of the same length")
+        flat: dict[int, float] = {}
+        for i, (b, rate) in enumerate(zip(tokens, rates)):
+            if isinstance(b, bool) or not isinstance(b, int) or b < 1 or (flat and b <= max(flat)):
+                raise ProfileError(f"SPS profile {source}: sample_batch_tokens[{i}] = {b!r}; expected strictly "
+                                   "increasing integers ≥ 1")
+            flat[b] = 1000.0 / _positive_time(rate, f"{source} sample_steps_per_sec[{i}]")
+        metadata = {k: v for k, v in data.items() if k not in SGLANG_KEYS}
+        metadata["format"] = "sglang-sps"
+        return cls(verify_by_tokens=flat, metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path, *, expect: Mapping[str, Any] | None = None) -> "SPSProfile":
