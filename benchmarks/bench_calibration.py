@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without `pip in
 from dspark.calibration import METHODS, Rounds, position_metrics  # noqa: E402
 from dspark.calibration.fitting import fit_regime  # noqa: E402
 from dspark.calibration.metrics import (  # noqa: E402
+    brier_score,
     ece_noise_floor,
     expected_calibration_error,
     prefix_survival,
@@ -99,7 +100,7 @@ def prefix_bins_summary(held: Rounds, cmap, bins: list[tuple[np.ndarray, np.ndar
         if p.size:
             ece.append(expected_calibration_error(p, y))
             floor.append(ece_noise_floor(p))
-            brier.append(float(np.mean((p - y) ** 2)))
+            brier.append(brier_score(p, y))
             predicted.append(float(p.mean()))
             observed.append(float(y.mean()))
     return {"ece": float(np.mean(ece)), "ece_floor": float(np.mean(floor)), "brier": float(np.mean(brier)),
