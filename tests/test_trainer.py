@@ -141,7 +141,7 @@ def torchrun_train(cfg, *overrides: str) -> None:
         [torchrun, "--standalone", "--nproc_per_node=2", "-m", "dspark", "train", "--config", str(cfg), *overrides],
         capture_output=True, text=True, env=env, timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-8000:]
 
 
 def test_two_gloo_processes_under_torchrun_equal_one_process(target_dir, tmp_path):

@@ -13,6 +13,7 @@ folder is refused at once.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 
@@ -51,8 +52,16 @@ def run_train(args) -> int:
             samples = load_samples(config.data.train, config.model.target, config.data.max_length, config.model.drafter)
             trainer = Trainer(config, samples)
             final = trainer.fit()
-            if trainer.rank == 0:
-                summary = {"checkpoint": str(final), "drafter": str(final / "drafter"), "steps": trainer.step}
+            rank, steps = trainer.rank, trainer.step
+            if distributed:
+                dist.barrier()  # every process past its last collective
+            # The FSDP/DDP modules hold the process group and pending gloo work inside reference cycles;
+            # freed here, while the interpreter is whole, not at its finalisation (where gloo's worker
+            # threads then abort the process, "terminate called without an active exception").
+            del trainer
+            gc.collect()
+            if rank == 0:
+                summary = {"checkpoint": str(final), "drafter": str(final / "drafter"), "steps": steps}
                 if args.json:
                     print_json(summary)
                 else:
