@@ -44,7 +44,7 @@ def _probs_one_setting(logits: torch.Tensor, params: SamplingParams) -> torch.Te
     """logits [N, V] → probs [N, V] float32 for one parameter setting."""
     logits = logits.to(torch.float32)
     if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(torch.float32)
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)  # no host read
     scaled = logits / params.temperature
     if 0 < params.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, params.top_k, dim=-1).values[..., -1:]
@@ -94,6 +94,21 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None,
     cdf = torch.cumsum(probs, dim=-1)
     point = uniforms.to(cdf.device, cdf.dtype).reshape(-1, 1) * cdf[:, -1:]
     return torch.searchsorted(cdf, point, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row from logits [N, V] under row n's `params[n]`, from uniforms [N] → [N] long on the
+    logits' device: greedy rows by argmax (the distribution `logits_to_probs` gives them is its one-hot, so
+    this is the same token without a [N, V] temporary), the others by `sample` of `logits_to_probs`."""
+    if len(params) != logits.shape[0]:
+        raise ValueError(f"{len(params)} sampling settings for {logits.shape[0]} rows")
+    tokens = logits.argmax(-1)
+    sampled = [n for n, p in enumerate(params) if not p.greedy]
+    if sampled:
+        rows = torch.tensor(sampled, dtype=torch.long, device=logits.device)
+        probs = logits_to_probs(logits[rows], [params[n] for n in sampled])
+        tokens[rows] = sample(probs, uniforms=uniforms[torch.tensor(sampled, dtype=torch.long, device=uniforms.device)])
+    return tokens
 
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; completions allow 5

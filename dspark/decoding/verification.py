@@ -73,16 +73,35 @@ def verify(
     stop_slot = num_accepted  # slot whose distribution produces the next token
     final_p = target_probs[rows, stop_slot]  # [B, V]
     rejected = num_accepted < verify_lens
-    if bool(rejected.any()):
-        slot = stop_slot.clamp(max=max(max_len - 1, 0))
-        if draft_probs is None:
-            q_at = torch.nn.functional.one_hot(draft_tokens[rows, slot], vocab).to(final_p.dtype)
-        else:
-            q_at = draft_probs[rows, slot]
-        residual = (final_p - q_at).clamp_min(0.0)
-        mass = residual.sum(-1, keepdim=True)
-        # mass is 0 only if p == q at that slot, where rejection has probability 0; guard numerically.
-        residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), final_p)
-        final_p = torch.where(rejected.unsqueeze(-1), residual, final_p)
+    # Residual for every row (no host read to skip it); rows without a rejection keep p.
+    slot = stop_slot.clamp(max=max(max_len - 1, 0))
+    if max_len == 0:
+        q_at = torch.zeros_like(final_p)
+    elif draft_probs is None:
+        q_at = torch.zeros_like(final_p).scatter_(-1, draft_tokens[rows, slot].unsqueeze(-1), 1.0)
+    else:
+        q_at = draft_probs[rows, slot]
+    residual = (final_p - q_at).clamp_min(0.0)
+    mass = residual.sum(-1, keepdim=True)
+    # mass is 0 only if p == q at that slot, where rejection has probability 0; guard numerically.
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), final_p)
+    final_p = torch.where(rejected.unsqueeze(-1), residual, final_p)
     final_u = None if uniforms is None else uniforms[:, -1]
     return VerificationResult(num_accepted=num_accepted, next_tokens=sample(final_p, generator, final_u))
+
+
+def verify_greedy(target_argmax: torch.Tensor, draft_tokens: torch.Tensor, verify_lens: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`verify` for greedy sequences, from the target's argmax instead of its one-hot distributions.
+
+    target_argmax: [B, L+1] long (slot k: argmax of p_{k+1}); draft_tokens: [B, L]; verify_lens: [B].
+    Returns (num_accepted [B], next_tokens [B]): d_k survives while it equals the argmax (acceptance
+    probability p_k(d_k) ∈ {0, 1}), and the next token is the argmax at the first non-surviving slot (the
+    residual of a one-hot p without d_k's mass is p itself; after ℓ survivors, the bonus argmax)."""
+    max_len = draft_tokens.shape[1]
+    if max_len:
+        live = torch.arange(max_len, device=draft_tokens.device) < verify_lens.unsqueeze(1)
+        num_accepted = ((draft_tokens == target_argmax[:, :max_len]) & live).to(torch.long).cumprod(-1).sum(-1)
+    else:
+        num_accepted = torch.zeros(draft_tokens.shape[0], dtype=torch.long, device=draft_tokens.device)
+    return num_accepted, target_argmax.gather(1, num_accepted.unsqueeze(1)).squeeze(1)

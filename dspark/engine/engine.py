@@ -355,8 +355,9 @@ class Engine:
         if not decoding and not chunks:
             return []
         completes = [r.num_computed + n == r.prefill_length and not r.resuming for r, n in chunks]
-        draws = first_token_uniforms([r.generator for (r, _), c in zip(chunks, completes) if c]).tolist()
-        first = torch.tensor([draws.pop(0) if c else 0.0 for c in completes], dtype=torch.float64)
+        first = torch.zeros(len(chunks), dtype=torch.float64)
+        if any(completes):
+            first[torch.tensor(completes)] = first_token_uniforms([r.generator for (r, _), c in zip(chunks, completes) if c])
         accepted_before = self.spec_live.accepted_tokens
         emitted = run_step(self.runner, drafts, chunks, self.drafter, self.controller, random, first, timer=self.times,
                            totals=self.spec_live)
@@ -379,7 +380,7 @@ class Engine:
                                          len(request.output_ids), logprobs, pieces))
             if request.finished:
                 self._finish(request)
-        verified = int(drafts.verify_lens.sum()) if decoding else 0
+        verified = sum(drafts.verify_list)
         self._verify_budgets.append(verified)
         self.steps += 1
         self.last_step = {"decoding": len(decoding), "prefill_tokens": sum(n for _, n in chunks),
@@ -421,16 +422,19 @@ class Engine:
     def _observe_calibration(self, drafts, accepted: int) -> None:
         """Calibration monitoring: the acceptance the calibrated confidences predicted for this step's verified
         slots (prefix survival Π c'_j, paper §3.2.1) next to the drafts actually accepted."""
-        confidences, lengths = drafts.plan.confidences.detach().float().cpu(), drafts.verify_lens.cpu()
-        survival = torch.cumprod(confidences, dim=1)
-        verified = torch.arange(survival.shape[1]) < lengths[:, None]
-        per_position = (survival * verified).sum(0).tolist()
+        rows = drafts.confidence_rows
+        per_position = [0.0] * (len(rows[0]) if rows else 0)
+        for row, length in zip(rows, drafts.verify_list):
+            survival = 1.0
+            for k, confidence in enumerate(row[:length]):
+                survival *= confidence
+                per_position[k] += survival
         grow = len(per_position) - len(self.expected_accepted_per_position)
         if grow > 0:
             self.expected_accepted_per_position.extend([0.0] * grow)
         for k, value in enumerate(per_position):
             self.expected_accepted_per_position[k] += value
-        self._calibration_window.append((sum(per_position), accepted, int(lengths.sum())))
+        self._calibration_window.append((sum(per_position), accepted, sum(drafts.verify_list)))
 
     def calibration_report(self) -> dict:
         """Live calibration: predicted and observed acceptance per verified draft over the last STEP_WINDOW

@@ -30,8 +30,9 @@ from typing import Sequence
 import torch
 
 from dspark.decoding.randomness import StepRandom
-from dspark.decoding.sampling import logits_to_probs, sample, token_logprobs
-from dspark.decoding.verification import verify
+from dspark.decoding.sampling import logits_to_probs, sample_tokens, token_logprobs
+from dspark.decoding.verification import verify, verify_greedy
+from dspark.engine.host_syncs import to_host
 from dspark.engine.request import Request
 from dspark.engine.stats import RoundRecord, SpecStats
 from dspark.errors import NumericalError
@@ -40,28 +41,38 @@ from dspark.models.target_runner import TargetRunner
 from dspark.scheduling.controller import Plan, SpeculationController
 
 
-def check_finite(values: torch.Tensor, requests: Sequence, what: str, valid: torch.Tensor | None = None) -> None:
-    """values [N, ..., V] (row n belongs to request `requests[n]`); `valid` [N, ...] bool marks the entries
-    that are used. NumericalError naming the first request with a NaN or inf in a used row, before anything
-    computed from it is sampled or emitted."""
+def nonfinite_rows(values: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """values [N, ..., V] → [N] bool on their device: row n has a NaN or inf in an entry `valid` [N, ...]
+    marks as used (all when None). No host read: the flags travel with the step's one transfer."""
     bad = ~torch.isfinite(values).all(-1)
     if valid is not None:
         bad &= valid
-    if bool(bad.any()):
-        row = int(bad.reshape(bad.shape[0], -1).any(-1).nonzero()[0])
-        raise NumericalError(f"request {requests[row]}: the {what} produced non-finite values (NaN or inf); no token "
-                             "was emitted from them (check the model's weights and config)")
+    return bad.flatten(1).any(-1) if bad.dim() > 1 else bad
+
+
+def raise_if_nonfinite(flags: Sequence[int], requests: Sequence, what: str) -> None:
+    """flags [N] (host values of `nonfinite_rows`, row n belongs to request `requests[n]`): NumericalError
+    naming the first request with a non-finite used row, before anything computed from it is emitted."""
+    for row, bad in enumerate(flags):
+        if bad:
+            raise NumericalError(f"request {requests[row]}: the {what} produced non-finite values (NaN or inf); no "
+                                 "token was emitted from them (check the model's weights and config)")
 
 
 @dataclass
 class StepDrafts:
-    """Phase 1's result for the R decoding requests: their proposals and the controller's plan."""
+    """Phase 1's result for the R decoding requests: their proposals and the controller's plan, with the host
+    values the step needs read once here, in the planning phase (the plan decides the forward's shape)."""
 
     requests: list[Request]
     proposal: DraftProposal
     plan: Plan
     drafter_called: bool
     gate_open: bool
+    verify_list: list[int]  # ℓ_b
+    drafted_list: list[int]  # proposed drafts per request
+    draft_lists: list[list[int]]  # the ℓ_b drafts each request verifies
+    confidence_rows: list[list[float]] | None = None  # the plan's calibrated confidences [R][K]
 
     @property
     def verify_lens(self) -> torch.Tensor:
@@ -70,7 +81,15 @@ class StepDrafts:
     @property
     def num_tokens(self) -> int:
         """Target tokens the decoding rows add to the step: Σ (1 + ℓ)."""
-        return len(self.requests) + int(self.plan.lengths.sum())
+        return len(self.requests) + sum(self.verify_list)
+
+    @classmethod
+    def of(cls, requests: list[Request], proposal: DraftProposal, plan: Plan, drafter_called: bool,
+           gate_open: bool) -> "StepDrafts":
+        confidences = [] if plan.confidences is None else [plan.confidences.detach()]
+        verify, drafted, tokens, *rows = to_host([plan.lengths, proposal.lengths, proposal.tokens, *confidences])
+        return cls(requests, proposal, plan, drafter_called, gate_open, verify, drafted,
+                   [row[:n] for row, n in zip(tokens, verify)], rows[0] if rows else None)
 
 
 def draft_and_plan(runner: TargetRunner, requests: list[Request], drafter: Drafter | None,
@@ -93,7 +112,9 @@ def draft_and_plan(runner: TargetRunner, requests: list[Request], drafter: Draft
     else:
         drafter_called = gate_open
     if not drafter_called:
-        return StepDrafts(requests, DraftProposal.empty(batch), Plan.nothing(batch), False, False)
+        nothing = [0] * batch
+        return StepDrafts(requests, DraftProposal.empty(batch), Plan.nothing(batch), False, False, nothing, nothing,
+                          [[] for _ in requests])
     started = time.perf_counter()
     proposal = drafter.propose([DraftInput(r.seq_id, r.token_ids, r.drafter_features(), limit, r.sampling, random.draft(b))
                                 for b, (r, limit) in enumerate(zip(requests, limits))], generator)
@@ -102,7 +123,19 @@ def draft_and_plan(runner: TargetRunner, requests: list[Request], drafter: Draft
     plan = controller.plan(proposal.confidence_logits, proposal.lengths, torch.tensor(limits, dtype=torch.long),
                            [r.seq_id for r in requests], [r.sampling for r in requests],
                            alone=alone if any(alone) else None)
-    return StepDrafts(requests, proposal, plan, True, gate_open)
+    return StepDrafts.of(requests, proposal, plan, True, gate_open)
+
+
+@dataclass
+class _StepResults:
+    """What the step computed on the device, read by the host in one transfer (`to_host`)."""
+
+    num_accepted: list[int]  # [R]
+    next_tokens: list[int]  # [R] correction or bonus token
+    first_tokens: list[int]  # one per prompt that completes this step
+    bad_decode_rows: list[int]  # nonfinite flags of the decoding rows' logits
+    bad_prefill_rows: list[int]  # ... of the completed prompts' logits
+    bad_drafts: list[int]  # [R] ... of the drafter's proposal distributions (used slots)
 
 
 def run_step(runner: TargetRunner, drafts: StepDrafts, chunks: Sequence[tuple[Request, int]], drafter: Drafter | None,
@@ -112,15 +145,14 @@ def run_step(runner: TargetRunner, drafts: StepDrafts, chunks: Sequence[tuple[Re
     then verification and commit; updates the requests in place. first_uniforms [C]: one uniform per chunk
     (used only by a chunk that completes a new prompt); timer: adds the forward's seconds to its `target_s`;
     totals: also gets every round's record (live statistics across requests).
+    Between the forward and the commit the host reads the device once (`to_host`, docs/architecture.md
+    "host syncs"); a request that asks for logprobs adds one read of its rows.
     Returns {request_id: tokens it emitted this step}."""
-    requests, proposal, plan = drafts.requests, drafts.proposal, drafts.plan
+    requests = drafts.requests
     batch = len(requests)
     layers = drafter.feature_layer_ids if drafter is not None else ()
-    verify_lens = plan.lengths
-    width = int(verify_lens.max()) if batch else 0
-    drafts_tokens = proposal.tokens[:, :width]
     starts = [runner.length(r.seq_id) for r in requests]
-    decode_tokens = [[r.last_token] + drafts_tokens[b, : int(verify_lens[b])].tolist() for b, r in enumerate(requests)]
+    decode_tokens = [[r.last_token] + d for r, d in zip(requests, drafts.draft_lists)]
     chunk_tokens = [r.prefill_ids[r.num_computed: r.num_computed + n] for r, n in chunks]
     samples_first = [r.num_computed + n == r.prefill_length and not r.resuming for r, n in chunks]
     started = time.perf_counter()
@@ -133,21 +165,27 @@ def run_step(runner: TargetRunner, drafts: StepDrafts, chunks: Sequence[tuple[Re
             torch.cuda.synchronize(out.logits.device)
         timer.target_s += time.perf_counter() - started
     decode_rows = sum(len(t) for t in decode_tokens)
-    check_finite(out.logits[:decode_rows], [r.request_id for r, t in zip(requests, decode_tokens) for _ in t], "target's logits")
-    check_finite(out.logits[decode_rows:], [r.request_id for (r, _), s in zip(chunks, samples_first) if s],
-                 "target's prefill logits")
+    finishing = [r for (r, _), s in zip(chunks, samples_first) if s]
+    accepted, next_tokens, bad_drafts = _verify(drafts, out.logits[:decode_rows], out.query_lens[:batch], random)
+    prefill_logits = out.logits[decode_rows:]
+    first_tokens = torch.zeros(0, dtype=torch.long, device=prefill_logits.device)
+    if finishing:
+        index = torch.tensor([c for c, s in enumerate(samples_first) if s], dtype=torch.long)
+        first_tokens = sample_tokens(prefill_logits, [r.sampling for r in finishing], first_uniforms[index])
+    results = _StepResults(*to_host([accepted, next_tokens, first_tokens, nonfinite_rows(out.logits[:decode_rows]),
+                                     nonfinite_rows(prefill_logits), bad_drafts]))
+    raise_if_nonfinite(results.bad_decode_rows, [r.request_id for r, t in zip(requests, decode_tokens) for _ in t],
+                       "target's logits")
+    raise_if_nonfinite(results.bad_prefill_rows, [r.request_id for r in finishing], "target's prefill logits")
+    raise_if_nonfinite(results.bad_drafts, [r.request_id for r in requests], "drafter's proposal distribution")
+
     features = out.split(out.features) if out.features is not None else [None] * (batch + len(chunks))
     emitted: dict = {}
     if batch:
-        emitted.update(_verify_and_commit(runner, drafts, out.logits[:decode_rows], out.query_lens[:batch],
-                                          features[:batch], starts, controller, random, width, totals))
+        emitted.update(_commit(runner, drafts, results, out.logits[:decode_rows], out.query_lens[:batch],
+                               features[:batch], starts, controller, totals))
     # Prompt chunks: K/V and features only, the first token when a new prompt completes.
-    finishing = [(r, u) for (r, _), s, u in zip(chunks, samples_first, first_uniforms.tolist()) if s]
-    first_tokens: list[int] = []
-    if finishing:
-        probs = logits_to_probs(out.logits[decode_rows:], [r.sampling for r, _ in finishing])
-        first_tokens = sample(probs, uniforms=torch.tensor([u for _, u in finishing], dtype=torch.float64)).tolist()
-    tokens_for = {id(r): (token, row) for row, ((r, _), token) in enumerate(zip(finishing, first_tokens))}
+    tokens_for = {id(r): (token, row) for row, (r, token) in enumerate(zip(finishing, results.first_tokens))}
     for (r, n), feats in zip(chunks, features[batch:]):
         r.num_computed += n
         if feats is not None:
@@ -156,44 +194,81 @@ def run_step(runner: TargetRunner, drafts: StepDrafts, chunks: Sequence[tuple[Re
             token, row = tokens_for[id(r)]
             emitted[r.request_id] = r.emit([token])
             if r.logprobs is not None:
-                r.output_logprobs += token_logprobs(out.logits[decode_rows + row: decode_rows + row + 1], [token], r.logprobs)
+                r.output_logprobs += token_logprobs(prefill_logits[row: row + 1], [token], r.logprobs)
     return emitted
 
 
-def _verify_and_commit(runner: TargetRunner, drafts: StepDrafts, logits: torch.Tensor, query_lens: list[int],
-                       features: list, starts: list[int], controller: SpeculationController, random: StepRandom,
-                       width: int, totals: SpecStats | None) -> dict:
-    requests, proposal, plan = drafts.requests, drafts.proposal, drafts.plan
-    batch, verify_lens = len(requests), plan.lengths
-    # Target distributions, padded to [B, width + 1, V]; processed exactly as in plain decoding.
-    row_params = [r.sampling for r, q in zip(requests, query_lens) for _ in range(q)]
-    flat_probs = logits_to_probs(logits, row_params)
-    if all(q == width + 1 for q in query_lens):
-        target_probs = flat_probs.view(batch, width + 1, -1)
-    else:
-        target_probs = flat_probs.new_zeros(batch, width + 1, flat_probs.shape[-1])
-        rows = torch.cat([torch.arange(q) + b * (width + 1) for b, q in enumerate(query_lens)])
-        target_probs.view(batch * (width + 1), -1)[rows.to(flat_probs.device)] = flat_probs
-    drafts_tokens = proposal.tokens[:, :width]
-    draft_probs = None if proposal.probs is None else proposal.probs[:, :width].to(target_probs.device)
-    if draft_probs is not None:
-        used = torch.arange(width, device=draft_probs.device) < verify_lens.to(draft_probs.device)[:, None]
-        check_finite(draft_probs, [r.request_id for r in requests], "drafter's proposal distribution", used)
-    result = verify(target_probs, drafts_tokens.to(target_probs.device), verify_lens, draft_probs,
-                    uniforms=random.verification())
-    samplings = [r.sampling for r in requests]
-    if drafts.drafter_called:
-        controller.observe(plan, result.num_accepted, samplings, proposal.confidence_logits, gate=drafts.gate_open)
-    accepted = result.num_accepted.tolist()
-    next_tokens = result.next_tokens.tolist()
-    confidences = None
-    if plan.confidences is not None and any(r.record_rounds for r in requests):
-        confidences = plan.confidences.detach().float().cpu().tolist()
+def _verify(drafts: StepDrafts, logits: torch.Tensor, query_lens: list[int], random: StepRandom
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Phase 3 on the device, no host read: logits [Σ (1 + ℓ_b), V] of the R decoding requests →
+    (accepted drafts [R], next token [R], non-finite draft distribution flags [R]).
 
-    emitted = {}
+    Greedy requests are verified by argmax: a draft survives while it equals the target's argmax and the next
+    token is the argmax after the last survivor — exactly what the rejection rule gives with p the one-hot
+    of the argmax (docs/design.md §1), without building it. Sampled requests go through `verify` with their
+    distributions processed exactly as in plain decoding (`logits_to_probs`)."""
+    requests, proposal = drafts.requests, drafts.proposal
+    batch, device = len(requests), logits.device
+    width = max(drafts.verify_list, default=0)
+    verify_lens = torch.tensor(drafts.verify_list, dtype=torch.long, device=device)
+    drafts_tokens = proposal.tokens[:, :width].to(device)
+    num_accepted = torch.zeros(batch, dtype=torch.long, device=device)
+    next_tokens = torch.zeros(batch, dtype=torch.long, device=device)
+    bad_drafts = torch.zeros(batch, dtype=torch.bool, device=device)
+    if not batch:
+        return num_accepted, next_tokens, bad_drafts
     row_starts = [0]
     for q in query_lens:
         row_starts.append(row_starts[-1] + q)
+    # Row (b, k) of the padded [B, width + 1] layout ← flat row row_starts[b] + k (padding reads row 0).
+    padded_rows = torch.tensor([[row_starts[b] + k if k < q else 0 for k in range(width + 1)]
+                                for b, q in enumerate(query_lens)], dtype=torch.long, device=device)
+    greedy = [b for b, r in enumerate(requests) if r.sampling.greedy]
+    sampled = [b for b, r in enumerate(requests) if not r.sampling.greedy]
+    if greedy:
+        rows = torch.tensor(greedy, dtype=torch.long, device=device)
+        target_argmax = logits.argmax(-1)[padded_rows[rows]]  # [G, width + 1]
+        accepted, tokens = verify_greedy(target_argmax, drafts_tokens[rows], verify_lens[rows])
+        num_accepted[rows], next_tokens[rows] = accepted, tokens
+    if sampled:
+        rows = torch.tensor(sampled, dtype=torch.long, device=device)
+        requests_s = [requests[b] for b in sampled]
+        lens_s = [query_lens[b] for b in sampled]
+        flat_rows = torch.tensor([row_starts[b] + k for b in sampled for k in range(query_lens[b])], device=device)
+        row_params = [r.sampling for r, q in zip(requests_s, lens_s) for _ in range(q)]
+        flat_probs = logits_to_probs(logits[flat_rows], row_params)
+        target_probs = flat_probs.new_zeros(len(sampled), width + 1, flat_probs.shape[-1])
+        slots = torch.tensor([k for q in lens_s for k in range(q)], device=device)
+        owners = torch.tensor([i for i, q in enumerate(lens_s) for _ in range(q)], device=device)
+        target_probs[owners, slots] = flat_probs
+        draft_probs = None if proposal.probs is None else _rows(proposal.probs, sampled)[:, :width].to(device)
+        result = verify(target_probs, drafts_tokens[rows], verify_lens[rows], draft_probs,
+                        uniforms=_rows(random.verification(), sampled))
+        num_accepted[rows], next_tokens[rows] = result.num_accepted, result.next_tokens
+    if proposal.probs is not None and width:
+        draft_probs = proposal.probs[:, :width].to(device)
+        used = torch.arange(width, device=device) < verify_lens[:, None]
+        bad_drafts = nonfinite_rows(draft_probs, used)
+    return num_accepted, next_tokens, bad_drafts
+
+
+def _rows(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """tensor[rows], the index built on the tensor's own device (no copy back to the host)."""
+    return tensor[torch.tensor(rows, dtype=torch.long, device=tensor.device)]
+
+
+def _commit(runner: TargetRunner, drafts: StepDrafts, results: _StepResults, logits: torch.Tensor,
+            query_lens: list[int], features: list, starts: list[int], controller: SpeculationController,
+            totals: SpecStats | None) -> dict:
+    """Phase 4 for the decoding requests, from the host values of the step's results."""
+    requests, proposal, plan = drafts.requests, drafts.proposal, drafts.plan
+    accepted, next_tokens = results.num_accepted, results.next_tokens
+    if drafts.drafter_called:
+        controller.observe(plan, torch.tensor(accepted, dtype=torch.long), [r.sampling for r in requests],
+                           proposal.confidence_logits, gate=drafts.gate_open)
+    confidences = drafts.confidence_rows
+    emitted = {}
+    row_start = 0
     for b, r in enumerate(requests):
         n = accepted[b]
         runner.truncate(r.seq_id, starts[b] + 1 + n)  # keep x0 and the accepted drafts
@@ -204,13 +279,14 @@ def _verify_and_commit(runner: TargetRunner, drafts: StepDrafts, logits: torch.T
                 r.pending_features = [verified]
             else:
                 r.pending_features.append(verified)
-        emitted[r.request_id] = r.emit(drafts_tokens[b, :n].tolist() + [next_tokens[b]])
+        emitted[r.request_id] = r.emit(drafts.draft_lists[b][:n] + [next_tokens[b]])
         if r.logprobs is not None:  # row k of the request's logits predicts its k-th emitted token
             tokens = emitted[r.request_id]
-            r.output_logprobs += token_logprobs(logits[row_starts[b]: row_starts[b] + len(tokens)], tokens, r.logprobs)
-        drafted = int(proposal.lengths[b])
+            r.output_logprobs += token_logprobs(logits[row_start: row_start + len(tokens)], tokens, r.logprobs)
+        row_start += query_lens[b]
+        drafted = drafts.drafted_list[b]
         record = RoundRecord(
-            drafted=drafted, verified=int(verify_lens[b]), accepted=n, emitted=len(emitted[r.request_id]),
+            drafted=drafted, verified=drafts.verify_list[b], accepted=n, emitted=len(emitted[r.request_id]),
             confidences=None if confidences is None else confidences[b][:drafted],
         )
         r.stats.add(record)

@@ -38,8 +38,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "no-residual",
         "after a rejection the correction token is drawn from p instead of norm(max(0, p − q))",
         "dspark/decoding/verification.py",
-        "        final_p = torch.where(rejected.unsqueeze(-1), residual, final_p)",
-        "        final_p = torch.where(rejected.unsqueeze(-1), final_p, final_p)",
+        "    final_p = torch.where(rejected.unsqueeze(-1), residual, final_p)",
+        "    final_p = torch.where(rejected.unsqueeze(-1), final_p, final_p)",
         (f"{LOSSLESS}::test_sampled_output_has_the_target_distribution[dflash-T1-top_p0.8]",
          "tests/test_sampling_distribution.py::test_verify_first_token_distribution_is_p"),
     ),
@@ -47,9 +47,9 @@ MUTANTS: tuple[Mutant, ...] = (
         "target-p-without-top-k",
         "the target's distribution in the decoding rounds ignores the request's top-k",
         "dspark/engine/step.py",
-        "    row_params = [r.sampling for r, q in zip(requests, query_lens) for _ in range(q)]",
+        "    row_params = [r.sampling for r, q in zip(requests_s, lens_s) for _ in range(q)]",
         "    row_params = [type(r.sampling)(r.sampling.temperature, 0, r.sampling.top_p)\n"
-        "                  for r, q in zip(requests, query_lens) for _ in range(q)]",
+        "                  for r, q in zip(requests_s, lens_s) for _ in range(q)]",
         (f"{LOSSLESS}::test_sampled_output_has_the_target_distribution[mtp-T1-top_k3]",),
     ),
     Mutant(

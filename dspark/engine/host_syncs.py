@@ -1,0 +1,148 @@
+"""Host synchronisation: the one batched transfer a step may make, and a counter of everything else.
+
+On a GPU every read of a device value by Python (`.item()`, `int(t)`, `bool(t)`, `.tolist()`), every
+device-to-host copy and every operation whose output size depends on data (`nonzero`, boolean-mask
+indexing, `masked_select`, `unique`, `repeat_interleave` without `output_size`) makes the CPU wait until
+the GPU has finished all queued work; in a decoding loop each such wait leaves the GPU idle while Python
+prepares the next launch (issue 17; docs/architecture.md "host syncs"). The engine's step therefore
+reads device results in one place only, `to_host`, once per step.
+
+`HostSyncCounter` is a `TorchDispatchMode` that records, while active:
+* `syncs` — the ATen operations above (they reach the dispatcher on the CPU too: `item`, `int()`,
+  `bool()` become `aten._local_scalar_dense`), device-to-host copies, and calls of `Tensor.tolist`
+  (which on the CPU does not dispatch, so it is counted at the Python level) outside `to_host`;
+* `transfers` — the calls of `to_host`.
+The same counts on the CPU and on CUDA, so the CPU test suite enforces what a GPU needs.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+DATA_DEPENDENT_OPS = {
+    aten._local_scalar_dense.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten._unique2.default,
+    aten.unique_consecutive.default,
+    aten.unique_dim.default,
+    aten.multinomial.default,
+}
+
+_active: list["HostSyncCounter"] = []
+
+
+def to_host(tensors: Sequence[torch.Tensor]) -> list:
+    """The one device-to-host transfer of a step: tensors of any shapes → their values as nested Python lists
+    (a 0-d tensor → a number), read by one copy of one packed buffer: int64 when every tensor is integer or
+    bool, else float64 (integers below 2**53, token ids included, are exact there and come back as int)."""
+    if not tensors:
+        return []
+    floating = any(t.is_floating_point() for t in tensors)
+    dtype = torch.float64 if floating else torch.long
+    flat = [t.reshape(-1).to(dtype) for t in tensors]
+    packed = torch.cat(flat) if len(flat) > 1 else flat[0]
+    for counter in _active:
+        counter.transfers += 1
+    if packed.device.type != "cpu":
+        packed = packed.to("cpu")
+    values = _untracked_tolist(packed)
+    out, start = [], 0
+    for t, f in zip(tensors, flat):
+        chunk = values[start: start + f.numel()]
+        start += f.numel()
+        if floating and not t.is_floating_point():
+            chunk = [int(v) for v in chunk]
+        out.append(_nest(chunk, list(t.shape)))
+    return out
+
+
+def _nest(values: list, shape: list[int]):
+    if not shape:
+        return values[0]
+    if len(shape) == 1:
+        return values
+    step = len(values) // shape[0] if shape[0] else 0
+    return [_nest(values[i * step: (i + 1) * step], shape[1:]) for i in range(shape[0])]
+
+
+_ORIGINAL_TOLIST = torch.Tensor.tolist
+
+
+def _untracked_tolist(tensor: torch.Tensor):
+    return _ORIGINAL_TOLIST(tensor)
+
+
+def _counting_tolist(self: torch.Tensor):
+    for counter in _active:
+        counter.record("Tensor.tolist")
+    return _ORIGINAL_TOLIST(self)
+
+
+_PACKAGE = str(Path(__file__).resolve().parents[1])
+
+
+def _caller() -> str:
+    """file:line of the innermost frame in the dspark package outside this file."""
+    for frame in reversed(traceback.extract_stack()):
+        if frame.filename.startswith(_PACKAGE) and not frame.filename.endswith("host_syncs.py"):
+            return f"{Path(frame.filename).relative_to(Path(_PACKAGE).parent)}:{frame.lineno}"
+    return "?"
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """with HostSyncCounter() as c: ...  →  c.syncs ("op at dspark/file.py:line", in order), c.transfers
+    (calls of to_host)."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: list[str] = []
+        self.transfers = 0
+
+    def record(self, name: str) -> None:
+        self.syncs.append(f"{name} at {_caller()}")
+
+    def __enter__(self):
+        if not _active:
+            torch.Tensor.tolist = _counting_tolist
+        _active.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _active.remove(self)
+        if not _active:
+            torch.Tensor.tolist = _ORIGINAL_TOLIST
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in DATA_DEPENDENT_OPS or _is_boolean_index(func, args) or _is_unsized_repeat(func, kwargs) \
+                or _is_device_to_host(func, args, kwargs):
+            self.record(str(func.overloadpacket.__name__))
+        return func(*args, **kwargs)
+
+
+def _is_boolean_index(func, args) -> bool:
+    if func not in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default):
+        return False
+    return any(i is not None and i.dtype == torch.bool for i in args[1])
+
+
+def _is_unsized_repeat(func, kwargs) -> bool:
+    return func in (aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor) and kwargs.get("output_size") is None
+
+
+def _is_device_to_host(func, args, kwargs) -> bool:
+    if func is aten._to_copy.default:
+        target = kwargs.get("device")
+        return target is not None and torch.device(target).type == "cpu" and args[0].device.type != "cpu"
+    if func is aten.copy_.default:
+        return args[0].device.type == "cpu" and args[1].device.type != "cpu"
+    return False
