@@ -73,6 +73,10 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
+COMPILE_HELP = ("run the target's dense layer parts through torch.compile (Inductor: the system C++ compiler on "
+                "CPU, Triton on CUDA); the first steps compile, later ones are faster on a GPU")
+
+
 def add_runtime_args(parser: argparse.ArgumentParser, default_threads: int | None = None) -> None:
     add_device_arg(parser)
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")

@@ -7,6 +7,7 @@ tokens per sequence, a different count per sequence (prefill, decode and verific
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 
 from dspark.models.config import DecoderConfig
 from dspark.models.kv_cache import AttentionMetadata, PagedKVCache
-from dspark.models.layers import Attention, GatedMLP, RMSNorm
+from dspark.models.layers import Attention, GatedMLP, RMSNorm, fuse_projections
 from dspark.models.rope import RotaryEmbedding
 
 
@@ -30,9 +31,32 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
 
-    def forward(self, h, cos, sin, k_pool, v_pool, meta):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, k_pool, v_pool, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h, cos, sin, k_pool, v_pool, meta, dense_parts=None):
+        """h [T, H] → [T, H]. dense_parts: the (before, after) pair run around the paged attention — the
+        eager functions below by default, their compiled versions (`compiled_dense_parts`) on request."""
+        before, after = dense_parts or (before_attention, after_attention)
+        q, k, v = before(self, h, cos, sin)
+        return after(self, h, self.self_attn.attend(q, k, v, k_pool, v_pool, meta))
+
+
+def before_attention(layer: DecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Input norm, fused q/k/v projection, q/k norms, RoPE: h [T, H] → q [T, Hq, D], k, v [T, Hkv, D]."""
+    return layer.self_attn.project_qkv(layer.input_layernorm(h), cos, sin)
+
+
+def after_attention(layer: DecoderLayer, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """o_proj and residual, post-attention norm, MLP and residual: h [T, H], attended [T, Hq, D] → [T, H]."""
+    h = h + layer.self_attn.o_proj(attended.flatten(-2))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+@functools.cache
+def compiled_dense_parts():
+    """`torch.compile`d (before_attention, after_attention), built once per process: one graph per function
+    serves every layer, every model of the same shapes and every token count (`dynamic=True`). The paged
+    attention between them stays eager (its grouping is host-side Python)."""
+    return (torch.compile(before_attention, dynamic=True, fullgraph=True),
+            torch.compile(after_attention, dynamic=True, fullgraph=True))
 
 
 class DecoderBackbone(nn.Module):
@@ -61,6 +85,16 @@ class DecoderModel(nn.Module):
         self.model = DecoderBackbone(config)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
+        self.dense_parts = None  # None: eager; `compile_dense_parts()` → torch.compile'd
+
+    def compile_dense_parts(self) -> None:
+        """Run every layer's dense parts through `torch.compile` (Inductor: C++ on the CPU with the system
+        compiler, Triton on CUDA); the first forwards compile (seconds to minutes), later ones reuse."""
+        self.dense_parts = compiled_dense_parts()
+
+    def fuse_projections(self) -> None:
+        """Inference: every layer's q/k/v and gate/up projections as one GEMM each (`layers.fuse_projections`)."""
+        fuse_projections(self)
 
     def output_embeddings(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -92,7 +126,7 @@ class DecoderModel(nn.Module):
         if -1 in wanted:
             wanted[-1] = h
         for index, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, cache.k_pools[index], cache.v_pools[index], meta)
+            h = layer(h, cos, sin, cache.k_pools[index], cache.v_pools[index], meta, self.dense_parts)
             if index in wanted:
                 wanted[index] = h
         features = torch.cat([wanted[i] for i in feature_layer_ids], dim=-1) if feature_layer_ids else None

@@ -29,9 +29,14 @@ class AttentionGroup:
     token_rows: torch.Tensor | None  # [Tg] rows of the forward's T tokens in this group (None: all, in order)
     gather_slots: torch.Tensor  # [b, max_c] flat slots of each sequence's keys, padded with slot 0
     padded_index: torch.Tensor  # [Tg] row of each of its tokens in the padded [b * max_q] query layout
-    attn_mask: torch.Tensor | None  # [b, 1, max_q, max_c] bool, True = may attend; None = attend to all
+    attn_mask: torch.Tensor | None  # [b, 1, max_q, max_c] bool, True = may attend; None = see below
     max_query_len: int
     num_tokens: int
+    # One sequence whose queries are the last max_q of its max_c positions, each seeing the keys up to its
+    # own (a prompt, a prompt chunk, one request's verification rows): attn_mask is then None for a whole
+    # prompt (max_q = max_c: SDPA's own causal mask, no mask in memory) or the [max_q, max_c] causal band
+    # built on the device. False with attn_mask None: every query sees every key.
+    causal_lower_right: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -293,7 +298,10 @@ class PagedKVCache:
         uniform = all(q == 1 for q in q_lens) or not causal
         uniform = uniform and all(c == max_c for c in c_lens) and all(q == max_q for q in q_lens)
         mask = None
-        if not uniform:
+        lower_right = not uniform and batch == 1 and causal
+        if lower_right and max_q < max_c:
+            mask = torch.ones(max_q, max_c, dtype=torch.bool, device=self.device).tril(max_c - max_q)
+        if not uniform and not lower_right:
             q_idx = torch.arange(max_q).view(1, max_q, 1)
             k_idx = torch.arange(max_c).view(1, 1, max_c)
             ctx_t = torch.tensor(c_lens).view(batch, 1, 1)
@@ -309,4 +317,4 @@ class PagedKVCache:
         device = self.device
         return AttentionGroup(token_rows=token_rows, gather_slots=gather.to(device), padded_index=padded_index.to(device),
                               attn_mask=None if mask is None else mask.to(device), max_query_len=max_q,
-                              num_tokens=sum(q_lens))
+                              num_tokens=sum(q_lens), causal_lower_right=lower_right)

@@ -100,9 +100,11 @@ def _yarn(rope: RopeConfig, dim: int, max_pos: int) -> tuple[torch.Tensor, float
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """cos/sin for arbitrary positions, computed on the fly in float32 (no max-length table).
+    """cos/sin for arbitrary positions, computed on the fly in float32 (no max-length table), in the form
+    `apply_rotary` takes: a head axis included, and rotate-half's sign folded into sin.
 
-    `forward(positions [T], dtype) -> (cos [T, head_dim], sin [T, head_dim])`.
+    `forward(positions [..., T], dtype) -> (cos [..., T, 1, head_dim], sin [..., T, 1, head_dim])`, where the
+    first half of sin is negated (rotate_half(x) = (−x₂, x₁) = roll(x, D/2) ⊙ (−1…−1, 1…1)).
     """
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_position_embeddings: int):
@@ -110,17 +112,19 @@ class RotaryEmbedding(torch.nn.Module):
         inv_freq, scaling = rope_inverse_frequencies(rope, head_dim, max_position_embeddings)
         self.inv_freq = inv_freq  # plain attribute: stays float32 when the module is cast to bf16
         self.attention_scaling = scaling
+        half = head_dim // 2
+        self.sin_sign = torch.cat([torch.full((half,), -scaling, device="cpu"), torch.full((half,), scaling, device="cpu")])
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq.unsqueeze(0)
+            self.sin_sign = self.sin_sign.to(positions.device)
+        freqs = positions.to(torch.float32).unsqueeze(-1).unsqueeze(-1) * self.inv_freq  # [..., T, 1, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.sin_sign).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [..., T, heads, head_dim]; cos/sin: [..., T, head_dim]. Rotate-half convention (HF Llama/Qwen)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
+    """x: [..., T, heads, head_dim]; cos/sin: [..., T, 1, head_dim] from `RotaryEmbedding` (sin signed).
+    Rotate-half convention (HF Llama/Qwen): x·cos + rotate_half(x)·sin, in three operations."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)

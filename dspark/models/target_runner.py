@@ -8,6 +8,7 @@ layers (the target features drafters condition on, docs/design.md §2.1). `trunc
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -55,8 +56,14 @@ class TargetRunner:
         cache_page_size: int = 16,
         max_cache_pages: int | None = None,
         name: str = "model",
+        compile: bool = False,
     ):
+        """model: moved to its device and dtype already (its q/k/v and gate/up projections are fused here,
+        `DecoderModel.fuse_projections`); compile: `DecoderModel.compile_dense_parts`."""
         self.model = model.eval()
+        model.fuse_projections()
+        if compile:
+            model.compile_dense_parts()
         self.config: DecoderConfig = model.config
         self.name = name
         self.hf_config: dict = {}  # the target's config.json, when loaded from a folder
@@ -148,7 +155,7 @@ class TargetRunner:
             counts = [int(n) for n in logits_per_sequence]
             if len(counts) != len(query_lens) or any(not 0 <= n <= q for n, q in zip(counts, query_lens)):
                 raise ValueError(f"logits_per_sequence {counts} does not fit the query lengths {query_lens}")
-            ends = torch.tensor(query_lens).cumsum(0).tolist()
+            ends = list(itertools.accumulate(query_lens))
             rows = torch.cat([torch.arange(end - n, end) for end, n in zip(ends, counts)] + [torch.zeros(0, dtype=torch.long)])
             rows = rows.to(self.device)
         elif not all_logits:

@@ -23,6 +23,7 @@ class ModelOptions:
     num_draft_tokens: int | None = None
     device: str = "auto"
     dtype: str | None = None
+    compile: bool = False  # torch.compile the target's dense layer parts
 
 
 def load_engine(options: ModelOptions, engine_config: EngineConfig):
@@ -42,11 +43,12 @@ def load_engine(options: ModelOptions, engine_config: EngineConfig):
     else:
         drafter_spec = resolve_drafter(drafter_spec)
     device = str(resolve_device(options.device, "--device"))
-    runner = TargetRunner.from_pretrained(target, device=device, dtype=options.dtype)
+    runner = TargetRunner.from_pretrained(target, device=device, dtype=options.dtype, compile=options.compile)
     tokenizer = load_tokenizer(target)
     drafter = None
     if drafter_spec is not None:
-        drafter = load_drafter(drafter_spec, num_draft_tokens=options.num_draft_tokens, device=device, dtype=options.dtype)
+        drafter = load_drafter(drafter_spec, num_draft_tokens=options.num_draft_tokens, device=device, dtype=options.dtype,
+                               target=runner.model)
     engine = Engine(runner, drafter, config=engine_config, tokenizer=tokenizer,
                     eos_token_ids=stop_token_ids(target, tokenizer, runner.config.eos_token_ids))
     return engine, tokenizer, target
