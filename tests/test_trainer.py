@@ -323,3 +323,29 @@ def test_a_micro_batch_with_nothing_to_supervise_contributes_zero(target_dir, tm
     alone.train_step()
     for (name, a), (_, b) in zip(with_empty.model.named_parameters(), alone.model.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_train_can_save_drafters_without_the_target_tensors_and_resume_from_them(target_dir, tmp_path):
+    """train.save_target_tensors=false: checkpoints' drafter folders leave out the embedding and LM head (the
+    target's); a restarted run resumes from one (binding them from the target), and it loads with its target."""
+    from safetensors.torch import load_file
+
+    from dspark.cli import main
+    from dspark.models.drafters import load_drafter
+    from dspark.models.drafters.common import TARGET_TENSORS
+
+    data = tmp_path / "train.jsonl"
+    write_tokenised(data, make_samples(4, seed=5))
+    cfg = tmp_path / "train.yaml"
+    write_yaml(cfg, target_dir, data)
+    common = [f"train.output_dir={tmp_path / 'out'}", "train.save_target_tensors=false", "train.checkpoint_every=1"]
+    assert main(["train", "--config", str(cfg), "train.max_steps=2", *common]) == 0
+    drafter_dir = tmp_path / "out" / "step_2" / "drafter"
+    assert not set(TARGET_TENSORS) & set(load_file(str(drafter_dir / "model.safetensors")))
+    step_2 = (tmp_path / "out" / "step_2" / "trainer_state.json").read_text()
+    assert main(["train", "--config", str(cfg), "train.max_steps=3", *common]) == 0
+    assert (tmp_path / "out" / "step_2" / "trainer_state.json").read_text() == step_2  # resumed, not redone
+    final = tmp_path / "out" / "step_3" / "drafter"
+    assert json.loads((tmp_path / "out" / "step_3" / "trainer_state.json").read_text())["step"] == 3
+    drafter = load_drafter(str(final), device="cpu", dtype="float32", target=str(target_dir))
+    assert drafter.block_size == 4

@@ -157,14 +157,14 @@ def run_bench_engine(args) -> int:
     target = resolve_target(args.model)
     dspark_spec = resolve_drafter(args.drafter)
     runner = TargetRunner.from_pretrained(target, device=args.device, dtype=args.dtype)
-    dspark = load_drafter(dspark_spec, device=args.device, dtype=args.dtype)
+    dspark = load_drafter(dspark_spec, device=args.device, dtype=args.dtype, target=runner.model)
     if args.policies is None:
         policies = tuple(p for p in eb.POLICIES if not p.startswith("fixed-") or int(p[6:]) <= dspark.block_size)
     else:
         policies = eb.parse_bench_policies(args.policies, dspark.block_size)
     mtp = None
     if "mtp" in policies:
-        mtp = load_drafter(resolve_drafter(args.mtp_drafter), device=args.device, dtype=args.dtype)
+        mtp = load_drafter(resolve_drafter(args.mtp_drafter), device=args.device, dtype=args.dtype, target=runner.model)
     regimes = regimes_for(dspark, args.calibration)
 
     tokenizer = load_tokenizer(target)

@@ -184,7 +184,8 @@ def run_regenerate(args) -> int:
     runner = TargetRunner.from_pretrained(args.target, device=args.device, dtype=args.dtype)
     drafter = None
     if args.drafter is not None:
-        drafter = load_drafter(args.drafter, num_draft_tokens=args.num_draft_tokens, device=args.device, dtype=args.dtype)
+        drafter = load_drafter(args.drafter, num_draft_tokens=args.num_draft_tokens, device=args.device, dtype=args.dtype,
+                               target=runner.model)
     summary = regenerate(
         runner, tokenizer, samples, args.output, stop_token_ids=stop_token_ids(args.target, tokenizer, runner.config.eos_token_ids),
         target_identity=identity, sampling=sampling, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

@@ -45,7 +45,7 @@ def run_demo(args) -> int:
     drafter_spec = resolve_drafter(args.drafter)
     tokenizer = load_tokenizer(folder)
     runner = TargetRunner.from_pretrained(folder, device=args.device, dtype=args.dtype)
-    drafter = load_drafter(drafter_spec, device=args.device, dtype=args.dtype)
+    drafter = load_drafter(drafter_spec, device=args.device, dtype=args.dtype, target=runner.model)
     chat = bool(getattr(tokenizer, "chat_template", None))
     prompts = [render_prompt(tokenizer, p, chat) for p in DEMO_PROMPTS]
     stops = stop_token_ids(folder, tokenizer, runner.config.eos_token_ids)

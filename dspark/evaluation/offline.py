@@ -137,7 +137,8 @@ def evaluate_drafter(
     {set name: round_arrays}; confidences are null for drafters without a confidence head)."""
     from tqdm import tqdm
 
-    drafter = load_drafter(drafter_spec, num_draft_tokens=settings.block_size, device=device, dtype=dtype)
+    drafter = load_drafter(drafter_spec, num_draft_tokens=settings.block_size, device=device, dtype=dtype,
+                           target=runner.model)
     controller = SpeculationController(regimes=regimes_for(drafter, calibration))
     block_size = drafter.block_size if settings.block_size is None else settings.block_size
     label = drafter_label(drafter_spec)

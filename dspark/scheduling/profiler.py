@@ -560,7 +560,7 @@ def _measure_plan(plan: _Plan, dev: torch.device, dtype, dtype_short: str, name:
         config = _random_drafter_config(plan.random_shape, runner.hf_config)
         drafter_obj = DSparkDrafter(init_from_target(config, runner.model, seed=0))
     elif plan.drafter_spec is not None:
-        drafter_obj = load_drafter(plan.drafter_spec, device=dev, dtype=dtype)
+        drafter_obj = load_drafter(plan.drafter_spec, device=dev, dtype=dtype, target=runner.model)
     timing = measure_profile(runner, drafter_obj, context=context, requests=requests, lengths=lengths,
                              repeats=repeats, progress=progress)
     profile: dict[str, Any] = {"device": name, "shape": plan.shape, "context": context, "gamma": timing["gamma"]}

@@ -77,6 +77,7 @@ class TrainSection:
     chunk_blocks: int = 64  # blocks per loss chunk (bounds the [blocks × γ × V] float32 memory)
     progress: bool = True
     parallel: str = "ddp"  # under torchrun: ddp (replicas) | fsdp (sharded parameters, gradients, optimizer)
+    save_target_tensors: bool = True  # false: drafter folders without the target's embedding and LM head
 
 
 @dataclass

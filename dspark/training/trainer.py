@@ -378,7 +378,7 @@ class Trainer:
                 if self.sharded:
                     self._save_gathered_drafter(tmp / "drafter", [tensors[f"master.{i}"] for i in range(len(self.master))])
                 else:
-                    self.model.save_pretrained(tmp / "drafter")
+                    self.model.save_pretrained(tmp / "drafter", with_target_tensors=self.config.train.save_target_tensors)
                 save_safetensors(tensors, tmp / "trainer_state.safetensors")
                 (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -396,7 +396,7 @@ class Trainer:
         with torch.device("meta"):
             whole = type(self.model)(self.model.config)
         whole.load_state_dict(state, assign=True)
-        whole.save_pretrained(folder)
+        whole.save_pretrained(folder, with_target_tensors=self.config.train.save_target_tensors)
 
     def resume(self) -> bool:
         """Continue from the checkpoint `CheckpointFolder.resume_point` picks. Returns whether one was loaded."""
@@ -409,7 +409,8 @@ class Trainer:
         try:
             meta = json.loads((folder / "trainer_state.json").read_text())
             tensors = load_file(str(folder / "trainer_state.safetensors"))
-            drafter = self.recipe.model_class.from_pretrained(folder / "drafter", device=self.device, dtype=self.param_dtype)
+            drafter = self.recipe.model_class.from_pretrained(folder / "drafter", device=self.device, dtype=self.param_dtype,
+                                                              target=self.config.model.target)
         except (OSError, json.JSONDecodeError, SafetensorError, CheckpointError) as exc:
             raise CheckpointError(f"{folder}: cannot resume from this checkpoint ({exc})") from None
         if drafter.config.to_hf_dict() != self.model.config.to_hf_dict():

@@ -15,6 +15,7 @@ from dspark.errors import CheckpointError, RequestError
 from dspark.models.checkpoint import (
     IndexExpectation,
     check_index,
+    iter_tensors,
     load_state_into,
     read_tensor_index,
     save_folder_atomically,
@@ -23,6 +24,11 @@ from dspark.models.checkpoint import (
 from dspark.models.config import read_config_json
 
 FROZEN_PREFIXES = ("embed_tokens.", "lm_head.")  # copies of the target's, never trained (docs/design.md §2.2)
+TARGET_TENSORS = ("embed_tokens.weight", "lm_head.weight")
+# config.json flag of a folder saved without TARGET_TENSORS (not in the released layout): they are the
+# target's, bound at load (`bind_target_tensors`); a Qwen3-4B drafter is then 1.6 GB smaller on disk and
+# its copies take no device memory.
+SHARES_TARGET_FIELD = "dspark_shares_target_embeddings"
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,35 +41,62 @@ class DraftCheckpointMixin:
     `parse_config(hf, where)` static method; plus the parameters a trainer may update."""
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, *, device="auto", dtype=None):
+    def from_pretrained(cls, folder: str | Path, *, device="auto", dtype=None, target=None):
+        """Load a drafter folder. `target` (a `DecoderModel`, e.g. `TargetRunner.model`, or the target's
+        folder): needed for a folder saved without the target's embedding and LM head, which are then bound
+        from it (`bind_target_tensors`); ignored for the released layout, which carries copies."""
         folder = Path(folder)
         device = resolve_device(device)
         where = str(folder / "config.json")
-        config = cls.parse_config(read_config_json(folder), where=where)
+        hf = read_config_json(folder)
+        shared = hf.pop(SHARES_TARGET_FIELD, False)  # a property of the folder, not of the drafter's config
+        config = cls.parse_config(hf, where=where)
+        if not isinstance(shared, bool):
+            raise CheckpointError(f"{where}: {SHARES_TARGET_FIELD} must be true or false, got {shared!r}")
         torch_dtype = resolve_dtype(dtype, device)
         index = read_tensor_index(folder)
-        check_index(index, cls.index_expectation(config), folder, where)
+        check_index(index, cls.index_expectation(config, with_target_tensors=not shared), folder, where)
         with torch.device("meta"):
             model = cls(config)
+        if not shared:
+            load_state_into(model, folder, dtype=torch_dtype, device=device, index=index)
+            return model
+        if target is None:
+            raise CheckpointError(f"{folder}: this drafter was saved without its target's embedding and LM head "
+                                  f"({SHARES_TARGET_FIELD}); load it together with its target")
+        stored = [name for name in TARGET_TENSORS if name in index]
+        if stored:
+            raise CheckpointError(f"{folder}: {SHARES_TARGET_FIELD} is true but the checkpoint holds {', '.join(stored)}")
+        model.embed_tokens, model.lm_head = None, None  # not materialised: the target's are bound below
         load_state_into(model, folder, dtype=torch_dtype, device=device, index=index)
+        bind_target_tensors(model, target, where=str(folder))
         return model
 
     @classmethod
-    def index_expectation(cls, config) -> IndexExpectation:
+    def index_expectation(cls, config, with_target_tensors: bool = True) -> IndexExpectation:
         """What the config fixes about the checkpoint before the model is built: draft layers
-        `layers.{i}.` for i < config.layers.num_layers, the embedding [V, H], layer 0's q_proj [heads·D, H]."""
+        `layers.{i}.` for i < config.layers.num_layers, layer 0's q_proj [heads·D, H] and, in the released
+        layout, the embedding [V, H]."""
         c = config.layers
-        return IndexExpectation("layers.", c.num_layers, {
-            "embed_tokens.weight": (c.vocab_size, c.hidden_size),
-            "layers.0.self_attn.q_proj.weight": (c.num_heads * c.head_dim, c.hidden_size),
-        })
+        shapes = {"layers.0.self_attn.q_proj.weight": (c.num_heads * c.head_dim, c.hidden_size)}
+        if with_target_tensors:
+            shapes["embed_tokens.weight"] = (c.vocab_size, c.hidden_size)
+        return IndexExpectation("layers.", c.num_layers, shapes)
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write config.json + model.safetensors atomically; returns the folder."""
+    def save_pretrained(self, folder: str | Path, *, with_target_tensors: bool = True) -> Path:
+        """Write config.json + model.safetensors atomically; returns the folder. with_target_tensors=False
+        leaves out the embedding and LM head (the target's; `from_pretrained(..., target=)` binds them)."""
         state = self.state_dict()
+        config = self.config.to_hf_dict()
+        config.pop(SHARES_TARGET_FIELD, None)
+        if not with_target_tensors:
+            state = {k: v for k, v in state.items() if k not in TARGET_TENSORS}
+            config[SHARES_TARGET_FIELD] = True
+        elif state["lm_head.weight"].data_ptr() == state["embed_tokens.weight"].data_ptr():
+            state["lm_head.weight"] = state["lm_head.weight"].clone()  # bound to a tied target: two tensors on disk
 
         def write(tmp: Path) -> None:
-            (tmp / "config.json").write_text(json.dumps(self.config.to_hf_dict(), indent=2) + "\n")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             save_safetensors(state, tmp / "model.safetensors")
 
         folder = Path(folder)
@@ -77,6 +110,46 @@ class DraftCheckpointMixin:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Layer output o [..., H] (before the final norm) → logits [..., V] in float32 (float64 for float64)."""
         return self.lm_head(self.norm(hidden)).to(compute_dtype(hidden.dtype))
+
+
+def bind_target_tensors(model: nn.Module, target, *, where: str) -> None:
+    """Make `model.embed_tokens` / `model.lm_head` the target's embedding and output embedding. `target`: a
+    `DecoderModel` (its tensors are shared, no copy; same dtype and device required) or the target's folder
+    (those two tensors are read from its safetensors, in the drafter's dtype and device). CheckpointError
+    naming the difference when they do not fit the drafter."""
+    own = next(p for p in model.parameters())
+    expected = (model.config.layers.vocab_size, model.config.layers.hidden_size)
+    if isinstance(target, (str, Path)):
+        embedding, head = _read_target_tensors(Path(target), own.dtype, own.device)
+    else:
+        embedding, head = target.model.embed_tokens.weight, target.output_embeddings()
+    for name, tensor in (("embedding", embedding), ("LM head", head)):
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(f"{where}: the target's {name} is {tuple(tensor.shape)}, the drafter needs {expected}")
+        if tensor.dtype != own.dtype or tensor.device != own.device:
+            raise CheckpointError(f"{where}: the target's {name} is {tensor.dtype} on {tensor.device}, the drafter is "
+                                  f"{own.dtype} on {own.device}; load both in the same dtype and device")
+    with torch.device("meta"):
+        model.embed_tokens = nn.Embedding(*expected)
+        model.lm_head = nn.Linear(expected[1], expected[0], bias=False)
+    model.embed_tokens.weight = _as_parameter(embedding)
+    model.lm_head.weight = _as_parameter(head)
+
+
+def _as_parameter(tensor: torch.Tensor) -> nn.Parameter:
+    return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+
+
+def _read_target_tensors(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embedding, output embedding) from a target folder: `model.embed_tokens.weight` and `lm_head.weight`
+    (the embedding again when the target ties them)."""
+    index = read_tensor_index(folder)
+    names = {"model.embed_tokens.weight", "lm_head.weight"} & set(index)
+    if "model.embed_tokens.weight" not in names:
+        raise CheckpointError(f"{folder}: no model.embed_tokens.weight; not a target model folder")
+    tensors = {name: tensor.to(device=device, dtype=dtype) for name, _, tensor in iter_tensors(index, names)}
+    embedding = tensors["model.embed_tokens.weight"]
+    return embedding, tensors.get("lm_head.weight", embedding)
 
 
 def init_draft_weights(model: nn.Module, target, *, seed: int = 0, std: float = 0.02) -> nn.Module:

@@ -35,7 +35,7 @@ from dspark.models.drafters.heads import SEQUENTIAL_HEADS, ConfidenceHead
 from dspark.models.drafters.common import DraftCheckpointMixin, check_drafter_target, context_handle, init_draft_weights
 from dspark.models.drafters.registry import register_drafter
 from dspark.models.kv_cache import AttentionMetadata, PagedKVCache
-from dspark.models.layers import Attention, GatedMLP, RMSNorm, paged_attention
+from dspark.models.layers import Attention, GatedMLP, RMSNorm, fuse_projections, paged_attention
 from dspark.models.rope import RotaryEmbedding, apply_rotary
 
 
@@ -357,8 +357,10 @@ class DSparkDrafter(Drafter):
             self.cache.free_sequence(handle)
 
 
-def load_dspark_drafter(folder: str | Path, *, device="auto", dtype=None) -> DSparkDrafter:
-    return DSparkDrafter(DSparkModel.from_pretrained(folder, device=device, dtype=dtype))
+def load_dspark_drafter(folder: str | Path, *, device="auto", dtype=None, target=None) -> DSparkDrafter:
+    model = DSparkModel.from_pretrained(folder, device=device, dtype=dtype, target=target)
+    fuse_projections(model)  # a loaded drafter only drafts: fused projections (training builds its own)
+    return DSparkDrafter(model)
 
 
 for _architecture in ARCHITECTURE_NAMES.values():

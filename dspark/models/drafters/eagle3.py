@@ -76,7 +76,7 @@ from dspark.models.drafters.common import (
 )
 from dspark.models.drafters.registry import register_drafter
 from dspark.models.kv_cache import PagedKVCache
-from dspark.models.layers import Attention, GatedMLP, RMSNorm
+from dspark.models.layers import Attention, GatedMLP, RMSNorm, fuse_projections
 from dspark.models.rope import RotaryEmbedding
 
 ARCHITECTURE = "Eagle3DraftModel"
@@ -269,13 +269,14 @@ class Eagle3Model(DraftCheckpointMixin, nn.Module):
     parse_config = staticmethod(parse_eagle3_config)
 
     @classmethod
-    def index_expectation(cls, config: Eagle3Config) -> IndexExpectation:
-        """One unnumbered `midlayer`; the embedding [V, H] and its q_proj [heads·D, 2H] fixed by the config."""
+    def index_expectation(cls, config: Eagle3Config, with_target_tensors: bool = True) -> IndexExpectation:
+        """One unnumbered `midlayer`; its q_proj [heads·D, 2H] and (released layout) the embedding [V, H]
+        fixed by the config."""
         c = config.layers
-        return IndexExpectation(None, 1, {
-            "embed_tokens.weight": (c.vocab_size, c.hidden_size),
-            "midlayer.self_attn.q_proj.weight": (c.num_heads * c.head_dim, 2 * c.hidden_size),
-        })
+        shapes = {"midlayer.self_attn.q_proj.weight": (c.num_heads * c.head_dim, 2 * c.hidden_size)}
+        if with_target_tensors:
+            shapes["embed_tokens.weight"] = (c.vocab_size, c.hidden_size)
+        return IndexExpectation(None, 1, shapes)
 
     def __init__(self, config: Eagle3Config):
         super().__init__()
@@ -512,8 +513,10 @@ class Eagle3Drafter(CausalFeatureDrafter):
         super().__init__(model, name="eagle3", cache_page_size=cache_page_size)
 
 
-def load_eagle3_drafter(folder: str | Path, *, device="auto", dtype=None) -> Eagle3Drafter:
-    return Eagle3Drafter(Eagle3Model.from_pretrained(folder, device=device, dtype=dtype))
+def load_eagle3_drafter(folder: str | Path, *, device="auto", dtype=None, target=None) -> Eagle3Drafter:
+    model = Eagle3Model.from_pretrained(folder, device=device, dtype=dtype, target=target)
+    fuse_projections(model)  # a loaded drafter only drafts: fused projections (training builds its own)
+    return Eagle3Drafter(model)
 
 
 register_drafter(ARCHITECTURE, load_eagle3_drafter)

@@ -58,7 +58,7 @@ from dspark.models.drafters.eagle3 import (
 )
 from dspark.models.drafters.registry import register_drafter
 from dspark.models.kv_cache import PagedKVCache
-from dspark.models.layers import RMSNorm
+from dspark.models.layers import RMSNorm, fuse_projections
 from dspark.models.rope import RotaryEmbedding
 
 ARCHITECTURE = "MTPDraftModel"
@@ -231,8 +231,10 @@ class MTPDrafter(CausalFeatureDrafter):
         super().__init__(model, name="mtp", cache_page_size=cache_page_size)
 
 
-def load_mtp_drafter(folder: str | Path, *, device="auto", dtype=None) -> MTPDrafter:
-    return MTPDrafter(MTPModel.from_pretrained(folder, device=device, dtype=dtype))
+def load_mtp_drafter(folder: str | Path, *, device="auto", dtype=None, target=None) -> MTPDrafter:
+    model = MTPModel.from_pretrained(folder, device=device, dtype=dtype, target=target)
+    fuse_projections(model)  # a loaded drafter only drafts: fused projections (training builds its own)
+    return MTPDrafter(model)
 
 
 register_drafter(ARCHITECTURE, load_mtp_drafter)
