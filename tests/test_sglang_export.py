@@ -1,6 +1,7 @@
 """`dspark export sglang` (dspark/serving/sglang.py): SGLang's SPS table reproduces the profile's step rate where
 it is sampled and, read by floor as SGLang reads it, errs between samples on the fast side by at most 10 %; the
-STS file carries an STS calibration's temperatures and refuses a Platt fit instead of dropping its biases."""
+STS file carries an STS calibration's temperatures and refuses a Platt fit instead of dropping its biases, and
+reads back as an STS regime. The commands that write or read them with real models: tests/test_interop.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dspark.calibration.calibration_file import CalibrationRegime, load_calibrat
 from dspark.cli import main
 from dspark.errors import ConfigError
 from dspark.scheduling.sps import SPSProfile
-from dspark.serving.sglang import lookup_steps_per_sec, sps_table, sts_file
+from dspark.serving.sglang import lookup_steps_per_sec, read_sts_file, sps_table, sts_file, sts_regime
 
 IDENTITY = {"name": "test-drafter", "config_sha256": "0" * 64, "weights_sha256": "1" * 64}
 FLAT = {"verify_ms_by_tokens": {"1": 5.0, "16": 6.0, "128": 20.0, "1024": 150.0}}
@@ -108,3 +109,39 @@ def test_command_writes_both_files_and_refuses_bad_input(tmp_path, capsys):
     assert "--out" in capsys.readouterr().err
     assert main(["export", "sglang", "--out", str(tmp_path / "y"), "--profile", str(tmp_path / "missing.json")]) == 2
     assert not (tmp_path / "y").exists()
+
+
+def test_a_grid_table_defaults_to_the_profiled_drafters_block_size():
+    """Without --block-size a grid profile's tokens are read as requests with its own drafter's γ ("gamma", what
+    `dspark profile` records), else 7; `dspark profile --sglang-out` and `export sglang` share this default."""
+    with_gamma = SPSProfile.from_dict(dict(GRID, gamma=3))
+    assert sps_table(with_gamma, max_batch_tokens=64) == sps_table(with_gamma, max_batch_tokens=64, block_size=3)
+    assert sps_table(SPSProfile.from_dict(GRID), max_batch_tokens=64) == sps_table(
+        SPSProfile.from_dict(GRID), max_batch_tokens=64, block_size=7)
+    with pytest.raises(ConfigError, match="--block-size"):
+        sps_table(with_gamma, block_size=0)
+
+
+def test_an_sglang_sts_file_reads_as_a_regime_and_exports_back_unchanged(tmp_path):
+    """SGLang's own STS file (no "sampling_temperature") becomes an STS regime at temperature 1 (or the one
+    given), its data sets and sample count kept; saved as a calibration and exported, it is the same file."""
+    native = {"temperatures": [1.5, 2.0, 0.9], "dataset": "mbpp,gsm8k", "num_samples": 640,
+              "ece_before": [0.05, None, 0.07], "ece_after": [0.01, 0.02, 0.03]}
+    path = tmp_path / "confidence_sts.json"
+    path.write_text(json.dumps(native))
+    sts = read_sts_file(path)
+    regime = sts_regime(sts, 3, path=path)
+    assert (regime.sampling_temperature, regime.method, regime.biases) == (1.0, "sts", None)
+    assert regime.fitted_on == {"imported_from": "sglang-sts", "file": str(path), "rounds": 640,
+                                "datasets": ["mbpp", "gsm8k"]}
+    assert sts_regime(sts, 3, 0.0).sampling_temperature == 0.0
+    save_calibration(tmp_path / "cal.json", regimes=[regime], drafter=IDENTITY)
+    assert sts_file(load_calibration(tmp_path / "cal.json")) == dict(native, sampling_temperature=1.0)
+    with pytest.raises(ConfigError, match="3 temperatures, but the drafter's block size is 4"):
+        sts_regime(sts, 4)
+
+
+def test_export_checks_the_table_options_before_reading_anything(tmp_path, capsys):
+    assert main(["export", "sglang", "--out", str(tmp_path / "x"), "--profile", str(tmp_path / "missing.json"),
+                 "--max-batch-tokens", "0"]) == 2
+    assert "--max-batch-tokens must be an integer ≥ 1" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -2,7 +2,8 @@
 
     dspark calibrate [--target DIR] [--drafter NAME|DIR] [--datasets NAMES|FILES] [--limit N]
         [--sampling-temperatures 1,0] [--traces FILE ...] [--method platt|sts] [--held-out F] [--seed N]
-        [--out FILE] [--json] [...]
+        [--out FILE] [--sglang-out DIR] [--json] [...]
+    dspark calibrate --from-sglang STS.json --drafter DIR [--target DIR] [--sampling-temperatures T] [--out FILE] [--json]
 
 Records verification rounds of the *raw* head with the offline protocol (chain drafting, verify-all) at each
 sampling temperature of `--sampling-temperatures` (default 1 — the paper's protocol — and 0, greedy) or
@@ -19,6 +20,21 @@ temperature). ECE before and after are measured on the held-out prompts only, ne
 and the scheduler apply the file when given (`--calibration FILE`), and by default the drafter folder's own
 `calibration.json` when it was fitted for those weights (`--out DRAFTER/calibration.json` puts it there; the
 built-in DSpark and DSpark-RNN drafters ship theirs).
+
+SGLang (docs/serving.md "Multi-GPU production"): `--sglang-out DIR` also writes DIR/confidence_sts.json,
+SGLang's `--speculative-dspark-confidence-sts-path` file, from the regime fitted nearest sampling temperature 1
+(`dspark export sglang --calibration` exports another). That file holds one temperature per position and no
+bias, so it needs `--method sts`; with another method the command refuses before any work.
+`--from-sglang STS.json` goes the other way: it fits nothing, reads SGLang's STS file (strictly:
+`dspark.serving.sglang.read_sts_file`) and writes `--out` as a calibration file with one STS regime, at the
+sampling temperature given (`--sampling-temperatures T`, one value — `--sampling-temperature T`, the spelling
+of `dspark export sglang`, is accepted as argparse's unambiguous prefix; default the file's own
+"sampling_temperature" when dspark wrote it, else 1), bound to `--drafter`'s weights like a fitted one.
+SGLang's file names no drafter, so `--drafter` must be given and its block size must equal the number of
+temperatures. This is an option of `calibrate` rather than a `dspark import sglang-sts` command beside
+`dspark export sglang` because its result is exactly what `calibrate` writes — a calibration file bound to a
+drafter's weights and block size, `--out`, `--json` — and the STS file is one more source of it beside
+recorded rounds and `--traces`; `export` only ever writes other engines' files.
 """
 
 from __future__ import annotations
@@ -45,11 +61,16 @@ def register(sub) -> None:
                    help="comma-separated sampling temperatures to record and fit a regime at (default 1,0; 0 = greedy)")
     p.add_argument("--traces", action="append", default=None,
                    help="traces.json from `dspark eval --out --calibration none` (skips generation; repeatable)")
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
-                   help="sts: the paper's per-position temperatures (ECE grid); platt: temperature and logit bias per position (likelihood)")
+    p.add_argument("--method", default=None, choices=METHODS,
+                   help=f"sts: the paper's per-position temperatures (ECE grid); platt: temperature and logit bias per "
+                        f"position (likelihood); default {DEFAULT_METHOD}")
     p.add_argument("--held-out", type=float, default=0.5, help="share of prompts kept out of fitting, for ECE after")
     add_seed_arg(p)
     p.add_argument("--out", default="calibration.json", help="calibration file to write")
+    p.add_argument("--sglang-out", default=None, metavar="DIR",
+                   help="also write DIR/confidence_sts.json, SGLang's STS file (the temperature-1 regime; needs --method sts)")
+    p.add_argument("--from-sglang", default=None, metavar="STS.json",
+                   help="fit nothing: import SGLang's STS file as a calibration of --drafter (written to --out)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     add_runtime_args(p, default_threads=1)
@@ -116,30 +137,96 @@ def read_traces(paths: list[str], drafter: str) -> dict:
     return out
 
 
+def load_calibratable(spec: str | None, target: str | None):
+    """(folder, loaded drafter) of `--drafter spec`; ConfigError unless it is a drafter folder with a confidence
+    head. `target` (`--target`, default the built-in) is read only for a drafter saved without the target's
+    embedding and LM head."""
+    from dspark.models.drafters import load_drafter
+    from dspark.models.zoo import resolve_drafter, resolve_target
+
+    drafter = resolve_drafter(spec)
+    if not Path(drafter).is_dir():
+        raise ConfigError(f"--drafter {drafter!r}: calibration needs a drafter folder with a confidence head")
+    loaded = load_drafter(drafter, target=resolve_target(target))
+    if not loaded.provides_confidence:
+        raise ConfigError(f"--drafter {drafter}: has no confidence head, nothing to calibrate")
+    return drafter, loaded
+
+
+def import_sglang(args) -> int:
+    """`--from-sglang STS.json`: SGLang's STS file → a calibration file of `--drafter` (module docstring)."""
+    from dspark.calibration.calibration_file import save_calibration
+    from dspark.serving.sglang import read_sts_file, sts_regime
+
+    fitting = [flag for flag, value in (("--traces", args.traces), ("--sglang-out", args.sglang_out),
+                                        ("--datasets", args.datasets), ("--data-dir", args.data_dir)) if value is not None]
+    if fitting:
+        raise ConfigError(f"--from-sglang imports a fitted file; {', '.join(fitting)} belong to fitting one")
+    if args.method not in (None, "sts"):
+        raise ConfigError(f"--from-sglang: SGLang's file is an STS fit (temperatures, no bias), not --method {args.method}")
+    if args.drafter is None:
+        raise ConfigError("--from-sglang: SGLang's STS file names no drafter; give --drafter DIR, the drafter it was "
+                          "fitted for (the calibration is bound to its weights)")
+    point = None
+    if args.sampling_temperatures is not None:
+        points = parse_sampling_temperatures(args.sampling_temperatures)
+        if len(points) != 1:
+            raise ConfigError(f"--from-sglang: one sampling temperature (the one the file was fitted at), got "
+                              f"{args.sampling_temperatures!r}")
+        point = points[0]
+    check_output_file(args.out, "--out")
+    if Path(args.out).resolve() == Path(args.from_sglang).resolve():
+        raise ConfigError(f"--out {args.out}: is the --from-sglang file itself; write the calibration elsewhere")
+    sts = read_sts_file(args.from_sglang)  # before the drafter loads: a bad file is named without that wait
+    drafter, loaded = load_calibratable(args.drafter, args.target)
+    regime = sts_regime(sts, loaded.block_size, point, path=args.from_sglang, source=f"--from-sglang {args.from_sglang}")
+    save_calibration(args.out, regimes=[regime], drafter_folder=drafter, block_size=loaded.block_size)
+    summary = {"calibration": str(args.out), "drafter": str(drafter), "method": "sts",
+               "sampling_temperature": regime.sampling_temperature, "temperatures": regime.temperatures,
+               "imported_from": str(args.from_sglang)}
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"imported {len(regime.temperatures)} STS temperatures from {args.from_sglang} as the regime at sampling "
+              f"temperature {regime.sampling_temperature:g} of drafter {drafter}")
+        print(f"written {args.out}")
+    return 0
+
+
 def run_calibrate(args) -> int:
     from dspark.calibration.fitting import fit_and_save
-    from dspark.models.drafters import load_drafter
-    from dspark.models.zoo import resolve_drafter
+    from dspark.calibration.sts import DEFAULT_METHOD
 
+    if args.from_sglang is not None:
+        return import_sglang(args)
+    method = args.method or DEFAULT_METHOD
+    if args.sglang_out is not None and method != "sts":
+        raise ConfigError(f"--sglang-out: SGLang's confidence_sts.json holds one temperature per position and no bias, "
+                          f"which only an STS fit gives; pass --method sts (this run would fit {method})")
     if not 0 < args.held_out < 1:
         raise ConfigError(f"--held-out must be in (0, 1), got {args.held_out}")
     if args.traces and args.sampling_temperatures is not None:
         raise ConfigError("--sampling-temperatures records new rounds; with --traces the temperatures are the traces'")
     temperatures = parse_sampling_temperatures(args.sampling_temperatures)
     check_output_file(args.out, "--out")
-    drafter = resolve_drafter(args.drafter)
-    if not Path(drafter).is_dir():
-        raise ConfigError(f"--drafter {drafter!r}: calibration needs a drafter folder with a confidence head")
-    loaded = load_drafter(drafter)
-    if not loaded.provides_confidence:
-        raise ConfigError(f"--drafter {drafter}: has no confidence head, nothing to calibrate")
+    if args.sglang_out is not None:
+        from dspark.files import check_output_folder
+
+        check_output_folder(args.sglang_out, "--sglang-out")
+    drafter, loaded = load_calibratable(args.drafter, args.target)
     block_size = loaded.block_size
     if args.traces:
         per_temperature = read_traces(args.traces, drafter)
     else:
         per_temperature = {t: record_traces(args, drafter, t) for t in temperatures}
     summary = fit_and_save(per_temperature, drafter, block_size, args.out, held_out=args.held_out, seed=args.seed,
-                           method=args.method)
+                           method=method)
+    if args.sglang_out is not None:
+        from dspark.calibration.calibration_file import load_calibration
+        from dspark.serving.sglang import STS_FILE, sts_file, write_files
+
+        (written,) = write_files(args.sglang_out, {STS_FILE: sts_file(load_calibration(args.out))})
+        summary["sglang_sts"] = str(written)
     if args.json:
         print_json(summary)
     else:
@@ -159,4 +246,7 @@ def run_calibrate(args) -> int:
             print("floor: the ECE a perfectly calibrated head would show on these held-out rounds (finite-sample bias)")
             print(f"held-out rounds: {regime['fitted_on']['held_out_rounds']}")
         print(f"written {args.out}")
+        if args.sglang_out is not None:
+            print(f"written {summary['sglang_sts']} (SGLang's STS file: the regime at sampling temperature "
+                  f"{summary['sampling_temperature']:g})")
     return 0
