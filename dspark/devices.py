@@ -13,6 +13,8 @@ unless one is named.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from dspark.errors import ConfigError
@@ -63,3 +65,21 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str | 
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Host tensors → `device` without making the host wait: one pinned buffer per dtype and one asynchronous
+    copy each (a plain `.to(cuda)` of pageable memory waits for the copy, and so for every kernel queued
+    before it). Returns the tensors on `device`, in their shapes (on the CPU: the tensors themselves)."""
+    out: list[torch.Tensor] = list(tensors)
+    if device.type == "cpu":
+        return out
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.device.type == "cpu":  # a tensor already on a device stays where it is
+            by_dtype.setdefault(t.dtype, []).append(i)
+    for indices in by_dtype.values():
+        packed = torch.cat([tensors[i].reshape(-1) for i in indices]).pin_memory().to(device, non_blocking=True)
+        for i, part in zip(indices, packed.split([tensors[i].numel() for i in indices])):
+            out[i] = part.view(tensors[i].shape)
+    return out

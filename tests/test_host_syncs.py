@@ -16,6 +16,7 @@ import dspark.engine.engine as engine_module
 from dspark.decoding.sampling import SamplingParams, logits_to_probs, sample_tokens
 from dspark.decoding.verification import verify, verify_greedy
 from dspark.engine.engine import Engine
+from dspark.devices import to_device
 from dspark.engine.host_syncs import HostSyncCounter, to_host
 from dspark.models.drafters.dspark import load_dspark_drafter
 from dspark.models.random_init import build_random_model
@@ -96,6 +97,23 @@ def test_the_counter_sees_every_kind_of_host_read():
         one_hot = torch.nn.functional.one_hot(torch.tensor([1, 3]), 5)  # checks its classes on the host
     assert counter.syncs and one_hot.shape == (2, 5)
     assert torch.Tensor.tolist is not None and values.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # restored
+
+
+def test_the_counter_sees_blocking_copies_between_host_and_device():
+    """The meta device stands in for a GPU: a host-to-device `.to()` without non_blocking makes the host wait
+    (pageable memory), one with non_blocking does not; a device-to-host copy always does."""
+    host = torch.arange(4)
+    with HostSyncCounter() as blocking:
+        on_device = host.to("meta")
+    with HostSyncCounter() as asynchronous:
+        host.to("meta", non_blocking=True)
+        on_device.to("meta")  # no copy at all
+    with HostSyncCounter() as back, pytest.raises(NotImplementedError):  # counted before the copy fails (no data)
+        torch.empty(4, device="meta").to("cpu")
+    assert len(blocking.syncs) == 1 and blocking.syncs[0].startswith("_to_copy")
+    assert asynchronous.syncs == []
+    assert len(back.syncs) == 1
+    assert to_device([host], torch.device("cpu"))[0] is host  # on the CPU nothing moves
 
 
 def test_to_host_packs_any_mix_of_tensors_into_one_read():

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from dspark.devices import to_device
 from dspark.errors import RequestError
 
 
@@ -77,8 +78,8 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams | Sequence[Samp
     groups: dict[SamplingParams, list[int]] = {}
     for row, p in enumerate(params):
         groups.setdefault(p, []).append(row)
-    for p, rows in groups.items():
-        index = torch.tensor(rows, device=logits.device)
+    indices = to_device([torch.tensor(rows, dtype=torch.long) for rows in groups.values()], logits.device)
+    for p, index in zip(groups, indices):
         out[index] = logits_to_probs(logits[index], p)
     return out
 
@@ -97,17 +98,18 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None,
 
 
 def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], uniforms: torch.Tensor) -> torch.Tensor:
-    """One token per row from logits [N, V] under row n's `params[n]`, from uniforms [N] → [N] long on the
-    logits' device: greedy rows by argmax (the distribution `logits_to_probs` gives them is its one-hot, so
+    """One token per row from logits [N, V] under row n's `params[n]`, from uniforms [N] (on the host) → [N]
+    long on the logits' device: greedy rows by argmax (the distribution `logits_to_probs` gives them is its one-hot, so
     this is the same token without a [N, V] temporary), the others by `sample` of `logits_to_probs`."""
     if len(params) != logits.shape[0]:
         raise ValueError(f"{len(params)} sampling settings for {logits.shape[0]} rows")
     tokens = logits.argmax(-1)
     sampled = [n for n, p in enumerate(params) if not p.greedy]
     if sampled:
-        rows = torch.tensor(sampled, dtype=torch.long, device=logits.device)
-        probs = logits_to_probs(logits[rows], [params[n] for n in sampled])
-        tokens[rows] = sample(probs, uniforms=uniforms[torch.tensor(sampled, dtype=torch.long, device=uniforms.device)])
+        rows = torch.tensor(sampled, dtype=torch.long)
+        device_rows, row_uniforms = to_device([rows, uniforms.cpu()[rows]], logits.device)
+        probs = logits_to_probs(logits[device_rows], [params[n] for n in sampled])
+        tokens[device_rows] = sample(probs, uniforms=row_uniforms)
     return tokens
 
 

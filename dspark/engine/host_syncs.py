@@ -9,10 +9,14 @@ reads device results in one place only, `to_host`, once per step.
 
 `HostSyncCounter` is a `TorchDispatchMode` that records, while active:
 * `syncs` — the ATen operations above (they reach the dispatcher on the CPU too: `item`, `int()`,
-  `bool()` become `aten._local_scalar_dense`), device-to-host copies, and calls of `Tensor.tolist`
-  (which on the CPU does not dispatch, so it is counted at the Python level) outside `to_host`;
+  `bool()` become `aten._local_scalar_dense`), device-to-host copies, host-to-device `.to()` copies without
+  `non_blocking` (on a GPU only; `dspark.devices.to_device` is the asynchronous way), and calls of
+  `Tensor.tolist` (which on the CPU does not dispatch, so it is counted at the Python level) outside
+  `to_host`. `torch.tensor(values, device=cuda)` does not reach the dispatcher: the step builds host tensors
+  and moves them with `to_device`;
 * `transfers` — the calls of `to_host`.
-The same counts on the CPU and on CUDA, so the CPU test suite enforces what a GPU needs.
+Apart from host-to-device copies, the counts are the same on the CPU and on CUDA, so the CPU test suite
+enforces what a GPU needs.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ DATA_DEPENDENT_OPS = {
 }
 
 _active: list["HostSyncCounter"] = []
+_transferring = False  # inside `to_host`'s own copy, which is counted as the transfer, not as a sync
 
 
 def to_host(tensors: Sequence[torch.Tensor]) -> list:
@@ -51,9 +56,12 @@ def to_host(tensors: Sequence[torch.Tensor]) -> list:
     packed = torch.cat(flat) if len(flat) > 1 else flat[0]
     for counter in _active:
         counter.transfers += 1
-    if packed.device.type != "cpu":
-        packed = packed.to("cpu")
-    values = _untracked_tolist(packed)
+    global _transferring
+    _transferring = True
+    try:
+        values = _untracked_tolist(packed.to("cpu") if packed.device.type != "cpu" else packed)
+    finally:
+        _transferring = False
     out, start = [], 0
     for t, f in zip(tensors, flat):
         chunk = values[start: start + f.numel()]
@@ -123,8 +131,10 @@ class HostSyncCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _transferring:
+            return func(*args, **kwargs)
         if func in DATA_DEPENDENT_OPS or _is_boolean_index(func, args) or _is_unsized_repeat(func, kwargs) \
-                or _is_device_to_host(func, args, kwargs):
+                or _is_blocking_copy(func, args, kwargs):
             self.record(str(func.overloadpacket.__name__))
         return func(*args, **kwargs)
 
@@ -139,10 +149,16 @@ def _is_unsized_repeat(func, kwargs) -> bool:
     return func in (aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor) and kwargs.get("output_size") is None
 
 
-def _is_device_to_host(func, args, kwargs) -> bool:
+def _is_blocking_copy(func, args, kwargs) -> bool:
+    """A copy the host waits for: device → host, or host → device without non_blocking (pageable memory:
+    the copy, and so every kernel queued before it, finishes before the call returns; `devices.to_device`
+    copies from pinned memory instead)."""
     if func is aten._to_copy.default:
         target = kwargs.get("device")
-        return target is not None and torch.device(target).type == "cpu" and args[0].device.type != "cpu"
+        if target is None or torch.device(target).type == args[0].device.type:
+            return False
+        return torch.device(target).type == "cpu" or not kwargs.get("non_blocking", False)
     if func is aten.copy_.default:
-        return args[0].device.type == "cpu" and args[1].device.type != "cpu"
+        destination, source = args[0].device.type, args[1].device.type
+        return destination != source and (destination == "cpu" or not (len(args) > 2 and args[2]))
     return False

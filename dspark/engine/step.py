@@ -32,6 +32,7 @@ import torch
 from dspark.decoding.randomness import StepRandom
 from dspark.decoding.sampling import logits_to_probs, sample_tokens, token_logprobs
 from dspark.decoding.verification import verify, verify_greedy
+from dspark.devices import to_device
 from dspark.engine.host_syncs import to_host
 from dspark.engine.request import Request
 from dspark.engine.stats import RoundRecord, SpecStats
@@ -210,8 +211,6 @@ def _verify(drafts: StepDrafts, logits: torch.Tensor, query_lens: list[int], ran
     requests, proposal = drafts.requests, drafts.proposal
     batch, device = len(requests), logits.device
     width = max(drafts.verify_list, default=0)
-    verify_lens = torch.tensor(drafts.verify_list, dtype=torch.long, device=device)
-    drafts_tokens = proposal.tokens[:, :width].to(device)
     num_accepted = torch.zeros(batch, dtype=torch.long, device=device)
     next_tokens = torch.zeros(batch, dtype=torch.long, device=device)
     bad_drafts = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -220,41 +219,44 @@ def _verify(drafts: StepDrafts, logits: torch.Tensor, query_lens: list[int], ran
     row_starts = [0]
     for q in query_lens:
         row_starts.append(row_starts[-1] + q)
-    # Row (b, k) of the padded [B, width + 1] layout ← flat row row_starts[b] + k (padding reads row 0).
-    padded_rows = torch.tensor([[row_starts[b] + k if k < q else 0 for k in range(width + 1)]
-                                for b, q in enumerate(query_lens)], dtype=torch.long, device=device)
     greedy = [b for b, r in enumerate(requests) if r.sampling.greedy]
     sampled = [b for b, r in enumerate(requests) if not r.sampling.greedy]
+    lens_s = [query_lens[b] for b in sampled]
+    # Everything verification needs from the host, in one asynchronous copy per dtype (`to_device`):
+    # row (b, k) of the padded [B, width + 1] layout ← flat row row_starts[b] + k (padding reads row 0); the
+    # sampled rows' flat rows, slots and owners; the drafts; the verification uniforms.
+    host = [
+        torch.tensor(drafts.verify_list, dtype=torch.long),
+        torch.tensor([[row_starts[b] + k if k < q else 0 for k in range(width + 1)] for b, q in enumerate(query_lens)],
+                     dtype=torch.long).view(batch, width + 1),
+        torch.tensor(greedy, dtype=torch.long), torch.tensor(sampled, dtype=torch.long),
+        torch.tensor([row_starts[b] + k for b in sampled for k in range(query_lens[b])], dtype=torch.long),
+        torch.tensor([k for q in lens_s for k in range(q)], dtype=torch.long),
+        torch.tensor([i for i, q in enumerate(lens_s) for _ in range(q)], dtype=torch.long),
+        torch.tensor([row + [0] * (width - len(row)) for row in drafts.draft_lists], dtype=torch.long).view(batch, width),
+        random.verification().contiguous(),
+    ]
+    verify_lens, padded_rows, greedy_rows, sampled_rows, flat_rows, slots, owners, drafts_tokens, uniforms = \
+        to_device(host, device)
     if greedy:
-        rows = torch.tensor(greedy, dtype=torch.long, device=device)
-        target_argmax = logits.argmax(-1)[padded_rows[rows]]  # [G, width + 1]
-        accepted, tokens = verify_greedy(target_argmax, drafts_tokens[rows], verify_lens[rows])
-        num_accepted[rows], next_tokens[rows] = accepted, tokens
+        target_argmax = logits.argmax(-1)[padded_rows[greedy_rows]]  # [G, width + 1]
+        accepted, tokens = verify_greedy(target_argmax, drafts_tokens[greedy_rows], verify_lens[greedy_rows])
+        num_accepted[greedy_rows], next_tokens[greedy_rows] = accepted, tokens
     if sampled:
-        rows = torch.tensor(sampled, dtype=torch.long, device=device)
         requests_s = [requests[b] for b in sampled]
-        lens_s = [query_lens[b] for b in sampled]
-        flat_rows = torch.tensor([row_starts[b] + k for b in sampled for k in range(query_lens[b])], device=device)
         row_params = [r.sampling for r, q in zip(requests_s, lens_s) for _ in range(q)]
         flat_probs = logits_to_probs(logits[flat_rows], row_params)
         target_probs = flat_probs.new_zeros(len(sampled), width + 1, flat_probs.shape[-1])
-        slots = torch.tensor([k for q in lens_s for k in range(q)], device=device)
-        owners = torch.tensor([i for i, q in enumerate(lens_s) for _ in range(q)], device=device)
         target_probs[owners, slots] = flat_probs
-        draft_probs = None if proposal.probs is None else _rows(proposal.probs, sampled)[:, :width].to(device)
-        result = verify(target_probs, drafts_tokens[rows], verify_lens[rows], draft_probs,
-                        uniforms=_rows(random.verification(), sampled))
-        num_accepted[rows], next_tokens[rows] = result.num_accepted, result.next_tokens
+        draft_probs = None if proposal.probs is None else proposal.probs.to(device)[sampled_rows, :width]
+        result = verify(target_probs, drafts_tokens[sampled_rows], verify_lens[sampled_rows], draft_probs,
+                        uniforms=uniforms[sampled_rows])
+        num_accepted[sampled_rows], next_tokens[sampled_rows] = result.num_accepted, result.next_tokens
     if proposal.probs is not None and width:
         draft_probs = proposal.probs[:, :width].to(device)
         used = torch.arange(width, device=device) < verify_lens[:, None]
         bad_drafts = nonfinite_rows(draft_probs, used)
     return num_accepted, next_tokens, bad_drafts
-
-
-def _rows(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """tensor[rows], the index built on the tensor's own device (no copy back to the host)."""
-    return tensor[torch.tensor(rows, dtype=torch.long, device=tensor.device)]
 
 
 def _commit(runner: TargetRunner, drafts: StepDrafts, results: _StepResults, logits: torch.Tensor,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dspark.devices import to_device
 from dspark.errors import CacheCapacityError
 
 
@@ -274,20 +275,27 @@ class PagedKVCache:
                               whole=len(members) == 1) for rows in members]
         for seq_id, c in zip(seq_ids, context_lens):
             self._lengths[seq_id] = c
-        device = self.device
+        # Built on the host, moved in one asynchronous copy per dtype (`to_device`).
+        fields = [(g, name) for g in groups for name in ("token_rows", "gather_slots", "padded_index", "attn_mask")
+                  if getattr(g, name) is not None and getattr(g, name).device.type == "cpu"]
+        moved = to_device([positions, torch.cat(slot_mapping), torch.cat(kv_only_positions), torch.cat(kv_only_slots)]
+                          + [getattr(g, name) for g, name in fields], self.device)
+        for (group, name), tensor in zip(fields, moved[4:]):
+            setattr(group, name, tensor)
         return AttentionMetadata(
-            positions=positions.to(device),
-            slot_mapping=torch.cat(slot_mapping).to(device),
+            positions=moved[0],
+            slot_mapping=moved[1],
             query_lens=list(query_lens),
             context_lens=context_lens,
             groups=groups,
-            kv_only_positions=torch.cat(kv_only_positions).to(device),
-            kv_only_slot_mapping=torch.cat(kv_only_slots).to(device),
+            kv_only_positions=moved[2],
+            kv_only_slot_mapping=moved[3],
         )
 
     def _group(self, rows: list[int], query_lens: list[int], query_starts: list[int], context_lens: list[int],
                all_slots: list[torch.Tensor], token_offsets: list[int], causal: bool, whole: bool) -> AttentionGroup:
-        """The padded attention layout of the sequences `rows` (indices into the forward's batch)."""
+        """The padded attention layout of the sequences `rows` (indices into the forward's batch), in host
+        tensors (`prepare` moves them; a lone sequence's causal band is built on the device directly)."""
         q_lens = [query_lens[b] for b in rows]
         c_lens = [context_lens[b] for b in rows]
         batch, max_q, max_c = len(rows), max(q_lens), max(c_lens)
@@ -313,8 +321,6 @@ class PagedKVCache:
             mask = mask.unsqueeze(1)
         token_rows = None
         if not whole:
-            token_rows = torch.cat([torch.arange(token_offsets[b], token_offsets[b + 1]) for b in rows]).to(self.device)
-        device = self.device
-        return AttentionGroup(token_rows=token_rows, gather_slots=gather.to(device), padded_index=padded_index.to(device),
-                              attn_mask=None if mask is None else mask.to(device), max_query_len=max_q,
-                              num_tokens=sum(q_lens), causal_lower_right=lower_right)
+            token_rows = torch.cat([torch.arange(token_offsets[b], token_offsets[b + 1]) for b in rows])
+        return AttentionGroup(token_rows=token_rows, gather_slots=gather, padded_index=padded_index, attn_mask=mask,
+                              max_query_len=max_q, num_tokens=sum(q_lens), causal_lower_right=lower_right)

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from dspark.devices import resolve_device, resolve_dtype
+from dspark.devices import resolve_device, resolve_dtype, to_device
 from dspark.errors import RequestError
 from dspark.models.checkpoint import IndexExpectation, check_index, load_state_into, read_tensor_index
 from dspark.models.config import DecoderConfig, parse_decoder_config, read_config_json
@@ -157,14 +157,14 @@ class TargetRunner:
                 raise ValueError(f"logits_per_sequence {counts} does not fit the query lengths {query_lens}")
             ends = list(itertools.accumulate(query_lens))
             rows = torch.cat([torch.arange(end - n, end) for end, n in zip(ends, counts)] + [torch.zeros(0, dtype=torch.long)])
-            rows = rows.to(self.device)
         elif not all_logits:
-            rows = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
+            rows = torch.tensor(query_lens).cumsum(0) - 1
         starts = [self.cache.length(s) for s in seq_ids]
         meta = self.cache.prepare(list(seq_ids), query_lens)
         try:
+            token_ids, *moved = to_device([flat] + ([] if rows is None else [rows]), self.device)
             out = self.model(
-                flat.to(self.device), self.cache, meta, logits_rows=rows, feature_layer_ids=tuple(feature_layer_ids),
+                token_ids, self.cache, meta, logits_rows=moved[0] if moved else None, feature_layer_ids=tuple(feature_layer_ids),
                 return_final_hidden=return_final_hidden,
             )
         except BaseException:
