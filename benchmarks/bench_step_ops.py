@@ -25,35 +25,20 @@ import platform
 import statistics
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import dspark.engine.engine as engine_module  # noqa: E402
 from dspark.decoding.sampling import SamplingParams  # noqa: E402
 from dspark.engine.engine import Engine  # noqa: E402
-from dspark.engine.host_syncs import HostSyncCounter  # noqa: E402
+from dspark.engine.host_syncs import OpCounter, count_engine_steps  # noqa: E402
 from dspark.models.drafters import load_drafter  # noqa: E402
 from dspark.models.target_runner import TargetRunner  # noqa: E402
 from dspark.models.zoo import builtin_drafter, builtin_target  # noqa: E402
-
-
-class OpCounter(TorchDispatchMode):
-    """Every ATen op dispatched while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def make_engine(target: Path, drafter_dir: Path | None, requests: int, new_tokens: int) -> Engine:
@@ -73,24 +58,8 @@ def count_round(target: Path, drafter_dir: Path | None, requests: int, rounds: i
     while engine.last_step.get("decoding", 0) < requests:
         engine.step()
     engine.step()
-    windows: list[HostSyncCounter] = []
-    run_step = engine_module.run_step
-
-    def counted(*args, **kwargs):
-        with HostSyncCounter() as counter:
-            out = run_step(*args, **kwargs)
-        windows.append(counter)
-        return out
-
-    engine_module.run_step = counted
-    try:
-        ops, whole = OpCounter(), []
-        for _ in range(rounds):
-            with HostSyncCounter() as syncs, ops:
-                engine.step()
-            whole.append(syncs)
-    finally:
-        engine_module.run_step = run_step
+    ops = OpCounter()
+    whole, windows = count_engine_steps(engine, rounds, ops)
     return {
         "aten_ops_per_round": sum(ops.ops.values()) / rounds,
         "host_syncs_per_round": sum(len(w.syncs) for w in windows) / rounds,

@@ -69,21 +69,19 @@ from unittest import mock
 
 import torch
 from torch.autograd import DeviceType
-from torch.utils._python_dispatch import TorchDispatchMode
 
 HERE = Path(__file__).resolve().parent
 for _path in (HERE.parent, HERE):  # run as a script from a checkout without `pip install -e .`
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-import dspark.engine.engine as engine_module  # noqa: E402
 from bench_plain_decoding import agreement, hf_generation_config, load_hf, measure_bandwidth, timed  # noqa: E402
 from dspark.cli import main as dspark_main, one_line  # noqa: E402
 from dspark.decoding.sampling import SamplingParams  # noqa: E402
 from dspark.devices import resolve_device  # noqa: E402
 from dspark.engine.engine import Engine, EngineConfig  # noqa: E402
 from dspark.engine.generation import generate  # noqa: E402
-from dspark.engine.host_syncs import HostSyncCounter  # noqa: E402
+from dspark.engine.host_syncs import OpCounter, count_engine_steps  # noqa: E402
 from dspark.engine.request import Status  # noqa: E402
 from dspark.errors import DSparkError  # noqa: E402
 from dspark.evaluation.engine_bench import run_point  # noqa: E402
@@ -419,21 +417,7 @@ def check_still_running(engine: Engine, count: int) -> None:
 # -- 3. host_syncs -------------------------------------------------------------------------------------
 def count_host_syncs(engine: Engine, steps: int) -> dict:
     """Syncs and batched transfers per step, inside `run_step` (verification and commit) and over the step."""
-    inner: list[HostSyncCounter] = []
-    original = engine_module.run_step
-
-    def counted_run_step(*args, **kwargs):
-        with HostSyncCounter() as counter:
-            out = original(*args, **kwargs)
-        inner.append(counter)
-        return out
-
-    whole = []
-    with mock.patch.object(engine_module, "run_step", counted_run_step):
-        for _ in range(steps):
-            with HostSyncCounter() as counter:
-                engine.step()
-            whole.append(counter)
+    whole, inner = count_engine_steps(engine, steps)
     if len(inner) != steps:
         raise RuntimeError(f"run_step ran {len(inner)} times in {steps} steps")
     sites = Counter(site for c in whole for site in c.syncs)
@@ -565,18 +549,6 @@ def without_tokens(point: dict) -> dict:
 
 
 # -- 5. profiler ---------------------------------------------------------------------------------------
-class OpCounter(TorchDispatchMode):
-    """Counts every ATen operation that reaches the dispatcher while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket.__name__)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def busy_us(intervals: list[tuple[float, float]]) -> float:
     """Length of the union of [start, end) intervals (kernels of several streams may overlap)."""
     total, reach = 0.0, -math.inf

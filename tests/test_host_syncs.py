@@ -12,12 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import dspark.engine.engine as engine_module
 from dspark.decoding.sampling import SamplingParams, logits_to_probs, sample_tokens
 from dspark.decoding.verification import verify, verify_greedy
 from dspark.engine.engine import Engine
 from dspark.devices import to_device
-from dspark.engine.host_syncs import HostSyncCounter, to_host
+from dspark.engine.host_syncs import HostSyncCounter, count_engine_steps, to_host
 from dspark.models.drafters.dspark import load_dspark_drafter
 from dspark.models.random_init import build_random_model
 from dspark.models.target_runner import TargetRunner
@@ -35,29 +34,9 @@ def folders(tmp_path_factory):
     return target, save_dspark_folder(target, root / "dspark", block_size=4)
 
 
-def counted_steps(engine: Engine, steps: int, monkeypatch) -> tuple[list[HostSyncCounter], list[HostSyncCounter]]:
-    """Counters of `steps` whole engine steps and of the forward-to-commit window (`run_step`) in each."""
-    windows: list[HostSyncCounter] = []
-    run_step = engine_module.run_step
-
-    def counted_run_step(*args, **kwargs):
-        with HostSyncCounter() as counter:
-            out = run_step(*args, **kwargs)
-        windows.append(counter)
-        return out
-
-    monkeypatch.setattr(engine_module, "run_step", counted_run_step)
-    whole = []
-    for _ in range(steps):
-        with HostSyncCounter() as counter:
-            engine.step()
-        whole.append(counter)
-    return whole, windows
-
-
 @pytest.mark.parametrize("count", [1, 4])  # one request: its verification rows are one attention group alone
 @pytest.mark.parametrize("kind", ["plain", "dspark"])
-def test_a_steady_round_reads_the_device_once_between_forward_and_commit(folders, kind, count, monkeypatch):
+def test_a_steady_round_reads_the_device_once_between_forward_and_commit(folders, kind, count):
     target, dspark = folders
     runner = TargetRunner.from_pretrained(target, dtype="float32", cache_page_size=4)
     drafter = load_dspark_drafter(dspark, device="cpu", dtype="float32") if kind == "dspark" else None
@@ -68,7 +47,7 @@ def test_a_steady_round_reads_the_device_once_between_forward_and_commit(folders
         engine.add_request(i, list(range(1 + i, 9 + i)), sampling=sampling, max_new_tokens=40, seed=i, ignore_eos=True)
     for _ in range(2):  # prefill: every request decoding from here on
         engine.step()
-    whole, windows = counted_steps(engine, 5, monkeypatch)
+    whole, windows = count_engine_steps(engine, 5)
     assert engine.last_step["decoding"] == count
     if kind == "dspark":
         assert engine.last_step["drafter_ran"] and engine.spec_live.drafted_tokens > 0

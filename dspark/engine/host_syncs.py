@@ -22,6 +22,7 @@ enforces what a GPU needs.
 from __future__ import annotations
 
 import traceback
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -162,3 +163,48 @@ def _is_blocking_copy(func, args, kwargs) -> bool:
         destination, source = args[0].device.type, args[1].device.type
         return destination != source and (destination == "cpu" or not (len(args) > 2 and args[2]))
     return False
+
+
+class OpCounter(TorchDispatchMode):
+    """Every ATen operation that reaches the dispatcher while active, by name (views included: on a GPU each
+    other operation launches at least one kernel). May be entered again to keep counting."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_engine_steps(engine, steps: int, ops: OpCounter | None = None
+                       ) -> tuple[list[HostSyncCounter], list[HostSyncCounter]]:
+    """Run `steps` steps of `engine` (a `dspark.engine.engine.Engine`) → (a counter per whole step, a counter
+    per forward-to-commit window, i.e. per `run_step` call); `ops`, when given, also counts every operation
+    of the steps. For tests and benchmarks: the engine module's `run_step` is wrapped while it runs."""
+    import dspark.engine.engine as engine_module
+
+    windows: list[HostSyncCounter] = []
+    run_step = engine_module.run_step
+
+    def counted_run_step(*args, **kwargs):
+        with HostSyncCounter() as counter:
+            out = run_step(*args, **kwargs)
+        windows.append(counter)
+        return out
+
+    engine_module.run_step = counted_run_step
+    whole: list[HostSyncCounter] = []
+    try:
+        for _ in range(steps):
+            with HostSyncCounter() as counter:
+                if ops is None:
+                    engine.step()
+                else:
+                    with ops:
+                        engine.step()
+            whole.append(counter)
+    finally:
+        engine_module.run_step = run_step
+    return whole, windows
