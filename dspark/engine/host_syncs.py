@@ -73,6 +73,15 @@ def to_host(tensors: Sequence[torch.Tensor]) -> list:
     return out
 
 
+def host_list(tensor: torch.Tensor) -> list:
+    """The values of a tensor that is on the host by contract (the controller's plan, a proposal already
+    read by `to_host`): not a synchronisation, so not counted. ValueError for a tensor on a device, where
+    reading it would be one."""
+    if tensor.device.type != "cpu":
+        raise ValueError(f"host_list of a tensor on {tensor.device}: read device values with to_host")
+    return _ORIGINAL_TOLIST(tensor)
+
+
 def _nest(values: list, shape: list[int]):
     if not shape:
         return values[0]

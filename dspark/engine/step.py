@@ -24,7 +24,7 @@ anything computed from them is emitted.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -33,7 +33,7 @@ from dspark.decoding.randomness import StepRandom
 from dspark.decoding.sampling import logits_to_probs, sample_tokens, token_logprobs
 from dspark.decoding.verification import verify, verify_greedy
 from dspark.devices import to_device
-from dspark.engine.host_syncs import to_host
+from dspark.engine.host_syncs import host_list, to_host
 from dspark.engine.request import Request
 from dspark.engine.stats import RoundRecord, SpecStats
 from dspark.errors import NumericalError
@@ -87,10 +87,25 @@ class StepDrafts:
     @classmethod
     def of(cls, requests: list[Request], proposal: DraftProposal, plan: Plan, drafter_called: bool,
            gate_open: bool) -> "StepDrafts":
-        confidences = [] if plan.confidences is None else [plan.confidences.detach()]
-        verify, drafted, tokens, *rows = to_host([plan.lengths, proposal.lengths, proposal.tokens, *confidences])
-        return cls(requests, proposal, plan, drafter_called, gate_open, verify, drafted,
-                   [row[:n] for row, n in zip(tokens, verify)], rows[0] if rows else None)
+        """From a proposal whose tokens and lengths are on the host (`_read_proposal`) and the controller's
+        plan (computed on the host)."""
+        verify, tokens = host_list(plan.lengths), host_list(proposal.tokens)
+        confidences = None if plan.confidences is None else host_list(plan.confidences.detach())
+        return cls(requests, proposal, plan, drafter_called, gate_open, verify, host_list(proposal.lengths),
+                   [row[:n] for row, n in zip(tokens, verify)], confidences)
+
+
+def _read_proposal(proposal: DraftProposal) -> DraftProposal:
+    """The planning phase's one read of the device: the drafts, their count and the raw confidences the
+    controller plans from (`to_host`); q stays on the device for verification."""
+    tensors = [proposal.tokens, proposal.lengths]
+    if proposal.confidence_logits is not None:
+        tensors.append(proposal.confidence_logits.detach())
+    tokens, lengths, *confidences = to_host(tensors)
+    raw = proposal.confidence_logits
+    return replace(proposal, tokens=torch.tensor(tokens, dtype=torch.long).view(proposal.tokens.shape),
+                   lengths=torch.tensor(lengths, dtype=torch.long),
+                   confidence_logits=torch.tensor(confidences[0], dtype=raw.dtype).view(raw.shape) if confidences else None)
 
 
 def draft_and_plan(runner: TargetRunner, requests: list[Request], drafter: Drafter | None,
@@ -119,6 +134,7 @@ def draft_and_plan(runner: TargetRunner, requests: list[Request], drafter: Draft
     started = time.perf_counter()
     proposal = drafter.propose([DraftInput(r.seq_id, r.token_ids, r.drafter_features(), limit, r.sampling, random.draft(b))
                                 for b, (r, limit) in enumerate(zip(requests, limits))], generator)
+    proposal = _read_proposal(proposal)
     if timer is not None:
         timer.draft_s += time.perf_counter() - started
     plan = controller.plan(proposal.confidence_logits, proposal.lengths, torch.tensor(limits, dtype=torch.long),
@@ -233,7 +249,8 @@ def _verify(drafts: StepDrafts, logits: torch.Tensor, query_lens: list[int], ran
         torch.tensor([row_starts[b] + k for b in sampled for k in range(query_lens[b])], dtype=torch.long),
         torch.tensor([k for q in lens_s for k in range(q)], dtype=torch.long),
         torch.tensor([i for i, q in enumerate(lens_s) for _ in range(q)], dtype=torch.long),
-        torch.tensor([row + [0] * (width - len(row)) for row in drafts.draft_lists], dtype=torch.long).view(batch, width),
+        torch.tensor([row + [0] * (width - len(row)) for row in drafts.draft_lists], dtype=torch.long)
+        .view(batch, width),
         random.verification().contiguous(),
     ]
     verify_lens, padded_rows, greedy_rows, sampled_rows, flat_rows, slots, owners, drafts_tokens, uniforms = \

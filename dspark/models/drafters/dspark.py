@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dspark.decoding.sampling import SamplingParams, logits_to_probs, sample
+from dspark.devices import to_device
 from dspark.models.config import DecoderConfig
 from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter, draft_uniforms
 from dspark.models.drafters.dspark_config import ARCHITECTURE_NAMES, DSparkConfig, parse_dspark_config
@@ -308,12 +309,14 @@ class DSparkDrafter(Drafter):
         for item in batch:
             handles.append(context_handle(self, self.cache, self._handles, item))
             feats.append(item.new_features.to(device))
-        anchors = torch.tensor([item.token_ids[-1] for item in batch], dtype=torch.long, device=device)
+        uniforms = draft_uniforms(batch, self.block_size)
+        anchors, *uniforms = to_device([torch.tensor([item.token_ids[-1] for item in batch], dtype=torch.long)]
+                                       + ([] if uniforms is None else [uniforms]), device)
         hidden = self.model.forward_block(self.cache, handles, feats, anchors)
         tokens, probs, confidence_logits = self.sample_block(hidden, anchors, [item.sampling for item in batch], generator,
-                                                             draft_uniforms(batch, self.block_size))
+                                                             uniforms[0] if uniforms else None)
         lengths = torch.tensor([min(item.max_tokens, self.block_size) for item in batch], dtype=torch.long)
-        return DraftProposal(tokens=tokens.cpu(), lengths=lengths, probs=probs, confidence_logits=confidence_logits)
+        return DraftProposal(tokens=tokens, lengths=lengths, probs=probs, confidence_logits=confidence_logits)
 
     def sample_block(
         self, hidden: torch.Tensor, anchors: torch.Tensor, samplings: list[SamplingParams], generator,
