@@ -349,7 +349,7 @@ class DSparkDrafter(Drafter):
         # greedy requests read the head trained on greedy acceptance where there is one.
         greedy_rows = None
         if model.greedy_confidence_head is not None:
-            greedy_rows = torch.tensor([s.greedy for s in samplings], dtype=torch.bool, device=hidden.device)
+            (greedy_rows,) = to_device([torch.tensor([s.greedy for s in samplings], dtype=torch.bool)], hidden.device)
         confidence_logits = model.confidence_logits(hidden, torch.cat([anchors[:, None], tokens[:, :-1]], dim=1),
                                                     greedy_rows)
         return tokens, torch.stack(probs, dim=1), confidence_logits
