@@ -29,9 +29,9 @@ the next one still runs; the JSON is rewritten after every section, so even a ki
    counts every operation; the same on a CPU, where the profiler's count is of ATen ops instead of kernels).
 6. profile — `dspark profile` on this device over a small grid, then SGLang's SPS table from it with
    `dspark export sglang`; both files are kept next to the JSON.
-7. compiled — the same target loaded with `compile=True` (`--compile`: its dense layer parts through
-   torch.compile), plain and speculative at the first concurrency next to the eager engine, after one
-   compiling run (`compile_s`); greedy agreement with the eager tokens.
+7. compiled — the same target and drafter with `--compile` (their dense layer parts through torch.compile),
+   plain and speculative at the first concurrency next to the eager engine, after one compiling run
+   (`compile_s`); greedy agreement with the eager tokens.
 
     python benchmarks/gpu_check.py [--device cuda|cpu] [--smoke] [--out FILE] [--sections a,b,...]
         [--time-budget-s 420] [--hbm-gbps 3350]
@@ -83,6 +83,7 @@ from dspark.engine.engine import Engine, EngineConfig  # noqa: E402
 from dspark.engine.generation import generate  # noqa: E402
 from dspark.engine.host_syncs import OpCounter, count_engine_steps  # noqa: E402
 from dspark.engine.request import Status  # noqa: E402
+from dspark.models.drafters import compile_drafter  # noqa: E402
 from dspark.errors import DSparkError  # noqa: E402
 from dspark.evaluation.engine_bench import run_point  # noqa: E402
 from dspark.files import check_output_file, write_text_atomically  # noqa: E402
@@ -668,9 +669,9 @@ def section_profile(check: Check, out: dict) -> None:
 
 
 def section_compiled(check: Check, out: dict) -> None:
-    """`--compile` (the target's dense layer parts through torch.compile): a second target, compiled, at the
-    first concurrency, plain and speculative; the first run compiles (`compile_s`), the second is timed. Its
-    greedy tokens must equal those of the eager engine on the same prompts."""
+    """`--compile` (the dense layer parts of the target and the DSpark drafter through torch.compile): a second
+    target and drafter, compiled, at the first concurrency, plain and speculative; the first run compiles
+    (`compile_s`), the second is timed. Its greedy tokens must equal those of the eager engine."""
     plan = check.plan
     c = plan.concurrency[0]
     runner = TargetRunner.from_pretrained(check.folders().target, device=check.device, dtype=check.fast_dtype,
@@ -684,13 +685,14 @@ def section_compiled(check: Check, out: dict) -> None:
         finally:
             engine.close()
 
+    drafter = load_dspark_drafter(check.folders().drafter, device=check.device, dtype=check.fast_dtype)
+    compile_drafter(drafter)
     start = time.perf_counter()
-    point(runner, None, WARMUP_TOKENS)
+    point(runner, drafter, WARMUP_TOKENS)
     out.update(compile_s=time.perf_counter() - start, concurrency=c)
-    drafter = check.drafter(check.fast_dtype)
-    for label, used in (("plain", None), ("speculative", drafter)):
+    for label, used, eager_used in (("plain", None, None), ("speculative", drafter, check.drafter(check.fast_dtype))):
         compiled, tokens = point(runner, used, plan.new_tokens)
-        eager, eager_tokens = point(check.runner(check.fast_dtype), used, plan.new_tokens)
+        eager, eager_tokens = point(check.runner(check.fast_dtype), eager_used, plan.new_tokens)
         out[f"{label}_tok_s"] = compiled["throughput_tok_s"]
         out[f"{label}_eager_tok_s"] = eager["throughput_tok_s"]
         out[f"{label}_greedy_agreement"] = agreement(eager_tokens, tokens)["greedy_agreement"]

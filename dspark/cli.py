@@ -73,8 +73,8 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
-COMPILE_HELP = ("run the target's dense layer parts through torch.compile (Inductor: the system C++ compiler on "
-                "CPU, Triton on CUDA); the first steps compile, later ones are faster on a GPU")
+COMPILE_HELP = ("run the dense layer parts of the target and of a DSpark / DFlash drafter through torch.compile "
+                "(Inductor: the system C++ compiler on CPU, Triton on CUDA); the first steps compile")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser, default_threads: int | None = None) -> None:

@@ -1,7 +1,7 @@
 """The compiled decoding path (`TargetRunner(..., compile=True)`, `dspark generate --compile`; issue 17 item 2):
-the target's dense layer parts run through torch.compile (Inductor's C++ backend on this CPU, with the system
-compiler). Greedy output on the compiled path must equal eager plain decoding token for token, with and
-without a DSpark drafter. float64 keeps fused and unfused arithmetic from flipping a near-tie.
+the dense layer parts of the target and of a DSpark drafter run through torch.compile (Inductor's C++
+backend on this CPU, with the system compiler). Greedy output on the compiled path must equal eager plain
+decoding token for token, with and without a DSpark drafter, eager or compiled. float64 keeps fused and unfused arithmetic from flipping a near-tie.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 from dspark.decoding.sampling import SamplingParams
 from dspark.engine.generation import generate
 from dspark.models.decoder import compiled_dense_parts
+from dspark.models.drafters import compile_drafter
 from dspark.models.drafters.dspark import load_dspark_drafter
 from dspark.models.random_init import build_random_model
 from dspark.models.target_runner import TargetRunner
@@ -32,7 +33,7 @@ def test_greedy_decoding_on_the_compiled_path_equals_eager_plain_decoding(tmp_pa
     drafter_dir = save_dspark_folder(target, tmp_path / "dspark", block_size=4, target_layer_ids=(0, 2))
     eager = TargetRunner.from_pretrained(target, dtype="float64")
     compiled = TargetRunner.from_pretrained(target, dtype="float64", compile=True)
-    assert eager.model.dense_parts is None and compiled.model.dense_parts is compiled_dense_parts()
+    assert eager.model.dense_parts is None and compiled.model.dense_parts == compiled_dense_parts()
     torch._dynamo.utils.counters.clear()
     expected = greedy(eager)
     assert greedy(compiled) == expected
@@ -41,3 +42,12 @@ def test_greedy_decoding_on_the_compiled_path_equals_eager_plain_decoding(tmp_pa
     assert greedy(compiled, drafter) == expected
     with_drafts = generate(compiled, PROMPTS, sampling=SamplingParams(temperature=0.0), max_new_tokens=24, drafter=drafter)
     assert with_drafts.stats.accepted_tokens > 0  # verification rows (several tokens per request) ran compiled
+
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled_drafter = load_dspark_drafter(drafter_dir, device="cpu", dtype="float64")
+    assert compile_drafter(compiled_drafter) and compiled_drafter.model.dense_parts is not None
+    assert greedy(compiled, compiled_drafter) == expected
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # the drafter's block pass compiled
+    again = generate(compiled, PROMPTS, sampling=SamplingParams(temperature=0.0), max_new_tokens=24,
+                     drafter=compiled_drafter)
+    assert again.stats.accepted_tokens == with_drafts.stats.accepted_tokens  # the same drafts as the eager drafter

@@ -6,7 +6,7 @@ from dspark.cli import COMPILE_HELP, add_runtime_args, add_sampling_args, print_
 from dspark.decoding.sampling import SamplingParams
 from dspark.engine.generation import generate
 from dspark.errors import RequestError
-from dspark.models.drafters import load_drafter
+from dspark.models.drafters import compile_drafter, load_drafter
 from dspark.models.target_runner import TargetRunner
 from dspark.scheduling.controller import SpeculationController
 from dspark.data.chat import render_prompt
@@ -114,6 +114,8 @@ def run_generate(args) -> int:
     if args.drafter is not None:
         drafter = load_drafter(args.drafter, num_draft_tokens=args.num_draft_tokens, device=args.device, dtype=args.dtype,
                               target=runner.model)
+        if args.compile:
+            compile_drafter(drafter)
     controller = make_controller(args, drafter, sampling)
     prompts = [render_prompt(tokenizer, text, args.chat, f"--prompt {i + 1}") for i, text in enumerate(args.prompt)]
     stops = stop_token_ids(args.model, tokenizer, runner.config.eos_token_ids)

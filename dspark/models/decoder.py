@@ -51,12 +51,16 @@ def after_attention(layer: DecoderLayer, h: torch.Tensor, attended: torch.Tensor
 
 
 @functools.cache
-def compiled_dense_parts():
-    """`torch.compile`d (before_attention, after_attention), built once per process: one graph per function
-    serves every layer, every model of the same shapes and every token count (`dynamic=True`). The paged
+def compiled(function):
+    """`torch.compile(function, dynamic=True, fullgraph=True)`, once per process: one graph serves every layer,
+    every model of the same shapes and every token count. Used for the dense parts of a layer; the paged
     attention between them stays eager (its grouping is host-side Python)."""
-    return (torch.compile(before_attention, dynamic=True, fullgraph=True),
-            torch.compile(after_attention, dynamic=True, fullgraph=True))
+    return torch.compile(function, dynamic=True, fullgraph=True)
+
+
+def compiled_dense_parts():
+    """The target layer's (before_attention, after_attention), compiled."""
+    return compiled(before_attention), compiled(after_attention)
 
 
 class DecoderBackbone(nn.Module):

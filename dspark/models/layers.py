@@ -61,7 +61,6 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
-
         self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # `fuse()`d weight and bias
 
     def fuse(self) -> None:

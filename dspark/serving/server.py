@@ -30,7 +30,7 @@ def load_engine(options: ModelOptions, engine_config: EngineConfig):
     """(Engine, tokenizer, target folder): the models loaded, the engine built (its SPS profile measured or
     read from the cache when the policy needs one)."""
     from dspark.devices import resolve_device
-    from dspark.models.drafters import load_drafter
+    from dspark.models.drafters import compile_drafter, load_drafter
     from dspark.models.target_runner import TargetRunner
     from dspark.models.tokenizer import load_tokenizer, stop_token_ids
     from dspark.models.zoo import resolve_drafter, resolve_target
@@ -49,6 +49,8 @@ def load_engine(options: ModelOptions, engine_config: EngineConfig):
     if drafter_spec is not None:
         drafter = load_drafter(drafter_spec, num_draft_tokens=options.num_draft_tokens, device=device, dtype=options.dtype,
                                target=runner.model)
+        if options.compile:
+            compile_drafter(drafter)
     engine = Engine(runner, drafter, config=engine_config, tokenizer=tokenizer,
                     eos_token_ids=stop_token_ids(target, tokenizer, runner.config.eos_token_ids))
     return engine, tokenizer, target

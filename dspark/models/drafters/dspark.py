@@ -34,9 +34,10 @@ from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter, draf
 from dspark.models.drafters.dspark_config import ARCHITECTURE_NAMES, DSparkConfig, parse_dspark_config
 from dspark.models.drafters.heads import SEQUENTIAL_HEADS, ConfidenceHead
 from dspark.models.drafters.common import DraftCheckpointMixin, check_drafter_target, context_handle, init_draft_weights
+from dspark.models.decoder import after_attention, compiled
 from dspark.models.drafters.registry import register_drafter
 from dspark.models.kv_cache import AttentionMetadata, PagedKVCache
-from dspark.models.layers import Attention, GatedMLP, RMSNorm, fuse_projections, paged_attention
+from dspark.models.layers import Attention, GatedMLP, RMSNorm, fuse_projections
 from dspark.models.rope import RotaryEmbedding, apply_rotary
 
 
@@ -52,17 +53,13 @@ class DraftAttention(Attention):
             k = self.k_norm(k)
         return apply_rotary(k, cos, sin), v
 
-    def forward_paged(self, x, cos, sin, ctx, ctx_cos, ctx_sin, k_pool, v_pool, meta: AttentionMetadata):
-        """Inference. x [Tq, H] block rows; ctx [Tc, H] newly verified context rows (may be empty)."""
-        q, k, v = self.project_qkv(x, cos, sin)
-        if ctx.shape[0]:
-            kc, vc = self.context_kv(ctx, ctx_cos, ctx_sin)
+    def attend_paged(self, q, k, v, kc, vc, k_pool, v_pool, meta: AttentionMetadata) -> torch.Tensor:
+        """Inference: write the new context rows' kc, vc [Tc, Hkv, D] (K/V only) and the block rows' k, v,
+        then paged attention of the block rows' q [Tq, Hq, D] → [Tq, Hq, D] (before o_proj)."""
+        if kc.shape[0]:
             k_pool.index_copy_(0, meta.kv_only_slot_mapping, kc.to(k_pool.dtype))
             v_pool.index_copy_(0, meta.kv_only_slot_mapping, vc.to(v_pool.dtype))
-        k_pool.index_copy_(0, meta.slot_mapping, k.to(k_pool.dtype))
-        v_pool.index_copy_(0, meta.slot_mapping, v.to(v_pool.dtype))
-        out = paged_attention(q, k_pool, v_pool, meta, self.scale)
-        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim))
+        return self.attend(q, k, v, k_pool, v_pool, meta)
 
     def forward_dense(self, x, cos, sin, ctx, ctx_cos, ctx_sin, mask):
         """Training. x [N, Q, H] (all blocks of a sequence), ctx [N, S, H], mask [N, Q, S + Q] bool."""
@@ -78,6 +75,14 @@ class DraftAttention(Attention):
         return self.o_proj(out.transpose(1, 2).reshape(n, length, self.num_heads * self.head_dim))
 
 
+def draft_before_attention(layer, h, cos, sin, ctx, ctx_cos, ctx_sin):
+    """Input norm and q/k/v of the block rows h [Tq, H]; k/v of the new context rows ctx [Tc, H] (the fused
+    target features enter as keys and values only) → (q, k, v, kc, vc)."""
+    q, k, v = layer.self_attn.project_qkv(layer.input_layernorm(h), cos, sin)
+    kc, vc = layer.self_attn.context_kv(ctx, ctx_cos, ctx_sin)
+    return q, k, v, kc, vc
+
+
 class DraftLayer(nn.Module):
     """Pre-norm decoder block with the target's layer shapes; context enters only as keys/values."""
 
@@ -91,9 +96,12 @@ class DraftLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
 
-    def forward_paged(self, h, cos, sin, ctx, ctx_cos, ctx_sin, k_pool, v_pool, meta):
-        h = h + self.self_attn.forward_paged(self.input_layernorm(h), cos, sin, ctx, ctx_cos, ctx_sin, k_pool, v_pool, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward_paged(self, h, cos, sin, ctx, ctx_cos, ctx_sin, k_pool, v_pool, meta, dense_parts=None):
+        """Inference: block rows h [Tq, H], new context rows ctx [Tc, H] (may be empty) → [Tq, H]. dense_parts:
+        (before, after) around the paged attention, eager by default (`DSparkModel.compile_dense_parts`)."""
+        before, after = dense_parts or (draft_before_attention, after_attention)
+        q, k, v, kc, vc = before(self, h, cos, sin, ctx, ctx_cos, ctx_sin)
+        return after(self, h, self.self_attn.attend_paged(q, k, v, kc, vc, k_pool, v_pool, meta))
 
     def forward_dense(self, h, cos, sin, ctx, ctx_cos, ctx_sin, mask):
         h = h + self.self_attn.forward_dense(self.input_layernorm(h), cos, sin, ctx, ctx_cos, ctx_sin, mask)
@@ -142,6 +150,12 @@ class DSparkModel(DraftCheckpointMixin, nn.Module):
         if config.enable_greedy_confidence_head:
             self.greedy_confidence_head = ConfidenceHead(hidden, config.markov_rank if config.confidence_head_with_markov else 0)
         self.rotary = RotaryEmbedding(c.rope, c.head_dim, c.max_position_embeddings)
+        self.dense_parts = None  # None: eager; `compile_dense_parts()` → torch.compile'd
+
+    def compile_dense_parts(self) -> None:
+        """Run the draft layers' dense parts of the block pass through torch.compile (as the target's:
+        `dspark.models.decoder.compiled`); the sequential head stays eager."""
+        self.dense_parts = compiled(draft_before_attention), compiled(after_attention)
 
     # -- pieces shared by inference and training ----------------------------------------------------
     def fuse_context(self, features: torch.Tensor) -> torch.Tensor:
@@ -207,7 +221,8 @@ class DSparkModel(DraftCheckpointMixin, nn.Module):
             cos, sin = self.rotary(meta.positions, h.dtype)
             ctx_cos, ctx_sin = self.rotary(meta.kv_only_positions, h.dtype)
             for index, layer in enumerate(self.layers):
-                h = layer.forward_paged(h, cos, sin, ctx, ctx_cos, ctx_sin, cache.k_pools[index], cache.v_pools[index], meta)
+                h = layer.forward_paged(h, cos, sin, ctx, ctx_cos, ctx_sin, cache.k_pools[index], cache.v_pools[index], meta,
+                                        self.dense_parts)
         finally:
             for handle, anchor in zip(handles, anchors_at):
                 cache.truncate(handle, min(anchor, cache.length(handle)))

@@ -56,3 +56,14 @@ def load_drafter(spec: str, *, num_draft_tokens: int | None = None, **kwargs) ->
             return drafter
     known = ", ".join(sorted(_FOLDER_LOADERS)) or "none yet"
     raise CheckpointError(f"{config_path}: drafter architecture {archs!r} is not supported (supported: {known})")
+
+
+def compile_drafter(drafter: Drafter) -> bool:
+    """`--compile` for the drafter: a DSpark or DFlash drafter's block pass runs its dense parts through
+    torch.compile (`DSparkModel.compile_dense_parts`). Returns False for the others, which run eagerly."""
+    from dspark.models.drafters.dspark import DSparkDrafter
+
+    if not isinstance(drafter, DSparkDrafter):
+        return False
+    drafter.model.compile_dense_parts()
+    return True
