@@ -53,7 +53,8 @@ def to_host(tensors: Sequence[torch.Tensor]) -> list:
         return []
     floating = any(t.is_floating_point() for t in tensors)
     dtype = torch.float64 if floating else torch.long
-    flat = [t.reshape(-1).to(dtype) for t in tensors]
+    flat = [t if t.dim() == 1 else t.reshape(-1) for t in tensors]
+    flat = [t if t.dtype == dtype else t.to(dtype) for t in flat]
     packed = torch.cat(flat) if len(flat) > 1 else flat[0]
     for counter in _active:
         counter.transfers += 1

@@ -14,7 +14,8 @@ keeps every sequence within them, and `CacheCapacityError` past them is a bug, n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,10 +39,25 @@ class AttentionGroup:
     # prompt (max_q = max_c: SDPA's own causal mask, no mask in memory) or the [max_q, max_c] causal band
     # built on the device. False with attn_mask None: every query sees every key.
     causal_lower_right: bool = False
+    _packed_masks: dict = field(default_factory=dict, repr=False)
 
     @property
     def batch_size(self) -> int:
         return self.gather_slots.shape[0]
+
+    @functools.cached_property
+    def flat_slots(self) -> torch.Tensor:
+        """gather_slots as [b · max_c], made once per forward and read by every layer."""
+        return self.gather_slots.reshape(-1)
+
+    def packed_mask(self, groups: int) -> torch.Tensor | None:
+        """attn_mask repeated for GQA packing ([b, 1, G · max_q, max_c]: query row g · max_q + i is query i of
+        the g-th head sharing a KV head), made once per forward and read by every layer."""
+        if self.attn_mask is None or groups == 1:
+            return self.attn_mask
+        if groups not in self._packed_masks:
+            self._packed_masks[groups] = self.attn_mask.repeat(1, 1, groups, 1)
+        return self._packed_masks[groups]
 
 
 @dataclass
@@ -213,8 +229,8 @@ class PagedKVCache:
             self._grow(target)
         fresh = [self._free_pages.pop() for _ in range(needed)]
         table.extend(fresh)
-        offsets = torch.arange(self.page_size, dtype=torch.long)
-        new_slots = (torch.tensor(fresh, dtype=torch.long).unsqueeze(1) * self.page_size + offsets).view(-1)
+        size = self.page_size
+        new_slots = torch.tensor([page * size + offset for page in fresh for offset in range(size)], dtype=torch.long)
         self._slot_tensors[seq_id] = torch.cat([self._slot_tensors[seq_id], new_slots])
 
     def _slots(self, seq_id: int, start: int, end: int) -> torch.Tensor:
@@ -259,14 +275,14 @@ class PagedKVCache:
             raise
         query_starts = [start + n for start, n in zip(starts, kv_only)]
         context_lens = [qs + q for qs, q in zip(query_starts, query_lens)]
-        positions = torch.cat([torch.arange(s, s + q) for s, q in zip(query_starts, query_lens)])
-        slot_mapping, kv_only_slots, kv_only_positions, all_slots = [], [], [], []
+        positions = torch.tensor([p for s, q in zip(query_starts, query_lens) for p in range(s, s + q)], dtype=torch.long)
+        kv_only_positions = torch.tensor([p for s, qs in zip(starts, query_starts) for p in range(s, qs)], dtype=torch.long)
+        slot_mapping, kv_only_slots, all_slots = [], [], []
         for seq_id, start, qs, c in zip(seq_ids, starts, query_starts, context_lens):
             slots = self._slots(seq_id, 0, c)
             all_slots.append(slots)
             slot_mapping.append(slots[qs:])
             kv_only_slots.append(slots[start:qs])
-            kv_only_positions.append(torch.arange(start, qs))
         token_offsets = [0]
         for q in query_lens:
             token_offsets.append(token_offsets[-1] + q)
@@ -278,7 +294,7 @@ class PagedKVCache:
         # Built on the host, moved in one asynchronous copy per dtype (`to_device`).
         fields = [(g, name) for g in groups for name in ("token_rows", "gather_slots", "padded_index", "attn_mask")
                   if getattr(g, name) is not None and getattr(g, name).device.type == "cpu"]
-        moved = to_device([positions, torch.cat(slot_mapping), torch.cat(kv_only_positions), torch.cat(kv_only_slots)]
+        moved = to_device([positions, torch.cat(slot_mapping), kv_only_positions, torch.cat(kv_only_slots)]
                           + [getattr(g, name) for g, name in fields], self.device)
         for (group, name), tensor in zip(fields, moved[4:]):
             setattr(group, name, tensor)
@@ -302,7 +318,7 @@ class PagedKVCache:
         gather = torch.zeros(batch, max_c, dtype=torch.long)
         for i, b in enumerate(rows):
             gather[i, : c_lens[i]] = all_slots[b]
-        padded_index = torch.cat([torch.arange(q) + i * max_q for i, q in enumerate(q_lens)])
+        padded_index = torch.tensor([i * max_q + k for i, q in enumerate(q_lens) for k in range(q)], dtype=torch.long)
         uniform = all(q == 1 for q in q_lens) or not causal
         uniform = uniform and all(c == max_c for c in c_lens) and all(q == max_q for q in q_lens)
         mask = None

@@ -15,8 +15,10 @@ from dspark.models.rope import apply_rotary
 
 
 class RMSNorm(nn.Module):
-    """y = w ⊙ x / sqrt(mean(x²) + eps): one `F.rms_norm` (which computes the statistic in float32 for
-    half-precision inputs, as HF does, and returns x's dtype), then the weight, in HF's order."""
+    """y = w ⊙ x / sqrt(mean(x²) + eps): one `F.rms_norm`, which computes in float32 for half-precision
+    inputs (as HF does) and returns x's dtype. HF rounds x / rms to that dtype before multiplying by w; here
+    w is applied before the one rounding (≤ 1 unit in the last place apart in bf16; equal in float32). A weight
+    of another dtype than x is applied after, promoting as HF does."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -24,6 +26,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == x.dtype:  # one kernel (the weight applied in float32 before the one rounding)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), None, self.eps) * self.weight
 
 
@@ -109,16 +113,17 @@ def _group_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     else:
         padded = q.new_zeros(batch * max_q, num_heads, head_dim)
         padded[group.padded_index] = q
-    # [B, max_q, Hkv, G, D] -> [B, Hkv, G * max_q, D]
-    packed = padded.view(batch, max_q, num_kv, groups, head_dim).permute(0, 2, 3, 1, 4)
-    packed = packed.reshape(batch, num_kv, groups * max_q, head_dim)
-    flat_slots = group.gather_slots.view(-1)
-    keys = k_pool.index_select(0, flat_slots).view(batch, max_c, num_kv, head_dim).transpose(1, 2)  # [B, Hkv, max_c, D]
-    values = v_pool.index_select(0, flat_slots).view(batch, max_c, num_kv, head_dim).transpose(1, 2)
-    mask = group.attn_mask
-    if mask is not None and groups > 1:
-        mask = mask.expand(batch, 1, max_q, max_c).repeat(1, 1, groups, 1)
-    out = F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask, scale=scale)
+    # [B, max_q, Hkv, G, D] -> [B, Hkv, G * max_q, D] (one query per sequence: a view)
+    if max_q == 1:
+        packed = padded.view(batch, num_kv, groups, head_dim)
+    else:
+        packed = padded.view(batch, max_q, num_kv, groups, head_dim).permute(0, 2, 3, 1, 4)
+        packed = packed.reshape(batch, num_kv, groups * max_q, head_dim)
+    keys = k_pool.index_select(0, group.flat_slots).view(batch, max_c, num_kv, head_dim).transpose(1, 2)  # [B, Hkv, max_c, D]
+    values = v_pool.index_select(0, group.flat_slots).view(batch, max_c, num_kv, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(packed, keys, values, attn_mask=group.packed_mask(groups), scale=scale)
+    if max_q == 1:
+        return out.view(batch, num_heads, head_dim)
     out = out.view(batch, num_kv, groups, max_q, head_dim).permute(0, 3, 1, 2, 4)
     out = out.reshape(batch * max_q, num_heads, head_dim)
     return out if group.num_tokens == batch * max_q else out[group.padded_index]

@@ -137,8 +137,16 @@ class TargetRunner:
         return_final_hidden: also return the post-norm hidden state of every new position [T, H] (the
         target's own next-token distribution is lm_head of it; drafter losses need it, docs/design.md §2.5).
         """
-        tensors = [torch.as_tensor(t, dtype=torch.long).reshape(-1) for t in new_tokens]
-        query_lens = [int(t.numel()) for t in tensors]
+        if all(isinstance(t, (list, tuple)) for t in new_tokens):  # the engine's rows: one tensor from the lists
+            query_lens = [len(t) for t in new_tokens]
+            ids = [token for t in new_tokens for token in t]
+            lowest, highest = (min(ids), max(ids)) if ids else (0, 0)
+            flat = torch.tensor(ids, dtype=torch.long)
+        else:
+            tensors = [torch.as_tensor(t, dtype=torch.long).reshape(-1) for t in new_tokens]
+            query_lens = [int(t.numel()) for t in tensors]
+            flat = torch.cat(tensors)
+            lowest, highest = (int(flat.min()), int(flat.max())) if flat.numel() else (0, 0)
         for seq_id, q in zip(seq_ids, query_lens):
             end = self.cache.length(seq_id) + q
             if end > self.max_context:
@@ -147,8 +155,7 @@ class TargetRunner:
                 )
         self.model.validate_feature_layers(tuple(feature_layer_ids))
         vocab = self.config.vocab_size
-        flat = torch.cat(tensors)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= vocab):
+        if lowest < 0 or highest >= vocab:
             raise RequestError(f"token id out of range [0, {vocab})")
         rows = None
         if logits_per_sequence is not None:

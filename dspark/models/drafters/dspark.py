@@ -349,6 +349,7 @@ class DSparkDrafter(Drafter):
         head = model.markov_head
         state = head.initial_state(batch, hidden[:, 0]) if head is not None else None
         prev = anchors
+        all_greedy = all(s.greedy for s in samplings)
         tokens, probs = [], []
         for k in range(block_size):
             logits = base[:, k]
@@ -356,7 +357,8 @@ class DSparkDrafter(Drafter):
                 bias, state = head.step(prev, hidden[:, k], state)
                 logits = logits + bias.float()
             q = logits_to_probs(logits, samplings)
-            prev = sample(q, generator, None if uniforms is None else uniforms[:, k])
+            # All greedy: q is one-hot, and its argmax is the token inverse-CDF sampling would draw.
+            prev = q.argmax(-1) if all_greedy else sample(q, generator, None if uniforms is None else uniforms[:, k])
             tokens.append(prev)
             probs.append(q)
         tokens = torch.stack(tokens, dim=1)
