@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dspark.decoding.sampling import logits_to_probs, sample
+from dspark.devices import to_device
 from dspark.errors import CheckpointError, RequestError
 from dspark.models.checkpoint import IndexExpectation
 from dspark.models.config import DecoderConfig, architectures_field, int_field, parse_decoder_config
@@ -485,21 +486,24 @@ class CausalFeatureDrafter(Drafter):
         probs = torch.zeros(count, width, vocab, dtype=torch.float32, device=device)
         verified = [self.cache.length(h) for h in handles]
         uniforms = draft_uniforms(batch, width)
+        slot_rows = [[b for b in range(count) if limits[b] > k] for k in range(width)]
+        # Every slot's rows and the uniforms reach the device in one asynchronous copy per dtype.
+        indices = to_device([torch.tensor(rows, dtype=torch.long) for rows in slot_rows]
+                            + ([] if uniforms is None else [uniforms]), device)
+        uniforms = None if uniforms is None else indices.pop()
         try:
-            for k in range(width):
-                rows = [b for b in range(count) if limits[b] > k]
-                index = torch.tensor(rows, dtype=torch.long, device=device)
+            for k, (rows, index) in enumerate(zip(slot_rows, indices)):
                 if k > 0:
                     step_handles = [handles[b] for b in rows]
                     stepped = self.model.draft_step(self.cache, step_handles, hidden[index], tokens[index, k - 1])
                     hidden = hidden.index_copy(0, index, stepped)
                 q = logits_to_probs(self.model.logits(hidden[index]), [batch[b].sampling for b in rows])
-                tokens[index, k] = sample(q, generator, None if uniforms is None else uniforms[index.cpu(), k])
+                tokens[index, k] = sample(q, generator, None if uniforms is None else uniforms[index, k])
                 probs[index, k] = q
         finally:
             for handle, length in zip(handles, verified):
                 self.cache.truncate(handle, length)
-        return DraftProposal(tokens=tokens.cpu(), lengths=torch.tensor(limits, dtype=torch.long), probs=probs)
+        return DraftProposal(tokens=tokens, lengths=torch.tensor(limits, dtype=torch.long), probs=probs)
 
     def release(self, seq_id: int) -> None:
         handle = self._handles.pop(seq_id, None)
