@@ -5,7 +5,8 @@ device-to-host copy and every operation whose output size depends on data (`nonz
 indexing, `masked_select`, `unique`, `repeat_interleave` without `output_size`) makes the CPU wait until
 the GPU has finished all queued work; in a decoding loop each such wait leaves the GPU idle while Python
 prepares the next launch (issue 17; docs/architecture.md "host syncs"). The engine's step therefore
-reads device results in one place only, `to_host`, once per step.
+reads device values through `to_host` only: once after the target forward, and once in the planning phase
+when the drafter ran (the plan needs the drafts and their confidences before the forward).
 
 `HostSyncCounter` is a `TorchDispatchMode` that records, while active:
 * `syncs` — the ATen operations above (they reach the dispatcher on the CPU too: `item`, `int()`,
