@@ -76,10 +76,6 @@ class StepDrafts:
     confidence_rows: list[list[float]] | None = None  # the plan's calibrated confidences [R][K]
 
     @property
-    def verify_lens(self) -> torch.Tensor:
-        return self.plan.lengths
-
-    @property
     def num_tokens(self) -> int:
         """Target tokens the decoding rows add to the step: Σ (1 + ℓ)."""
         return len(self.requests) + sum(self.verify_list)
@@ -237,40 +233,32 @@ def _verify(drafts: StepDrafts, logits: torch.Tensor, query_lens: list[int], ran
         row_starts.append(row_starts[-1] + q)
     greedy = [b for b, r in enumerate(requests) if r.sampling.greedy]
     sampled = [b for b, r in enumerate(requests) if not r.sampling.greedy]
-    lens_s = [query_lens[b] for b in sampled]
-    # Everything verification needs from the host, in one asynchronous copy per dtype (`to_device`):
-    # row (b, k) of the padded [B, width + 1] layout ← flat row row_starts[b] + k (padding reads row 0); the
-    # sampled rows' flat rows, slots and owners; the drafts; the verification uniforms.
+    # Everything verification needs from the host, in one asynchronous copy per dtype (`to_device`): row
+    # (b, k) of the padded [B, width + 1] layout ← flat row row_starts[b] + k (a padding slot, k > ℓ_b, reads
+    # the request's first row; verification never uses it); the drafts; the verification uniforms.
     host = [
         torch.tensor(drafts.verify_list, dtype=torch.long),
-        torch.tensor([[row_starts[b] + k if k < q else 0 for k in range(width + 1)] for b, q in enumerate(query_lens)],
+        torch.tensor([[row_starts[b] + (k if k < q else 0) for k in range(width + 1)] for b, q in enumerate(query_lens)],
                      dtype=torch.long).view(batch, width + 1),
         torch.tensor(greedy, dtype=torch.long), torch.tensor(sampled, dtype=torch.long),
-        torch.tensor([row_starts[b] + k for b in sampled for k in range(query_lens[b])], dtype=torch.long),
-        torch.tensor([k for q in lens_s for k in range(q)], dtype=torch.long),
-        torch.tensor([i for i, q in enumerate(lens_s) for _ in range(q)], dtype=torch.long),
         torch.tensor([row + [0] * (width - len(row)) for row in drafts.draft_lists], dtype=torch.long)
         .view(batch, width),
         random.verification().contiguous(),
     ]
-    verify_lens, padded_rows, greedy_rows, sampled_rows, flat_rows, slots, owners, drafts_tokens, uniforms = \
-        to_device(host, device)
+    verify_lens, padded_rows, greedy_rows, sampled_rows, drafts_tokens, uniforms = to_device(host, device)
+    draft_probs = None if proposal.probs is None else proposal.probs[:, :width].to(device)
     if greedy:
         target_argmax = logits.argmax(-1)[padded_rows[greedy_rows]]  # [G, width + 1]
         accepted, tokens = verify_greedy(target_argmax, drafts_tokens[greedy_rows], verify_lens[greedy_rows])
         num_accepted[greedy_rows], next_tokens[greedy_rows] = accepted, tokens
     if sampled:
-        requests_s = [requests[b] for b in sampled]
-        row_params = [r.sampling for r, q in zip(requests_s, lens_s) for _ in range(q)]
-        flat_probs = logits_to_probs(logits[flat_rows], row_params)
-        target_probs = flat_probs.new_zeros(len(sampled), width + 1, flat_probs.shape[-1])
-        target_probs[owners, slots] = flat_probs
-        draft_probs = None if proposal.probs is None else proposal.probs.to(device)[sampled_rows, :width]
-        result = verify(target_probs, drafts_tokens[sampled_rows], verify_lens[sampled_rows], draft_probs,
+        row_params = [requests[b].sampling for b in sampled for _ in range(width + 1)]
+        target_probs = logits_to_probs(logits[padded_rows[sampled_rows]].flatten(0, 1), row_params)
+        result = verify(target_probs.view(len(sampled), width + 1, -1), drafts_tokens[sampled_rows],
+                        verify_lens[sampled_rows], None if draft_probs is None else draft_probs[sampled_rows],
                         uniforms=uniforms[sampled_rows])
         num_accepted[sampled_rows], next_tokens[sampled_rows] = result.num_accepted, result.next_tokens
-    if proposal.probs is not None and width:
-        draft_probs = proposal.probs[:, :width].to(device)
+    if draft_probs is not None and width:
         used = torch.arange(width, device=device) < verify_lens[:, None]
         bad_drafts = nonfinite_rows(draft_probs, used)
     return num_accepted, next_tokens, bad_drafts

@@ -47,9 +47,9 @@ MUTANTS: tuple[Mutant, ...] = (
         "target-p-without-top-k",
         "the target's distribution in the decoding rounds ignores the request's top-k",
         "dspark/engine/step.py",
-        "    row_params = [r.sampling for r, q in zip(requests_s, lens_s) for _ in range(q)]",
-        "    row_params = [type(r.sampling)(r.sampling.temperature, 0, r.sampling.top_p)\n"
-        "                  for r, q in zip(requests_s, lens_s) for _ in range(q)]",
+        "        row_params = [requests[b].sampling for b in sampled for _ in range(width + 1)]",
+        "        row_params = [type(requests[b].sampling)(requests[b].sampling.temperature, 0, requests[b].sampling.top_p)\n"
+        "                      for b in sampled for _ in range(width + 1)]",
         (f"{LOSSLESS}::test_sampled_output_has_the_target_distribution[mtp-T1-top_k3]",),
     ),
     Mutant(
