@@ -51,3 +51,11 @@ def test_greedy_decoding_on_the_compiled_path_equals_eager_plain_decoding(tmp_pa
     again = generate(compiled, PROMPTS, sampling=SamplingParams(temperature=0.0), max_new_tokens=24,
                      drafter=compiled_drafter)
     assert again.stats.accepted_tokens == with_drafts.stats.accepted_tokens  # the same drafts as the eager drafter
+
+    # Sampling is not compiled (verification and the draws stay eager), so a seeded sampled batch draws the same
+    # tokens on both paths: the compiled forward feeds the exact rejection rule the same distributions.
+    sampled = SamplingParams(temperature=1.0, top_k=8)
+    on = generate(compiled, PROMPTS, sampling=sampled, max_new_tokens=24, drafter=compiled_drafter, seed=3)
+    off = generate(eager, PROMPTS, sampling=sampled, max_new_tokens=24, drafter=drafter, seed=3)
+    assert [s.token_ids for s in on.sequences] == [s.token_ids for s in off.sequences]
+    assert [s.token_ids for s in on.sequences] != expected  # sampled, not greedy
