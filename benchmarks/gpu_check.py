@@ -32,6 +32,9 @@ the next one still runs; the JSON is rewritten after every section, so even a ki
 7. compiled — the same target and drafter with `--compile` (their dense layer parts through torch.compile),
    plain and speculative at the first concurrency next to the eager engine, after one compiling run
    (`compile_s`); greedy agreement with the eager tokens.
+8. graphs — the static-shape step replayed from CUDA graphs (on by default on CUDA, so sections 2–7 ran with
+   it) against `--enforce-eager`: plain and speculative tokens/s at the first two concurrencies, greedy
+   agreement, captures made and the first (capturing) run's seconds.
 
     python benchmarks/gpu_check.py [--device cuda|cpu] [--smoke] [--out FILE] [--sections a,b,...]
         [--time-budget-s 420] [--hbm-gbps 3350]
@@ -105,6 +108,7 @@ HEADLINE = {  # top-level field → (section, field)
     "hf_eager_tok_s": ("throughput", "hf_eager_tok_s"),
     "hf_static_tok_s": ("throughput", "hf_static_tok_s"),
     "load_peak_over_weights": ("build", "load_peak_over_weights"),
+    "graphs_speedup_plain_at_1": ("graphs", "speedup_plain_at_1"),
     "kernels_per_round": ("profiler", "kernels_per_round"),
     "gpu_busy_fraction": ("profiler", "gpu_busy_fraction"),
     "compiled_plain_tok_s_1req": ("compiled", "plain_tok_s"),
@@ -144,7 +148,7 @@ SMOKE = Plan(
     greedy_prompt_lens=(5, 9, 16), greedy_new_tokens=16, concurrency=(1, 2), prompt_len=8, new_tokens=8,
     counted_steps=3, profile_args=("--context", "16", "--requests", "1,2", "--lengths", "1,2", "--repeats", "2"),
 )
-SECTION_NAMES = ("build", "greedy", "host_syncs", "throughput", "profiler", "profile", "compiled")
+SECTION_NAMES = ("build", "greedy", "host_syncs", "throughput", "profiler", "profile", "compiled", "graphs")
 
 
 # -- arguments -----------------------------------------------------------------------------------------
@@ -699,10 +703,51 @@ def section_compiled(check: Check, out: dict) -> None:
         check.say(f"compiled: {label} {compiled['throughput_tok_s']:.1f} tok/s (eager {eager['throughput_tok_s']:.1f})")
 
 
+def section_graphs(check: Check, out: dict) -> None:
+    """The static-shape step replayed from captured graphs (`dspark.models.static_step`; on by default on CUDA,
+    so every section above ran with it) against `--enforce-eager`, plain and speculative, at the first two
+    concurrencies: tokens/s both ways, greedy agreement, the captures made and the seconds of the first run
+    (which captures). On the CPU (`--smoke`) the graphs are `HostGraph`s, so the path runs and agrees but
+    gains nothing."""
+    plan, fast = check.plan, check.fast_dtype
+    graphed = check.runner(fast)
+    if graphed.static is None:  # the CPU: graphs are off by default there
+        graphed = TargetRunner.from_pretrained(check.folders().target, device=check.device, dtype=fast, graphs=True)
+    eager = TargetRunner.from_pretrained(check.folders().target, device=check.device, dtype=fast, graphs=False)
+    drafter = check.drafter(fast)
+    out["first_run_s"] = {}
+    for c in plan.concurrency[:2]:
+        prompts = random_prompts(graphed.config.vocab_size, [plan.prompt_len] * c, seed=3)
+        for label, used in (("plain", None), ("speculative", drafter)):
+            if check.out_of_time():
+                out.setdefault("skipped", []).append(f"{label} at {c}")
+                continue
+            measured = {}
+            for mode, target in (("graphs", graphed), ("eager", eager)):
+                for new_tokens in (WARMUP_TOKENS, plan.new_tokens):
+                    engine = make_engine(target, used, c, plan.prompt_len + plan.new_tokens)
+                    start = time.perf_counter()
+                    try:
+                        measured[mode] = run_point(engine, prompts, sampling=GREEDY, max_new_tokens=new_tokens,
+                                                   num_requests=c, concurrency=c)
+                    finally:
+                        engine.close()
+                    if mode == "graphs" and new_tokens == WARMUP_TOKENS:
+                        out["first_run_s"].setdefault(label, time.perf_counter() - start)
+            (on, on_tokens), (off, off_tokens) = measured["graphs"], measured["eager"]
+            out.setdefault(f"{label}_tok_s", {})[c] = on["throughput_tok_s"]
+            out.setdefault(f"{label}_eager_tok_s", {})[c] = off["throughput_tok_s"]
+            out.setdefault(f"{label}_greedy_agreement", {})[c] = agreement(off_tokens, on_tokens)["greedy_agreement"]
+            check.say(f"graphs: {label} at {c}: {on['throughput_tok_s']:.1f} tok/s "
+                      f"(--enforce-eager {off['throughput_tok_s']:.1f})")
+    out.update(captures=len(graphed.static.captures), replays=graphed.static.replays)
+    out["speedup_plain_at_1"] = out["plain_tok_s"][plan.concurrency[0]] / out["plain_eager_tok_s"][plan.concurrency[0]]
+
+
 SECTIONS: dict[str, Callable[[Check, dict], None]] = {  # each fills its dict as it goes
     "build": section_build, "greedy": section_greedy, "host_syncs": section_host_syncs,
     "throughput": section_throughput, "profiler": section_profiler, "profile": section_profile,
-    "compiled": section_compiled,
+    "compiled": section_compiled, "graphs": section_graphs,
 }
 
 

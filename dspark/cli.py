@@ -75,6 +75,14 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
 
 COMPILE_HELP = ("run the dense layer parts of the target and of a DSpark / DFlash drafter through torch.compile "
                 "(Inductor: the system C++ compiler on CPU, Triton on CUDA); the first steps compile")
+ENFORCE_EAGER_HELP = ("on CUDA, run every target forward eagerly instead of replaying decoding and verification steps "
+                      "from CUDA graphs (one capture per batch × rows × context bucket, made on first use)")
+
+
+def add_execution_args(parser: argparse.ArgumentParser) -> None:
+    """--compile and --enforce-eager (vLLM's name for turning CUDA graphs off)."""
+    parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    parser.add_argument("--enforce-eager", action="store_true", help=ENFORCE_EAGER_HELP)
 
 
 def add_runtime_args(parser: argparse.ArgumentParser, default_threads: int | None = None) -> None:

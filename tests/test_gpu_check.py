@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
-SECTIONS = ["build", "greedy", "host_syncs", "throughput", "profiler", "profile", "compiled"]
+SECTIONS = ["build", "greedy", "host_syncs", "throughput", "profiler", "profile", "compiled", "graphs"]
 SMOKE_CONCURRENCY = {"1", "2"}
 
 
@@ -95,6 +95,12 @@ def test_smoke_sections_report_what_they_measured(smoke):
     compiled = sections["compiled"]
     assert compiled["compile_s"] > 0 and compiled["plain_tok_s"] > 0 and compiled["speculative_tok_s"] > 0
     assert compiled["plain_greedy_agreement"] == compiled["speculative_greedy_agreement"] == 1.0
+    graphs = sections["graphs"]
+    assert graphs["captures"] > 0 and graphs["replays"] > graphs["captures"]
+    for label in ("plain", "speculative"):
+        assert set(graphs[f"{label}_greedy_agreement"].values()) == {1.0}
+        assert all(v > 0 for v in graphs[f"{label}_tok_s"].values())
+    assert graphs["speedup_plain_at_1"] > 0
 
 
 def test_smoke_writes_the_sps_table(smoke):

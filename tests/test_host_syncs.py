@@ -34,11 +34,12 @@ def folders(tmp_path_factory):
     return target, save_dspark_folder(target, root / "dspark", block_size=4)
 
 
+@pytest.mark.parametrize("graphs", [False, True])  # the ragged forward; the static step (dspark.models.static_step)
 @pytest.mark.parametrize("count", [1, 4])  # one request: its verification rows are one attention group alone
 @pytest.mark.parametrize("kind", ["plain", "dspark"])
-def test_a_steady_round_reads_the_device_once_between_forward_and_commit(folders, kind, count):
+def test_a_steady_round_reads_the_device_once_between_forward_and_commit(folders, kind, count, graphs):
     target, dspark = folders
-    runner = TargetRunner.from_pretrained(target, dtype="float32", cache_page_size=4)
+    runner = TargetRunner.from_pretrained(target, dtype="float32", cache_page_size=4, graphs=graphs)
     drafter = load_dspark_drafter(dspark, device="cpu", dtype="float32") if kind == "dspark" else None
     engine = Engine(runner, drafter)
     engine.controller.gate = None  # draft every step (the CPU profile's gate may close it)
@@ -55,6 +56,8 @@ def test_a_steady_round_reads_the_device_once_between_forward_and_commit(folders
         assert window.syncs == [] and window.transfers == 1
         assert step.syncs == []
         assert step.transfers == (2 if kind == "dspark" else 1)  # + the plan's read when the drafter ran
+    if graphs:
+        assert runner.static.replays >= 5 and runner.static.captures
 
 
 def test_the_counter_sees_every_kind_of_host_read():

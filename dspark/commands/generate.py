@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dspark.cli import COMPILE_HELP, add_runtime_args, add_sampling_args, print_json
+from dspark.cli import add_execution_args, add_runtime_args, add_sampling_args, print_json
 from dspark.decoding.sampling import SamplingParams
 from dspark.engine.generation import generate
 from dspark.errors import RequestError
@@ -35,7 +35,7 @@ def register(sub) -> None:
     gen.add_argument("--chat", action="store_true", help="render the prompt as one user turn with the chat template")
     add_sampling_args(gen)
     add_runtime_args(gen)
-    gen.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    add_execution_args(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(handler=run_generate)
 
@@ -108,7 +108,8 @@ def run_generate(args) -> int:
         parse_policies(args.scheduler, None, "--scheduler")  # names checked before any model loads
     if args.online_calibration is not None and args.online_calibration < 1:
         raise RequestError(f"--online-calibration must be ≥ 1, got {args.online_calibration}")
-    runner = TargetRunner.from_pretrained(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
+    runner = TargetRunner.from_pretrained(args.model, device=args.device, dtype=args.dtype, compile=args.compile,
+                                         graphs=False if args.enforce_eager else None)
     tokenizer = load_tokenizer(args.model)
     drafter = None
     if args.drafter is not None:

@@ -14,7 +14,7 @@ import sys
 
 from pathlib import Path
 
-from dspark.cli import COMPILE_HELP, add_runtime_args, add_seed_arg
+from dspark.cli import add_execution_args, add_runtime_args, add_seed_arg
 from dspark.errors import ConfigError
 
 
@@ -52,7 +52,7 @@ def add_server_args(p, port_help: str) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running requests")
     add_seed_arg(p, help="the engine generator's seed (requests without their own seed)")
     add_runtime_args(p)
-    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    add_execution_args(p)
 
 
 def _absolute(path: str | None, *, model_folder: bool = False) -> str | None:
@@ -93,7 +93,8 @@ def configs_from_args(args, *, local_files: bool = True):
     served_name = args.served_model_name or (Path(args.model).name if args.model else "dspark-builtin")
     calibration = args.calibration if args.calibration in ("auto", "none") else _absolute(args.calibration)
     model = ModelOptions(_absolute(args.model), _absolute(args.drafter, model_folder=True), args.num_draft_tokens,
-                         args.device, args.dtype, args.compile)
+                         args.device, args.dtype, args.compile,
+                         args.enforce_eager)
     engine = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           kv_cache_tokens=args.kv_cache_tokens, seed=args.seed, policy=args.scheduler,
                           profile=_absolute(args.profile), calibration=calibration)

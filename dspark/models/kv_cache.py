@@ -6,6 +6,10 @@ sequence lives in slot `table[p // page_size] * page_size + p % page_size`. Roll
 is just lowering its length (and returning whole pages past the new end to the free list): slots past
 the length are overwritten by the next forward.
 
+Each pool holds one page more than `num_pages`: the scratch page (`scratch_slot`), zeroed, owned by no
+sequence. The static-shape step (`dspark.models.static_step`) points its padding rows' writes and its padded
+keys there, so padding never touches a sequence's slots and never reads uninitialised memory.
+
 Two ways to size the pools. Standalone use (training, evaluation, profiling) lets them grow on demand
 (re-allocated, contents copied) up to `max_pages`. The engine calls `allocate(num_pages, page_size)` once:
 the pools are then allocated exactly once and never grow; its block manager (`dspark.engine.block_manager`)
@@ -87,6 +91,35 @@ class AttentionMetadata:
         return len(self.query_lens)
 
 
+@dataclass
+class StaticLayout:
+    """Host-built inputs of one static-shape forward (`PagedKVCache.prepare_static`): `batch` sequences of
+    `query_len` rows each (row r of sequence b is flat row b · query_len + r), keys gathered `width` wide.
+    Query row r of sequence b sees key j iff j < context_lens[b] and j ≤ query_starts[b] + r."""
+
+    positions: torch.Tensor  # [batch · query_len] long
+    slot_mapping: torch.Tensor  # [batch · query_len] long: where each row's K/V is written (scratch for padding)
+    query_starts: torch.Tensor  # [batch] long: position of each sequence's first new row
+    context_lens: torch.Tensor  # [batch] long: keys of each sequence after the forward (1 for padding)
+    gather_slots: torch.Tensor  # [batch, width] long: slot of key j of sequence b (scratch past its context)
+    real_rows: torch.Tensor  # [T] long: flat rows of the real tokens, in the ragged batch's order
+
+    @classmethod
+    def idle(cls, batch: int, query_len: int, width: int, scratch_slot: int) -> "StaticLayout":
+        """Every row padding: writes to and reads the scratch slot only (the layout a capture warms up with)."""
+        tokens = batch * query_len
+        return cls(positions=torch.zeros(tokens, dtype=torch.long),
+                   slot_mapping=torch.full((tokens,), scratch_slot, dtype=torch.long),
+                   query_starts=torch.zeros(batch, dtype=torch.long), context_lens=torch.ones(batch, dtype=torch.long),
+                   gather_slots=torch.full((batch, width), scratch_slot, dtype=torch.long),
+                   real_rows=torch.zeros(0, dtype=torch.long))
+
+    def packed(self) -> torch.Tensor:
+        """Everything but real_rows as one flat long tensor (one copy into a capture's input buffer)."""
+        return torch.cat([self.positions, self.slot_mapping, self.query_starts, self.context_lens,
+                          self.gather_slots.reshape(-1)])
+
+
 MAX_PADDING = 2  # a query row of a group is padded to at most this many times its length ...
 SHORT_QUERY = 16  # ... or to this many rows (decoding and verification rows always share one call)
 
@@ -134,6 +167,7 @@ class PagedKVCache:
         self.dtype = dtype
         self.device = torch.device(device)
         self.num_pages = 0
+        self.generation = 0  # bumped whenever the pools are re-allocated (captured CUDA graphs hold their addresses)
         self.k_pools: list[torch.Tensor] = []
         self.v_pools: list[torch.Tensor] = []
         self._free_pages: list[int] = []
@@ -180,6 +214,11 @@ class PagedKVCache:
         return len(self._tables)
 
     @property
+    def scratch_slot(self) -> int:
+        """The first slot of the scratch page (past every sequence's pages; zeroed at allocation)."""
+        return self.num_pages * self.page_size
+
+    @property
     def bytes_per_token(self) -> int:
         """K + V bytes one token position takes over all layers."""
         element = torch.empty((), dtype=self.dtype).element_size()
@@ -198,19 +237,21 @@ class PagedKVCache:
 
     # -- storage ---------------------------------------------------------------------------------
     def _grow(self, new_num_pages: int) -> None:
-        slots = new_num_pages * self.page_size
+        slots = (new_num_pages + 1) * self.page_size  # + the scratch page
         shape = (slots, self.num_kv_heads, self.head_dim)
         old_slots = self.num_pages * self.page_size
         for pools in (self.k_pools, self.v_pools):
             for layer in range(self.num_layers):
                 fresh = torch.empty(shape, dtype=self.dtype, device=self.device)
+                fresh[new_num_pages * self.page_size:].zero_()
                 if layer < len(pools):
-                    fresh[:old_slots].copy_(pools[layer])
+                    fresh[:old_slots].copy_(pools[layer][:old_slots])
                     pools[layer] = fresh
                 else:
                     pools.append(fresh)
         self._free_pages = list(range(new_num_pages - 1, self.num_pages - 1, -1)) + self._free_pages
         self.num_pages = new_num_pages
+        self.generation += 1
 
     def _reserve(self, seq_id: int, new_length: int) -> None:
         table = self._tables[seq_id]
@@ -255,6 +296,40 @@ class PagedKVCache:
         attends bidirectionally within itself, docs/design.md §2.2).
         """
         kv_only = kv_only_lens or [0] * len(seq_ids)
+        starts, query_starts, context_lens, all_slots = self._advance(seq_ids, query_lens, kv_only)
+        positions = torch.tensor([p for s, q in zip(query_starts, query_lens) for p in range(s, s + q)], dtype=torch.long)
+        kv_only_positions = torch.tensor([p for s, qs in zip(starts, query_starts) for p in range(s, qs)], dtype=torch.long)
+        slot_mapping = [slots[qs:] for slots, qs in zip(all_slots, query_starts)]
+        kv_only_slots = [slots[start:qs] for slots, start, qs in zip(all_slots, starts, query_starts)]
+        token_offsets = [0]
+        for q in query_lens:
+            token_offsets.append(token_offsets[-1] + q)
+        members = group_by_query_length(list(query_lens))
+        groups = [self._group(rows, query_lens, query_starts, context_lens, all_slots, token_offsets, causal,
+                              whole=len(members) == 1) for rows in members]
+        # Built on the host, moved in one asynchronous copy per dtype (`to_device`).
+        fields = [(g, name) for g in groups for name in ("token_rows", "gather_slots", "padded_index", "attn_mask")
+                  if getattr(g, name) is not None and getattr(g, name).device.type == "cpu"]
+        moved = to_device([positions, torch.cat(slot_mapping), kv_only_positions, torch.cat(kv_only_slots)]
+                          + [getattr(g, name) for g, name in fields], self.device)
+        for (group, name), tensor in zip(fields, moved[4:]):
+            setattr(group, name, tensor)
+        return AttentionMetadata(
+            positions=moved[0],
+            slot_mapping=moved[1],
+            query_lens=list(query_lens),
+            context_lens=context_lens,
+            groups=groups,
+            kv_only_positions=moved[2],
+            kv_only_slot_mapping=moved[3],
+        )
+
+    def _advance(self, seq_ids: list[int], query_lens: list[int], kv_only: list[int]
+                 ) -> tuple[list[int], list[int], list[int], list[torch.Tensor]]:
+        """Reserve pages for each sequence's n_b K/V-only rows and q_b query rows and advance its length; on
+        failure (CacheCapacityError, ValueError) nothing is changed. Returns, per sequence: its start length,
+        the position of its first query row, its context length after the forward, and the flat slots of all
+        its positions up to that length (host tensors)."""
         if len(seq_ids) != len(query_lens) or len(kv_only) != len(seq_ids) or not seq_ids:
             raise ValueError("need one query length per sequence and at least one sequence")
         if len(set(seq_ids)) != len(seq_ids):
@@ -275,38 +350,37 @@ class PagedKVCache:
             raise
         query_starts = [start + n for start, n in zip(starts, kv_only)]
         context_lens = [qs + q for qs, q in zip(query_starts, query_lens)]
-        positions = torch.tensor([p for s, q in zip(query_starts, query_lens) for p in range(s, s + q)], dtype=torch.long)
-        kv_only_positions = torch.tensor([p for s, qs in zip(starts, query_starts) for p in range(s, qs)], dtype=torch.long)
-        slot_mapping, kv_only_slots, all_slots = [], [], []
-        for seq_id, start, qs, c in zip(seq_ids, starts, query_starts, context_lens):
-            slots = self._slots(seq_id, 0, c)
-            all_slots.append(slots)
-            slot_mapping.append(slots[qs:])
-            kv_only_slots.append(slots[start:qs])
-        token_offsets = [0]
-        for q in query_lens:
-            token_offsets.append(token_offsets[-1] + q)
-        members = group_by_query_length(list(query_lens))
-        groups = [self._group(rows, query_lens, query_starts, context_lens, all_slots, token_offsets, causal,
-                              whole=len(members) == 1) for rows in members]
         for seq_id, c in zip(seq_ids, context_lens):
             self._lengths[seq_id] = c
-        # Built on the host, moved in one asynchronous copy per dtype (`to_device`).
-        fields = [(g, name) for g in groups for name in ("token_rows", "gather_slots", "padded_index", "attn_mask")
-                  if getattr(g, name) is not None and getattr(g, name).device.type == "cpu"]
-        moved = to_device([positions, torch.cat(slot_mapping), kv_only_positions, torch.cat(kv_only_slots)]
-                          + [getattr(g, name) for g, name in fields], self.device)
-        for (group, name), tensor in zip(fields, moved[4:]):
-            setattr(group, name, tensor)
-        return AttentionMetadata(
-            positions=moved[0],
-            slot_mapping=moved[1],
-            query_lens=list(query_lens),
-            context_lens=context_lens,
-            groups=groups,
-            kv_only_positions=moved[2],
-            kv_only_slot_mapping=moved[3],
-        )
+        return starts, query_starts, context_lens, [self._slots(s, 0, c) for s, c in zip(seq_ids, context_lens)]
+
+    def prepare_static(self, seq_ids: list[int], query_lens: list[int], batch: int, query_len: int,
+                       context_pages: int) -> StaticLayout:
+        """Like `prepare` (causal, no K/V-only rows), in the fixed shapes of a capture bucket: `batch` ≥ B
+        sequences, `query_len` ≥ max q_b rows each, keys gathered `context_pages` pages wide. Padding rows
+        (past q_b, or whole padding sequences) write their K/V to the scratch slot and see only real keys (or,
+        for a padding sequence, the scratch slot), so they change no sequence and never attend to nothing."""
+        width = context_pages * self.page_size
+        if len(seq_ids) > batch or any(q > query_len for q in query_lens):
+            raise ValueError(f"{len(seq_ids)} sequences of up to {max(query_lens)} rows exceed the bucket "
+                             f"{batch} × {query_len}")
+        starts, _, context_lens, all_slots = self._advance(seq_ids, query_lens, [0] * len(seq_ids))
+        if max(context_lens) > width:
+            for seq_id, start in zip(seq_ids, starts):
+                self.truncate(seq_id, start)
+            raise ValueError(f"a context of {max(context_lens)} tokens exceeds the bucket's {width} keys")
+        scratch = self.scratch_slot
+        layout = StaticLayout.idle(batch, query_len, width, scratch)
+        rows = []
+        for b, (start, c, q, slots) in enumerate(zip(starts, context_lens, query_lens, all_slots)):
+            layout.query_starts[b], layout.context_lens[b] = start, c
+            layout.gather_slots[b, :c] = slots
+            first = b * query_len
+            layout.positions[first: first + query_len] = torch.arange(start, start + query_len)
+            layout.slot_mapping[first: first + q] = slots[start:]
+            rows.append(torch.arange(first, first + q))
+        layout.real_rows = torch.cat(rows)
+        return layout
 
     def _group(self, rows: list[int], query_lens: list[int], query_starts: list[int], context_lens: list[int],
                all_slots: list[torch.Tensor], token_offsets: list[int], causal: bool, whole: bool) -> AttentionGroup:

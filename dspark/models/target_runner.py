@@ -21,6 +21,7 @@ from dspark.models.checkpoint import IndexExpectation, check_index, load_state_i
 from dspark.models.config import DecoderConfig, parse_decoder_config, read_config_json
 from dspark.models.decoder import DecoderModel
 from dspark.models.kv_cache import PagedKVCache
+from dspark.models.static_step import StaticStep
 
 def index_expectation(config: DecoderConfig) -> IndexExpectation:
     """What a target config fixes about its checkpoint before the model is built: `model.layers.{i}.` for
@@ -57,9 +58,13 @@ class TargetRunner:
         max_cache_pages: int | None = None,
         name: str = "model",
         compile: bool = False,
+        graphs: bool | None = None,
     ):
         """model: moved to its device and dtype already (its q/k/v and gate/up projections are fused here,
-        `DecoderModel.fuse_projections`); compile: `DecoderModel.compile_dense_parts`."""
+        `DecoderModel.fuse_projections`); compile: `DecoderModel.compile_dense_parts`; graphs: run forwards of
+        at most `StaticStep.max_query_len` tokens per sequence (decoding, verification) in a capture bucket's
+        static shapes, replayed from captured graphs (`dspark.models.static_step`); None = on CUDA only
+        (`--enforce-eager` turns it off)."""
         self.model = model.eval()
         model.fuse_projections()
         if compile:
@@ -74,6 +79,9 @@ class TargetRunner:
             c.num_layers, c.num_kv_heads, c.head_dim,
             page_size=cache_page_size, max_pages=max_cache_pages, dtype=self.dtype, device=self.device,
         )
+        if graphs is None:
+            graphs = self.device.type == "cuda"
+        self.static = StaticStep(model, self.cache, graphs=True) if graphs else None
 
     @classmethod
     def from_pretrained(
@@ -167,8 +175,14 @@ class TargetRunner:
         elif not all_logits:
             rows = torch.tensor(query_lens).cumsum(0) - 1
         starts = [self.cache.length(s) for s in seq_ids]
-        meta = self.cache.prepare(list(seq_ids), query_lens)
+        bucket = None
+        if self.static is not None and not return_final_hidden:
+            bucket = self.static.bucket(query_lens, starts, tuple(feature_layer_ids))
         try:
+            if bucket is not None:
+                logits, features = self.static.forward(list(seq_ids), flat, query_lens, bucket, rows)
+                return RunnerOutput(logits=logits, query_lens=query_lens, features=features)
+            meta = self.cache.prepare(list(seq_ids), query_lens)
             token_ids, *moved = to_device([flat] + ([] if rows is None else [rows]), self.device)
             out = self.model(
                 token_ids, self.cache, meta, logits_rows=moved[0] if moved else None, feature_layer_ids=tuple(feature_layer_ids),
@@ -176,6 +190,7 @@ class TargetRunner:
             )
         except BaseException:
             for seq_id, start in zip(seq_ids, starts):
-                self.cache.truncate(seq_id, start)
+                if self.cache.length(seq_id) > start:
+                    self.cache.truncate(seq_id, start)
             raise
         return RunnerOutput(logits=out.logits, query_lens=query_lens, features=out.features, final_hidden=out.final_hidden)

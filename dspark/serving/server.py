@@ -24,6 +24,7 @@ class ModelOptions:
     device: str = "auto"
     dtype: str | None = None
     compile: bool = False  # torch.compile the target's dense layer parts
+    enforce_eager: bool = False  # no CUDA graphs (`TargetRunner(graphs=False)`)
 
 
 def load_engine(options: ModelOptions, engine_config: EngineConfig):
@@ -43,7 +44,8 @@ def load_engine(options: ModelOptions, engine_config: EngineConfig):
     else:
         drafter_spec = resolve_drafter(drafter_spec)
     device = str(resolve_device(options.device, "--device"))
-    runner = TargetRunner.from_pretrained(target, device=device, dtype=options.dtype, compile=options.compile)
+    runner = TargetRunner.from_pretrained(target, device=device, dtype=options.dtype, compile=options.compile,
+                                          graphs=False if options.enforce_eager else None)
     tokenizer = load_tokenizer(target)
     drafter = None
     if drafter_spec is not None:

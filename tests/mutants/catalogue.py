@@ -32,6 +32,7 @@ class Mutant:
 
 LOSSLESS = "tests/test_lossless_drafters.py"
 DSPARK_SAMPLE_BLOCK = "dspark/models/drafters/dspark.py"
+STATIC = "tests/test_static_step.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
@@ -121,6 +122,24 @@ MUTANTS: tuple[Mutant, ...] = (
         "        runner.truncate(r.seq_id, starts[b] + 1 + n)  # keep x0 and the accepted drafts",
         "        runner.truncate(r.seq_id, starts[b] + n)  # keep x0 and the accepted drafts",
         (f"{LOSSLESS}::test_greedy_speculative_equals_plain[dspark]",),
+    ),
+    Mutant(
+        "static-mask-not-causal",
+        "in a capture bucket's padded forward, a verification row attends to the keys of the rows after it",
+        "dspark/models/static_step.py",
+        "        mask = (keys < context_lens.view(batch, 1, 1)) & (keys <= last_key)  # [B, Q, C]",
+        "        mask = (keys < context_lens.view(batch, 1, 1)) | (keys <= last_key)  # [B, Q, C]",
+        (f"{STATIC}::test_a_padded_forward_equals_the_ragged_forward[True]",
+         f"{STATIC}::test_greedy_decoding_on_the_static_step_equals_eager_plain_decoding"),
+    ),
+    Mutant(
+        "static-padding-writes-a-sequence",
+        "a capture bucket's padding rows write their K/V into slot 0 (a live sequence's) instead of the scratch page",
+        "dspark/models/kv_cache.py",
+        "        scratch = self.scratch_slot\n",
+        "        scratch = 0\n",
+        (f"{STATIC}::test_a_padded_forward_equals_the_ragged_forward[True]",
+         f"{STATIC}::test_greedy_decoding_on_the_static_step_equals_eager_plain_decoding"),
     ),
     Mutant(
         "equivalent: draft without top-k, reported consistently",
