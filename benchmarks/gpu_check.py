@@ -32,8 +32,8 @@ the next one still runs; the JSON is rewritten after every section, so even a ki
 7. compiled — the same target and drafter with `--compile` (their dense layer parts through torch.compile),
    plain and speculative at the first concurrency next to the eager engine, after one compiling run
    (`compile_s`); greedy agreement with the eager tokens.
-8. graphs — the static-shape step replayed from CUDA graphs (on by default on CUDA, so sections 2–7 ran with
-   it) against `--enforce-eager`: plain and speculative tokens/s at the first two concurrencies, greedy
+8. graphs — the static-shape step of the target and the drafter's block pass replayed from CUDA graphs (on
+   by default on CUDA, so sections 2–7 ran with them) against `--enforce-eager`: plain and speculative tokens/s at the first two concurrencies, greedy
    agreement, captures made and the first (capturing) run's seconds.
 
     python benchmarks/gpu_check.py [--device cuda|cpu] [--smoke] [--out FILE] [--sections a,b,...]
@@ -704,8 +704,9 @@ def section_compiled(check: Check, out: dict) -> None:
 
 
 def section_graphs(check: Check, out: dict) -> None:
-    """The static-shape step replayed from captured graphs (`dspark.models.static_step`; on by default on CUDA,
-    so every section above ran with it) against `--enforce-eager`, plain and speculative, at the first two
+    """The static-shape step and the drafter's block pass replayed from captured graphs (`dspark.models.static_step`,
+    `dspark.models.drafters.static_block`; on by default on CUDA, so every section above ran with them) against
+    `--enforce-eager`, plain and speculative, at the first two
     concurrencies: tokens/s both ways, greedy agreement, the captures made and the seconds of the first run
     (which captures). On the CPU (`--smoke`) the graphs are `HostGraph`s, so the path runs and agrees but
     gains nothing."""
@@ -714,16 +715,20 @@ def section_graphs(check: Check, out: dict) -> None:
     if graphed.static is None:  # the CPU: graphs are off by default there
         graphed = TargetRunner.from_pretrained(check.folders().target, device=check.device, dtype=fast, graphs=True)
     eager = TargetRunner.from_pretrained(check.folders().target, device=check.device, dtype=fast, graphs=False)
-    drafter = check.drafter(fast)
+    drafters = {mode: load_dspark_drafter(check.folders().drafter, device=check.device, dtype=fast)
+                for mode in ("graphs", "eager")}
+    for mode, drafter in drafters.items():
+        drafter.use_graphs(mode == "graphs")
     out["first_run_s"] = {}
     for c in plan.concurrency[:2]:
         prompts = random_prompts(graphed.config.vocab_size, [plan.prompt_len] * c, seed=3)
-        for label, used in (("plain", None), ("speculative", drafter)):
+        for label in ("plain", "speculative"):
             if check.out_of_time():
                 out.setdefault("skipped", []).append(f"{label} at {c}")
                 continue
             measured = {}
             for mode, target in (("graphs", graphed), ("eager", eager)):
+                used = drafters[mode] if label == "speculative" else None
                 for new_tokens in (WARMUP_TOKENS, plan.new_tokens):
                     engine = make_engine(target, used, c, plan.prompt_len + plan.new_tokens)
                     start = time.perf_counter()
@@ -740,7 +745,8 @@ def section_graphs(check: Check, out: dict) -> None:
             out.setdefault(f"{label}_greedy_agreement", {})[c] = agreement(off_tokens, on_tokens)["greedy_agreement"]
             check.say(f"graphs: {label} at {c}: {on['throughput_tok_s']:.1f} tok/s "
                       f"(--enforce-eager {off['throughput_tok_s']:.1f})")
-    out.update(captures=len(graphed.static.captures), replays=graphed.static.replays)
+    out.update(captures=len(graphed.static.captures), replays=graphed.static.replays,
+               drafter_captures=len(drafters["graphs"].static.captures), drafter_replays=drafters["graphs"].static.replays)
     out["speedup_plain_at_1"] = out["plain_tok_s"][plan.concurrency[0]] / out["plain_eager_tok_s"][plan.concurrency[0]]
 
 

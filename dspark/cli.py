@@ -75,8 +75,9 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
 
 COMPILE_HELP = ("run the dense layer parts of the target and of a DSpark / DFlash drafter through torch.compile "
                 "(Inductor: the system C++ compiler on CPU, Triton on CUDA); the first steps compile")
-ENFORCE_EAGER_HELP = ("on CUDA, run every target forward eagerly instead of replaying decoding and verification steps "
-                      "from CUDA graphs (one capture per batch × rows × context bucket, made on first use)")
+ENFORCE_EAGER_HELP = ("on CUDA, run every forward eagerly instead of replaying the target's decoding and verification "
+                      "steps and the drafter's block pass from CUDA graphs (one capture per bucket of batch, rows and "
+                      "context, made on first use)")
 
 
 def add_execution_args(parser: argparse.ArgumentParser) -> None:

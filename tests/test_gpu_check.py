@@ -97,6 +97,7 @@ def test_smoke_sections_report_what_they_measured(smoke):
     assert compiled["plain_greedy_agreement"] == compiled["speculative_greedy_agreement"] == 1.0
     graphs = sections["graphs"]
     assert graphs["captures"] > 0 and graphs["replays"] > graphs["captures"]
+    assert graphs["drafter_captures"] > 0 and graphs["drafter_replays"] > graphs["drafter_captures"]
     for label in ("plain", "speculative"):
         assert set(graphs[f"{label}_greedy_agreement"].values()) == {1.0}
         assert all(v > 0 for v in graphs[f"{label}_tok_s"].values())

@@ -119,19 +119,18 @@ def test_forwards_outside_every_bucket_and_training_forwards_run_ragged(folders)
 def test_reallocated_pools_drop_the_captures_and_results_stay_exact(folders):
     """A cache that grows re-allocates its pools: the captures (which hold the old pools' addresses) are
     made again."""
-    eager = runner(folders[0], False, max_cache_pages=None)
-    static = runner(folders[0], True)
-    eager.cache.allocate(2, 4)
-    static.cache = static.static.cache = type(static.cache)(3, 2, 8, page_size=4, initial_pages=2, dtype=torch.float64)
+    eager, static = runner(folders[0], False), runner(folders[0], True)
+    for cache in (eager.cache, static.cache):
+        cache.allocate(2, 4)
+        cache.max_pages = None  # free to grow again
     a, b = eager.new_sequence(), static.new_sequence()
-    eager.cache.max_pages = None
     generations = []
     for token in range(12):  # 12 tokens in pages of 4: the pools double once past 8
         expected = eager.forward([a], [[token]]).logits
         torch.testing.assert_close(static.forward([b], [[token]]).logits, expected, rtol=0, atol=1e-12)
         generations.append(static.cache.generation)
     assert generations[0] < generations[-1]
-    assert static.static._generation == static.cache.generation and static.static.captures
+    assert static.static.graphs._generation == static.cache.generation and static.static.captures
 
 
 def test_a_failed_static_forward_changes_nothing(folders):
@@ -174,3 +173,55 @@ def test_a_seeded_sampled_batch_draws_the_same_tokens_on_both_paths(folders):
     off = generate(eager, PROMPTS, sampling=sampling, max_new_tokens=30, drafter=drafter, seed=5)
     assert [s.token_ids for s in on.sequences] == [s.token_ids for s in off.sequences]
     assert on.stats.accepted_tokens == off.stats.accepted_tokens and static.static.replays > 0
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+@torch.inference_mode()  # as `DSparkDrafter.propose`
+def test_the_drafters_padded_block_pass_equals_the_ragged_one(folders, graphs):
+    """Rounds of 0–5 new context rows per sequence (the first round's 9–17 run ragged, above the bucket): the
+    same block hidden states, and the same context K/V in the drafter's own cache."""
+    ragged = load_dspark_drafter(folders[1], device="cpu", dtype="float64")
+    padded = load_dspark_drafter(folders[1], device="cpu", dtype="float64")
+    assert ragged.static is None and padded.static is None  # graphs are off by default on the CPU
+    padded.use_graphs(True)
+    padded.static.graphs = padded.static.graphs if graphs else None
+    padded.static.max_context_rows = 8
+    gen = torch.Generator().manual_seed(1)
+    width = ragged.model.fc.weight.shape[1]
+    handles = [(ragged.cache.new_sequence(), padded.cache.new_sequence()) for _ in range(3)]
+    for round_ in range(8):
+        active = handles[: 3 - round_ % 2]
+        rows = [int(n) for n in torch.randint(9, 18, (len(active),), generator=gen)] if round_ == 0 else \
+            [int(n) for n in torch.randint(0, 6, (len(active),), generator=gen)]
+        feats = [torch.randn(n, width, generator=gen, dtype=torch.float64) for n in rows]
+        anchors = torch.randint(0, 48, (len(active),), generator=gen)
+        a = ragged.model.forward_block(ragged.cache, [h for h, _ in active], feats, anchors, ragged.static)
+        b = padded.model.forward_block(padded.cache, [h for _, h in active], feats, anchors, padded.static)
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+        assert padded.static.replays == round_  # every round but the first in a bucket
+    for ha, hb in handles:
+        length = ragged.cache.length(ha)
+        assert padded.cache.length(hb) == length  # the blocks' K/V dropped, the context kept
+        slots_a, slots_b = ragged.cache._slots(ha, 0, length), padded.cache._slots(hb, 0, length)
+        for layer in range(len(ragged.cache.k_pools)):
+            torch.testing.assert_close(padded.cache.k_pools[layer][slots_b], ragged.cache.k_pools[layer][slots_a],
+                                       rtol=1e-12, atol=1e-12)
+    if graphs:
+        assert 0 < len(padded.static.captures) < padded.static.replays
+
+
+def test_speculative_greedy_with_both_passes_static_equals_plain_and_drafts_the_same(folders):
+    target, drafter_dir = folders
+    eager, static = runner(target, False), runner(target, True)
+    eager_drafter = load_dspark_drafter(drafter_dir, device="cpu", dtype="float64")
+    static_drafter = load_dspark_drafter(drafter_dir, device="cpu", dtype="float64")
+    static_drafter.use_graphs(True)
+    expected = greedy(eager)
+    both = generate(static, PROMPTS, sampling=SamplingParams(temperature=0.0), max_new_tokens=30, drafter=static_drafter)
+    reference = generate(eager, PROMPTS, sampling=SamplingParams(temperature=0.0), max_new_tokens=30,
+                         drafter=eager_drafter)
+    assert [s.token_ids for s in both.sequences] == expected
+    assert both.stats.accepted_tokens == reference.stats.accepted_tokens > 0  # the same drafts were proposed
+    assert static_drafter.static.replays > 0 and static.static.replays > 0
+    static_drafter.use_graphs(False)
+    assert static_drafter.static is None

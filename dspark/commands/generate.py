@@ -117,6 +117,8 @@ def run_generate(args) -> int:
                               target=runner.model)
         if args.compile:
             compile_drafter(drafter)
+        if args.enforce_eager:
+            drafter.use_graphs(False)
     controller = make_controller(args, drafter, sampling)
     prompts = [render_prompt(tokenizer, text, args.chat, f"--prompt {i + 1}") for i, text in enumerate(args.prompt)]
     stops = stop_token_ids(args.model, tokenizer, runner.config.eos_token_ids)

@@ -93,31 +93,59 @@ class AttentionMetadata:
 
 @dataclass
 class StaticLayout:
-    """Host-built inputs of one static-shape forward (`PagedKVCache.prepare_static`): `batch` sequences of
-    `query_len` rows each (row r of sequence b is flat row b · query_len + r), keys gathered `width` wide.
-    Query row r of sequence b sees key j iff j < context_lens[b] and j ≤ query_starts[b] + r."""
+    """Host-built inputs of one static-shape forward (`PagedKVCache.prepare_static`): `batch` sequences, each
+    with `kv_only_len` K/V-only rows (row n of sequence b is flat row b · kv_only_len + n) and `query_len`
+    query rows (flat row b · query_len + r), keys gathered `width` wide. Query row r of sequence b sees key j
+    iff j < context_lens[b] and j ≤ query_starts[b] + r (a non-causal forward sets query_starts[b] to the
+    context length: every key of the sequence)."""
 
     positions: torch.Tensor  # [batch · query_len] long
     slot_mapping: torch.Tensor  # [batch · query_len] long: where each row's K/V is written (scratch for padding)
-    query_starts: torch.Tensor  # [batch] long: position of each sequence's first new row
+    kv_only_positions: torch.Tensor  # [batch · kv_only_len] long
+    kv_only_slot_mapping: torch.Tensor  # [batch · kv_only_len] long (scratch for padding)
+    query_starts: torch.Tensor  # [batch] long: the last key query row 0 sees (see above)
     context_lens: torch.Tensor  # [batch] long: keys of each sequence after the forward (1 for padding)
     gather_slots: torch.Tensor  # [batch, width] long: slot of key j of sequence b (scratch past its context)
-    real_rows: torch.Tensor  # [T] long: flat rows of the real tokens, in the ragged batch's order
+    real_rows: torch.Tensor  # [T] long: flat query rows of the real tokens, in the ragged batch's order
+    real_kv_only_rows: torch.Tensor  # [Σ n_b] long: flat K/V-only rows of the real ones, in order
+
+    PACKED = ("positions", "slot_mapping", "kv_only_positions", "kv_only_slot_mapping", "query_starts",
+              "context_lens", "gather_slots")
 
     @classmethod
-    def idle(cls, batch: int, query_len: int, width: int, scratch_slot: int) -> "StaticLayout":
-        """Every row padding: writes to and reads the scratch slot only (the layout a capture warms up with)."""
-        tokens = batch * query_len
-        return cls(positions=torch.zeros(tokens, dtype=torch.long),
-                   slot_mapping=torch.full((tokens,), scratch_slot, dtype=torch.long),
-                   query_starts=torch.zeros(batch, dtype=torch.long), context_lens=torch.ones(batch, dtype=torch.long),
+    def idle(cls, batch: int, query_len: int, width: int, scratch_slot: int, kv_only_len: int = 0) -> "StaticLayout":
+        """Every row padding: writes to and reads the scratch slot only."""
+        def full(size: int, value: int) -> torch.Tensor:
+            return torch.full((size,), value, dtype=torch.long)
+
+        empty = torch.zeros(0, dtype=torch.long)
+        return cls(positions=full(batch * query_len, 0), slot_mapping=full(batch * query_len, scratch_slot),
+                   kv_only_positions=full(batch * kv_only_len, 0),
+                   kv_only_slot_mapping=full(batch * kv_only_len, scratch_slot),
+                   query_starts=full(batch, 0), context_lens=full(batch, 1),
                    gather_slots=torch.full((batch, width), scratch_slot, dtype=torch.long),
-                   real_rows=torch.zeros(0, dtype=torch.long))
+                   real_rows=empty, real_kv_only_rows=empty)
 
     def packed(self) -> torch.Tensor:
-        """Everything but real_rows as one flat long tensor (one copy into a capture's input buffer)."""
-        return torch.cat([self.positions, self.slot_mapping, self.query_starts, self.context_lens,
-                          self.gather_slots.reshape(-1)])
+        """The `PACKED` fields as one flat long tensor (one copy to the device, one into a capture's buffer)."""
+        return torch.cat([getattr(self, name).reshape(-1) for name in self.PACKED])
+
+    @classmethod
+    def metadata(cls, packed: torch.Tensor, batch: int, query_len: int, width: int, kv_only_len: int = 0
+                 ) -> AttentionMetadata:
+        """`packed()` on the device → the forward's AttentionMetadata: one attention group of fixed shapes, its
+        mask [B, 1, Q, width] made on the device (no host value read: capturable in a CUDA graph)."""
+        rows, kv_rows = batch * query_len, batch * kv_only_len
+        positions, slots, kv_positions, kv_slots, query_starts, context_lens, gather = packed.split(
+            [rows, rows, kv_rows, kv_rows, batch, batch, batch * width])
+        keys = torch.arange(width, device=packed.device).view(1, 1, width)
+        last_key = (query_starts.view(batch, 1) + torch.arange(query_len, device=packed.device)).unsqueeze(-1)
+        mask = (keys < context_lens.view(batch, 1, 1)) & (keys <= last_key)  # [B, Q, C]
+        group = AttentionGroup(token_rows=None, gather_slots=gather.view(batch, width), padded_index=positions[:0],
+                               attn_mask=mask.unsqueeze(1), max_query_len=query_len, num_tokens=rows)
+        return AttentionMetadata(positions=positions, slot_mapping=slots, query_lens=[query_len] * batch,
+                                 context_lens=[width] * batch, groups=[group], kv_only_positions=kv_positions,
+                                 kv_only_slot_mapping=kv_slots)
 
 
 MAX_PADDING = 2  # a query row of a group is padded to at most this many times its length ...
@@ -355,31 +383,36 @@ class PagedKVCache:
         return starts, query_starts, context_lens, [self._slots(s, 0, c) for s, c in zip(seq_ids, context_lens)]
 
     def prepare_static(self, seq_ids: list[int], query_lens: list[int], batch: int, query_len: int,
-                       context_pages: int) -> StaticLayout:
-        """Like `prepare` (causal, no K/V-only rows), in the fixed shapes of a capture bucket: `batch` ≥ B
-        sequences, `query_len` ≥ max q_b rows each, keys gathered `context_pages` pages wide. Padding rows
-        (past q_b, or whole padding sequences) write their K/V to the scratch slot and see only real keys (or,
-        for a padding sequence, the scratch slot), so they change no sequence and never attend to nothing."""
+                       context_pages: int, *, kv_only_lens: list[int] | None = None, kv_only_len: int = 0,
+                       causal: bool = True) -> StaticLayout:
+        """`prepare` in the fixed shapes of a capture bucket: `batch` ≥ B sequences, `query_len` ≥ max q_b query
+        rows and `kv_only_len` ≥ max n_b K/V-only rows each, keys gathered `context_pages` pages wide. Padding
+        rows (past q_b or n_b, or whole padding sequences) write their K/V to the scratch slot and see only real
+        keys (a padding sequence: the scratch slot), so they change no sequence and no row attends to nothing.
+        On failure nothing is changed."""
+        kv_only = kv_only_lens or [0] * len(seq_ids)
         width = context_pages * self.page_size
-        if len(seq_ids) > batch or any(q > query_len for q in query_lens):
-            raise ValueError(f"{len(seq_ids)} sequences of up to {max(query_lens)} rows exceed the bucket "
-                             f"{batch} × {query_len}")
-        starts, _, context_lens, all_slots = self._advance(seq_ids, query_lens, [0] * len(seq_ids))
+        if len(seq_ids) > batch or max(query_lens, default=0) > query_len or max(kv_only, default=0) > kv_only_len:
+            raise ValueError(f"{len(seq_ids)} sequences of up to {max(kv_only, default=0)} + {max(query_lens, default=0)} "
+                             f"rows exceed the bucket {batch} × ({kv_only_len} + {query_len})")
+        starts, query_starts, context_lens, all_slots = self._advance(seq_ids, query_lens, kv_only)
         if max(context_lens) > width:
             for seq_id, start in zip(seq_ids, starts):
                 self.truncate(seq_id, start)
             raise ValueError(f"a context of {max(context_lens)} tokens exceeds the bucket's {width} keys")
-        scratch = self.scratch_slot
-        layout = StaticLayout.idle(batch, query_len, width, scratch)
-        rows = []
-        for b, (start, c, q, slots) in enumerate(zip(starts, context_lens, query_lens, all_slots)):
-            layout.query_starts[b], layout.context_lens[b] = start, c
+        layout = StaticLayout.idle(batch, query_len, width, self.scratch_slot, kv_only_len)
+        rows, kv_rows = [], []
+        for b, (start, qs, c, q, slots) in enumerate(zip(starts, query_starts, context_lens, query_lens, all_slots)):
+            layout.query_starts[b], layout.context_lens[b] = (qs if causal else c), c
             layout.gather_slots[b, :c] = slots
-            first = b * query_len
-            layout.positions[first: first + query_len] = torch.arange(start, start + query_len)
-            layout.slot_mapping[first: first + q] = slots[start:]
+            first, kv_first = b * query_len, b * kv_only_len
+            layout.positions[first: first + query_len] = torch.arange(qs, qs + query_len)
+            layout.slot_mapping[first: first + q] = slots[qs:]
+            layout.kv_only_positions[kv_first: kv_first + qs - start] = torch.arange(start, qs)
+            layout.kv_only_slot_mapping[kv_first: kv_first + qs - start] = slots[start:qs]
             rows.append(torch.arange(first, first + q))
-        layout.real_rows = torch.cat(rows)
+            kv_rows.append(torch.arange(kv_first, kv_first + qs - start))
+        layout.real_rows, layout.real_kv_only_rows = torch.cat(rows), torch.cat(kv_rows)
         return layout
 
     def _group(self, rows: list[int], query_lens: list[int], query_starts: list[int], context_lens: list[int],

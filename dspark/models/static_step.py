@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from dspark.devices import to_device
-from dspark.models.kv_cache import AttentionGroup, AttentionMetadata, PagedKVCache, StaticLayout
+from dspark.models.kv_cache import PagedKVCache, StaticLayout
 
 
 def batch_bucket(sequences: int) -> int:
@@ -74,33 +74,104 @@ class HostGraph:
 
 @dataclass
 class Capture:
-    """One bucket's graph: it reads `inputs` (token ids, then `StaticLayout.packed()`) and writes `logits`
-    [B·Q, V] and `features` [B·Q, L·H] (views of the shared output buffers)."""
+    """One bucket's graph: it reads `inputs` (its own copies) and writes `outputs` (views of shared buffers)."""
 
-    inputs: torch.Tensor
+    inputs: list[torch.Tensor]
     graph: torch.cuda.CUDAGraph | HostGraph
-    logits: torch.Tensor
-    features: torch.Tensor | None
+    outputs: list[torch.Tensor | None]
+
+
+class CapturedGraphs:
+    """The captures of one padded forward, keyed by bucket, and their replay: a CUDA graph each on CUDA, a
+    `HostGraph` on the CPU. Used for the target's step (`StaticStep`) and a DSpark drafter's block pass.
+
+    `replay(key, inputs, forward)`: forward(inputs) must take device tensors of fixed shapes per key and return
+    2-D outputs [rows, width] (or None), rows ≤ max_rows. The first time a key occurs, forward runs once eagerly
+    on copies of this step's inputs (a warm-up: lazy initialisations, cuBLAS workspaces, compiled kernels; it
+    writes the same K/V the replay will), then is captured; every time, the inputs are copied into the
+    capture's own and the graph replayed. Output i goes to a buffer [max_rows, width_i] shared by every capture
+    (allocated outside any capture), so no capture holds memory of its own for logits; the returned views are
+    valid until the next replay. A wider output replaces the buffer and drops the captures that wrote to it."""
+
+    def __init__(self, cache: PagedKVCache, max_rows: int):
+        self.cache, self.max_rows = cache, max_rows
+        self.captures: dict = {}
+        self._generation = cache.generation
+        self._pool = None
+        self._buffers: list[torch.Tensor | None] = []
+
+    def replay(self, key, inputs: list[torch.Tensor], forward: Callable[[list[torch.Tensor]], list]) -> list:
+        capture = self._capture(key, inputs, forward)
+        for own, given in zip(capture.inputs, inputs):
+            own.copy_(given, non_blocking=True)
+        capture.graph.replay()
+        return capture.outputs
+
+    def _capture(self, key, inputs: list[torch.Tensor], forward) -> Capture:
+        if self.cache.generation != self._generation:  # the pools the captures wrote to are gone
+            self.captures.clear()
+            self._generation = self.cache.generation
+        if key in self.captures:
+            return self.captures[key]
+        own = [t.clone() for t in inputs]
+        views = self._output_views(forward(own))  # the warm-up
+
+        def run() -> None:
+            for view, output in zip(views, forward(own)):
+                if view is not None:
+                    view.copy_(output)
+
+        if self.cache.device.type == "cuda":
+            graph = self._capture_cuda(run)
+        else:
+            graph = HostGraph(run)
+        self.captures[key] = Capture(own, graph, views)
+        return self.captures[key]
+
+    def _output_views(self, outputs: list) -> list[torch.Tensor | None]:
+        while len(self._buffers) < len(outputs):
+            self._buffers.append(None)
+        for i, out in enumerate(outputs):
+            buffer = self._buffers[i]
+            if out is not None and (buffer is None or buffer.shape[1] < out.shape[1] or buffer.dtype != out.dtype):
+                self.captures = {key: c for key, c in self.captures.items()  # those writing into the old buffer go
+                                 if i >= len(c.outputs) or c.outputs[i] is None}
+                self._buffers[i] = torch.empty(self.max_rows, out.shape[1], dtype=out.dtype, device=out.device)
+        return [None if out is None else self._buffers[i][: out.shape[0], : out.shape[1]]
+                for i, out in enumerate(outputs)]
+
+    def _capture_cuda(self, run: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        """Capture `run` into the pool shared by every capture (the warm-up already ran on these inputs)."""
+        device = self.cache.device
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        torch.cuda.current_stream(device).synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            run()
+        return graph
 
 
 class StaticStep:
-    """Runs a `DecoderModel` forward in a capture bucket's fixed shapes, from a captured graph when `graphs`.
+    """Runs a `DecoderModel` forward in a capture bucket's fixed shapes, replayed from `CapturedGraphs` when
+    `graphs` (else eagerly, padded: the tests' way of checking the padding alone).
 
     max_batch, max_query_len: the largest bucket; max_rows: the most rows (B · Q) one bucket may have (it sizes
-    the shared output buffers: max_rows × vocabulary float32 logits). Forwards beyond them run eagerly
-    (`TargetRunner.forward` asks `fits` first)."""
+    the shared output buffers: max_rows × vocabulary float32 logits). `TargetRunner.forward` runs the ragged
+    path for a forward without a bucket (`bucket` returns None)."""
 
     def __init__(self, model, cache: PagedKVCache, *, graphs: bool, max_batch: int = 256, max_query_len: int = 32,
                  max_rows: int = 512):
         if min(max_batch, max_query_len, max_rows) < 1:
             raise ValueError("max_batch, max_query_len and max_rows must be positive")
-        self.model, self.cache, self.graphs = model, cache, graphs
+        self.model, self.cache = model, cache
         self.max_batch, self.max_query_len, self.max_rows = max_batch, max_query_len, max_rows
-        self.captures: dict[Bucket, Capture] = {}
+        self.graphs = CapturedGraphs(cache, max_rows) if graphs else None
         self.replays = 0  # forwards run in a bucket's shapes (graph replays when `graphs`)
-        self._generation = cache.generation
-        self._pool = None
-        self._outputs: dict[str, torch.Tensor] = {}  # shared by every capture: "logits" [max_rows, V], "features"
+
+    @property
+    def captures(self) -> dict:
+        return {} if self.graphs is None else self.graphs.captures
 
     def bucket(self, query_lens: list[int], lengths: list[int], feature_layer_ids: tuple[int, ...]) -> Bucket | None:
         """The bucket of a forward appending query_lens[b] tokens to sequences of lengths[b] cached tokens, or
@@ -109,10 +180,8 @@ class StaticStep:
             return None
         size = self.cache.page_size
         pages = max(-(-(length + q) // size) for length, q in zip(lengths, query_lens))
-        bucket = Bucket(batch_bucket(len(query_lens)), power_of_two_bucket(max(query_lens)),
+        bucket = Bucket(min(batch_bucket(len(query_lens)), self.max_batch), power_of_two_bucket(max(query_lens)),
                         power_of_two_bucket(pages), tuple(feature_layer_ids))
-        if bucket.batch > self.max_batch:
-            bucket = Bucket(self.max_batch, bucket.query_len, bucket.context_pages, bucket.feature_layer_ids)
         return bucket if bucket.rows <= self.max_rows else None
 
     @torch.inference_mode()
@@ -128,83 +197,16 @@ class StaticStep:
         inputs, feature_rows, logit_rows = to_device([torch.cat([padded, layout.packed()]), layout.real_rows, wanted],
                                                      self.cache.device)
         self.replays += 1
-        if self.graphs:
-            capture = self._capture(bucket)
-            capture.inputs.copy_(inputs, non_blocking=True)
-            capture.graph.replay()
-            logits, features = capture.logits, capture.features
+        if self.graphs is not None:
+            logits, features = self.graphs.replay(bucket, [inputs], lambda own: self._padded_forward(own[0], bucket))
         else:
             logits, features = self._padded_forward(inputs, bucket)
         return logits.index_select(0, logit_rows), None if features is None else features.index_select(0, feature_rows)
 
-    def _padded_forward(self, inputs: torch.Tensor, bucket: Bucket) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The forward a graph captures: inputs as `Capture.inputs` → logits [B·Q, V] float32, features
-        [B·Q, L·H] or None. Only device operations on fixed shapes: the attention mask comes from the layout's
-        query starts and context lengths (`StaticLayout`)."""
-        batch, query_len, width = bucket.batch, bucket.query_len, bucket.context_pages * self.cache.page_size
-        rows = bucket.rows
-        tokens, positions, slots, query_starts, context_lens, gather = inputs.split(
-            [rows, rows, rows, batch, batch, batch * width])
-        keys = torch.arange(width, device=inputs.device).view(1, 1, width)
-        last_key = (query_starts.view(batch, 1) + torch.arange(query_len, device=inputs.device)).unsqueeze(-1)
-        mask = (keys < context_lens.view(batch, 1, 1)) & (keys <= last_key)  # [B, Q, C]
-        group = AttentionGroup(token_rows=None, gather_slots=gather.view(batch, width),
-                               padded_index=tokens.new_zeros(0), attn_mask=mask.unsqueeze(1),
-                               max_query_len=query_len, num_tokens=rows)
-        meta = AttentionMetadata(positions=positions, slot_mapping=slots, query_lens=[query_len] * batch,
-                                 context_lens=[width] * batch, groups=[group])
+    def _padded_forward(self, inputs: torch.Tensor, bucket: Bucket) -> list[torch.Tensor | None]:
+        """The forward a graph captures: padded token ids [B·Q] then `StaticLayout.packed()` → [logits [B·Q, V]
+        float32, features [B·Q, L·H] or None]."""
+        tokens, packed = inputs.split([bucket.rows, inputs.numel() - bucket.rows])
+        meta = StaticLayout.metadata(packed, bucket.batch, bucket.query_len, bucket.context_pages * self.cache.page_size)
         out = self.model(tokens, self.cache, meta, feature_layer_ids=bucket.feature_layer_ids)
-        return out.logits, out.features
-
-    def _capture(self, bucket: Bucket) -> Capture:
-        """The bucket's capture, made now if it is new (or the KV pools were re-allocated since)."""
-        if self.cache.generation != self._generation:
-            self.captures.clear()
-            self._generation = self.cache.generation
-        if bucket in self.captures:
-            return self.captures[bucket]
-        idle = StaticLayout.idle(bucket.batch, bucket.query_len, bucket.context_pages * self.cache.page_size,
-                                 self.cache.scratch_slot)
-        inputs = torch.cat([torch.zeros(bucket.rows, dtype=torch.long), idle.packed()]).to(self.cache.device)
-        logits_out, features_out = self._output_views(bucket)
-
-        def run() -> None:
-            logits, features = self._padded_forward(inputs, bucket)
-            logits_out.copy_(logits)
-            if features is not None:
-                features_out.copy_(features)
-
-        graph = self._capture_cuda(run) if self.cache.device.type == "cuda" else HostGraph(run)
-        self.captures[bucket] = Capture(inputs, graph, logits_out, features_out)
-        return self.captures[bucket]
-
-    def _output_views(self, bucket: Bucket) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The bucket's views of the shared output buffers, allocated outside any capture so they outlive every
-        graph. A bucket wanting more feature columns than the buffer has replaces it, and drops the captures
-        that wrote into the old one."""
-        device, config = self.cache.device, self.model.config
-        if "logits" not in self._outputs:
-            self._outputs["logits"] = torch.empty(self.max_rows, config.vocab_size, dtype=torch.float32, device=device)
-        width = len(bucket.feature_layer_ids) * config.hidden_size
-        if not width:
-            return self._outputs["logits"][: bucket.rows], None
-        if "features" not in self._outputs or self._outputs["features"].shape[1] < width:
-            self.captures = {b: c for b, c in self.captures.items() if not b.feature_layer_ids}
-            dtype = next(self.model.parameters()).dtype
-            self._outputs["features"] = torch.empty(self.max_rows, width, dtype=dtype, device=device)
-        return self._outputs["logits"][: bucket.rows], self._outputs["features"][: bucket.rows, :width]
-
-    def _capture_cuda(self, run: Callable[[], None]) -> torch.cuda.CUDAGraph:
-        """Warm up on a side stream (lazy initialisations, cuBLAS workspaces, compiled kernels), then capture."""
-        device = self.cache.device
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            run()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            run()
-        return graph
+        return [out.logits, out.features]

@@ -53,6 +53,8 @@ def load_engine(options: ModelOptions, engine_config: EngineConfig):
                                target=runner.model)
         if options.compile:
             compile_drafter(drafter)
+        if options.enforce_eager:
+            drafter.use_graphs(False)
     engine = Engine(runner, drafter, config=engine_config, tokenizer=tokenizer,
                     eos_token_ids=stop_token_ids(target, tokenizer, runner.config.eos_token_ids))
     return engine, tokenizer, target

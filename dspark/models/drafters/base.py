@@ -91,5 +91,9 @@ class Drafter(ABC):
     def propose(self, batch: list[DraftInput], generator: torch.Generator | None = None) -> DraftProposal:
         """Propose up to `max_tokens` drafts for every sequence of the batch."""
 
+    def use_graphs(self, enabled: bool) -> None:
+        """Replay the drafter's passes from captured graphs or run them eagerly (`--enforce-eager`). Drafters
+        without a static pass always run eagerly."""
+
     def release(self, seq_id: int) -> None:
         """Forget a finished sequence's state."""

@@ -36,6 +36,7 @@ from dspark.models.drafters.heads import SEQUENTIAL_HEADS, ConfidenceHead
 from dspark.models.drafters.common import DraftCheckpointMixin, check_drafter_target, context_handle, init_draft_weights
 from dspark.models.decoder import after_attention, compiled
 from dspark.models.drafters.registry import register_drafter
+from dspark.models.drafters.static_block import StaticBlockPass
 from dspark.models.kv_cache import AttentionMetadata, PagedKVCache
 from dspark.models.layers import Attention, GatedMLP, RMSNorm, fuse_projections
 from dspark.models.rope import RotaryEmbedding, apply_rotary
@@ -204,29 +205,41 @@ class DSparkModel(DraftCheckpointMixin, nn.Module):
 
     # -- inference ------------------------------------------------------------------------------------
     def forward_block(
-        self, cache: PagedKVCache, handles: list[int], new_features: list[torch.Tensor], anchor_tokens: torch.Tensor
+        self, cache: PagedKVCache, handles: list[int], new_features: list[torch.Tensor], anchor_tokens: torch.Tensor,
+        static=None,
     ) -> torch.Tensor:
         """Append each sequence's new context rows to `cache`, run its block, drop the block's K/V.
 
         new_features[b]: [n_b, L·H]; anchor_tokens [B]. Returns post-norm block hidden states [B, γ, H].
+        static: a `StaticBlockPass` over `cache`, which runs the pass when it has a bucket for it.
         """
         block_size = self.config.block_size
-        anchors_at = [cache.length(h) + f.shape[0] for h, f in zip(handles, new_features)]
-        meta = cache.prepare(handles, [block_size] * len(handles), kv_only_lens=[f.shape[0] for f in new_features], causal=False)
+        lengths = [cache.length(h) for h in handles]
+        anchors_at = [length + f.shape[0] for length, f in zip(lengths, new_features)]
+        bucket = None if static is None else static.bucket(lengths, [f.shape[0] for f in new_features])
         try:
-            dtype = self.fc.weight.dtype
+            if bucket is not None:
+                return static.forward(handles, new_features, anchor_tokens, bucket)
+            meta = cache.prepare(handles, [block_size] * len(handles), kv_only_lens=[f.shape[0] for f in new_features],
+                                 causal=False)
             ctx = self.fuse_context(torch.cat(new_features)) if meta.kv_only_positions.numel() else \
-                torch.zeros(0, self.config.layers.hidden_size, dtype=dtype, device=anchor_tokens.device)
-            h = self.embed_tokens(self.block_token_ids(anchor_tokens).view(-1))
-            cos, sin = self.rotary(meta.positions, h.dtype)
-            ctx_cos, ctx_sin = self.rotary(meta.kv_only_positions, h.dtype)
-            for index, layer in enumerate(self.layers):
-                h = layer.forward_paged(h, cos, sin, ctx, ctx_cos, ctx_sin, cache.k_pools[index], cache.v_pools[index], meta,
-                                        self.dense_parts)
+                torch.zeros(0, self.config.layers.hidden_size, dtype=self.fc.weight.dtype, device=anchor_tokens.device)
+            return self.block_pass(cache, meta, ctx, anchor_tokens).view(len(handles), block_size, -1)
         finally:
             for handle, anchor in zip(handles, anchors_at):
                 cache.truncate(handle, min(anchor, cache.length(handle)))
-        return self.norm(h).view(len(handles), block_size, -1)
+
+    def block_pass(self, cache: PagedKVCache, meta: AttentionMetadata, ctx: torch.Tensor, anchor_tokens: torch.Tensor
+                   ) -> torch.Tensor:
+        """The draft layers over B blocks [x0, mask, ..., mask]: ctx [Tc, H] fused context rows (written into
+        `cache` as K/V at `meta.kv_only_slot_mapping`), anchor_tokens [B] → post-norm hidden states [B·γ, H]."""
+        h = self.embed_tokens(self.block_token_ids(anchor_tokens).view(-1))
+        cos, sin = self.rotary(meta.positions, h.dtype)
+        ctx_cos, ctx_sin = self.rotary(meta.kv_only_positions, h.dtype)
+        for index, layer in enumerate(self.layers):
+            h = layer.forward_paged(h, cos, sin, ctx, ctx_cos, ctx_sin, cache.k_pools[index], cache.v_pools[index],
+                                    meta, self.dense_parts)
+        return self.norm(h)
 
     # -- training -------------------------------------------------------------------------------------
     def forward_train(
@@ -300,7 +313,9 @@ class DSparkDrafter(Drafter):
     the greedy confidence head when the checkpoint has one.
     """
 
-    def __init__(self, model: DSparkModel, *, cache_page_size: int = 16):
+    def __init__(self, model: DSparkModel, *, cache_page_size: int = 16, graphs: bool | None = None):
+        """graphs: run the block pass in capture buckets replayed from captured graphs (`StaticBlockPass`);
+        None = on CUDA only (`use_graphs(False)`: `--enforce-eager`)."""
         self.model = model.eval()
         cfg = model.config
         self.name = "dflash" if cfg.is_dflash else f"dspark-{cfg.markov_head_type}"
@@ -313,6 +328,12 @@ class DSparkDrafter(Drafter):
             c.num_layers, c.num_kv_heads, c.head_dim, page_size=cache_page_size, dtype=param.dtype, device=param.device
         )
         self._handles: dict[int, int] = {}
+        self.static: StaticBlockPass | None = None
+        self.use_graphs(param.device.type == "cuda" if graphs is None else graphs)
+
+    def use_graphs(self, enabled: bool) -> None:
+        """Replay the block pass from captured graphs (`StaticBlockPass`), or run it eagerly (`--enforce-eager`)."""
+        self.static = StaticBlockPass(self.model, self.cache, graphs=True) if enabled else None
 
     def check_target(self, target_config: DecoderConfig) -> None:
         check_drafter_target(self.name, self.model.config, target_config)
@@ -327,7 +348,7 @@ class DSparkDrafter(Drafter):
         uniforms = draft_uniforms(batch, self.block_size)
         anchors, *uniforms = to_device([torch.tensor([item.token_ids[-1] for item in batch], dtype=torch.long)]
                                        + ([] if uniforms is None else [uniforms]), device)
-        hidden = self.model.forward_block(self.cache, handles, feats, anchors)
+        hidden = self.model.forward_block(self.cache, handles, feats, anchors, self.static)
         tokens, probs, confidence_logits = self.sample_block(hidden, anchors, [item.sampling for item in batch], generator,
                                                              uniforms[0] if uniforms else None)
         lengths = torch.tensor([min(item.max_tokens, self.block_size) for item in batch], dtype=torch.long)
