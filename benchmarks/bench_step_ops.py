@@ -41,8 +41,9 @@ from dspark.models.target_runner import TargetRunner  # noqa: E402
 from dspark.models.zoo import builtin_drafter, builtin_target  # noqa: E402
 
 
-def make_engine(target: Path, drafter_dir: Path | None, requests: int, new_tokens: int) -> Engine:
-    runner = TargetRunner.from_pretrained(target, device="cpu", dtype="float32")
+def make_engine(target: Path, drafter_dir: Path | None, requests: int, new_tokens: int,
+                graphs: bool | None = None) -> Engine:
+    runner = TargetRunner.from_pretrained(target, device="cpu", dtype="float32", graphs=graphs)
     drafter = load_drafter(str(drafter_dir), device="cpu", dtype="float32") if drafter_dir else None
     engine = Engine(runner, drafter)
     engine.controller.gate = None  # speculate every round: the count is per DSpark round

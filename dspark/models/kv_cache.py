@@ -400,19 +400,35 @@ class PagedKVCache:
             for seq_id, start in zip(seq_ids, starts):
                 self.truncate(seq_id, start)
             raise ValueError(f"a context of {max(context_lens)} tokens exceeds the bucket's {width} keys")
-        layout = StaticLayout.idle(batch, query_len, width, self.scratch_slot, kv_only_len)
-        rows, kv_rows = [], []
-        for b, (start, qs, c, q, slots) in enumerate(zip(starts, query_starts, context_lens, query_lens, all_slots)):
-            layout.query_starts[b], layout.context_lens[b] = (qs if causal else c), c
-            layout.gather_slots[b, :c] = slots
-            first, kv_first = b * query_len, b * kv_only_len
-            layout.positions[first: first + query_len] = torch.arange(qs, qs + query_len)
-            layout.slot_mapping[first: first + q] = slots[qs:]
-            layout.kv_only_positions[kv_first: kv_first + qs - start] = torch.arange(start, qs)
-            layout.kv_only_slot_mapping[kv_first: kv_first + qs - start] = slots[start:qs]
-            rows.append(torch.arange(first, first + q))
-            kv_rows.append(torch.arange(kv_first, kv_first + qs - start))
-        layout.real_rows, layout.real_kv_only_rows = torch.cat(rows), torch.cat(kv_rows)
+        scratch = self.scratch_slot
+        layout = StaticLayout.idle(batch, query_len, width, scratch, kv_only_len)
+        count = len(seq_ids)
+        start, first_query, context = (torch.tensor(v, dtype=torch.long) for v in (starts, query_starts, context_lens))
+        slots = torch.cat(all_slots + [torch.tensor([scratch])])  # the last one: scratch
+        offsets = torch.cumsum(context, 0) - context  # where each sequence's slots start in `slots`
+
+        def positions_and_slots(first: torch.Tensor, lengths: torch.Tensor, columns: int):
+            """[count, columns]: positions first_b + j, and their slots for j < lengths_b (scratch past them)."""
+            j = torch.arange(columns)
+            positions = first.unsqueeze(1) + j
+            index = torch.where(j < lengths.unsqueeze(1), offsets.unsqueeze(1) + positions, slots.numel() - 1)
+            return positions, slots[index]
+
+        positions, layout.gather_slots[:count] = positions_and_slots(torch.zeros_like(start), context, width)
+        positions, query_slots = positions_and_slots(first_query, torch.tensor(query_lens), query_len)
+        layout.positions[: count * query_len] = positions.reshape(-1)
+        layout.slot_mapping[: count * query_len] = query_slots.reshape(-1)
+        kv_counts = first_query - start
+        positions, kv_slots = positions_and_slots(start, kv_counts, kv_only_len)
+        layout.kv_only_positions[: count * kv_only_len] = positions.masked_fill(positions >= first_query.unsqueeze(1), 0).reshape(-1)
+        layout.kv_only_slot_mapping[: count * kv_only_len] = kv_slots.reshape(-1)
+        layout.query_starts[:count] = first_query if causal else context
+        layout.context_lens[:count] = context
+        layout.real_rows = torch.tensor([b * query_len + r for b, q in enumerate(query_lens) for r in range(q)],
+                                        dtype=torch.long)
+        layout.real_kv_only_rows = torch.tensor(
+            [b * kv_only_len + r for b, (s0, qs) in enumerate(zip(starts, query_starts)) for r in range(qs - s0)],
+            dtype=torch.long)
         return layout
 
     def _group(self, rows: list[int], query_lens: list[int], query_starts: list[int], context_lens: list[int],

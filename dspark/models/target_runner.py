@@ -176,7 +176,7 @@ class TargetRunner:
             rows = torch.tensor(query_lens).cumsum(0) - 1
         starts = [self.cache.length(s) for s in seq_ids]
         bucket = None
-        if self.static is not None and not return_final_hidden:
+        if self.static is not None and not return_final_hidden and flat.device.type == "cpu":
             bucket = self.static.bucket(query_lens, starts, tuple(feature_layer_ids))
         try:
             if bucket is not None:
