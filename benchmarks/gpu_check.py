@@ -32,7 +32,7 @@ the next one still runs; the JSON is rewritten after every section, so even a ki
 7. compiled — the same target and drafter with `--compile` (their dense layer parts through torch.compile),
    plain and speculative at the first concurrency next to the eager engine, after one compiling run
    (`compile_s`); greedy agreement with the eager tokens.
-8. graphs — the static-shape step of the target and the drafter's block pass replayed from CUDA graphs (on
+8. graphs — the static-shape step of the target and the drafter's round replayed from CUDA graphs (on
    by default on CUDA, so sections 2–7 ran with them) against `--enforce-eager`: plain and speculative tokens/s at the first two concurrencies, greedy
    agreement, captures made and the first (capturing) run's seconds.
 
@@ -704,7 +704,7 @@ def section_compiled(check: Check, out: dict) -> None:
 
 
 def section_graphs(check: Check, out: dict) -> None:
-    """The static-shape step and the drafter's block pass replayed from captured graphs (`dspark.models.static_step`,
+    """The static-shape step and the drafter's round replayed from captured graphs (`dspark.models.static_step`,
     `dspark.models.drafters.static_block`; on by default on CUDA, so every section above ran with them) against
     `--enforce-eager`, plain and speculative, at the first two
     concurrencies: tokens/s both ways, greedy agreement, the captures made and the seconds of the first run

@@ -41,6 +41,8 @@ def test_a_steady_round_reads_the_device_once_between_forward_and_commit(folders
     target, dspark = folders
     runner = TargetRunner.from_pretrained(target, dtype="float32", cache_page_size=4, graphs=graphs)
     drafter = load_dspark_drafter(dspark, device="cpu", dtype="float32") if kind == "dspark" else None
+    if drafter is not None:
+        drafter.use_graphs(graphs)
     engine = Engine(runner, drafter)
     engine.controller.gate = None  # draft every step (the CPU profile's gate may close it)
     for i in range(count):  # greedy and sampled, top-k and top-p, side by side
@@ -58,6 +60,7 @@ def test_a_steady_round_reads_the_device_once_between_forward_and_commit(folders
         assert step.transfers == (2 if kind == "dspark" else 1)  # + the plan's read when the drafter ran
     if graphs:
         assert runner.static.replays >= 5 and runner.static.captures
+        assert drafter is None or drafter.static.replays >= 5
 
 
 def test_the_counter_sees_every_kind_of_host_read():

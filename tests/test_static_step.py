@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dspark.decoding.sampling import SamplingParams
+from dspark.decoding.sampling import RowSampling, SamplingParams, logits_to_probs, logits_to_probs_by_row
+from dspark.models.drafters.base import DraftInput
 from dspark.engine.generation import generate
 from dspark.errors import CacheCapacityError
 from dspark.models.drafters.dspark import load_dspark_drafter
@@ -177,37 +178,65 @@ def test_a_seeded_sampled_batch_draws_the_same_tokens_on_both_paths(folders):
 
 @pytest.mark.parametrize("graphs", [False, True])
 @torch.inference_mode()  # as `DSparkDrafter.propose`
-def test_the_drafters_padded_block_pass_equals_the_ragged_one(folders, graphs):
-    """Rounds of 0–5 new context rows per sequence (the first round's 9–17 run ragged, above the bucket): the
-    same block hidden states, and the same context K/V in the drafter's own cache."""
-    ragged = load_dspark_drafter(folders[1], device="cpu", dtype="float64")
-    padded = load_dspark_drafter(folders[1], device="cpu", dtype="float64")
-    assert ragged.static is None and padded.static is None  # graphs are off by default on the CPU
-    padded.use_graphs(True)
-    padded.static.graphs = padded.static.graphs if graphs else None
-    padded.static.max_context_rows = 8
+def test_the_drafters_padded_round_equals_the_eager_one(folders, graphs):
+    """Rounds of 0–5 new context rows per sequence (the first round's 9–17 run eagerly, above the bucket), a mix
+    of greedy, top-k and top-p requests drawing from their uniforms: the same drafts, the same q, the same
+    confidences, and the same context K/V in the drafter's own cache. A round without uniforms runs the
+    static round only when every request is greedy."""
+    eager = load_dspark_drafter(folders[1], device="cpu", dtype="float64")
+    static = load_dspark_drafter(folders[1], device="cpu", dtype="float64")
+    assert eager.static is None and static.static is None  # graphs are off by default on the CPU
+    static.use_graphs(True)
+    if not graphs:
+        static.static.graphs = None  # padded, run eagerly
+    static.static.max_context_rows = 8
     gen = torch.Generator().manual_seed(1)
-    width = ragged.model.fc.weight.shape[1]
-    handles = [(ragged.cache.new_sequence(), padded.cache.new_sequence()) for _ in range(3)]
-    for round_ in range(8):
-        active = handles[: 3 - round_ % 2]
-        rows = [int(n) for n in torch.randint(9, 18, (len(active),), generator=gen)] if round_ == 0 else \
-            [int(n) for n in torch.randint(0, 6, (len(active),), generator=gen)]
-        feats = [torch.randn(n, width, generator=gen, dtype=torch.float64) for n in rows]
-        anchors = torch.randint(0, 48, (len(active),), generator=gen)
-        a = ragged.model.forward_block(ragged.cache, [h for h, _ in active], feats, anchors, ragged.static)
-        b = padded.model.forward_block(padded.cache, [h for _, h in active], feats, anchors, padded.static)
-        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
-        assert padded.static.replays == round_  # every round but the first in a bucket
-    for ha, hb in handles:
-        length = ragged.cache.length(ha)
-        assert padded.cache.length(hb) == length  # the blocks' K/V dropped, the context kept
-        slots_a, slots_b = ragged.cache._slots(ha, 0, length), padded.cache._slots(hb, 0, length)
-        for layer in range(len(ragged.cache.k_pools)):
-            torch.testing.assert_close(padded.cache.k_pools[layer][slots_b], ragged.cache.k_pools[layer][slots_a],
+    width, block = eager.model.fc.weight.shape[1], eager.block_size
+    samplings = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=5),
+                 SamplingParams(temperature=0.8, top_p=0.9)]
+    histories = {i: [] for i in range(3)}
+    replays = 0
+    for round_ in range(9):
+        active = [0, 1, 2][: 3 - round_ % 2]
+        batch = []
+        greedy_only, with_uniforms = round_ == 6, round_ != 6 and round_ != 7
+        for i in active:
+            seen = eager.cache.length(eager._handles[i]) if i in eager._handles else 0
+            rows = int(torch.randint(9, 18, (1,), generator=gen)) if round_ == 0 else int(torch.randint(0, 6, (1,), generator=gen))
+            histories[i] = histories[i][:seen] + torch.randint(0, 48, (rows + 1,), generator=gen).tolist()
+            batch.append(DraftInput(
+                seq_id=i, token_ids=list(histories[i]), new_features=torch.randn(rows, width, generator=gen, dtype=torch.float64),
+                max_tokens=block, sampling=samplings[0] if greedy_only else samplings[i],
+                uniforms=torch.rand(block, generator=gen, dtype=torch.float64) if with_uniforms else None))
+        a = eager.propose(batch, torch.Generator().manual_seed(round_))
+        b = static.propose(batch, torch.Generator().manual_seed(round_))
+        assert torch.equal(b.tokens, a.tokens) and torch.equal(b.lengths, a.lengths)
+        torch.testing.assert_close(b.probs, a.probs, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(b.confidence_logits, a.confidence_logits, rtol=1e-9, atol=1e-12)
+        replays += round_ > 0 and round_ != 7  # the first round: above the bucket; round 7: sampled, no uniforms
+        assert static.static.replays == replays
+    for i in range(3):
+        ha, hb = eager._handles[i], static._handles[i]
+        length = eager.cache.length(ha)
+        assert static.cache.length(hb) == length  # the blocks' K/V dropped, the context kept
+        slots_a, slots_b = eager.cache._slots(ha, 0, length), static.cache._slots(hb, 0, length)
+        for layer in range(len(eager.cache.k_pools)):
+            torch.testing.assert_close(static.cache.k_pools[layer][slots_b], eager.cache.k_pools[layer][slots_a],
                                        rtol=1e-12, atol=1e-12)
     if graphs:
-        assert 0 < len(padded.static.captures) < padded.static.replays
+        assert 0 < len(static.static.captures) < static.static.replays
+
+
+def test_logits_to_probs_by_row_gives_logits_to_probs_value_for_value():
+    gen = torch.Generator().manual_seed(0)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0), SamplingParams(0.7, top_k=5),
+              SamplingParams(1.3, top_p=0.8), SamplingParams(0.9, top_k=3, top_p=0.5), SamplingParams(1.0, top_k=100),
+              SamplingParams(2.0, top_k=64, top_p=0.95), SamplingParams(0.5, top_k=1)]
+    logits = torch.randn(len(params), 64, generator=gen) * 3
+    rows = RowSampling(*RowSampling.host_tensors(params, len(params) + 2))
+    got = logits_to_probs_by_row(torch.cat([logits, torch.randn(2, 64, generator=gen)]), rows)
+    assert torch.equal(got[: len(params)], logits_to_probs(logits, params))
+    assert torch.equal(got[len(params):].sum(-1), torch.ones(2)) and set(got[len(params):].flatten().tolist()) == {0.0, 1.0}
 
 
 def test_speculative_greedy_with_both_passes_static_equals_plain_and_drafts_the_same(folders):

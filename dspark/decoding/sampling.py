@@ -84,6 +84,52 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams | Sequence[Samp
     return out
 
 
+@dataclass
+class RowSampling:
+    """Per-row sampling parameters as tensors (on the logits' device), for code that must not branch on the host
+    (a captured graph): `logits_to_probs_by_row`."""
+
+    temperature: torch.Tensor  # [N] float32 (any value on greedy rows)
+    top_k: torch.Tensor  # [N] long, 0 = off
+    top_p: torch.Tensor  # [N] float32, 1 = off
+    greedy: torch.Tensor  # [N] bool
+
+    @staticmethod
+    def host_tensors(params: Sequence[SamplingParams], padded_rows: int) -> list[torch.Tensor]:
+        """The four fields for `params`, padded with greedy rows to `padded_rows`, as host tensors (to be moved
+        with `to_device`)."""
+        pad = padded_rows - len(params)
+        return [torch.tensor([p.temperature if not p.greedy else 1.0 for p in params] + [1.0] * pad, dtype=torch.float32),
+                torch.tensor([p.top_k for p in params] + [0] * pad, dtype=torch.long),
+                torch.tensor([p.top_p for p in params] + [1.0] * pad, dtype=torch.float32),
+                torch.tensor([p.greedy for p in params] + [True] * pad, dtype=torch.bool)]
+
+
+def logits_to_probs_by_row(logits: torch.Tensor, rows: RowSampling) -> torch.Tensor:
+    """`logits_to_probs` with row n's parameters given as tensors: logits [N, V] → probs [N, V] float32, the
+    same values row by row (the same operations in the same order: temperature → top-k → softmax → top-p;
+    the k-th largest value read from a descending sort instead of `topk`), without a host read or a branch
+    on the parameters' values. Every row pays for the sort and the top-p pass."""
+    logits = logits.to(torch.float32)
+    vocab = logits.shape[-1]
+    one_hot = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    scaled = logits / rows.temperature.unsqueeze(-1)
+    descending = torch.sort(scaled, dim=-1, descending=True).values
+    use_k = (rows.top_k > 0) & (rows.top_k < vocab)
+    kth = descending.gather(-1, (rows.top_k.clamp(1, vocab) - 1).unsqueeze(-1))
+    scaled = torch.where(use_k.unsqueeze(-1) & (scaled < kth), float("-inf"), scaled)
+    probs = torch.softmax(scaled, dim=-1)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    drop_sorted = mass_before >= rows.top_p.unsqueeze(-1)
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    nucleus = probs.masked_fill(drop, 0.0)
+    nucleus = nucleus / nucleus.sum(-1, keepdim=True)
+    probs = torch.where((rows.top_p < 1.0).unsqueeze(-1), nucleus, probs)
+    return torch.where(rows.greedy.unsqueeze(-1), one_hot, probs)
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None,
            uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row from probs [N, V] (float32) → [N] long: by inverse CDF from `uniforms` [N] in

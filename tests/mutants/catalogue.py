@@ -147,7 +147,15 @@ MUTANTS: tuple[Mutant, ...] = (
         "dspark/models/drafters/static_block.py",
         "kv_only_len=bucket.context_rows, causal=False)",
         "kv_only_len=bucket.context_rows, causal=True)",
-        (f"{STATIC}::test_the_drafters_padded_block_pass_equals_the_ragged_one[True]",),
+        (f"{STATIC}::test_the_drafters_padded_round_equals_the_eager_one[True]",),
+    ),
+    Mutant(
+        "static-draft-argmax-for-sampled-rows",
+        "the drafter's captured round takes the argmax for every row, sampled ones too, and reports the q it did not sample from",
+        DSPARK_SAMPLE_BLOCK,
+        "                prev = torch.where(samplings.greedy, q.argmax(-1), sample(q, uniforms=uniforms[:, k]))",
+        "                prev = q.argmax(-1)",
+        (f"{STATIC}::test_the_drafters_padded_round_equals_the_eager_one[True]",),
     ),
     Mutant(
         "equivalent: draft without top-k, reported consistently",

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dspark.decoding.sampling import SamplingParams, logits_to_probs, sample
+from dspark.decoding.sampling import RowSampling, SamplingParams, logits_to_probs, logits_to_probs_by_row, sample
 from dspark.devices import to_device
 from dspark.models.config import DecoderConfig
 from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter, draft_uniforms
@@ -36,7 +36,7 @@ from dspark.models.drafters.heads import SEQUENTIAL_HEADS, ConfidenceHead
 from dspark.models.drafters.common import DraftCheckpointMixin, check_drafter_target, context_handle, init_draft_weights
 from dspark.models.decoder import after_attention, compiled
 from dspark.models.drafters.registry import register_drafter
-from dspark.models.drafters.static_block import StaticBlockPass
+from dspark.models.drafters.static_block import StaticDraftStep, blocks_dropped_after
 from dspark.models.kv_cache import AttentionMetadata, PagedKVCache
 from dspark.models.layers import Attention, GatedMLP, RMSNorm, fuse_projections
 from dspark.models.rope import RotaryEmbedding, apply_rotary
@@ -205,29 +205,19 @@ class DSparkModel(DraftCheckpointMixin, nn.Module):
 
     # -- inference ------------------------------------------------------------------------------------
     def forward_block(
-        self, cache: PagedKVCache, handles: list[int], new_features: list[torch.Tensor], anchor_tokens: torch.Tensor,
-        static=None,
+        self, cache: PagedKVCache, handles: list[int], new_features: list[torch.Tensor], anchor_tokens: torch.Tensor
     ) -> torch.Tensor:
         """Append each sequence's new context rows to `cache`, run its block, drop the block's K/V.
 
         new_features[b]: [n_b, L·H]; anchor_tokens [B]. Returns post-norm block hidden states [B, γ, H].
-        static: a `StaticBlockPass` over `cache`, which runs the pass when it has a bucket for it.
         """
         block_size = self.config.block_size
-        lengths = [cache.length(h) for h in handles]
-        anchors_at = [length + f.shape[0] for length, f in zip(lengths, new_features)]
-        bucket = None if static is None else static.bucket(lengths, [f.shape[0] for f in new_features])
-        try:
-            if bucket is not None:
-                return static.forward(handles, new_features, anchor_tokens, bucket)
+        with blocks_dropped_after(cache, handles, new_features):
             meta = cache.prepare(handles, [block_size] * len(handles), kv_only_lens=[f.shape[0] for f in new_features],
                                  causal=False)
             ctx = self.fuse_context(torch.cat(new_features)) if meta.kv_only_positions.numel() else \
                 torch.zeros(0, self.config.layers.hidden_size, dtype=self.fc.weight.dtype, device=anchor_tokens.device)
             return self.block_pass(cache, meta, ctx, anchor_tokens).view(len(handles), block_size, -1)
-        finally:
-            for handle, anchor in zip(handles, anchors_at):
-                cache.truncate(handle, min(anchor, cache.length(handle)))
 
     def block_pass(self, cache: PagedKVCache, meta: AttentionMetadata, ctx: torch.Tensor, anchor_tokens: torch.Tensor
                    ) -> torch.Tensor:
@@ -314,8 +304,8 @@ class DSparkDrafter(Drafter):
     """
 
     def __init__(self, model: DSparkModel, *, cache_page_size: int = 16, graphs: bool | None = None):
-        """graphs: run the block pass in capture buckets replayed from captured graphs (`StaticBlockPass`);
-        None = on CUDA only (`use_graphs(False)`: `--enforce-eager`)."""
+        """graphs: run the block pass and the sequential head in capture buckets replayed from captured graphs
+        (`StaticDraftStep`); None = on CUDA only (`use_graphs(False)`: `--enforce-eager`)."""
         self.model = model.eval()
         cfg = model.config
         self.name = "dflash" if cfg.is_dflash else f"dspark-{cfg.markov_head_type}"
@@ -328,12 +318,13 @@ class DSparkDrafter(Drafter):
             c.num_layers, c.num_kv_heads, c.head_dim, page_size=cache_page_size, dtype=param.dtype, device=param.device
         )
         self._handles: dict[int, int] = {}
-        self.static: StaticBlockPass | None = None
+        self.static: StaticDraftStep | None = None
         self.use_graphs(param.device.type == "cuda" if graphs is None else graphs)
 
     def use_graphs(self, enabled: bool) -> None:
-        """Replay the block pass from captured graphs (`StaticBlockPass`), or run it eagerly (`--enforce-eager`)."""
-        self.static = StaticBlockPass(self.model, self.cache, graphs=True) if enabled else None
+        """Replay the block pass and the sequential head from captured graphs (`StaticDraftStep`), or run them
+        eagerly (`--enforce-eager`)."""
+        self.static = StaticDraftStep(self, graphs=True) if enabled else None
 
     def check_target(self, target_config: DecoderConfig) -> None:
         check_drafter_target(self.name, self.model.config, target_config)
@@ -346,16 +337,23 @@ class DSparkDrafter(Drafter):
             handles.append(context_handle(self, self.cache, self._handles, item))
             feats.append(item.new_features.to(device))
         uniforms = draft_uniforms(batch, self.block_size)
-        anchors, *uniforms = to_device([torch.tensor([item.token_ids[-1] for item in batch], dtype=torch.long)]
-                                       + ([] if uniforms is None else [uniforms]), device)
-        hidden = self.model.forward_block(self.cache, handles, feats, anchors, self.static)
-        tokens, probs, confidence_logits = self.sample_block(hidden, anchors, [item.sampling for item in batch], generator,
-                                                             uniforms[0] if uniforms else None)
+        samplings = [item.sampling for item in batch]
+        bucket = None
+        if self.static is not None and (uniforms is not None or all(s.greedy for s in samplings)):
+            bucket = self.static.bucket([self.cache.length(h) for h in handles], [f.shape[0] for f in feats])
+        anchors = torch.tensor([item.token_ids[-1] for item in batch], dtype=torch.long)
+        if bucket is not None:
+            tokens, probs, confidence_logits = self.static.propose(handles, feats, anchors, samplings, uniforms, bucket)
+        else:
+            anchors, *uniforms = to_device([anchors] + ([] if uniforms is None else [uniforms]), device)
+            hidden = self.model.forward_block(self.cache, handles, feats, anchors)
+            tokens, probs, confidence_logits = self.sample_block(hidden, anchors, samplings, generator,
+                                                                 uniforms[0] if uniforms else None)
         lengths = torch.tensor([min(item.max_tokens, self.block_size) for item in batch], dtype=torch.long)
         return DraftProposal(tokens=tokens, lengths=lengths, probs=probs, confidence_logits=confidence_logits)
 
     def sample_block(
-        self, hidden: torch.Tensor, anchors: torch.Tensor, samplings: list[SamplingParams], generator,
+        self, hidden: torch.Tensor, anchors: torch.Tensor, samplings: list[SamplingParams] | RowSampling, generator,
         uniforms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Sequential stage (paper Eq. 4): left to right, p_k = softmax(U_k + B_k(x_{k−1})), sample x_k (from
@@ -363,6 +361,8 @@ class DSparkDrafter(Drafter):
 
         hidden [B, γ, H] → tokens [B, γ], probs [B, γ, V] float32 (exactly what was sampled from),
         confidence_logits [B, γ] float32 (the raw head's, Eq. 7; c_k = σ(logit)) or None.
+        samplings as a `RowSampling` (a captured graph, `StaticDraftStep`): the same distributions and tokens
+        without a host branch (`logits_to_probs_by_row`; uniforms required, any value on greedy rows).
         """
         model = self.model
         base = model.lm_head(hidden).float()
@@ -370,23 +370,30 @@ class DSparkDrafter(Drafter):
         head = model.markov_head
         state = head.initial_state(batch, hidden[:, 0]) if head is not None else None
         prev = anchors
-        all_greedy = all(s.greedy for s in samplings)
+        by_row = isinstance(samplings, RowSampling)
+        all_greedy = not by_row and all(s.greedy for s in samplings)
         tokens, probs = [], []
         for k in range(block_size):
             logits = base[:, k]
             if head is not None:
                 bias, state = head.step(prev, hidden[:, k], state)
                 logits = logits + bias.float()
-            q = logits_to_probs(logits, samplings)
-            # All greedy: q is one-hot, and its argmax is the token inverse-CDF sampling would draw.
-            prev = q.argmax(-1) if all_greedy else sample(q, generator, None if uniforms is None else uniforms[:, k])
+            if by_row:
+                q = logits_to_probs_by_row(logits, samplings)
+                prev = torch.where(samplings.greedy, q.argmax(-1), sample(q, uniforms=uniforms[:, k]))
+            else:
+                q = logits_to_probs(logits, samplings)
+                # All greedy: q is one-hot, and its argmax is the token inverse-CDF sampling would draw.
+                prev = q.argmax(-1) if all_greedy else sample(q, generator, None if uniforms is None else uniforms[:, k])
             tokens.append(prev)
             probs.append(q)
         tokens = torch.stack(tokens, dim=1)
         # The confidence head reads h_k and x_{k−1} only, so it runs once over the block after sampling;
         # greedy requests read the head trained on greedy acceptance where there is one.
         greedy_rows = None
-        if model.greedy_confidence_head is not None:
+        if model.greedy_confidence_head is not None and by_row:
+            greedy_rows = samplings.greedy
+        elif model.greedy_confidence_head is not None:
             (greedy_rows,) = to_device([torch.tensor([s.greedy for s in samplings], dtype=torch.bool)], hidden.device)
         confidence_logits = model.confidence_logits(hidden, torch.cat([anchors[:, None], tokens[:, :-1]], dim=1),
                                                     greedy_rows)
