@@ -6,10 +6,12 @@ bookkeeping runs on the host between the GPU's steps: scheduling, the draft plan
 verification's host side, the commit, detokenisation. This script measures that bookkeeping on this machine:
 the wall time of `Engine.step` minus the time inside the model math — the target's `DecoderModel.forward`,
 the drafter's context fusion, block pass and sequential head, and verification's vocabulary-sized tensor
-work (`_verify`, `nonfinite_rows`, `sample_tokens`: kernels on a GPU) — on the built-in target and DSpark drafter, greedy, at
-several concurrencies, for plain decoding and DSpark (verifying every draft), with the ragged forward and
-with the static step (`TargetRunner(graphs=True)`, `DSparkDrafter.use_graphs(True)`). The attention layouts
-(`PagedKVCache.prepare` / `prepare_static`) are reported on their own: they are host work inside the forward.
+work (`_verify`, `nonfinite_rows`, `sample_tokens`: kernels on a GPU) — on the built-in target and DSpark
+drafter, greedy, at several concurrencies, for plain decoding and DSpark (verifying every draft), with the
+ragged forward and with the static step (`TargetRunner(graphs=True)`, `DSparkDrafter.use_graphs(True)`).
+The attention layouts (`PagedKVCache.prepare` / `prepare_static`: host work inside the forward) and
+detokenisation (the engine has the built-in tokenizer, so every step turns its tokens into text, as
+`dspark serve` does) are reported on their own.
 
 The H100 step costs of ../shared/data/profiles/ (Qwen3-4B shape, every shape in a CUDA graph) give the GPU
 time the bookkeeping would have to hide behind: `verify_ms["RxL"]` (+ `draft_ms["R"]` with a drafter). The
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_step_ops import make_engine  # noqa: E402
 from dspark.engine import step as step_module  # noqa: E402
+from dspark.models.tokenizer import load_tokenizer  # noqa: E402
 from dspark.models.zoo import builtin_drafter, builtin_target  # noqa: E402
 
 
@@ -63,9 +66,9 @@ class Stopwatch:
         setattr(owner, method, timed)
 
 
-def measure(drafter_dir: Path | None, requests: int, steps: int, graphs: bool) -> dict:
-    """Milliseconds per steady step: wall, model math, attention layouts, and the rest (bookkeeping)."""
-    engine = make_engine(builtin_target(), drafter_dir, requests, 1024, graphs=graphs)
+def measure(drafter_dir: Path | None, requests: int, steps: int, graphs: bool, tokenizer) -> dict:
+    """Milliseconds per steady step: wall, model math, attention layouts, detokenisation, and the rest."""
+    engine = make_engine(builtin_target(), drafter_dir, requests, 1024, graphs=graphs, tokenizer=tokenizer)
     if engine.drafter is not None:
         engine.drafter.use_graphs(graphs)
     while engine.last_step.get("decoding", 0) < requests:  # prompts in: every request decoding from here on
@@ -75,6 +78,7 @@ def measure(drafter_dir: Path | None, requests: int, steps: int, graphs: bool) -
     watch.wrap(engine.runner.model, "forward", "target_math")
     for name in ("_verify", "nonfinite_rows", "sample_tokens"):  # vocabulary-sized tensor work: kernels on a GPU
         watch.wrap(step_module, name, "verify_math")
+    watch.wrap(engine, "_detokenize", "detokenize")
     watch.wrap(engine.runner.cache, "prepare", "layouts")
     watch.wrap(engine.runner.cache, "prepare_static", "layouts")
     if engine.drafter is not None:
@@ -95,7 +99,7 @@ def measure(drafter_dir: Path | None, requests: int, steps: int, graphs: bool) -
     wall = 1e3 * sum(walls) / steps
     math = per_step["target_math"] + per_step.get("drafter_math", 0.0) + per_step["verify_math"]
     return {"wall_ms": wall, "median_wall_ms": 1e3 * statistics.median(walls), **per_step,
-            "bookkeeping_ms": wall - math - per_step["layouts"], "host_ms": wall - math,
+            "bookkeeping_ms": wall - math - per_step["layouts"] - per_step["detokenize"], "host_ms": wall - math,
             "tokens_per_step": engine.spec_live.accepted_tokens / max(engine.spec_live.rounds, 1) + 1
             if engine.drafter is not None else 1.0}
 
@@ -110,16 +114,17 @@ def main() -> int:
     torch.manual_seed(0)
     counts = [int(n) for n in args.requests.split(",")]
     profile = json.loads(Path(args.profile).read_text()) if args.profile else None
+    tokenizer = load_tokenizer(builtin_target())  # text out, as `dspark serve` streams it
     result = {"date": dt.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps,
               "profile": args.profile, "points": []}
-    print(f"{'mode':8}{'forward':>8}{'R':>5}{'wall ms':>9}{'math':>8}{'layouts':>9}{'bookkeeping':>12}"
+    print(f"{'mode':8}{'forward':>8}{'R':>5}{'wall ms':>9}{'math':>8}{'layouts':>9}{'detok':>7}{'bookkeeping':>12}"
           f"{'GPU ms':>8}{'host share':>11}")
     for mode, folder in (("plain", None), ("dspark", builtin_drafter())):
         for graphs in (False, True):
             for requests in counts:
                 point = {"mode": mode, "graphs": graphs, "requests": requests,
-                         **measure(folder, requests, args.steps, graphs)}
+                         **measure(folder, requests, args.steps, graphs, tokenizer)}
                 if profile is not None:
                     gamma = profile["gamma"] if mode == "dspark" else 0
                     gpu = profile["verify_ms"].get(f"{requests}x{1 + gamma}")
@@ -130,7 +135,7 @@ def main() -> int:
                 result["points"].append(point)
                 gpu_text = f"{point['gpu_ms']:>8.2f}{point['host_share']:>11.2f}" if point.get("gpu_ms") else ""
                 print(f"{mode:8}{'static' if graphs else 'ragged':>8}{requests:>5}{point['wall_ms']:>9.2f}"
-                      f"{point['wall_ms'] - point['host_ms']:>8.2f}{point['layouts']:>9.2f}"
+                      f"{point['wall_ms'] - point['host_ms']:>8.2f}{point['layouts']:>9.2f}{point['detokenize']:>7.2f}"
                       f"{point['bookkeeping_ms']:>12.2f}{gpu_text}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -42,10 +42,10 @@ from dspark.models.zoo import builtin_drafter, builtin_target  # noqa: E402
 
 
 def make_engine(target: Path, drafter_dir: Path | None, requests: int, new_tokens: int,
-                graphs: bool | None = None) -> Engine:
+                graphs: bool | None = None, tokenizer=None) -> Engine:
     runner = TargetRunner.from_pretrained(target, device="cpu", dtype="float32", graphs=graphs)
     drafter = load_drafter(str(drafter_dir), device="cpu", dtype="float32") if drafter_dir else None
-    engine = Engine(runner, drafter)
+    engine = Engine(runner, drafter, tokenizer=tokenizer)
     engine.controller.gate = None  # speculate every round: the count is per DSpark round
     for i in range(requests):
         prompt = [(7 * i + 3 * j) % 200 + 10 for j in range(24)]

@@ -59,3 +59,19 @@ def test_greedy_decoding_on_the_compiled_path_equals_eager_plain_decoding(tmp_pa
     off = generate(eager, PROMPTS, sampling=sampled, max_new_tokens=24, drafter=drafter, seed=3)
     assert [s.token_ids for s in on.sequences] == [s.token_ids for s in off.sequences]
     assert [s.token_ids for s in on.sequences] != expected  # sampled, not greedy
+
+
+def test_the_static_step_on_the_compiled_path_equals_eager_plain_decoding(tmp_path):
+    """Issue 17 item 2: the static step (capture buckets, replayed graphs; `HostGraph` on the CPU) runs with the
+    compiled dense parts inside, for the target's step and the drafter's round."""
+    target = build_random_model(tmp_path / "target", "tiny-qwen3", seed=4, init_std=0.3, with_tokenizer=False, **MODEL)
+    drafter_dir = save_dspark_folder(target, tmp_path / "dspark", block_size=4, target_layer_ids=(0, 2))
+    expected = greedy(TargetRunner.from_pretrained(target, dtype="float64"))
+    static = TargetRunner.from_pretrained(target, dtype="float64", compile=True, graphs=True)
+    drafter = load_dspark_drafter(drafter_dir, device="cpu", dtype="float64")
+    compile_drafter(drafter)
+    drafter.use_graphs(True)
+    assert greedy(static) == expected
+    assert greedy(static, drafter) == expected
+    assert static.static.captures and drafter.static.captures
+    assert static.model.dense_parts == compiled_dense_parts() and drafter.model.dense_parts is not None

@@ -194,6 +194,7 @@ def test_the_drafters_padded_round_equals_the_eager_one(folders, graphs):
     width, block = eager.model.fc.weight.shape[1], eager.block_size
     samplings = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=5),
                  SamplingParams(temperature=0.8, top_p=0.9)]
+    temperature_only = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0), SamplingParams(temperature=0.6)]
     histories = {i: [] for i in range(3)}
     replays = 0
     for round_ in range(9):
@@ -206,7 +207,8 @@ def test_the_drafters_padded_round_equals_the_eager_one(folders, graphs):
             histories[i] = histories[i][:seen] + torch.randint(0, 48, (rows + 1,), generator=gen).tolist()
             batch.append(DraftInput(
                 seq_id=i, token_ids=list(histories[i]), new_features=torch.randn(rows, width, generator=gen, dtype=torch.float64),
-                max_tokens=block, sampling=samplings[0] if greedy_only else samplings[i],
+                max_tokens=block,
+                sampling=samplings[0] if greedy_only else temperature_only[i] if round_ in (3, 4) else samplings[i],
                 uniforms=torch.rand(block, generator=gen, dtype=torch.float64) if with_uniforms else None))
         a = eager.propose(batch, torch.Generator().manual_seed(round_))
         b = static.propose(batch, torch.Generator().manual_seed(round_))
@@ -223,8 +225,9 @@ def test_the_drafters_padded_round_equals_the_eager_one(folders, graphs):
         for layer in range(len(eager.cache.k_pools)):
             torch.testing.assert_close(static.cache.k_pools[layer][slots_b], eager.cache.k_pools[layer][slots_a],
                                        rtol=1e-12, atol=1e-12)
-    if graphs:
-        assert 0 < len(static.static.captures) < static.static.replays
+    if graphs:  # (reuse of the captures: the engine test below)
+        assert 0 < len(static.static.captures) <= static.static.replays
+        assert {b.sampling for b in static.static.captures} == {"greedy", "temperature", "filtered"}
 
 
 def test_logits_to_probs_by_row_gives_logits_to_probs_value_for_value():
@@ -233,10 +236,13 @@ def test_logits_to_probs_by_row_gives_logits_to_probs_value_for_value():
               SamplingParams(1.3, top_p=0.8), SamplingParams(0.9, top_k=3, top_p=0.5), SamplingParams(1.0, top_k=100),
               SamplingParams(2.0, top_k=64, top_p=0.95), SamplingParams(0.5, top_k=1)]
     logits = torch.randn(len(params), 64, generator=gen) * 3
-    rows = RowSampling(*RowSampling.host_tensors(params, len(params) + 2))
-    got = logits_to_probs_by_row(torch.cat([logits, torch.randn(2, 64, generator=gen)]), rows)
-    assert torch.equal(got[: len(params)], logits_to_probs(logits, params))
-    assert torch.equal(got[len(params):].sum(-1), torch.ones(2)) and set(got[len(params):].flatten().tolist()) == {0.0, 1.0}
+    for chosen in (params, params[:2], params[:1]):  # modes "filtered", "temperature", "greedy"
+        rows = RowSampling(*RowSampling.host_tensors(chosen, len(chosen) + 2), RowSampling.mode_of(chosen))
+        got = logits_to_probs_by_row(torch.cat([logits[: len(chosen)], torch.randn(2, 64, generator=gen)]), rows)
+        assert torch.equal(got[: len(chosen)], logits_to_probs(logits[: len(chosen)], chosen)), rows.mode
+        padding = got[len(chosen):]  # greedy: one-hot
+        assert torch.equal(padding.sum(-1), torch.ones(2)) and set(padding.flatten().tolist()) == {0.0, 1.0}
+    assert [RowSampling.mode_of(c) for c in (params, params[:2], params[:1])] == ["filtered", "temperature", "greedy"]
 
 
 def test_speculative_greedy_with_both_passes_static_equals_plain_and_drafts_the_same(folders):
@@ -251,6 +257,7 @@ def test_speculative_greedy_with_both_passes_static_equals_plain_and_drafts_the_
                          drafter=eager_drafter)
     assert [s.token_ids for s in both.sequences] == expected
     assert both.stats.accepted_tokens == reference.stats.accepted_tokens > 0  # the same drafts were proposed
-    assert static_drafter.static.replays > 0 and static.static.replays > 0
+    assert 0 < len(static_drafter.static.captures) < static_drafter.static.replays  # captured once, replayed
+    assert static.static.replays > 0
     static_drafter.use_graphs(False)
     assert static_drafter.static is None

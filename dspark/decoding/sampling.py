@@ -93,6 +93,17 @@ class RowSampling:
     top_k: torch.Tensor  # [N] long, 0 = off
     top_p: torch.Tensor  # [N] float32, 1 = off
     greedy: torch.Tensor  # [N] bool
+    mode: str = "filtered"  # the work every row pays for: "greedy" | "temperature" | "filtered" (`mode_of`)
+
+    @staticmethod
+    def mode_of(params: Sequence[SamplingParams]) -> str:
+        """"greedy" when every row is greedy, "temperature" when no row uses top-k or top-p, else "filtered"
+        (the vocabulary sorts of top-k and top-p, paid by every row)."""
+        if all(p.greedy for p in params):
+            return "greedy"
+        if all(p.greedy or (p.top_k == 0 and p.top_p == 1.0) for p in params):
+            return "temperature"
+        return "filtered"
 
     @staticmethod
     def host_tensors(params: Sequence[SamplingParams], padded_rows: int) -> list[torch.Tensor]:
@@ -109,11 +120,16 @@ def logits_to_probs_by_row(logits: torch.Tensor, rows: RowSampling) -> torch.Ten
     """`logits_to_probs` with row n's parameters given as tensors: logits [N, V] → probs [N, V] float32, the
     same values row by row (the same operations in the same order: temperature → top-k → softmax → top-p;
     the k-th largest value read from a descending sort instead of `topk`), without a host read or a branch
-    on the parameters' values. Every row pays for the sort and the top-p pass."""
+    on the parameters' values. `rows.mode` picks the work all rows share: one-hot only ("greedy"), softmax at
+    each row's temperature ("temperature"), or also the sorts of top-k and top-p ("filtered")."""
     logits = logits.to(torch.float32)
     vocab = logits.shape[-1]
     one_hot = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    if rows.mode == "greedy":
+        return one_hot
     scaled = logits / rows.temperature.unsqueeze(-1)
+    if rows.mode == "temperature":
+        return torch.where(rows.greedy.unsqueeze(-1), one_hot, torch.softmax(scaled, dim=-1))
     descending = torch.sort(scaled, dim=-1, descending=True).values
     use_k = (rows.top_k > 0) & (rows.top_k < vocab)
     kth = descending.gather(-1, (rows.top_k.clamp(1, vocab) - 1).unsqueeze(-1))

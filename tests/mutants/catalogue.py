@@ -153,8 +153,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "static-draft-argmax-for-sampled-rows",
         "the drafter's captured round takes the argmax for every row, sampled ones too, and reports the q it did not sample from",
         DSPARK_SAMPLE_BLOCK,
-        "                prev = torch.where(samplings.greedy, q.argmax(-1), sample(q, uniforms=uniforms[:, k]))",
-        "                prev = q.argmax(-1)",
+        "                    prev = torch.where(samplings.greedy, prev, sample(q, uniforms=uniforms[:, k]))",
+        "                    prev = torch.where(samplings.greedy, prev, prev)",
         (f"{STATIC}::test_the_drafters_padded_round_equals_the_eager_one[True]",),
     ),
     Mutant(

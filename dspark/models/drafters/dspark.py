@@ -340,7 +340,7 @@ class DSparkDrafter(Drafter):
         samplings = [item.sampling for item in batch]
         bucket = None
         if self.static is not None and (uniforms is not None or all(s.greedy for s in samplings)):
-            bucket = self.static.bucket([self.cache.length(h) for h in handles], [f.shape[0] for f in feats])
+            bucket = self.static.bucket([self.cache.length(h) for h in handles], [f.shape[0] for f in feats], samplings)
         anchors = torch.tensor([item.token_ids[-1] for item in batch], dtype=torch.long)
         if bucket is not None:
             tokens, probs, confidence_logits = self.static.propose(handles, feats, anchors, samplings, uniforms, bucket)
@@ -380,7 +380,9 @@ class DSparkDrafter(Drafter):
                 logits = logits + bias.float()
             if by_row:
                 q = logits_to_probs_by_row(logits, samplings)
-                prev = torch.where(samplings.greedy, q.argmax(-1), sample(q, uniforms=uniforms[:, k]))
+                prev = q.argmax(-1)
+                if samplings.mode != "greedy":
+                    prev = torch.where(samplings.greedy, prev, sample(q, uniforms=uniforms[:, k]))
             else:
                 q = logits_to_probs(logits, samplings)
                 # All greedy: q is one-hot, and its argmax is the token inverse-CDF sampling would draw.

@@ -44,6 +44,7 @@ class BlockBucket:
     batch: int  # sequences (real ones first)
     context_rows: int  # new K/V-only context rows per sequence
     context_pages: int  # key pages gathered per sequence
+    sampling: str  # `RowSampling.mode` of the round's requests: "greedy", "temperature" or "filtered"
 
 
 class StaticDraftStep:
@@ -62,14 +63,15 @@ class StaticDraftStep:
     def captures(self) -> dict:
         return {} if self.graphs is None else self.graphs.captures
 
-    def bucket(self, lengths: list[int], context_rows: list[int]) -> BlockBucket | None:
-        """The bucket of a round over sequences of lengths[b] cached rows bringing context_rows[b] new ones."""
+    def bucket(self, lengths: list[int], context_rows: list[int], samplings: list[SamplingParams]) -> BlockBucket | None:
+        """The bucket of a round over sequences of lengths[b] cached rows bringing context_rows[b] new ones and
+        drafting with samplings[b]."""
         block_size = self.model.config.block_size
         if not lengths or len(lengths) > self.max_batch or max(context_rows) > self.max_context_rows:
             return None
         pages = max(-(-(length + n + block_size) // self.cache.page_size) for length, n in zip(lengths, context_rows))
         bucket = BlockBucket(min(batch_bucket(len(lengths)), self.max_batch), power_of_two_bucket(max(max(context_rows), 1)),
-                             power_of_two_bucket(pages))
+                             power_of_two_bucket(pages), RowSampling.mode_of(samplings))
         fits = bucket.batch * max(block_size, bucket.context_rows) <= self.max_rows
         return bucket if fits else None
 
@@ -118,6 +120,7 @@ class StaticDraftStep:
         meta = StaticLayout.metadata(packed, batch, block_size, bucket.context_pages * self.cache.page_size,
                                      bucket.context_rows)
         hidden = self.model.block_pass(self.cache, meta, self.model.fuse_context(features), anchors)
-        tokens, probs, confidence = self.drafter.sample_block(
-            hidden.view(batch, block_size, -1), anchors, RowSampling(temperature, top_k, top_p, greedy), None, uniforms)
+        rows = RowSampling(temperature, top_k, top_p, greedy, bucket.sampling)
+        tokens, probs, confidence = self.drafter.sample_block(hidden.view(batch, block_size, -1), anchors, rows, None,
+                                                              uniforms)
         return [tokens, probs.reshape(batch * block_size, -1), confidence]
