@@ -35,7 +35,7 @@ import json
 import os
 import sys
 
-from dspark.errors import DSparkError
+from dspark.errors import ConfigError, DSparkError
 
 # Subcommand modules under dspark.commands, in the order `dspark --help` lists them.
 COMMAND_MODULES = ("generate", "serve", "demo", "eval", "calibrate", "sweep", "simulate", "profile", "train", "pretrain", "data", "zoo", "bench", "export")
@@ -81,9 +81,19 @@ ENFORCE_EAGER_HELP = ("on CUDA, run every forward eagerly instead of replaying t
 
 
 def add_execution_args(parser: argparse.ArgumentParser) -> None:
-    """--compile and --enforce-eager (vLLM's name for turning CUDA graphs off)."""
+    """--compile, --enforce-eager (vLLM's name for turning CUDA graphs off) and --cuda-graph-max-bs (SGLang's)."""
     parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     parser.add_argument("--enforce-eager", action="store_true", help=ENFORCE_EAGER_HELP)
+    parser.add_argument("--cuda-graph-max-bs", type=int, default=256, metavar="N",
+                        help="the most concurrent requests a captured step serves; larger steps run eagerly "
+                             "(captures, and their memory, grow with N; default 256)")
+
+
+def check_execution_args(args) -> None:
+    """ConfigError for an impossible --cuda-graph-max-bs, before any model loads."""
+    if args.cuda_graph_max_bs < 1:
+        raise ConfigError(f"--cuda-graph-max-bs must be ≥ 1, got {args.cuda_graph_max_bs} (--enforce-eager turns "
+                          "CUDA graphs off)")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser, default_threads: int | None = None) -> None:

@@ -68,6 +68,7 @@ def test_generate_batch_of_prompts(model_dir, capsys):
         (["--drafter", "ngram", "--num-draft-tokens", "-1"], "num_draft_tokens"),
         (["--draft-gate"], "need a drafter"),
         (["--drafter", "ngram", "--draft-gate"], "confidence head"),
+        (["--cuda-graph-max-bs", "0"], "--cuda-graph-max-bs"),
     ],
 )
 def test_generate_rejects_bad_input(model_dir, capsys, extra, needle):
@@ -112,3 +113,9 @@ def test_generate_with_draft_gate_on_the_builtin_model(tmp_path, capsys):
     assert gated["token_ids"] == plain["token_ids"]
     report = gated["draft_gate"]
     assert report["drafted_steps"] + report["skipped_steps"] >= 1 and report["rounds_observed"] >= 1
+
+
+def test_serve_refuses_an_impossible_graph_batch_before_loading(capsys):
+    code = main(["serve", "--cuda-graph-max-bs", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--cuda-graph-max-bs must be ≥ 1" in err

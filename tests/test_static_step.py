@@ -16,7 +16,7 @@ from dspark.engine.generation import generate
 from dspark.errors import CacheCapacityError
 from dspark.models.drafters.dspark import load_dspark_drafter
 from dspark.models.random_init import build_random_model
-from dspark.models.static_step import StaticStep, batch_bucket, power_of_two_bucket
+from dspark.models.static_step import StaticStep, batch_bucket, configure_graphs, power_of_two_bucket
 from dspark.models.target_runner import TargetRunner
 
 from drafters_for_tests import save_dspark_folder
@@ -105,6 +105,26 @@ def test_a_replay_does_not_overwrite_the_previous_forwards_outputs(folders):
     assert len(static.static.captures) == 2
     assert torch.equal(out.logits, kept_logits) and torch.equal(out.features, kept_features)
     assert not torch.equal(again.logits, kept_logits)
+
+
+def test_enforce_eager_and_the_graph_batch_limit(folders):
+    """`configure_graphs` (--enforce-eager, --cuda-graph-max-bs): off for the target and the drafter, or on
+    for steps of up to max_batch sequences; bigger steps run ragged."""
+    target = runner(folders[0], True)
+    drafter = load_dspark_drafter(folders[1], device="cpu", dtype="float64")
+    drafter.use_graphs(True)
+    configure_graphs(target, drafter, enforce_eager=True, max_batch=8)
+    assert target.static is None and drafter.static is None
+    configure_graphs(target, drafter, enforce_eager=False, max_batch=8)
+    assert target.static is None and drafter.static is None  # the default: graphs on CUDA only
+    target.use_graphs(True, max_batch=2)
+    drafter.use_graphs(True, max_batch=2)
+    assert drafter.static.max_batch == 2
+    seqs = [target.new_sequence() for _ in range(3)]
+    target.forward(seqs, [[1], [2], [3]])
+    assert target.static.replays == 0
+    target.forward(seqs[:2], [[4], [5]])
+    assert target.static.replays == 1
 
 
 def test_forwards_outside_every_bucket_and_training_forwards_run_ragged(folders):

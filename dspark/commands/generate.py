@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dspark.cli import add_execution_args, add_runtime_args, add_sampling_args, print_json
+from dspark.cli import add_execution_args, add_runtime_args, add_sampling_args, check_execution_args, print_json
 from dspark.decoding.sampling import SamplingParams
 from dspark.engine.generation import generate
 from dspark.errors import RequestError
 from dspark.models.drafters import compile_drafter, load_drafter
+from dspark.models.static_step import configure_graphs
 from dspark.models.target_runner import TargetRunner
 from dspark.scheduling.controller import SpeculationController
 from dspark.data.chat import render_prompt
@@ -102,14 +103,14 @@ def run_generate(args) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.max_new_tokens < 1:
         raise RequestError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
+    check_execution_args(args)
     if args.scheduler:
         from dspark.scheduling.named import parse_policies
 
         parse_policies(args.scheduler, None, "--scheduler")  # names checked before any model loads
     if args.online_calibration is not None and args.online_calibration < 1:
         raise RequestError(f"--online-calibration must be ≥ 1, got {args.online_calibration}")
-    runner = TargetRunner.from_pretrained(args.model, device=args.device, dtype=args.dtype, compile=args.compile,
-                                         graphs=False if args.enforce_eager else None)
+    runner = TargetRunner.from_pretrained(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
     tokenizer = load_tokenizer(args.model)
     drafter = None
     if args.drafter is not None:
@@ -117,8 +118,7 @@ def run_generate(args) -> int:
                               target=runner.model)
         if args.compile:
             compile_drafter(drafter)
-        if args.enforce_eager:
-            drafter.use_graphs(False)
+    configure_graphs(runner, drafter, enforce_eager=args.enforce_eager, max_batch=args.cuda_graph_max_bs)
     controller = make_controller(args, drafter, sampling)
     prompts = [render_prompt(tokenizer, text, args.chat, f"--prompt {i + 1}") for i, text in enumerate(args.prompt)]
     stops = stop_token_ids(args.model, tokenizer, runner.config.eos_token_ids)

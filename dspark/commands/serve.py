@@ -14,7 +14,7 @@ import sys
 
 from pathlib import Path
 
-from dspark.cli import add_execution_args, add_runtime_args, add_seed_arg
+from dspark.cli import add_execution_args, add_runtime_args, add_seed_arg, check_execution_args
 from dspark.errors import ConfigError
 
 
@@ -71,6 +71,7 @@ def configs_from_args(args, *, local_files: bool = True):
     from dspark.serving.app import ServeConfig
     from dspark.serving.server import ModelOptions
 
+    check_execution_args(args)
     for name in ("max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
@@ -94,7 +95,7 @@ def configs_from_args(args, *, local_files: bool = True):
     calibration = args.calibration if args.calibration in ("auto", "none") else _absolute(args.calibration)
     model = ModelOptions(_absolute(args.model), _absolute(args.drafter, model_folder=True), args.num_draft_tokens,
                          args.device, args.dtype, args.compile,
-                         args.enforce_eager)
+                         args.enforce_eager, args.cuda_graph_max_bs)
     engine = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           kv_cache_tokens=args.kv_cache_tokens, seed=args.seed, policy=args.scheduler,
                           profile=_absolute(args.profile), calibration=calibration)

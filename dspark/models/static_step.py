@@ -36,6 +36,15 @@ from dspark.devices import to_device
 from dspark.models.kv_cache import PagedKVCache, StaticLayout
 
 
+def configure_graphs(runner, drafter, *, enforce_eager: bool, max_batch: int) -> None:
+    """`--enforce-eager` and `--cuda-graph-max-bs` on a loaded `TargetRunner` and drafter (or None): graphs off,
+    or on CUDA for steps of up to `max_batch` sequences (`use_graphs`)."""
+    graphs = False if enforce_eager else None
+    runner.use_graphs(graphs, max_batch=max_batch)
+    if drafter is not None:
+        drafter.use_graphs(graphs, max_batch=max_batch)
+
+
 def batch_bucket(sequences: int) -> int:
     """Padded batch size: 1, 2, 4, 8, then the next multiple of 8 (at most 2× below 8 sequences, +7 above)."""
     if sequences <= 8:

@@ -79,9 +79,8 @@ class TargetRunner:
             c.num_layers, c.num_kv_heads, c.head_dim,
             page_size=cache_page_size, max_pages=max_cache_pages, dtype=self.dtype, device=self.device,
         )
-        if graphs is None:
-            graphs = self.device.type == "cuda"
-        self.static = StaticStep(model, self.cache, graphs=True) if graphs else None
+        self.static: StaticStep | None = None
+        self.use_graphs(graphs)
 
     @classmethod
     def from_pretrained(
@@ -105,6 +104,13 @@ class TargetRunner:
         runner = cls(model, name=str(folder), **kwargs)
         runner.hf_config = hf_config
         return runner
+
+    def use_graphs(self, enabled: bool | None = None, *, max_batch: int = 256) -> None:
+        """Run decoding and verification forwards of up to `max_batch` sequences in capture buckets replayed from
+        captured graphs (`StaticStep`), or all forwards ragged. None: on CUDA only. Drops earlier captures."""
+        if enabled is None:
+            enabled = self.device.type == "cuda"
+        self.static = StaticStep(self.model, self.cache, graphs=True, max_batch=max_batch) if enabled else None
 
     # -- sequence handles ------------------------------------------------------------------------
     @property

@@ -24,7 +24,8 @@ class ModelOptions:
     device: str = "auto"
     dtype: str | None = None
     compile: bool = False  # torch.compile the target's dense layer parts
-    enforce_eager: bool = False  # no CUDA graphs (`TargetRunner(graphs=False)`)
+    enforce_eager: bool = False  # no CUDA graphs (`dspark.models.static_step.configure_graphs`)
+    cuda_graph_max_bs: int = 256  # the most requests a captured step serves
 
 
 def load_engine(options: ModelOptions, engine_config: EngineConfig):
@@ -32,6 +33,7 @@ def load_engine(options: ModelOptions, engine_config: EngineConfig):
     read from the cache when the policy needs one)."""
     from dspark.devices import resolve_device
     from dspark.models.drafters import compile_drafter, load_drafter
+    from dspark.models.static_step import configure_graphs
     from dspark.models.target_runner import TargetRunner
     from dspark.models.tokenizer import load_tokenizer, stop_token_ids
     from dspark.models.zoo import resolve_drafter, resolve_target
@@ -44,8 +46,7 @@ def load_engine(options: ModelOptions, engine_config: EngineConfig):
     else:
         drafter_spec = resolve_drafter(drafter_spec)
     device = str(resolve_device(options.device, "--device"))
-    runner = TargetRunner.from_pretrained(target, device=device, dtype=options.dtype, compile=options.compile,
-                                          graphs=False if options.enforce_eager else None)
+    runner = TargetRunner.from_pretrained(target, device=device, dtype=options.dtype, compile=options.compile)
     tokenizer = load_tokenizer(target)
     drafter = None
     if drafter_spec is not None:
@@ -53,8 +54,7 @@ def load_engine(options: ModelOptions, engine_config: EngineConfig):
                                target=runner.model)
         if options.compile:
             compile_drafter(drafter)
-        if options.enforce_eager:
-            drafter.use_graphs(False)
+    configure_graphs(runner, drafter, enforce_eager=options.enforce_eager, max_batch=options.cuda_graph_max_bs)
     engine = Engine(runner, drafter, config=engine_config, tokenizer=tokenizer,
                     eos_token_ids=stop_token_ids(target, tokenizer, runner.config.eos_token_ids))
     return engine, tokenizer, target

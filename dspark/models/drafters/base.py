@@ -91,9 +91,9 @@ class Drafter(ABC):
     def propose(self, batch: list[DraftInput], generator: torch.Generator | None = None) -> DraftProposal:
         """Propose up to `max_tokens` drafts for every sequence of the batch."""
 
-    def use_graphs(self, enabled: bool) -> None:
-        """Replay the drafter's passes from captured graphs or run them eagerly (`--enforce-eager`). Drafters
-        without a static pass always run eagerly."""
+    def use_graphs(self, enabled: bool | None = None, *, max_batch: int = 256) -> None:
+        """Replay the drafter's rounds of up to `max_batch` sequences from captured graphs, or run them eagerly
+        (`--enforce-eager`); None: on CUDA only. Drafters without a static round always run eagerly."""
 
     def release(self, seq_id: int) -> None:
         """Forget a finished sequence's state."""

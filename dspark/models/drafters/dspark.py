@@ -319,12 +319,14 @@ class DSparkDrafter(Drafter):
         )
         self._handles: dict[int, int] = {}
         self.static: StaticDraftStep | None = None
-        self.use_graphs(param.device.type == "cuda" if graphs is None else graphs)
+        self.use_graphs(graphs)
 
-    def use_graphs(self, enabled: bool) -> None:
-        """Replay the block pass and the sequential head from captured graphs (`StaticDraftStep`), or run them
-        eagerly (`--enforce-eager`)."""
-        self.static = StaticDraftStep(self, graphs=True) if enabled else None
+    def use_graphs(self, enabled: bool | None = None, *, max_batch: int = 256) -> None:
+        """Replay rounds of up to `max_batch` sequences (block pass and sequential head) from captured graphs
+        (`StaticDraftStep`), or run them eagerly (`--enforce-eager`). None: on CUDA only."""
+        if enabled is None:
+            enabled = self.model.fc.weight.device.type == "cuda"
+        self.static = StaticDraftStep(self, graphs=True, max_batch=max_batch) if enabled else None
 
     def check_target(self, target_config: DecoderConfig) -> None:
         check_drafter_target(self.name, self.model.config, target_config)
