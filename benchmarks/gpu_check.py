@@ -745,8 +745,10 @@ def section_graphs(check: Check, out: dict) -> None:
             out.setdefault(f"{label}_greedy_agreement", {})[c] = agreement(off_tokens, on_tokens)["greedy_agreement"]
             check.say(f"graphs: {label} at {c}: {on['throughput_tok_s']:.1f} tok/s "
                       f"(--enforce-eager {off['throughput_tok_s']:.1f})")
-    out.update(captures=len(graphed.static.captures), replays=graphed.static.replays,
-               drafter_captures=len(drafters["graphs"].static.captures), drafter_replays=drafters["graphs"].static.replays)
+    static, drafter_static = graphed.static, drafters["graphs"].static
+    out.update(captures=len(static.captures), replays=static.replays, capture_error=static.graphs.error,
+               drafter_captures=len(drafter_static.captures), drafter_replays=drafter_static.replays,
+               drafter_capture_error=drafter_static.graphs.error)
     out["speedup_plain_at_1"] = out["plain_tok_s"][plan.concurrency[0]] / out["plain_eager_tok_s"][plan.concurrency[0]]
 
 

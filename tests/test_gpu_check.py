@@ -98,6 +98,7 @@ def test_smoke_sections_report_what_they_measured(smoke):
     graphs = sections["graphs"]
     assert graphs["captures"] > 0 and graphs["replays"] > graphs["captures"]
     assert graphs["drafter_captures"] > 0 and graphs["drafter_replays"] > graphs["drafter_captures"]
+    assert graphs["capture_error"] is None and graphs["drafter_capture_error"] is None
     for label in ("plain", "speculative"):
         assert set(graphs[f"{label}_greedy_agreement"].values()) == {1.0}
         assert all(v > 0 for v in graphs[f"{label}_tok_s"].values())

@@ -281,3 +281,20 @@ def test_speculative_greedy_with_both_passes_static_equals_plain_and_drafts_the_
     assert static.static.replays > 0
     static_drafter.use_graphs(False)
     assert static_drafter.static is None
+
+
+def test_a_failed_capture_is_reported_and_decoding_goes_on_eagerly(folders, monkeypatch):
+    """An operation CUDA cannot record would make the capture raise: a RuntimeWarning names it once, that step
+    returns its warm-up's outputs, and every later step runs eagerly — with the same greedy output."""
+    from dspark.models.static_step import CapturedGraphs
+
+    def refuse(self, run):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(CapturedGraphs, "_make_graph", refuse)
+    target = runner(folders[0], True)
+    with pytest.warns(RuntimeWarning, match="operation not permitted"):
+        tokens = greedy(target)
+    assert tokens == greedy(runner(folders[0], False))
+    assert "operation not permitted" in target.static.graphs.error and not target.static.captures
+    assert target.static.replays >= 30  # the padded forward still ran, eagerly

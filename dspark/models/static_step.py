@@ -27,6 +27,7 @@ freed intermediates is safe. Re-allocating the KV pools (`PagedKVCache.generatio
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -92,7 +93,8 @@ class Capture:
 
 class CapturedGraphs:
     """The captures of one padded forward, keyed by bucket, and their replay: a CUDA graph each on CUDA, a
-    `HostGraph` on the CPU. Used for the target's step (`StaticStep`) and a DSpark drafter's block pass.
+    `HostGraph` on the CPU. Used for the target's step (`StaticStep`) and a DSpark drafter's round
+    (`dspark.models.drafters.static_block`).
 
     `replay(key, inputs, forward)`: forward(inputs) must take device tensors of fixed shapes per key and return
     2-D outputs [rows, width] (or None), rows ≤ max_rows. The first time a key occurs, forward runs once eagerly
@@ -100,42 +102,58 @@ class CapturedGraphs:
     writes the same K/V the replay will), then is captured; every time, the inputs are copied into the
     capture's own and the graph replayed. Output i goes to a buffer [max_rows, width_i] shared by every capture
     (allocated outside any capture), so no capture holds memory of its own for logits; the returned views are
-    valid until the next replay. A wider output replaces the buffer and drops the captures that wrote to it."""
+    valid until the next replay. A wider output replaces the buffer and drops the captures that wrote to it.
+
+    A capture that fails (an operation CUDA cannot record) is reported once as a RuntimeWarning and kept in
+    `error`; from then on every forward runs eagerly, and the failed one returns its warm-up's outputs."""
 
     def __init__(self, cache: PagedKVCache, max_rows: int):
         self.cache, self.max_rows = cache, max_rows
         self.captures: dict = {}
+        self.error: str | None = None
         self._generation = cache.generation
         self._pool = None
         self._buffers: list[torch.Tensor | None] = []
 
     def replay(self, key, inputs: list[torch.Tensor], forward: Callable[[list[torch.Tensor]], list]) -> list:
-        capture = self._capture(key, inputs, forward)
+        if self.error is not None:
+            return forward(inputs)
+        capture, warm_up = self._capture(key, inputs, forward)
+        if capture is None:
+            return warm_up
         for own, given in zip(capture.inputs, inputs):
             own.copy_(given, non_blocking=True)
         capture.graph.replay()
         return capture.outputs
 
-    def _capture(self, key, inputs: list[torch.Tensor], forward) -> Capture:
+    def _capture(self, key, inputs: list[torch.Tensor], forward) -> tuple[Capture | None, list | None]:
+        """(the key's capture, None), made now if new; (None, the warm-up's outputs) if capturing failed."""
         if self.cache.generation != self._generation:  # the pools the captures wrote to are gone
             self.captures.clear()
             self._generation = self.cache.generation
         if key in self.captures:
-            return self.captures[key]
+            return self.captures[key], None
         own = [t.clone() for t in inputs]
-        views = self._output_views(forward(own))  # the warm-up
+        warm_up = forward(own)
+        views = self._output_views(warm_up)
 
         def run() -> None:
             for view, output in zip(views, forward(own)):
                 if view is not None:
                     view.copy_(output)
 
-        if self.cache.device.type == "cuda":
-            graph = self._capture_cuda(run)
-        else:
-            graph = HostGraph(run)
+        try:
+            graph = self._make_graph(run)
+        except RuntimeError as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"capturing a graph for {key} failed, running eagerly from now on: {self.error}",
+                          RuntimeWarning, stacklevel=2)
+            return None, warm_up
         self.captures[key] = Capture(own, graph, views)
-        return self.captures[key]
+        return self.captures[key], None
+
+    def _make_graph(self, run: Callable[[], None]) -> torch.cuda.CUDAGraph | HostGraph:
+        return self._capture_cuda(run) if self.cache.device.type == "cuda" else HostGraph(run)
 
     def _output_views(self, outputs: list) -> list[torch.Tensor | None]:
         while len(self._buffers) < len(outputs):
