@@ -1,5 +1,5 @@
 """A DSpark / DFlash drafter's round — block pass and sequential head — in capture buckets' fixed shapes,
-replayed from one captured graph per bucket (docs/architecture.md "Static step"; the target's step is
+replayed from one captured graph per bucket (docs/architecture.md, "the static step"; the target's step is
 `dspark.models.static_step`).
 
 Each round the block pass appends every sequence's n_b new context rows (the fused target features of the
