@@ -94,6 +94,17 @@ def test_non_finite_target_weight_is_refused(target_dir, capsys, value):
     assert victim in line and str(target_dir / WEIGHTS) in line and "non-finite" in line
 
 
+def test_the_chunked_finite_check_finds_a_bad_value_in_any_chunk():
+    """`all_finite` checks a weight a chunk at a time (a bounded temporary on the device): a NaN or inf in the
+    first, a middle or the last, partial chunk is found."""
+    for position in (0, 5, 9):
+        for value in (float("nan"), float("inf"), float("-inf")):
+            weights = torch.zeros(2, 5)
+            weights.view(-1)[position] = value
+            assert not checkpoint.all_finite(weights, chunk=3)
+    assert checkpoint.all_finite(torch.ones(2, 5), chunk=3) and checkpoint.all_finite(torch.ones(0), chunk=3)
+
+
 def test_weight_check_can_be_skipped(target_dir, monkeypatch):
     poison(target_dir, "model.norm.weight", float("nan"))
     monkeypatch.setenv("DSPARK_SKIP_WEIGHT_CHECK", "1")
