@@ -169,13 +169,15 @@ class CapturedGraphs:
                 for i, out in enumerate(outputs)]
 
     def _capture_cuda(self, run: Callable[[], None]) -> torch.cuda.CUDAGraph:
-        """Capture `run` into the pool shared by every capture (the warm-up already ran on these inputs)."""
+        """Capture `run` into the pool shared by every capture (the warm-up already ran on these inputs). Only
+        this thread's CUDA calls are restricted while capturing ("thread_local"): the server's other threads
+        may go on (a "global" capture would fail on, e.g., a memory query from another thread)."""
         device = self.cache.device
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         torch.cuda.current_stream(device).synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             run()
         return graph
 
