@@ -76,7 +76,7 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
 COMPILE_HELP = ("run the dense layer parts of the target and of a DSpark / DFlash drafter through torch.compile "
                 "(Inductor: the system C++ compiler on CPU, Triton on CUDA); the first steps compile")
 ENFORCE_EAGER_HELP = ("on CUDA, run every forward eagerly instead of replaying the target's decoding and verification "
-                      "steps and the DSpark drafter's rounds from CUDA graphs (one capture per bucket of batch, rows and "
+                      "steps and the drafter's rounds from CUDA graphs (one capture per bucket of batch, rows and "
                       "context, made on first use)")
 
 

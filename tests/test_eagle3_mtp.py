@@ -332,3 +332,70 @@ def test_losses_match_a_naive_loop_and_decrease_under_adamw(target, train_batch,
     assert losses[-1] < losses[0] - 0.05, losses
     for name, before in frozen.items():
         assert torch.equal(before, dict(model.named_parameters())[name]), name
+
+
+# -- the static round (dspark/models/drafters/static_causal.py) ----------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("graphs", [False, True])
+@torch.inference_mode()  # as `propose`
+def test_the_padded_round_equals_the_eager_one(target, kind, graphs):
+    """Rounds of 1–6 new context rows (the first one's 20–30 above the bucket: eager), some requests allowed
+    fewer drafts than γ, greedy / top-k / top-p / temperature-only mixes drawing from their uniforms, one
+    round without uniforms: the same drafts, q, lengths, last-row outputs and context K/V as the eager round."""
+    eager, static = make_drafter(target, kind), make_drafter(target, kind)
+    assert eager.static is None and static.static is None  # graphs are off by default on the CPU
+    static.use_graphs(True)
+    if not graphs:
+        static.static.graphs = None  # padded, run eagerly
+    static.static.max_context_rows = 8
+    gen = torch.Generator().manual_seed(2)
+    width, block = eager.model.feature_width, eager.block_size
+    mixes = {
+        "filtered": [SamplingParams(0.0), SamplingParams(1.0, top_k=5), SamplingParams(0.8, top_p=0.9)],
+        "temperature": [SamplingParams(0.0), SamplingParams(1.0), SamplingParams(0.6)],
+        "greedy": [SamplingParams(0.0)] * 3,
+    }
+    histories = {i: [] for i in range(3)}
+    replays = 0
+    for round_ in range(9):
+        active = [0, 1, 2][: 3 - round_ % 2]
+        mix = mixes["greedy" if round_ == 6 else "temperature" if round_ in (3, 4) else "filtered"]
+        with_uniforms = round_ != 7  # round 7: sampled rows without uniforms → eager
+        batch = []
+        for i in active:
+            seen = eager.cache.length(eager._handles[i]) if i in eager._handles else 0
+            rows = int(torch.randint(20, 30, (1,), generator=gen)) if round_ == 0 else int(torch.randint(1, 7, (1,), generator=gen))
+            histories[i] = histories[i][:seen] + torch.randint(0, 24, (rows + 1,), generator=gen).tolist()
+            batch.append(DraftInput(
+                seq_id=i, token_ids=list(histories[i]), new_features=torch.randn(rows, width, generator=gen, dtype=torch.float64),
+                max_tokens=block - (i == 1) * 2, sampling=mix[i],
+                uniforms=torch.rand(block, generator=gen, dtype=torch.float64) if with_uniforms else None))
+        a = eager.propose(batch, torch.Generator().manual_seed(round_))
+        b = static.propose(batch, torch.Generator().manual_seed(round_))
+        assert torch.equal(b.tokens, a.tokens) and torch.equal(b.lengths, a.lengths), round_
+        torch.testing.assert_close(b.probs, a.probs, rtol=1e-9, atol=1e-12)
+        replays += round_ > 0 and round_ != 7
+        assert static.static.replays == replays
+    for i in range(3):
+        torch.testing.assert_close(static._last_hidden[i], eager._last_hidden[i], rtol=1e-9, atol=1e-12)
+        ha, hb = eager._handles[i], static._handles[i]
+        length = eager.cache.length(ha)
+        assert static.cache.length(hb) == length  # the context rows kept, the draft rows dropped
+        torch.testing.assert_close(static.cache.k_pools[0][static.cache._slots(hb, 0, length)],
+                                   eager.cache.k_pools[0][eager.cache._slots(ha, 0, length)], rtol=1e-9, atol=1e-12)
+    if graphs:
+        assert {b.sampling for b in static.static.captures} == {"greedy", "temperature", "filtered"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_speculation_with_the_static_round_equals_plain_decoding(target, kind):
+    prompts = [[1, 5, 9, 2, 7], [3, 3, 8], [4, 11, 2, 6, 6, 1, 9]]
+    greedy = SamplingParams(temperature=0.0)
+    plain = generate(target, prompts, sampling=greedy, max_new_tokens=24)
+    eager_drafter, static_drafter = make_drafter(target, kind), make_drafter(target, kind)
+    static_drafter.use_graphs(True)
+    reference = generate(target, prompts, sampling=greedy, max_new_tokens=24, drafter=eager_drafter)
+    out = generate(target, prompts, sampling=greedy, max_new_tokens=24, drafter=static_drafter)
+    assert [s.token_ids for s in out.sequences] == [s.token_ids for s in plain.sequences]
+    assert out.stats.accepted_tokens == reference.stats.accepted_tokens  # the same drafts
+    assert 0 < len(static_drafter.static.captures) < static_drafter.static.replays

@@ -126,6 +126,11 @@ class StaticLayout:
                    gather_slots=torch.full((batch, width), scratch_slot, dtype=torch.long),
                    real_rows=empty, real_kv_only_rows=empty)
 
+    @staticmethod
+    def packed_size(batch: int, query_len: int, width: int, kv_only_len: int = 0) -> int:
+        """Elements of `packed()` for these shapes."""
+        return 2 * batch * query_len + 2 * batch * kv_only_len + 2 * batch + batch * width
+
     def packed(self) -> torch.Tensor:
         """The `PACKED` fields as one flat long tensor (one copy to the device, one into a capture's buffer)."""
         return torch.cat([getattr(self, name).reshape(-1) for name in self.PACKED])

@@ -158,6 +158,14 @@ MUTANTS: tuple[Mutant, ...] = (
         (f"{STATIC}::test_the_drafters_padded_round_equals_the_eager_one[True]",),
     ),
     Mutant(
+        "static-causal-round-argmax-for-sampled-rows",
+        "an EAGLE-3 / MTP captured round takes the argmax for every row, sampled ones too, and reports the q it did not sample from",
+        "dspark/models/drafters/static_causal.py",
+        "                token = torch.where(rows.greedy, token, sample(q, uniforms=uniforms[:, k]))",
+        "                token = torch.where(rows.greedy, token, token)",
+        ("tests/test_eagle3_mtp.py::test_the_padded_round_equals_the_eager_one[True-eagle3]",),
+    ),
+    Mutant(
         "equivalent: draft without top-k, reported consistently",
         "the DSpark drafter ignores top-k when drafting and reports the q it really sampled from: still lossless",
         DSPARK_SAMPLE_BLOCK,

@@ -76,7 +76,8 @@ from dspark.models.drafters.common import (
     init_draft_weights,
 )
 from dspark.models.drafters.registry import register_drafter
-from dspark.models.kv_cache import PagedKVCache
+from dspark.models.drafters.static_causal import StaticCausalRound
+from dspark.models.kv_cache import AttentionMetadata, PagedKVCache
 from dspark.models.layers import Attention, GatedMLP, RMSNorm, fuse_projections
 from dspark.models.rope import RotaryEmbedding
 
@@ -306,15 +307,20 @@ class Eagle3Model(DraftCheckpointMixin, nn.Module):
         starts = [cache.length(h) for h in handles]
         meta = cache.prepare(handles, [f.shape[0] for f in features])
         try:
-            g = self.fc(torch.cat(features).to(self.fc.weight.dtype))
-            emb = self.embed_tokens(torch.cat(next_tokens))
-            cos, sin = self.rotary(meta.positions, g.dtype)
-            out = self.midlayer.forward_paged(emb, g, cos, sin, cache.k_pools[0], cache.v_pools[0], meta)
+            out = self.ingest_pass(cache, meta, torch.cat(features), torch.cat(next_tokens))
         except BaseException:
             for handle, start in zip(handles, starts):
                 cache.truncate(handle, start)
             raise
         return list(torch.split(out, [f.shape[0] for f in features]))
+
+    def ingest_pass(self, cache: PagedKVCache, meta: AttentionMetadata, features: torch.Tensor, next_tokens: torch.Tensor
+                    ) -> torch.Tensor:
+        """The context rows of a prepared forward: features [T, L·H], next_tokens [T] → o [T, H]."""
+        g = self.fc(features.to(self.fc.weight.dtype))
+        cos, sin = self.rotary(meta.positions, g.dtype)
+        return self.midlayer.forward_paged(self.embed_tokens(next_tokens), g, cos, sin, cache.k_pools[0],
+                                           cache.v_pools[0], meta)
 
     def draft_step(
         self, cache: PagedKVCache, handles: list[int], hidden: torch.Tensor, tokens: torch.Tensor
@@ -322,10 +328,14 @@ class Eagle3Model(DraftCheckpointMixin, nn.Module):
         """One autoregressive draft row per sequence, appended to `cache` (the caller rolls it back).
         hidden [B, H] = o of each sequence's previous row (fed back as g); tokens [B] = the draft just sampled.
         Returns o [B, H] of the new rows."""
-        meta = cache.prepare(handles, [1] * len(handles))
-        emb = self.embed_tokens(tokens)
+        return self.draft_step_pass(cache, cache.prepare(handles, [1] * len(handles)), hidden, tokens)
+
+    def draft_step_pass(self, cache: PagedKVCache, meta: AttentionMetadata, hidden: torch.Tensor, tokens: torch.Tensor
+                        ) -> torch.Tensor:
+        """`draft_step` on a prepared forward of one row per sequence."""
         cos, sin = self.rotary(meta.positions, hidden.dtype)
-        return self.midlayer.forward_paged(emb, hidden, cos, sin, cache.k_pools[0], cache.v_pools[0], meta)
+        return self.midlayer.forward_paged(self.embed_tokens(tokens), hidden, cos, sin, cache.k_pools[0],
+                                           cache.v_pools[0], meta)
 
     # -- training -------------------------------------------------------------------------------------
     def forward_train(
@@ -432,7 +442,8 @@ class CausalFeatureDrafter(Drafter):
     sampling parameters) and exactly that float32 tensor is returned (docs/design.md §1).
     """
 
-    def __init__(self, model, *, name: str, cache_page_size: int = 16):
+    def __init__(self, model, *, name: str, cache_page_size: int = 16, graphs: bool | None = None):
+        """graphs: replay rounds from captured graphs (`use_graphs`); None = on CUDA only."""
         self.model = model.eval()
         cfg = model.config
         self.name = name
@@ -445,12 +456,15 @@ class CausalFeatureDrafter(Drafter):
         )
         self._handles: dict[int, int] = {}
         self._last_hidden: dict[int, torch.Tensor] = {}  # seq_id → o of its last context row [H]
+        self.static: StaticCausalRound | None = None
+        self.use_graphs(graphs)
 
     def check_target(self, target_config: DecoderConfig) -> None:
         check_drafter_target(self.name, self.model.config, target_config)
 
-    def _ingest(self, batch: list[DraftInput]) -> list[int]:
-        """Validate the batch, ingest its new context rows; returns the cache handles."""
+    def _validate(self, batch: list[DraftInput]) -> tuple[list[int], list[tuple]]:
+        """The batch's cache handles, and (seq_id, handle, features, next tokens) of each sequence with new
+        context rows (on the device). Raises RequestError."""
         device = self.model.lm_head.weight.device
         handles, todo = [], []
         for item in batch:
@@ -467,17 +481,36 @@ class CausalFeatureDrafter(Drafter):
             if n_new:
                 tokens = torch.as_tensor(list(item.token_ids[seen + 1 :]), dtype=torch.long, device=device)
                 todo.append((item.seq_id, handle, item.new_features.to(device), tokens))
+        return handles, todo
+
+    def _ingest(self, todo: list[tuple]) -> None:
+        """Append the new context rows (`_validate`'s todo) and keep each sequence's last row output."""
         if todo:
             outputs = self.model.ingest(self.cache, [t[1] for t in todo], [t[2] for t in todo], [t[3] for t in todo])
             for (seq_id, *_), rows in zip(todo, outputs):
                 self._last_hidden[seq_id] = rows[-1].clone()  # not a view pinning all rows
-        return handles
+
+    def use_graphs(self, enabled: bool | None = None, *, max_batch: int = 256) -> None:
+        """Replay rounds of up to `max_batch` sequences (context rows and every draft step) from captured graphs
+        (`StaticCausalRound`), or run them eagerly (`--enforce-eager`). None: on CUDA only."""
+        if enabled is None:
+            enabled = self.model.lm_head.weight.device.type == "cuda"
+        self.static = StaticCausalRound(self, graphs=True, max_batch=max_batch) if enabled else None
 
     @torch.inference_mode()
     def propose(self, batch: list[DraftInput], generator: torch.Generator | None = None) -> DraftProposal:
-        handles = self._ingest(batch)
+        handles, todo = self._validate(batch)
         limits = [max(0, min(item.max_tokens, self.block_size)) for item in batch]
         width, count = max(limits, default=0), len(batch)
+        samplings = [item.sampling for item in batch]
+        uniforms = draft_uniforms(batch, self.block_size)
+        bucket = None
+        if self.static is not None and width and len(todo) == count and (
+                uniforms is not None or all(s.greedy for s in samplings)):
+            bucket = self.static.bucket([self.cache.length(h) for h in handles], [t[2].shape[0] for t in todo], samplings)
+        if bucket is not None:
+            return self.static.propose(batch, handles, todo, limits, uniforms, bucket)
+        self._ingest(todo)
         if width == 0:
             return DraftProposal.empty(count)
         hidden = torch.stack([self._last_hidden[item.seq_id] for item in batch])
@@ -485,7 +518,7 @@ class CausalFeatureDrafter(Drafter):
         tokens = torch.zeros(count, width, dtype=torch.long, device=device)
         probs = torch.zeros(count, width, vocab, dtype=torch.float32, device=device)
         verified = [self.cache.length(h) for h in handles]
-        uniforms = draft_uniforms(batch, width)
+        uniforms = None if uniforms is None else uniforms[:, :width]
         slot_rows = [[b for b in range(count) if limits[b] > k] for k in range(width)]
         # Every slot's rows and the uniforms reach the device in one asynchronous copy per dtype.
         indices = to_device([torch.tensor(rows, dtype=torch.long) for rows in slot_rows]

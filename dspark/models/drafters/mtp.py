@@ -57,7 +57,7 @@ from dspark.models.drafters.eagle3 import (
     soft_cross_entropy,
 )
 from dspark.models.drafters.registry import register_drafter
-from dspark.models.kv_cache import PagedKVCache
+from dspark.models.kv_cache import AttentionMetadata, PagedKVCache
 from dspark.models.layers import RMSNorm, fuse_projections
 from dspark.models.rope import RotaryEmbedding
 
@@ -149,14 +149,19 @@ class MTPModel(DraftCheckpointMixin, nn.Module):
         starts = [cache.length(h) for h in handles]
         meta = cache.prepare(handles, [f.shape[0] for f in features])
         try:
-            h = self.combine(torch.cat(features), torch.cat(next_tokens))
-            cos, sin = self.rotary(meta.positions, h.dtype)
-            out = self.layers[0](h, cos, sin, cache.k_pools[0], cache.v_pools[0], meta)
+            out = self.ingest_pass(cache, meta, torch.cat(features), torch.cat(next_tokens))
         except BaseException:
             for handle, start in zip(handles, starts):
                 cache.truncate(handle, start)
             raise
         return list(torch.split(out, [f.shape[0] for f in features]))
+
+    def ingest_pass(self, cache: PagedKVCache, meta: AttentionMetadata, features: torch.Tensor, next_tokens: torch.Tensor
+                    ) -> torch.Tensor:
+        """The context rows of a prepared forward: features [T, H], next_tokens [T] → o [T, H]."""
+        h = self.combine(features, next_tokens)
+        cos, sin = self.rotary(meta.positions, h.dtype)
+        return self.layers[0](h, cos, sin, cache.k_pools[0], cache.v_pools[0], meta)
 
     # -- training -------------------------------------------------------------------------------------
     def forward_train(self, features: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
