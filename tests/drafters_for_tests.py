@@ -173,3 +173,29 @@ def save_dspark_folder(target_dir, out, *, seed: int = 1, block_size: int = 3, t
         num_draft_layers=1, block_size=block_size, markov_rank=markov_rank, enable_confidence_head=True,
     )
     return init_from_target(config, runner.model, seed=seed, std=std).save_pretrained(out)
+
+
+def with_static_rounds(drafter, graphs: bool, max_context_rows: int = 8):
+    """`drafter`, set to run its rounds padded to capture buckets (dspark.models.static_step.StaticRound):
+    replayed from `HostGraph`s when `graphs`, else padded but run eagerly; a round with more than
+    `max_context_rows` new rows per sequence stays on the eager path."""
+    assert drafter.static is None  # graphs are off by default on the CPU
+    drafter.use_graphs(True)
+    if not graphs:
+        drafter.static.graphs = None
+    drafter.static.max_context_rows = max_context_rows
+    return drafter
+
+
+def next_round_input(drafter, histories: dict, seq_id: int, rows: int, *, width: int, vocab: int, sampling,
+                     max_tokens: int, uniforms: bool, generator: torch.Generator) -> DraftInput:
+    """Sequence `seq_id`'s input to `drafter`'s next round: `rows` new context rows (random float64 features
+    `width` wide, random tokens below `vocab`) after the rows the drafter holds; histories[seq_id] (its token
+    history) is updated. uniforms: one per slot, or None."""
+    seen = drafter.cache.length(drafter._handles[seq_id]) if seq_id in drafter._handles else 0
+    histories[seq_id] = histories[seq_id][:seen] + torch.randint(0, vocab, (rows + 1,), generator=generator).tolist()
+    return DraftInput(
+        seq_id=seq_id, token_ids=list(histories[seq_id]),
+        new_features=torch.randn(rows, width, generator=generator, dtype=torch.float64), max_tokens=max_tokens,
+        sampling=sampling,
+        uniforms=torch.rand(drafter.block_size, generator=generator, dtype=torch.float64) if uniforms else None)

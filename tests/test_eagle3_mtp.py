@@ -38,6 +38,8 @@ from dspark.models.kv_cache import PagedKVCache
 from dspark.models.random_init import build_random_model
 from dspark.models.target_runner import TargetRunner
 
+from drafters_for_tests import next_round_input, with_static_rounds
+
 KINDS = ("eagle3", "mtp")
 
 
@@ -342,12 +344,7 @@ def test_the_padded_round_equals_the_eager_one(target, kind, graphs):
     """Rounds of 1–6 new context rows (the first one's 20–30 above the bucket: eager), some requests allowed
     fewer drafts than γ, greedy / top-k / top-p / temperature-only mixes drawing from their uniforms, one
     round without uniforms: the same drafts, q, lengths, last-row outputs and context K/V as the eager round."""
-    eager, static = make_drafter(target, kind), make_drafter(target, kind)
-    assert eager.static is None and static.static is None  # graphs are off by default on the CPU
-    static.use_graphs(True)
-    if not graphs:
-        static.static.graphs = None  # padded, run eagerly
-    static.static.max_context_rows = 8
+    eager, static = make_drafter(target, kind), with_static_rounds(make_drafter(target, kind), graphs)
     gen = torch.Generator().manual_seed(2)
     width, block = eager.model.feature_width, eager.block_size
     mixes = {
@@ -363,13 +360,9 @@ def test_the_padded_round_equals_the_eager_one(target, kind, graphs):
         with_uniforms = round_ != 7  # round 7: sampled rows without uniforms → eager
         batch = []
         for i in active:
-            seen = eager.cache.length(eager._handles[i]) if i in eager._handles else 0
             rows = int(torch.randint(20, 30, (1,), generator=gen)) if round_ == 0 else int(torch.randint(1, 7, (1,), generator=gen))
-            histories[i] = histories[i][:seen] + torch.randint(0, 24, (rows + 1,), generator=gen).tolist()
-            batch.append(DraftInput(
-                seq_id=i, token_ids=list(histories[i]), new_features=torch.randn(rows, width, generator=gen, dtype=torch.float64),
-                max_tokens=block - (i == 1) * 2, sampling=mix[i],
-                uniforms=torch.rand(block, generator=gen, dtype=torch.float64) if with_uniforms else None))
+            batch.append(next_round_input(eager, histories, i, rows, width=width, vocab=24, sampling=mix[i],
+                                          max_tokens=block - (i == 1) * 2, uniforms=with_uniforms, generator=gen))
         a = eager.propose(batch, torch.Generator().manual_seed(round_))
         b = static.propose(batch, torch.Generator().manual_seed(round_))
         assert torch.equal(b.tokens, a.tokens) and torch.equal(b.lengths, a.lengths), round_

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from dspark.decoding.sampling import RowSampling, SamplingParams, logits_to_probs, logits_to_probs_by_row
-from dspark.models.drafters.base import DraftInput
 from dspark.engine.generation import generate
 from dspark.errors import CacheCapacityError
 from dspark.models.drafters.dspark import load_dspark_drafter
@@ -19,7 +18,7 @@ from dspark.models.random_init import build_random_model
 from dspark.models.static_step import StaticStep, batch_bucket, configure_graphs, power_of_two_bucket
 from dspark.models.target_runner import TargetRunner
 
-from drafters_for_tests import save_dspark_folder
+from drafters_for_tests import next_round_input, save_dspark_folder, with_static_rounds
 
 MODEL = dict(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
@@ -204,12 +203,7 @@ def test_the_drafters_padded_round_equals_the_eager_one(folders, graphs):
     confidences, and the same context K/V in the drafter's own cache. A round without uniforms runs the
     static round only when every request is greedy."""
     eager = load_dspark_drafter(folders[1], device="cpu", dtype="float64")
-    static = load_dspark_drafter(folders[1], device="cpu", dtype="float64")
-    assert eager.static is None and static.static is None  # graphs are off by default on the CPU
-    static.use_graphs(True)
-    if not graphs:
-        static.static.graphs = None  # padded, run eagerly
-    static.static.max_context_rows = 8
+    static = with_static_rounds(load_dspark_drafter(folders[1], device="cpu", dtype="float64"), graphs)
     gen = torch.Generator().manual_seed(1)
     width, block = eager.model.fc.weight.shape[1], eager.block_size
     samplings = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=5),
@@ -222,14 +216,10 @@ def test_the_drafters_padded_round_equals_the_eager_one(folders, graphs):
         batch = []
         greedy_only, with_uniforms = round_ == 6, round_ != 6 and round_ != 7
         for i in active:
-            seen = eager.cache.length(eager._handles[i]) if i in eager._handles else 0
             rows = int(torch.randint(9, 18, (1,), generator=gen)) if round_ == 0 else int(torch.randint(0, 6, (1,), generator=gen))
-            histories[i] = histories[i][:seen] + torch.randint(0, 48, (rows + 1,), generator=gen).tolist()
-            batch.append(DraftInput(
-                seq_id=i, token_ids=list(histories[i]), new_features=torch.randn(rows, width, generator=gen, dtype=torch.float64),
-                max_tokens=block,
-                sampling=samplings[0] if greedy_only else temperature_only[i] if round_ in (3, 4) else samplings[i],
-                uniforms=torch.rand(block, generator=gen, dtype=torch.float64) if with_uniforms else None))
+            sampling = samplings[0] if greedy_only else temperature_only[i] if round_ in (3, 4) else samplings[i]
+            batch.append(next_round_input(eager, histories, i, rows, width=width, vocab=48, sampling=sampling,
+                                          max_tokens=block, uniforms=with_uniforms, generator=gen))
         a = eager.propose(batch, torch.Generator().manual_seed(round_))
         b = static.propose(batch, torch.Generator().manual_seed(round_))
         assert torch.equal(b.tokens, a.tokens) and torch.equal(b.lengths, a.lengths)

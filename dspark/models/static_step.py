@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 
+from dspark.decoding.sampling import RowSampling, SamplingParams
 from dspark.devices import to_device
 from dspark.models.kv_cache import PagedKVCache, StaticLayout
 
@@ -240,3 +241,44 @@ class StaticStep:
         meta = StaticLayout.metadata(packed, bucket.batch, bucket.query_len, bucket.context_pages * self.cache.page_size)
         out = self.model(tokens, self.cache, meta, feature_layer_ids=bucket.feature_layer_ids)
         return [out.logits, out.features]
+
+
+@dataclass(frozen=True)
+class RoundBucket:
+    """The fixed shapes of one captured drafter round."""
+
+    batch: int  # sequences (real ones first)
+    context_rows: int  # new context rows per sequence
+    context_pages: int  # key pages gathered per sequence
+    sampling: str  # `RowSampling.mode` of the round's requests: "greedy", "temperature" or "filtered"
+
+
+class StaticRound:
+    """What the drafters' captured rounds share (`drafters/static_block.py`, `drafters/static_causal.py`): the
+    drafter, its model and cache, `CapturedGraphs` when `graphs`, and the bucket of a round. Rounds beyond
+    max_batch sequences, max_context_rows new rows per sequence (a prompt's first round) or max_rows rows
+    (B · N and B · γ; it sizes the shared [max_rows, V] buffer of the drafts' q) run eagerly (`bucket` returns
+    None). Subclasses set `extra_rows`: the rows a round appends after the context rows (its keys' reach)."""
+
+    extra_rows: int
+
+    def __init__(self, drafter, *, graphs: bool, max_batch: int = 256, max_context_rows: int = 32, max_rows: int = 512):
+        self.drafter, self.model, self.cache = drafter, drafter.model, drafter.cache
+        self.max_batch, self.max_context_rows, self.max_rows = max_batch, max_context_rows, max_rows
+        self.graphs = CapturedGraphs(self.cache, max_rows) if graphs else None
+        self.replays = 0
+
+    @property
+    def captures(self) -> dict:
+        return {} if self.graphs is None else self.graphs.captures
+
+    def bucket(self, lengths: list[int], context_rows: list[int], samplings: list[SamplingParams]) -> RoundBucket | None:
+        """The bucket of a round over sequences of lengths[b] cached rows bringing context_rows[b] new ones and
+        drafting with samplings[b]."""
+        if not lengths or len(lengths) > self.max_batch or max(context_rows) > self.max_context_rows:
+            return None
+        size = self.cache.page_size
+        pages = max(-(-(length + n + self.extra_rows) // size) for length, n in zip(lengths, context_rows))
+        bucket = RoundBucket(min(batch_bucket(len(lengths)), self.max_batch), power_of_two_bucket(max(max(context_rows), 1)),
+                             power_of_two_bucket(pages), RowSampling.mode_of(samplings))
+        return bucket if bucket.batch * max(bucket.context_rows, self.drafter.block_size) <= self.max_rows else None

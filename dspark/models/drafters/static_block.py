@@ -17,14 +17,13 @@ a round is captured once whatever mix of requests it serves; a round without uni
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 
 from dspark.decoding.sampling import RowSampling, SamplingParams
 from dspark.devices import to_device
 from dspark.models.kv_cache import PagedKVCache, StaticLayout
-from dspark.models.static_step import CapturedGraphs, batch_bucket, power_of_two_bucket
+from dspark.models.static_step import RoundBucket, StaticRound
 
 
 @contextlib.contextmanager
@@ -39,45 +38,17 @@ def blocks_dropped_after(cache: PagedKVCache, handles: list[int], new_features: 
             cache.truncate(handle, min(anchor, cache.length(handle)))
 
 
-@dataclass(frozen=True)
-class BlockBucket:
-    batch: int  # sequences (real ones first)
-    context_rows: int  # new K/V-only context rows per sequence
-    context_pages: int  # key pages gathered per sequence
-    sampling: str  # `RowSampling.mode` of the round's requests: "greedy", "temperature" or "filtered"
-
-
-class StaticDraftStep:
+class StaticDraftStep(StaticRound):
     """A `DSparkDrafter`'s round (`DSparkModel.block_pass`, then `DSparkDrafter.sample_block` by row) in a
-    `BlockBucket`'s shapes, replayed from `CapturedGraphs` when `graphs`. Rounds beyond max_batch sequences,
-    max_context_rows new rows per sequence (a prompt's first round) or max_rows block rows (B · γ; it sizes
-    the shared [max_rows, V] buffer of the drafts' q) run eagerly (`bucket` returns None)."""
-
-    def __init__(self, drafter, *, graphs: bool, max_batch: int = 256, max_context_rows: int = 32, max_rows: int = 512):
-        self.drafter, self.model, self.cache = drafter, drafter.model, drafter.cache
-        self.max_batch, self.max_context_rows, self.max_rows = max_batch, max_context_rows, max_rows
-        self.graphs = CapturedGraphs(self.cache, max_rows) if graphs else None
-        self.replays = 0
+    `RoundBucket`'s shapes, replayed from `CapturedGraphs` when `graphs` (limits: `StaticRound`)."""
 
     @property
-    def captures(self) -> dict:
-        return {} if self.graphs is None else self.graphs.captures
-
-    def bucket(self, lengths: list[int], context_rows: list[int], samplings: list[SamplingParams]) -> BlockBucket | None:
-        """The bucket of a round over sequences of lengths[b] cached rows bringing context_rows[b] new ones and
-        drafting with samplings[b]."""
-        block_size = self.model.config.block_size
-        if not lengths or len(lengths) > self.max_batch or max(context_rows) > self.max_context_rows:
-            return None
-        pages = max(-(-(length + n + block_size) // self.cache.page_size) for length, n in zip(lengths, context_rows))
-        bucket = BlockBucket(min(batch_bucket(len(lengths)), self.max_batch), power_of_two_bucket(max(max(context_rows), 1)),
-                             power_of_two_bucket(pages), RowSampling.mode_of(samplings))
-        fits = bucket.batch * max(block_size, bucket.context_rows) <= self.max_rows
-        return bucket if fits else None
+    def extra_rows(self) -> int:
+        return self.drafter.block_size  # the block rows
 
     @torch.inference_mode()
     def propose(self, handles: list[int], new_features: list[torch.Tensor], anchor_tokens: torch.Tensor,
-                samplings: list[SamplingParams], uniforms: torch.Tensor | None, bucket: BlockBucket
+                samplings: list[SamplingParams], uniforms: torch.Tensor | None, bucket: RoundBucket
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Append new_features[b] [n_b, L·H] (on the device) as sequence b's context rows, run its block from
         anchor_tokens[b] (host, long [B]) and sample its drafts with samplings[b] from uniforms[b] (host [B, γ];
@@ -109,7 +80,7 @@ class StaticDraftStep:
         probs = probs[: batch * block_size].view(batch, block_size, -1).clone()
         return tokens[:batch].clone(), probs, None if confidence is None else confidence[:batch].clone()
 
-    def _padded_round(self, inputs: list[torch.Tensor], bucket: BlockBucket) -> list[torch.Tensor | None]:
+    def _padded_round(self, inputs: list[torch.Tensor], bucket: RoundBucket) -> list[torch.Tensor | None]:
         """The round a graph captures: [anchors [B], top-k [B] and `StaticLayout.packed()`; features [B·N, L·H];
         temperature and top-p [2B]; greedy [B]; uniforms [B, γ]] → [tokens [B, γ], probs [B·γ, V],
         confidence logits [B, γ] or None]."""

@@ -14,54 +14,26 @@ without uniforms, runs eagerly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from dspark.decoding.sampling import RowSampling, SamplingParams, logits_to_probs_by_row, sample
+from dspark.decoding.sampling import RowSampling, logits_to_probs_by_row, sample
 from dspark.devices import to_device
 from dspark.models.drafters.base import DraftInput, DraftProposal
 from dspark.models.kv_cache import StaticLayout
-from dspark.models.static_step import CapturedGraphs, batch_bucket, power_of_two_bucket
+from dspark.models.static_step import RoundBucket, StaticRound
 
 
-@dataclass(frozen=True)
-class CausalBucket:
-    batch: int  # sequences (real ones first)
-    context_rows: int  # new context rows per sequence
-    context_pages: int  # key pages gathered per sequence (enough for the last draft row)
-    sampling: str  # `RowSampling.mode` of the round's requests
-
-
-class StaticCausalRound:
-    """A `CausalFeatureDrafter`'s round in a `CausalBucket`'s shapes, replayed from `CapturedGraphs` when
-    `graphs`. Rounds beyond max_batch sequences, max_context_rows new rows per sequence or max_rows rows (B · N
-    and B · γ; it sizes the shared [max_rows, V] buffer of the drafts' q) run eagerly (`bucket` returns None)."""
-
-    def __init__(self, drafter, *, graphs: bool, max_batch: int = 256, max_context_rows: int = 32, max_rows: int = 512):
-        self.drafter, self.model, self.cache = drafter, drafter.model, drafter.cache
-        self.max_batch, self.max_context_rows, self.max_rows = max_batch, max_context_rows, max_rows
-        self.graphs = CapturedGraphs(self.cache, max_rows) if graphs else None
-        self.replays = 0
+class StaticCausalRound(StaticRound):
+    """A `CausalFeatureDrafter`'s round in a `RoundBucket`'s shapes, replayed from `CapturedGraphs` when `graphs`
+    (limits: `StaticRound`)."""
 
     @property
-    def captures(self) -> dict:
-        return {} if self.graphs is None else self.graphs.captures
-
-    def bucket(self, lengths: list[int], context_rows: list[int], samplings: list[SamplingParams]) -> CausalBucket | None:
-        """The bucket of a round over sequences of lengths[b] cached rows bringing context_rows[b] ≥ 1 new ones and
-        drafting with samplings[b]."""
-        steps = self.drafter.block_size
-        if not lengths or len(lengths) > self.max_batch or max(context_rows) > self.max_context_rows:
-            return None
-        pages = max(-(-(length + n + steps - 1) // self.cache.page_size) for length, n in zip(lengths, context_rows))
-        bucket = CausalBucket(min(batch_bucket(len(lengths)), self.max_batch), power_of_two_bucket(max(context_rows)),
-                              power_of_two_bucket(pages), RowSampling.mode_of(samplings))
-        return bucket if bucket.batch * max(bucket.context_rows, steps) <= self.max_rows else None
+    def extra_rows(self) -> int:
+        return self.drafter.block_size - 1  # the draft steps' rows
 
     @torch.inference_mode()
     def propose(self, batch: list[DraftInput], handles: list[int], todo: list[tuple], limits: list[int],
-                uniforms: torch.Tensor | None, bucket: CausalBucket) -> DraftProposal:
+                uniforms: torch.Tensor | None, bucket: RoundBucket) -> DraftProposal:
         """The round of `CausalFeatureDrafter.propose` for a batch whose every sequence brings new rows (`todo`,
         in batch order: (seq_id, handle, features [n_b, F], next tokens [n_b]) on the device); uniforms [B, γ]
         on the host (None only when every row is greedy). Keeps the context rows and each sequence's last row
@@ -109,7 +81,7 @@ class StaticCausalRound:
         probs = probs[: count * steps].view(count, steps, -1)[:, :width] * wanted.unsqueeze(-1)
         return DraftProposal(tokens=tokens, lengths=torch.tensor(limits, dtype=torch.long), probs=probs)
 
-    def _padded_round(self, inputs: list[torch.Tensor], bucket: CausalBucket) -> list[torch.Tensor]:
+    def _padded_round(self, inputs: list[torch.Tensor], bucket: RoundBucket) -> list[torch.Tensor]:
         """The round a graph captures: [next tokens [B·N], last context row [B], top-k [B] and the `packed()`
         layouts of the context rows and of each draft step; features [B·N, F]; temperature and top-p [2B];
         greedy [B]; uniforms [B, γ]] → [tokens [B, γ], probs [B·γ, V], the last context rows' outputs [B, H]]."""
