@@ -34,10 +34,13 @@ from dspark.decoding.sampling import SamplingParams, logits_to_probs
 from dspark.engine.generation import generate
 from dspark.models.drafters import load_drafter
 from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter
+from dspark.models.static_step import StaticStep
+from dspark.models.target_runner import TargetRunner
 
 from distilled import KINDS
 from test_sampling_distribution import (
     ALPHA,
+    CHUNK,
     PROMPT,
     V,
     _assert_matches,
@@ -114,6 +117,25 @@ def test_sampled_output_has_the_target_distribution(dist_runner, load, kind, set
     k = drafter.block_size
     pvalue, info = run_gof(dist_runner, GOF_SETTINGS[setting], drafter=drafter, num_draft_tokens=k, seed=5)
     assert info["longest_round1"] == k, info  # round 1 verified the whole block
+    assert info["accepted"] >= ACCEPTANCE_FLOOR * info["verified"], info
+    _assert_matches(pvalue, info)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dspark", "eagle3"])
+def test_sampled_output_on_the_static_path_has_the_target_distribution(dist_target, load, kind):
+    """The same test with the target's steps and the drafter's rounds padded to capture buckets and replayed
+    from their captured graphs (dspark.models.static_step; `HostGraph`s on the CPU): the per-row sampling of
+    the captured rounds (`logits_to_probs_by_row`, the requests' uniforms) keeps the output exact."""
+    big = dict(graphs=True, max_batch=CHUNK, max_rows=16 * CHUNK)  # buckets for all CHUNK sequences of a batch
+    runner = TargetRunner.from_pretrained(dist_target, dtype="float64")
+    runner.static = StaticStep(runner.model, runner.cache, **big)
+    drafter = load(kind)
+    drafter.use_graphs(True)
+    drafter.static = type(drafter.static)(drafter, **big)
+    pvalue, info = run_gof(runner, GOF_SETTINGS["T1-top_k3"], drafter=drafter, num_draft_tokens=drafter.block_size,
+                           seed=5)
+    assert runner.static.replays > 0 and drafter.static.replays > 0  # both static paths ran
     assert info["accepted"] >= ACCEPTANCE_FLOOR * info["verified"], info
     _assert_matches(pvalue, info)
 

@@ -147,7 +147,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "dspark/models/drafters/static_block.py",
         "kv_only_len=bucket.context_rows, causal=False)",
         "kv_only_len=bucket.context_rows, causal=True)",
-        (f"{STATIC}::test_the_drafters_padded_round_equals_the_eager_one[True]",),
+        (f"{STATIC}::test_the_drafters_padded_round_equals_the_eager_one[True]",
+         f"{LOSSLESS}::test_sampled_output_on_the_static_path_has_the_target_distribution[dspark]"),
     ),
     Mutant(
         "static-draft-argmax-for-sampled-rows",
@@ -155,7 +156,8 @@ MUTANTS: tuple[Mutant, ...] = (
         DSPARK_SAMPLE_BLOCK,
         "                    prev = torch.where(samplings.greedy, prev, sample(q, uniforms=uniforms[:, k]))",
         "                    prev = torch.where(samplings.greedy, prev, prev)",
-        (f"{STATIC}::test_the_drafters_padded_round_equals_the_eager_one[True]",),
+        (f"{STATIC}::test_the_drafters_padded_round_equals_the_eager_one[True]",
+         f"{LOSSLESS}::test_sampled_output_on_the_static_path_has_the_target_distribution[dspark]"),
     ),
     Mutant(
         "static-causal-round-argmax-for-sampled-rows",
@@ -163,7 +165,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "dspark/models/drafters/static_causal.py",
         "                token = torch.where(rows.greedy, token, sample(q, uniforms=uniforms[:, k]))",
         "                token = torch.where(rows.greedy, token, token)",
-        ("tests/test_eagle3_mtp.py::test_the_padded_round_equals_the_eager_one[True-eagle3]",),
+        ("tests/test_eagle3_mtp.py::test_the_padded_round_equals_the_eager_one[True-eagle3]",
+         f"{LOSSLESS}::test_sampled_output_on_the_static_path_has_the_target_distribution[eagle3]"),
     ),
     Mutant(
         "equivalent: draft without top-k, reported consistently",
