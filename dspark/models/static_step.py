@@ -95,8 +95,7 @@ class Capture:
 
 class CapturedGraphs:
     """The captures of one padded forward, keyed by bucket, and their replay: a CUDA graph each on CUDA, a
-    `HostGraph` on the CPU. Used for the target's step (`StaticStep`) and a DSpark drafter's round
-    (`dspark.models.drafters.static_block`).
+    `HostGraph` on the CPU. Used by every `PaddedForwards`: the target's step and the drafters' rounds.
 
     `replay(key, inputs, forward)`: forward(inputs) must take device tensors of fixed shapes per key and return
     2-D outputs [rows, width] (or None), rows ≤ max_rows. The first time a key occurs, forward runs once eagerly
@@ -183,9 +182,30 @@ class CapturedGraphs:
         return graph
 
 
-class StaticStep:
-    """Runs a `DecoderModel` forward in a capture bucket's fixed shapes, replayed from `CapturedGraphs` when
-    `graphs` (else eagerly, padded: the tests' way of checking the padding alone).
+class PaddedForwards:
+    """What every padded forward shares (the target's `StaticStep`, the drafters' `StaticRound`s): the cache,
+    the limits, `CapturedGraphs` when `graphs` (else the padded forward runs eagerly: the tests' way of checking
+    the padding alone) and the count of padded forwards run."""
+
+    def __init__(self, cache: PagedKVCache, *, graphs: bool, max_batch: int, max_rows: int):
+        if min(max_batch, max_rows) < 1:
+            raise ValueError("max_batch and max_rows must be positive")
+        self.cache, self.max_batch, self.max_rows = cache, max_batch, max_rows
+        self.graphs = CapturedGraphs(cache, max_rows) if graphs else None
+        self.replays = 0  # forwards run in a bucket's shapes (graph replays when `graphs`)
+
+    @property
+    def captures(self) -> dict:
+        return {} if self.graphs is None else self.graphs.captures
+
+    def run(self, bucket, inputs: list[torch.Tensor], forward: Callable[[list[torch.Tensor]], list]) -> list:
+        """forward(inputs), replayed from the bucket's capture when there are graphs."""
+        self.replays += 1
+        return forward(inputs) if self.graphs is None else self.graphs.replay(bucket, inputs, forward)
+
+
+class StaticStep(PaddedForwards):
+    """Runs a `DecoderModel` forward in a capture bucket's fixed shapes (`PaddedForwards`).
 
     max_batch, max_query_len: the largest bucket; max_rows: the most rows (B · Q) one bucket may have (it sizes
     the shared output buffers: max_rows × vocabulary float32 logits). `TargetRunner.forward` runs the ragged
@@ -193,16 +213,8 @@ class StaticStep:
 
     def __init__(self, model, cache: PagedKVCache, *, graphs: bool, max_batch: int = 256, max_query_len: int = 32,
                  max_rows: int = 512):
-        if min(max_batch, max_query_len, max_rows) < 1:
-            raise ValueError("max_batch, max_query_len and max_rows must be positive")
-        self.model, self.cache = model, cache
-        self.max_batch, self.max_query_len, self.max_rows = max_batch, max_query_len, max_rows
-        self.graphs = CapturedGraphs(cache, max_rows) if graphs else None
-        self.replays = 0  # forwards run in a bucket's shapes (graph replays when `graphs`)
-
-    @property
-    def captures(self) -> dict:
-        return {} if self.graphs is None else self.graphs.captures
+        super().__init__(cache, graphs=graphs, max_batch=max_batch, max_rows=max_rows)
+        self.model, self.max_query_len = model, max_query_len
 
     def bucket(self, query_lens: list[int], lengths: list[int], feature_layer_ids: tuple[int, ...]) -> Bucket | None:
         """The bucket of a forward appending query_lens[b] tokens to sequences of lengths[b] cached tokens, or
@@ -227,11 +239,7 @@ class StaticStep:
         wanted = layout.real_rows if logits_rows is None else layout.real_rows[logits_rows]
         inputs, feature_rows, logit_rows = to_device([torch.cat([padded, layout.packed()]), layout.real_rows, wanted],
                                                      self.cache.device)
-        self.replays += 1
-        if self.graphs is not None:
-            logits, features = self.graphs.replay(bucket, [inputs], lambda own: self._padded_forward(own[0], bucket))
-        else:
-            logits, features = self._padded_forward(inputs, bucket)
+        logits, features = self.run(bucket, [inputs], lambda own: self._padded_forward(own[0], bucket))
         return logits.index_select(0, logit_rows), None if features is None else features.index_select(0, feature_rows)
 
     def _padded_forward(self, inputs: torch.Tensor, bucket: Bucket) -> list[torch.Tensor | None]:
@@ -253,9 +261,9 @@ class RoundBucket:
     sampling: str  # `RowSampling.mode` of the round's requests: "greedy", "temperature" or "filtered"
 
 
-class StaticRound:
+class StaticRound(PaddedForwards):
     """What the drafters' captured rounds share (`drafters/static_block.py`, `drafters/static_causal.py`): the
-    drafter, its model and cache, `CapturedGraphs` when `graphs`, and the bucket of a round. Rounds beyond
+    drafter, its model and cache (`PaddedForwards`), and the bucket of a round. Rounds beyond
     max_batch sequences, max_context_rows new rows per sequence (a prompt's first round) or max_rows rows
     (B · N and B · γ; it sizes the shared [max_rows, V] buffer of the drafts' q) run eagerly (`bucket` returns
     None). Subclasses set `extra_rows`: the rows a round appends after the context rows (its keys' reach)."""
@@ -263,14 +271,8 @@ class StaticRound:
     extra_rows: int
 
     def __init__(self, drafter, *, graphs: bool, max_batch: int = 256, max_context_rows: int = 32, max_rows: int = 512):
-        self.drafter, self.model, self.cache = drafter, drafter.model, drafter.cache
-        self.max_batch, self.max_context_rows, self.max_rows = max_batch, max_context_rows, max_rows
-        self.graphs = CapturedGraphs(self.cache, max_rows) if graphs else None
-        self.replays = 0
-
-    @property
-    def captures(self) -> dict:
-        return {} if self.graphs is None else self.graphs.captures
+        super().__init__(drafter.cache, graphs=graphs, max_batch=max_batch, max_rows=max_rows)
+        self.drafter, self.model, self.max_context_rows = drafter, drafter.model, max_context_rows
 
     def bucket(self, lengths: list[int], context_rows: list[int], samplings: list[SamplingParams]) -> RoundBucket | None:
         """The bucket of a round over sequences of lengths[b] cached rows bringing context_rows[b] new ones and

@@ -72,11 +72,7 @@ class StaticDraftStep(StaticRound):
             features = new_features[0].new_zeros(padded * bucket.context_rows, new_features[0].shape[1])
             features.index_copy_(0, kv_rows, torch.cat(new_features))
             inputs = [longs, features, floats, greedy, padded_uniforms]
-            self.replays += 1
-            if self.graphs is not None:
-                tokens, probs, confidence = self.graphs.replay(bucket, inputs, lambda own: self._padded_round(own, bucket))
-            else:
-                tokens, probs, confidence = self._padded_round(inputs, bucket)
+            tokens, probs, confidence = self.run(bucket, inputs, lambda own: self._padded_round(own, bucket))
         probs = probs[: batch * block_size].view(batch, block_size, -1).clone()
         return tokens[:batch].clone(), probs, None if confidence is None else confidence[:batch].clone()
 

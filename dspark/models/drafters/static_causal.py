@@ -62,11 +62,7 @@ class StaticCausalRound(StaticRound):
             next_tokens = torch.zeros(padded * bucket.context_rows, dtype=torch.long, device=first.device)
             next_tokens.index_copy_(0, real_rows, torch.cat([t[3] for t in todo]))
             inputs = [torch.cat([next_tokens, longs]), features, floats, greedy, padded_uniforms]
-            self.replays += 1
-            if self.graphs is not None:
-                tokens, probs, last = self.graphs.replay(bucket, inputs, lambda own: self._padded_round(own, bucket))
-            else:
-                tokens, probs, last = self._padded_round(inputs, bucket)
+            tokens, probs, last = self.run(bucket, inputs, lambda own: self._padded_round(own, bucket))
             for b, (seq_id, *_) in enumerate(todo):
                 self.drafter._last_hidden[seq_id] = last[b].clone()
         except BaseException:
