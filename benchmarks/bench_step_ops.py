@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from dspark.decoding.sampling import SamplingParams  # noqa: E402
-from dspark.engine.engine import Engine  # noqa: E402
+from dspark.engine.engine import Engine, EngineConfig  # noqa: E402
 from dspark.engine.host_syncs import OpCounter, count_engine_steps  # noqa: E402
 from dspark.models.drafters import load_drafter  # noqa: E402
 from dspark.models.target_runner import TargetRunner  # noqa: E402
@@ -42,10 +42,10 @@ from dspark.models.zoo import builtin_drafter, builtin_target  # noqa: E402
 
 
 def make_engine(target: Path, drafter_dir: Path | None, requests: int, new_tokens: int,
-                graphs: bool | None = None, tokenizer=None) -> Engine:
+                graphs: bool | None = None, tokenizer=None, config: EngineConfig | None = None) -> Engine:
     runner = TargetRunner.from_pretrained(target, device="cpu", dtype="float32", graphs=graphs)
     drafter = load_drafter(str(drafter_dir), device="cpu", dtype="float32") if drafter_dir else None
-    engine = Engine(runner, drafter, tokenizer=tokenizer)
+    engine = Engine(runner, drafter, tokenizer=tokenizer, config=config)
     engine.controller.gate = None  # speculate every round: the count is per DSpark round
     for i in range(requests):
         prompt = [(7 * i + 3 * j) % 200 + 10 for j in range(24)]

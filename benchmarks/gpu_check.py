@@ -109,6 +109,8 @@ HEADLINE = {  # top-level field → (section, field)
     "hf_static_tok_s": ("throughput", "hf_static_tok_s"),
     "load_peak_over_weights": ("build", "load_peak_over_weights"),
     "graphs_speedup_plain_at_1": ("graphs", "speedup_plain_at_1"),
+    "flex_speedup_plain_at_1": ("attention", "speedup_plain_at_1"),
+    "flex_kernel_error": ("attention", "kernel_error"),
     "kernels_per_round": ("profiler", "kernels_per_round"),
     "gpu_busy_fraction": ("profiler", "gpu_busy_fraction"),
     "compiled_plain_tok_s_1req": ("compiled", "plain_tok_s"),
@@ -148,7 +150,7 @@ SMOKE = Plan(
     greedy_prompt_lens=(5, 9, 16), greedy_new_tokens=16, concurrency=(1, 2), prompt_len=8, new_tokens=8,
     counted_steps=3, profile_args=("--context", "16", "--requests", "1,2", "--lengths", "1,2", "--repeats", "2"),
 )
-SECTION_NAMES = ("build", "greedy", "host_syncs", "throughput", "profiler", "profile", "compiled", "graphs")
+SECTION_NAMES = ("build", "greedy", "host_syncs", "throughput", "profiler", "profile", "compiled", "graphs", "attention")
 
 
 # -- arguments -----------------------------------------------------------------------------------------
@@ -703,59 +705,91 @@ def section_compiled(check: Check, out: dict) -> None:
         check.say(f"compiled: {label} {compiled['throughput_tok_s']:.1f} tok/s (eager {eager['throughput_tok_s']:.1f})")
 
 
-def section_graphs(check: Check, out: dict) -> None:
-    """The static-shape step and the drafter's round replayed from captured graphs (`dspark.models.static_step`,
-    `dspark.models.drafters.static_block`; on by default on CUDA, so every section above ran with them) against
-    `--enforce-eager`, plain and speculative, at the first two
-    concurrencies: tokens/s both ways, greedy agreement, the captures made and the seconds of the first run
-    (which captures). On the CPU (`--smoke`) the graphs are `HostGraph`s, so the path runs and agrees but
-    gains nothing."""
-    plan, fast = check.plan, check.fast_dtype
-    graphed = check.runner(fast)
-    if graphed.static is None:  # the CPU: graphs are off by default there
-        graphed = TargetRunner.from_pretrained(check.folders().target, device=check.device, dtype=fast, graphs=True)
-    eager = TargetRunner.from_pretrained(check.folders().target, device=check.device, dtype=fast, graphs=False)
-    drafters = {mode: load_dspark_drafter(check.folders().drafter, device=check.device, dtype=fast)
-                for mode in ("graphs", "eager")}
-    for mode, drafter in drafters.items():
-        drafter.use_graphs(mode == "graphs")
+def compare_paths(check: Check, out: dict, paths: dict, section: str, concurrencies) -> None:
+    """Two decoding paths side by side, plain and speculative, at `concurrencies`: paths = {name:
+    (target, drafter)}, the first measured against the second. Fills {label}_tok_s (the first path),
+    {label}_{second}_tok_s, {label}_greedy_agreement per concurrency, and first_run_s (the first path's warm-up
+    run: captures and compilations)."""
+    plan = check.plan
+    (first, _), (second, _) = paths.items()
+    target = paths[first][0]
     out["first_run_s"] = {}
-    for c in plan.concurrency[:2]:
-        prompts = random_prompts(graphed.config.vocab_size, [plan.prompt_len] * c, seed=3)
+    for c in concurrencies:
+        prompts = random_prompts(target.config.vocab_size, [plan.prompt_len] * c, seed=3)
         for label in ("plain", "speculative"):
             if check.out_of_time():
                 out.setdefault("skipped", []).append(f"{label} at {c}")
                 continue
             measured = {}
-            for mode, target in (("graphs", graphed), ("eager", eager)):
-                used = drafters[mode] if label == "speculative" else None
+            for mode, (runner, drafter) in paths.items():
                 for new_tokens in (WARMUP_TOKENS, plan.new_tokens):
-                    engine = make_engine(target, used, c, plan.prompt_len + plan.new_tokens)
+                    engine = make_engine(runner, drafter if label == "speculative" else None, c,
+                                         plan.prompt_len + plan.new_tokens)
                     start = time.perf_counter()
                     try:
                         measured[mode] = run_point(engine, prompts, sampling=GREEDY, max_new_tokens=new_tokens,
                                                    num_requests=c, concurrency=c)
                     finally:
                         engine.close()
-                    if mode == "graphs" and new_tokens == WARMUP_TOKENS:
+                    if mode == first and new_tokens == WARMUP_TOKENS:
                         out["first_run_s"].setdefault(label, time.perf_counter() - start)
-            (on, on_tokens), (off, off_tokens) = measured["graphs"], measured["eager"]
+            (on, on_tokens), (off, off_tokens) = measured[first], measured[second]
             out.setdefault(f"{label}_tok_s", {})[c] = on["throughput_tok_s"]
-            out.setdefault(f"{label}_eager_tok_s", {})[c] = off["throughput_tok_s"]
+            out.setdefault(f"{label}_{second}_tok_s", {})[c] = off["throughput_tok_s"]
             out.setdefault(f"{label}_greedy_agreement", {})[c] = agreement(off_tokens, on_tokens)["greedy_agreement"]
-            check.say(f"graphs: {label} at {c}: {on['throughput_tok_s']:.1f} tok/s "
-                      f"(--enforce-eager {off['throughput_tok_s']:.1f})")
+            check.say(f"{section}: {label} at {c}: {first} {on['throughput_tok_s']:.1f} tok/s, "
+                      f"{second} {off['throughput_tok_s']:.1f}")
+    c = plan.concurrency[0]
+    if c in out.get("plain_tok_s", {}):
+        out["speedup_plain_at_1"] = out["plain_tok_s"][c] / out[f"plain_{second}_tok_s"][c]
+
+
+def section_graphs(check: Check, out: dict) -> None:
+    """The static-shape step and the drafter's round replayed from captured graphs (`dspark.models.static_step`,
+    `dspark.models.drafters.static_block`; on by default on CUDA, so every section above ran with them) against
+    `--enforce-eager` (`compare_paths`), with the default attention kernel both ways: tokens/s, greedy agreement,
+    the captures made and the seconds of the first run (which captures). On the CPU (`--smoke`) the graphs are
+    `HostGraph`s, so the path runs and agrees but gains nothing."""
+    fast, folders = check.fast_dtype, check.folders()
+    graphed = check.runner(fast)
+    if graphed.static is None:  # the CPU: graphs are off by default there
+        graphed = TargetRunner.from_pretrained(folders.target, device=check.device, dtype=fast, graphs=True)
+    eager = TargetRunner.from_pretrained(folders.target, device=check.device, dtype=fast, graphs=False)
+    drafters = {mode: load_dspark_drafter(folders.drafter, device=check.device, dtype=fast) for mode in ("graphs", "eager")}
+    for mode, drafter in drafters.items():
+        drafter.use_graphs(mode == "graphs")
+    compare_paths(check, out, {"graphs": (graphed, drafters["graphs"]), "eager": (eager, drafters["eager"])}, "graphs",
+                  check.plan.concurrency[:2])
     static, drafter_static = graphed.static, drafters["graphs"].static
     out.update(captures=len(static.captures), replays=static.replays, capture_error=static.graphs.error,
                drafter_captures=len(drafter_static.captures), drafter_replays=drafter_static.replays,
                drafter_capture_error=drafter_static.graphs.error)
-    out["speedup_plain_at_1"] = out["plain_tok_s"][plan.concurrency[0]] / out["plain_eager_tok_s"][plan.concurrency[0]]
+
+
+def section_attention(check: Check, out: dict) -> None:
+    """The paged FlexAttention kernel (`dspark.models.flex_paged`, `--attention-backend flex`) against SDPA over
+    gathered keys (`--attention-backend sdpa`, what `auto` runs and every section above ran), both replayed from
+    captured graphs (`compare_paths`): tokens/s, greedy agreement, the first run's seconds (which compile the
+    kernel once per bucket shape) and the kernel's error if it failed and fell back to SDPA. On the CPU
+    (`--smoke`) it runs Inductor's C++ FlexAttention, at the first concurrency only (each new shape compiles)."""
+    fast, folders = check.fast_dtype, check.folders()
+    paths = {}
+    for attention in ("flex", "sdpa"):
+        target = TargetRunner.from_pretrained(folders.target, device=check.device, dtype=fast, graphs=True)
+        drafter = load_dspark_drafter(folders.drafter, device=check.device, dtype=fast)
+        target.use_graphs(True, attention=attention)
+        drafter.use_graphs(True, attention=attention)
+        paths[attention] = (target, drafter)
+    compare_paths(check, out, paths, "attention", check.plan.concurrency[: 1 if check.args.smoke else 2])
+    target, drafter = paths["flex"]
+    out.update(kernel_error=target.static.kernel_error, drafter_kernel_error=drafter.static.kernel_error,
+               captures=len(target.static.captures), capture_error=target.static.graphs.error)
 
 
 SECTIONS: dict[str, Callable[[Check, dict], None]] = {  # each fills its dict as it goes
     "build": section_build, "greedy": section_greedy, "host_syncs": section_host_syncs,
     "throughput": section_throughput, "profiler": section_profiler, "profile": section_profile,
-    "compiled": section_compiled, "graphs": section_graphs,
+    "compiled": section_compiled, "graphs": section_graphs, "attention": section_attention,
 }
 
 

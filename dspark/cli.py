@@ -81,12 +81,17 @@ ENFORCE_EAGER_HELP = ("on CUDA, run every forward eagerly instead of replaying t
 
 
 def add_execution_args(parser: argparse.ArgumentParser) -> None:
-    """--compile, --enforce-eager (vLLM's name for turning CUDA graphs off) and --cuda-graph-max-bs (SGLang's)."""
+    """--compile, --enforce-eager (vLLM's name for turning CUDA graphs off), --cuda-graph-max-bs (SGLang's) and
+    --attention-backend (both engines' name)."""
     parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     parser.add_argument("--enforce-eager", action="store_true", help=ENFORCE_EAGER_HELP)
     parser.add_argument("--cuda-graph-max-bs", type=int, default=256, metavar="N",
                         help="the most concurrent requests a captured step serves; larger steps run eagerly "
                              "(captures, and their memory, grow with N; default 256)")
+    parser.add_argument("--attention-backend", choices=("auto", "sdpa", "flex"), default="auto",
+                        help="attention of the decoding and verification steps and the drafters' rounds: flex reads "
+                             "the paged KV cache in place (FlexAttention, compiled), sdpa gathers each sequence's "
+                             "keys first; auto: sdpa until a GPU run shows flex faster (docs/serving.md)")
 
 
 def check_execution_args(args) -> None:

@@ -35,6 +35,7 @@ from dspark.models.drafters.mtp import (
     parse_mtp_config,
 )
 from dspark.models.kv_cache import PagedKVCache
+from dspark.models.flex_paged import FlexPagedAttention
 from dspark.models.random_init import build_random_model
 from dspark.models.target_runner import TargetRunner
 
@@ -380,13 +381,18 @@ def test_the_padded_round_equals_the_eager_one(target, kind, graphs):
         assert {b.sampling for b in static.static.captures} == {"greedy", "temperature", "filtered"}
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_greedy_speculation_with_the_static_round_equals_plain_decoding(target, kind):
+def test_greedy_speculation_with_the_static_round_equals_plain_decoding(target, kind, attention):
+    """Captured rounds whose attention gathers the keys (SDPA) or reads the pages in place (FlexAttention's
+    reference implementation, dspark/models/flex_paged.py): the same tokens as plain decoding, the same drafts
+    as the eager round."""
     prompts = [[1, 5, 9, 2, 7], [3, 3, 8], [4, 11, 2, 6, 6, 1, 9]]
     greedy = SamplingParams(temperature=0.0)
     plain = generate(target, prompts, sampling=greedy, max_new_tokens=24)
     eager_drafter, static_drafter = make_drafter(target, kind), make_drafter(target, kind)
-    static_drafter.use_graphs(True)
+    static_drafter.use_graphs(True, attention=FlexPagedAttention(compiled=False) if attention == "flex" else "sdpa")
+    assert (static_drafter.static.kernel is not None) == (attention == "flex")
     reference = generate(target, prompts, sampling=greedy, max_new_tokens=24, drafter=eager_drafter)
     out = generate(target, prompts, sampling=greedy, max_new_tokens=24, drafter=static_drafter)
     assert [s.token_ids for s in out.sequences] == [s.token_ids for s in plain.sequences]

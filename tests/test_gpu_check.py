@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
-SECTIONS = ["build", "greedy", "host_syncs", "throughput", "profiler", "profile", "compiled", "graphs"]
+SECTIONS = ["build", "greedy", "host_syncs", "throughput", "profiler", "profile", "compiled", "graphs", "attention"]
 SMOKE_CONCURRENCY = {"1", "2"}
 
 
@@ -103,6 +103,13 @@ def test_smoke_sections_report_what_they_measured(smoke):
         assert set(graphs[f"{label}_greedy_agreement"].values()) == {1.0}
         assert all(v > 0 for v in graphs[f"{label}_tok_s"].values())
     assert graphs["speedup_plain_at_1"] > 0
+    attention = sections["attention"]  # Inductor's C++ FlexAttention here, in bfloat16
+    assert attention["kernel_error"] is None and attention["drafter_kernel_error"] is None
+    assert attention["capture_error"] is None and attention["captures"] > 0
+    for label in ("plain", "speculative"):
+        assert set(attention[f"{label}_tok_s"]) == set(attention[f"{label}_sdpa_tok_s"]) == {"1"}  # smoke: c = 1
+        assert all(0 <= v <= 1 for v in attention[f"{label}_greedy_agreement"].values())
+    assert attention["speedup_plain_at_1"] > 0 and attention["first_run_s"]["plain"] > 0
 
 
 def test_smoke_writes_the_sps_table(smoke):

@@ -118,7 +118,8 @@ def run_generate(args) -> int:
                               target=runner.model)
         if args.compile:
             compile_drafter(drafter)
-    configure_graphs(runner, drafter, enforce_eager=args.enforce_eager, max_batch=args.cuda_graph_max_bs)
+    configure_graphs(runner, drafter, enforce_eager=args.enforce_eager, max_batch=args.cuda_graph_max_bs,
+                     attention=args.attention_backend)
     controller = make_controller(args, drafter, sampling)
     prompts = [render_prompt(tokenizer, text, args.chat, f"--prompt {i + 1}") for i, text in enumerate(args.prompt)]
     stops = stop_token_ids(args.model, tokenizer, runner.config.eos_token_ids)

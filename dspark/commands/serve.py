@@ -50,6 +50,9 @@ def add_server_args(p, port_help: str) -> None:
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get 413")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is aborted (0 = none)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running requests")
+    p.add_argument("--disable-async-output-proc", action="store_true",
+                   help="on CUDA, detokenize each step's tokens after the step instead of while the next step's "
+                        "forward runs (outputs then leave one step earlier, and host time adds to GPU time)")
     add_seed_arg(p, help="the engine generator's seed (requests without their own seed)")
     add_runtime_args(p)
     add_execution_args(p)
@@ -95,10 +98,11 @@ def configs_from_args(args, *, local_files: bool = True):
     calibration = args.calibration if args.calibration in ("auto", "none") else _absolute(args.calibration)
     model = ModelOptions(_absolute(args.model), _absolute(args.drafter, model_folder=True), args.num_draft_tokens,
                          args.device, args.dtype, args.compile,
-                         args.enforce_eager, args.cuda_graph_max_bs)
+                         args.enforce_eager, args.cuda_graph_max_bs, args.attention_backend)
     engine = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           kv_cache_tokens=args.kv_cache_tokens, seed=args.seed, policy=args.scheduler,
-                          profile=_absolute(args.profile), calibration=calibration)
+                          profile=_absolute(args.profile), calibration=calibration,
+                          async_output=False if args.disable_async_output_proc else None)
     serve_config = ServeConfig(served_model_name=served_name, api_key=api_key, max_body_bytes=args.max_body_bytes,
                                max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue,
                                request_timeout_s=args.request_timeout or None, model_path=model.model)

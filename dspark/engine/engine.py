@@ -54,7 +54,9 @@ class EngineConfig:
     first, prompt chunks take the rest); kv_cache_tokens: the KV budget in tokens (None: from
     kv_cache_memory_fraction of the free device memory, default 0.9; `dspark.engine.block_manager`);
     page_size: tokens per KV page (None: the runner's); num_draft_tokens: drafts per step (None: the
-    drafter's block size γ); seed: the engine generator's seed (None: random).
+    drafter's block size γ); seed: the engine generator's seed (None: random); async_output: each step's
+    outputs are detokenized and returned by the next step, while its forward runs on the GPU (`Engine.step`;
+    None: on CUDA only, `--disable-async-output-proc` turns it off).
 
     When the engine is given no controller (`default_controller`): policy — the verification policy by name
     (`dspark.scheduling.named`; "auto" = causal-greedy-gated, Algorithm 1 with the staircase lookahead behind
@@ -75,6 +77,7 @@ class EngineConfig:
     policy: str = "auto"
     profile: str | None = None
     calibration: str = "auto"
+    async_output: bool | None = None  # None: on CUDA only (`Engine.step`, "async output processing")
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -87,6 +90,8 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be an integer ≥ {1 if name == 'page_size' else 0}, got {value!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED):
             raise ConfigError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        if self.async_output is not None and not isinstance(self.async_output, bool):
+            raise ConfigError(f"async_output must be true, false or null (on CUDA only), got {self.async_output!r}")
 
 
 @dataclass
@@ -242,6 +247,11 @@ class Engine:
         self.spec_live = SpecStats()  # every round of every request, updated each step
         self.expected_accepted_per_position: list[float] = []  # Σ calibrated survival of each verified slot
         self._calibration_window: deque[tuple[float, int, int]] = deque(maxlen=self.STEP_WINDOW)
+        self.async_output = runner.device.type == "cuda" if config.async_output is None else bool(config.async_output)
+        self._pending: list[tuple[Request, list[int]]] = []  # async: the last step's tokens, not yet output
+        self._ready: list[RequestOutput] = []  # async: outputs made while this step's forward ran
+        self._stopped: list[tuple[Request, int]] = []  # async: (request, its length at the stop string) to retire
+        self.late_stops = 0  # async: requests that ran one step past the stop string that ended them
 
     # -- requests ------------------------------------------------------------------------------------
     def add_request(self, request_id: Hashable, prompt_ids: Sequence[int], *, sampling: SamplingParams | None = None,
@@ -314,7 +324,8 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        """Requests still to run, or (async output) outputs still to return."""
+        return self.scheduler.has_unfinished or bool(self._pending)
 
     def _free_kv(self, request: Request) -> None:
         if request.seq_id is None:
@@ -337,7 +348,15 @@ class Engine:
 
     # -- the step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One engine step; returns an output for every request that emitted a token or finished."""
+        """One engine step; returns an output for every request that emitted a token or finished.
+
+        With `async_output` (vLLM's async output processing) the outputs returned are the previous step's:
+        its tokens are detokenized, checked for stop strings and packed into RequestOutputs while this step's
+        target forward runs on the device (`run_step`'s `while_running`), so that host work hides behind GPU
+        work instead of adding to it. Token-id stops (EOS, stop tokens, max_new_tokens) still end a request
+        in the step that emits them. A stop string found one step late ends a request that has already run
+        one more step: that step's tokens are dropped and its output is what it would have been (the text
+        is cut at the stop string either way). A step with nothing to run returns the outputs still due."""
         started = time.perf_counter()
         model_before = self.times.target_s + self.times.draft_s
         decoding, preempted = self.scheduler.schedule_decode()
@@ -353,33 +372,33 @@ class Engine:
             if request.scheduled_time is None:
                 request.scheduled_time = time.perf_counter()
         if not decoding and not chunks:
-            return []
+            self._process_pending()
+            return self._take_ready()
         completes = [r.num_computed + n == r.prefill_length and not r.resuming for r, n in chunks]
         first = torch.zeros(len(chunks), dtype=torch.float64)
         if any(completes):
             first[torch.tensor(completes)] = first_token_uniforms([r.generator for (r, _), c in zip(chunks, completes) if c])
         accepted_before = self.spec_live.accepted_tokens
         emitted = run_step(self.runner, drafts, chunks, self.drafter, self.controller, random, first, timer=self.times,
-                           totals=self.spec_live)
+                           totals=self.spec_live, while_running=self._process_pending if self.async_output else None)
         if decoding and drafts.plan.confidences is not None:
             self._observe_calibration(drafts, self.spec_live.accepted_tokens - accepted_before)
-        now = time.perf_counter()
-        outputs = []
-        for request in decoding + [r for r, _ in chunks]:
-            tokens = emitted.get(request.request_id)
-            if tokens is None:
-                continue
-            if request.first_token_time is None and tokens:
-                request.first_token_time = now
-            text, pieces = self._detokenize(request, tokens)
-            logprobs = None
-            if request.logprobs is not None:
-                del request.output_logprobs[len(request.output_ids):]  # a stop string cut the output
-                logprobs = request.output_logprobs[len(request.output_ids) - len(tokens):]
-            outputs.append(RequestOutput(request.request_id, tokens, text, request.finished, request.finish_reason,
-                                         len(request.output_ids), logprobs, pieces))
-            if request.finished:
-                self._finish(request)
+        stepped = [(r, emitted[r.request_id]) for r in decoding + [r for r, _ in chunks] if r.request_id in emitted]
+        if self.async_output:
+            retired = {id(r) for r, _ in self._stopped}
+            self._take_ready_stops()
+            self._pending = [(r, tokens) for r, tokens in stepped if id(r) not in retired]
+            for request, _ in self._pending:
+                if request.finished:  # a stop token or max_new_tokens: its pages go back now, its output next step
+                    self._finish(request)
+            outputs = self._take_ready()
+        else:
+            now = time.perf_counter()
+            outputs = []
+            for request, tokens in stepped:
+                outputs.append(self._output(request, tokens, now))
+                if request.finished:
+                    self._finish(request)
         verified = sum(drafts.verify_list)
         self._verify_budgets.append(verified)
         self.steps += 1
@@ -390,6 +409,50 @@ class Engine:
         self.controller.record_step(elapsed, self.times.target_s + self.times.draft_s - model_before)
         self.times.steps += 1
         self.times.step_s += elapsed
+        return outputs
+
+    def _output(self, request: Request, tokens: list[int], now: float) -> RequestOutput:
+        """The RequestOutput of the tokens a request emitted in one step: detokenized now (a stop string may cut
+        them and finish the request), with their logprobs."""
+        if request.first_token_time is None and tokens:
+            request.first_token_time = now
+        text, pieces = self._detokenize(request, tokens)
+        logprobs = None
+        if request.logprobs is not None:
+            del request.output_logprobs[len(request.output_ids):]  # a stop string cut the output
+            logprobs = request.output_logprobs[len(request.output_ids) - len(tokens):]
+        return RequestOutput(request.request_id, tokens, text, request.finished, request.finish_reason,
+                             len(request.output_ids), logprobs, pieces)
+
+    def _process_pending(self) -> None:
+        """Async output: the outputs of the last step's tokens, made while this step's forward runs. A request
+        still running whose tokens complete a stop string is retired after the step (`_take_ready_stops`):
+        its cache and its place in the forward in flight stay untouched until then."""
+        now = time.perf_counter()
+        for request, tokens in self._pending:
+            if request.finish_reason == "abort":
+                continue
+            running = request.status != Status.FINISHED
+            self._ready.append(self._output(request, tokens, now))
+            if running and request.finished:
+                self._stopped.append((request, len(request.output_ids)))
+        self._pending = []
+
+    def _take_ready_stops(self) -> None:
+        """Retire the requests a stop string ended during this step: the tokens this step appended go, the
+        output stays as the stop string cut it."""
+        for request, length in self._stopped:
+            del request.output_ids[length:]
+            del request.output_logprobs[length:]
+            request.finish_reason = "stop"
+            if request.status != Status.FINISHED:
+                self.late_stops += 1
+                self._finish(request)
+        self._stopped = []
+
+    def _take_ready(self) -> list[RequestOutput]:
+        self._take_ready_stops()
+        outputs, self._ready = self._ready, []
         return outputs
 
     def _detokenize(self, request: Request, tokens: list[int]) -> tuple[str | None, list[str] | None]:

@@ -153,11 +153,13 @@ class _StepResults:
 
 def run_step(runner: TargetRunner, drafts: StepDrafts, chunks: Sequence[tuple[Request, int]], drafter: Drafter | None,
              controller: SpeculationController, random: StepRandom, first_uniforms: torch.Tensor, timer=None,
-             totals: SpecStats | None = None) -> dict:
+             totals: SpecStats | None = None, while_running=None) -> dict:
     """Phases 3–4: one forward over the decoding rows of `drafts` and the prompt `chunks` (request, tokens),
     then verification and commit; updates the requests in place. first_uniforms [C]: one uniform per chunk
     (used only by a chunk that completes a new prompt); timer: adds the forward's seconds to its `target_s`;
-    totals: also gets every round's record (live statistics across requests).
+    totals: also gets every round's record (live statistics across requests); while_running: host work called
+    once the forward is launched, before anything waits for it (on a GPU it overlaps the forward; the engine's
+    async output processing); it must not touch these requests' caches.
     Between the forward and the commit the host reads the device once (`to_host`, docs/architecture.md
     "host syncs"); a request that asks for logprobs adds one read of its rows.
     Returns {request_id: tokens it emitted this step}."""
@@ -173,6 +175,8 @@ def run_step(runner: TargetRunner, drafts: StepDrafts, chunks: Sequence[tuple[Re
         [r.seq_id for r in requests] + [r.seq_id for r, _ in chunks], decode_tokens + chunk_tokens,
         logits_per_sequence=[len(t) for t in decode_tokens] + [int(s) for s in samples_first], feature_layer_ids=layers,
     )
+    if while_running is not None:
+        while_running()
     if timer is not None:
         if out.logits.is_cuda:
             torch.cuda.synchronize(out.logits.device)

@@ -6,8 +6,10 @@ sequence lives in slot `table[p // page_size] * page_size + p % page_size`. Roll
 is just lowering its length (and returning whole pages past the new end to the free list): slots past
 the length are overwritten by the next forward.
 
-Each pool holds one page more than `num_pages`: the scratch page (`scratch_slot`), zeroed, owned by no
-sequence. The static-shape step (`dspark.models.static_step`) points its padding rows' writes and its padded
+Pools are zeroed when allocated, so every slot holds a finite value: a paged kernel (`dspark.models.flex_paged`)
+reads whole pages, the slots past a sequence's length included, and a masked slot's value still meets a zero
+weight (NaN · 0 is NaN). Each pool holds one page more than `num_pages`: the scratch page (`scratch_slot`),
+owned by no sequence. The static-shape step (`dspark.models.static_step`) points its padding rows' writes and its padded
 keys there, so padding never touches a sequence's slots and never reads uninitialised memory.
 
 Two ways to size the pools. Standalone use (training, evaluation, profiling) lets them grow on demand
@@ -136,13 +138,20 @@ class StaticLayout:
         return torch.cat([getattr(self, name).reshape(-1) for name in self.PACKED])
 
     @classmethod
-    def metadata(cls, packed: torch.Tensor, batch: int, query_len: int, width: int, kv_only_len: int = 0
-                 ) -> AttentionMetadata:
+    def metadata(cls, packed: torch.Tensor, batch: int, query_len: int, width: int, kv_only_len: int = 0, *,
+                 kernel=None, page_size: int = 0) -> AttentionMetadata:
         """`packed()` on the device → the forward's AttentionMetadata: one attention group of fixed shapes, its
-        mask [B, 1, Q, width] made on the device (no host value read: capturable in a CUDA graph)."""
+        mask [B, 1, Q, width] made on the device (no host value read: capturable in a CUDA graph). With a paged
+        `kernel` (`dspark.models.flex_paged.FlexPagedAttention`; `width` a multiple of `page_size`) the group is
+        the kernel's, which reads the keys in the pools through the page table instead of gathering them."""
         rows, kv_rows = batch * query_len, batch * kv_only_len
         positions, slots, kv_positions, kv_slots, query_starts, context_lens, gather = packed.split(
             [rows, rows, kv_rows, kv_rows, batch, batch, batch * width])
+        if kernel is not None:
+            group = kernel.group(gather.view(batch, width), context_lens, query_starts, page_size, query_len)
+            return AttentionMetadata(positions=positions, slot_mapping=slots, query_lens=[query_len] * batch,
+                                     context_lens=[width] * batch, groups=[group], kv_only_positions=kv_positions,
+                                     kv_only_slot_mapping=kv_slots)
         keys = torch.arange(width, device=packed.device).view(1, 1, width)
         last_key = (query_starts.view(batch, 1) + torch.arange(query_len, device=packed.device)).unsqueeze(-1)
         mask = (keys < context_lens.view(batch, 1, 1)) & (keys <= last_key)  # [B, Q, C]
@@ -275,8 +284,7 @@ class PagedKVCache:
         old_slots = self.num_pages * self.page_size
         for pools in (self.k_pools, self.v_pools):
             for layer in range(self.num_layers):
-                fresh = torch.empty(shape, dtype=self.dtype, device=self.device)
-                fresh[new_num_pages * self.page_size:].zero_()
+                fresh = torch.zeros(shape, dtype=self.dtype, device=self.device)
                 if layer < len(pools):
                     fresh[:old_slots].copy_(pools[layer][:old_slots])
                     pools[layer] = fresh

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspark.models.flex_paged import FlexPagedGroup
 from dspark.models.kv_cache import AttentionGroup, AttentionMetadata
 from dspark.models.rope import apply_rotary
 
@@ -89,7 +90,10 @@ def paged_attention(
     head, so each KV head is read once for all its query heads and all new tokens of a sequence (docs/design.md §6).
     """
     if len(meta.groups) == 1 and meta.groups[0].token_rows is None:
-        return _group_attention(q, k_pool, v_pool, meta.groups[0], scale)
+        group = meta.groups[0]
+        if isinstance(group, FlexPagedGroup):  # a static forward read in place (`dspark.models.flex_paged`)
+            return group.attend(q, k_pool, v_pool, scale)
+        return _group_attention(q, k_pool, v_pool, group, scale)
     out = torch.empty_like(q)
     for group in meta.groups:
         out[group.token_rows] = _group_attention(q[group.token_rows], k_pool, v_pool, group, scale)

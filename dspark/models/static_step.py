@@ -36,16 +36,28 @@ import torch
 
 from dspark.decoding.sampling import RowSampling, SamplingParams
 from dspark.devices import to_device
+from dspark.models.flex_paged import attention_kernel
 from dspark.models.kv_cache import PagedKVCache, StaticLayout
 
 
-def configure_graphs(runner, drafter, *, enforce_eager: bool, max_batch: int) -> None:
-    """`--enforce-eager` and `--cuda-graph-max-bs` on a loaded `TargetRunner` and drafter (or None): graphs off,
-    or on CUDA for steps of up to `max_batch` sequences (`use_graphs`)."""
+def configure_graphs(runner, drafter, *, enforce_eager: bool, max_batch: int, attention: str = "auto") -> None:
+    """`--enforce-eager`, `--cuda-graph-max-bs` and `--attention-backend` on a loaded `TargetRunner` and drafter
+    (or None): graphs off, or on CUDA for steps of up to `max_batch` sequences; their attention
+    (`dspark.models.flex_paged.attention_kernel`) (`use_graphs`)."""
     graphs = False if enforce_eager else None
-    runner.use_graphs(graphs, max_batch=max_batch)
+    runner.use_graphs(graphs, max_batch=max_batch, attention=attention)
     if drafter is not None:
-        drafter.use_graphs(graphs, max_batch=max_batch)
+        drafter.use_graphs(graphs, max_batch=max_batch, attention=attention)
+
+
+def static_forwards(device: torch.device, enabled: bool | None, attention, make: Callable[..., "PaddedForwards"]
+                    ) -> "PaddedForwards | None":
+    """What every `use_graphs` builds: make(graphs=..., kernel=...) with graphs `enabled` (None: on CUDA only)
+    and the kernel of `attention` on `device` (`attention_kernel`), or None when neither is wanted (every
+    forward then runs ragged, with SDPA)."""
+    kernel = attention_kernel(attention, device)
+    graphs = torch.device(device).type == "cuda" if enabled is None else enabled
+    return make(graphs=graphs, kernel=kernel) if graphs or kernel is not None else None
 
 
 def batch_bucket(sequences: int) -> int:
@@ -184,23 +196,49 @@ class CapturedGraphs:
 
 class PaddedForwards:
     """What every padded forward shares (the target's `StaticStep`, the drafters' `StaticRound`s): the cache,
-    the limits, `CapturedGraphs` when `graphs` (else the padded forward runs eagerly: the tests' way of checking
-    the padding alone) and the count of padded forwards run."""
+    the limits, `CapturedGraphs` when `graphs` (else the padded forward runs eagerly: how `--enforce-eager`
+    still reads the cache in place with a paged kernel, and the tests' way of checking the padding alone), the
+    attention `kernel` (None: SDPA over gathered keys; `dspark.models.flex_paged`) and the count of padded
+    forwards run.
 
-    def __init__(self, cache: PagedKVCache, *, graphs: bool, max_batch: int, max_rows: int):
+    A forward whose paged kernel fails (a compiler or Triton error on a machine it was never run on) is reported
+    once as a RuntimeWarning, kept in `kernel_error`, and run again with SDPA, as is every later one: the
+    failed run wrote the same K/V the rerun writes."""
+
+    def __init__(self, cache: PagedKVCache, *, graphs: bool, max_batch: int, max_rows: int, kernel=None):
         if min(max_batch, max_rows) < 1:
             raise ValueError("max_batch and max_rows must be positive")
-        self.cache, self.max_batch, self.max_rows = cache, max_batch, max_rows
+        self.cache, self.max_batch, self.max_rows, self.kernel = cache, max_batch, max_rows, kernel
         self.graphs = CapturedGraphs(cache, max_rows) if graphs else None
         self.replays = 0  # forwards run in a bucket's shapes (graph replays when `graphs`)
+        self.kernel_error: str | None = None
 
     @property
     def captures(self) -> dict:
         return {} if self.graphs is None else self.graphs.captures
 
+    def metadata(self, packed: torch.Tensor, batch: int, query_len: int, context_pages: int, kv_only_len: int = 0):
+        """`StaticLayout.metadata` of a padded forward, read by this forwards' attention kernel."""
+        return StaticLayout.metadata(packed, batch, query_len, context_pages * self.cache.page_size, kv_only_len,
+                                     kernel=self.kernel, page_size=self.cache.page_size)
+
     def run(self, bucket, inputs: list[torch.Tensor], forward: Callable[[list[torch.Tensor]], list]) -> list:
         """forward(inputs), replayed from the bucket's capture when there are graphs."""
         self.replays += 1
+        if self.kernel is None:
+            return self._run(bucket, inputs, forward)
+        try:
+            return self._run(bucket, inputs, forward)
+        except Exception as exc:  # noqa: BLE001 — compiler and Triton failures share no base class
+            self.kernel_error = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"the {self.kernel.name} attention kernel failed, using SDPA from now on: "
+                          f"{self.kernel_error}", RuntimeWarning, stacklevel=2)
+            self.kernel = None
+            if self.graphs is not None:  # captures made with the kernel are dropped with it
+                self.graphs.captures.clear()
+            return self._run(bucket, inputs, forward)
+
+    def _run(self, bucket, inputs: list[torch.Tensor], forward: Callable[[list[torch.Tensor]], list]) -> list:
         return forward(inputs) if self.graphs is None else self.graphs.replay(bucket, inputs, forward)
 
 
@@ -212,8 +250,8 @@ class StaticStep(PaddedForwards):
     path for a forward without a bucket (`bucket` returns None)."""
 
     def __init__(self, model, cache: PagedKVCache, *, graphs: bool, max_batch: int = 256, max_query_len: int = 32,
-                 max_rows: int = 512):
-        super().__init__(cache, graphs=graphs, max_batch=max_batch, max_rows=max_rows)
+                 max_rows: int = 512, kernel=None):
+        super().__init__(cache, graphs=graphs, max_batch=max_batch, max_rows=max_rows, kernel=kernel)
         self.model, self.max_query_len = model, max_query_len
 
     def bucket(self, query_lens: list[int], lengths: list[int], feature_layer_ids: tuple[int, ...]) -> Bucket | None:
@@ -246,7 +284,7 @@ class StaticStep(PaddedForwards):
         """The forward a graph captures: padded token ids [B·Q] then `StaticLayout.packed()` → [logits [B·Q, V]
         float32, features [B·Q, L·H] or None]."""
         tokens, packed = inputs.split([bucket.rows, inputs.numel() - bucket.rows])
-        meta = StaticLayout.metadata(packed, bucket.batch, bucket.query_len, bucket.context_pages * self.cache.page_size)
+        meta = self.metadata(packed, bucket.batch, bucket.query_len, bucket.context_pages)
         out = self.model(tokens, self.cache, meta, feature_layer_ids=bucket.feature_layer_ids)
         return [out.logits, out.features]
 
@@ -270,8 +308,9 @@ class StaticRound(PaddedForwards):
 
     extra_rows: int
 
-    def __init__(self, drafter, *, graphs: bool, max_batch: int = 256, max_context_rows: int = 32, max_rows: int = 512):
-        super().__init__(drafter.cache, graphs=graphs, max_batch=max_batch, max_rows=max_rows)
+    def __init__(self, drafter, *, graphs: bool, max_batch: int = 256, max_context_rows: int = 32, max_rows: int = 512,
+                 kernel=None):
+        super().__init__(drafter.cache, graphs=graphs, max_batch=max_batch, max_rows=max_rows, kernel=kernel)
         self.drafter, self.model, self.max_context_rows = drafter, drafter.model, max_context_rows
 
     def bucket(self, lengths: list[int], context_rows: list[int], samplings: list[SamplingParams]) -> RoundBucket | None:

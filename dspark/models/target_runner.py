@@ -21,7 +21,7 @@ from dspark.models.checkpoint import IndexExpectation, check_index, load_state_i
 from dspark.models.config import DecoderConfig, parse_decoder_config, read_config_json
 from dspark.models.decoder import DecoderModel
 from dspark.models.kv_cache import PagedKVCache
-from dspark.models.static_step import StaticStep
+from dspark.models.static_step import StaticStep, static_forwards
 
 def index_expectation(config: DecoderConfig) -> IndexExpectation:
     """What a target config fixes about its checkpoint before the model is built: `model.layers.{i}.` for
@@ -105,12 +105,13 @@ class TargetRunner:
         runner.hf_config = hf_config
         return runner
 
-    def use_graphs(self, enabled: bool | None = None, *, max_batch: int = 256) -> None:
+    def use_graphs(self, enabled: bool | None = None, *, max_batch: int = 256, attention="auto") -> None:
         """Run decoding and verification forwards of up to `max_batch` sequences in capture buckets replayed from
-        captured graphs (`StaticStep`), or all forwards ragged. None: on CUDA only. Drops earlier captures."""
-        if enabled is None:
-            enabled = self.device.type == "cuda"
-        self.static = StaticStep(self.model, self.cache, graphs=True, max_batch=max_batch) if enabled else None
+        captured graphs (`StaticStep`), or all forwards ragged. None: on CUDA only. attention: "sdpa", "flex" or
+        "auto" (`dspark.models.flex_paged.attention_kernel`); a paged kernel runs the buckets' forwards without
+        graphs too (eagerly, padded). Drops earlier captures."""
+        self.static = static_forwards(self.device, enabled, attention,
+                                      lambda **kw: StaticStep(self.model, self.cache, max_batch=max_batch, **kw))
 
     # -- sequence handles ------------------------------------------------------------------------
     @property

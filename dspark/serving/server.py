@@ -26,6 +26,7 @@ class ModelOptions:
     compile: bool = False  # torch.compile the target's dense layer parts
     enforce_eager: bool = False  # no CUDA graphs (`dspark.models.static_step.configure_graphs`)
     cuda_graph_max_bs: int = 256  # the most requests a captured step serves
+    attention_backend: str = "auto"  # `dspark.models.flex_paged.ATTENTION_BACKENDS`
 
 
 def load_engine(options: ModelOptions, engine_config: EngineConfig):
@@ -54,7 +55,8 @@ def load_engine(options: ModelOptions, engine_config: EngineConfig):
                                target=runner.model)
         if options.compile:
             compile_drafter(drafter)
-    configure_graphs(runner, drafter, enforce_eager=options.enforce_eager, max_batch=options.cuda_graph_max_bs)
+    configure_graphs(runner, drafter, enforce_eager=options.enforce_eager, max_batch=options.cuda_graph_max_bs,
+                     attention=options.attention_backend)
     engine = Engine(runner, drafter, config=engine_config, tokenizer=tokenizer,
                     eos_token_ids=stop_token_ids(target, tokenizer, runner.config.eos_token_ids))
     return engine, tokenizer, target

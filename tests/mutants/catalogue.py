@@ -33,6 +33,8 @@ class Mutant:
 LOSSLESS = "tests/test_lossless_drafters.py"
 DSPARK_SAMPLE_BLOCK = "dspark/models/drafters/dspark.py"
 STATIC = "tests/test_static_step.py"
+FLEX = "dspark/models/flex_paged.py"
+FLEX_TESTS = "tests/test_flex_paged.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
@@ -167,6 +169,43 @@ MUTANTS: tuple[Mutant, ...] = (
         "                token = torch.where(rows.greedy, token, token)",
         ("tests/test_eagle3_mtp.py::test_the_padded_round_equals_the_eager_one[True-eagle3]",
          f"{LOSSLESS}::test_sampled_output_on_the_static_path_has_the_target_distribution[eagle3]"),
+    ),
+    Mutant(
+        "flex-mask-not-causal",
+        "the paged FlexAttention kernel lets a verification row see the rows after it (the mask drops causality)",
+        FLEX,
+        "            return (owner[page] == b) & (position < context_lens[b]) & (position <= query_starts[b] + q_idx)",
+        "            return (owner[page] == b) & (position < context_lens[b])",
+        (f"{FLEX_TESTS}::test_flex_attention_equals_gathered_sdpa_on_every_static_layout[True]",
+         f"{FLEX_TESTS}::test_greedy_decoding_with_the_flex_kernel_equals_eager_plain_decoding[True]"),
+    ),
+    Mutant(
+        "flex-last-page-dropped",
+        "the paged FlexAttention kernel visits only a sequence's full pages: the keys on its last, partial page are lost",
+        FLEX,
+        "        used = torch.div(self.context_lens + size - 1, size, rounding_mode=\"floor\")",
+        "        used = torch.div(self.context_lens, size, rounding_mode=\"floor\")",
+        (f"{FLEX_TESTS}::test_flex_attention_equals_gathered_sdpa_on_every_static_layout[True]",
+         f"{FLEX_TESTS}::test_greedy_decoding_with_the_compiled_flex_kernel"),
+    ),
+    Mutant(
+        "async-output-streams-past-a-late-stop",
+        "with async output processing, a request whose stop string is found one step late also streams the tokens "
+        "of the step it ran past the stop",
+        "dspark/engine/engine.py",
+        "            self._pending = [(r, tokens) for r, tokens in stepped if id(r) not in retired]",
+        "            self._pending = list(stepped)",
+        ("tests/test_async_output.py::test_async_outputs_equal_the_synchronous_engines",),
+    ),
+    Mutant(
+        "async-output-frees-late",
+        "with async output processing, a request ended by a stop token or its length keeps its KV pages and its "
+        "place in the batch until its output is made a step later",
+        "dspark/engine/engine.py",
+        "                if request.finished:  # a stop token or max_new_tokens: its pages go back now, its output next step\n"
+        "                    self._finish(request)",
+        "                pass",
+        ("tests/test_async_output.py::test_async_outputs_equal_the_synchronous_engines",),
     ),
     Mutant(
         "equivalent: draft without top-k, reported consistently",

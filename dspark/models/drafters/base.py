@@ -91,9 +91,11 @@ class Drafter(ABC):
     def propose(self, batch: list[DraftInput], generator: torch.Generator | None = None) -> DraftProposal:
         """Propose up to `max_tokens` drafts for every sequence of the batch."""
 
-    def use_graphs(self, enabled: bool | None = None, *, max_batch: int = 256) -> None:
+    def use_graphs(self, enabled: bool | None = None, *, max_batch: int = 256, attention="auto") -> None:
         """Replay the drafter's rounds of up to `max_batch` sequences from captured graphs, or run them eagerly
-        (`--enforce-eager`); None: on CUDA only. Drafters without a static round always run eagerly."""
+        (`--enforce-eager`); None: on CUDA only. attention: the rounds' attention kernel ("sdpa", "flex", "auto":
+        `dspark.models.flex_paged.attention_kernel`); a paged kernel runs the rounds padded without graphs too.
+        Drafters without a static round always run eagerly, with SDPA."""
 
     def release(self, seq_id: int) -> None:
         """Forget a finished sequence's state."""

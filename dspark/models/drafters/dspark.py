@@ -37,6 +37,7 @@ from dspark.models.drafters.common import DraftCheckpointMixin, check_drafter_ta
 from dspark.models.decoder import after_attention, compiled
 from dspark.models.drafters.registry import register_drafter
 from dspark.models.drafters.static_block import StaticDraftStep, blocks_dropped_after
+from dspark.models.static_step import static_forwards
 from dspark.models.kv_cache import AttentionMetadata, PagedKVCache
 from dspark.models.layers import Attention, GatedMLP, RMSNorm, fuse_projections
 from dspark.models.rope import RotaryEmbedding, apply_rotary
@@ -321,12 +322,12 @@ class DSparkDrafter(Drafter):
         self.static: StaticDraftStep | None = None
         self.use_graphs(graphs)
 
-    def use_graphs(self, enabled: bool | None = None, *, max_batch: int = 256) -> None:
+    def use_graphs(self, enabled: bool | None = None, *, max_batch: int = 256, attention="auto") -> None:
         """Replay rounds of up to `max_batch` sequences (block pass and sequential head) from captured graphs
-        (`StaticDraftStep`), or run them eagerly (`--enforce-eager`). None: on CUDA only."""
-        if enabled is None:
-            enabled = self.model.fc.weight.device.type == "cuda"
-        self.static = StaticDraftStep(self, graphs=True, max_batch=max_batch) if enabled else None
+        (`StaticDraftStep`), or run them eagerly (`--enforce-eager`). None: on CUDA only. attention: the rounds' attention
+        kernel (`dspark.models.static_step.static_forwards`)."""
+        self.static = static_forwards(self.model.fc.weight.device, enabled, attention,
+                                      lambda **kw: StaticDraftStep(self, max_batch=max_batch, **kw))
 
     def check_target(self, target_config: DecoderConfig) -> None:
         check_drafter_target(self.name, self.model.config, target_config)

@@ -77,6 +77,7 @@ from dspark.models.drafters.common import (
 )
 from dspark.models.drafters.registry import register_drafter
 from dspark.models.drafters.static_causal import StaticCausalRound
+from dspark.models.static_step import static_forwards
 from dspark.models.kv_cache import AttentionMetadata, PagedKVCache
 from dspark.models.layers import Attention, GatedMLP, RMSNorm, fuse_projections
 from dspark.models.rope import RotaryEmbedding
@@ -490,12 +491,12 @@ class CausalFeatureDrafter(Drafter):
             for (seq_id, *_), rows in zip(todo, outputs):
                 self._last_hidden[seq_id] = rows[-1].clone()  # not a view pinning all rows
 
-    def use_graphs(self, enabled: bool | None = None, *, max_batch: int = 256) -> None:
+    def use_graphs(self, enabled: bool | None = None, *, max_batch: int = 256, attention="auto") -> None:
         """Replay rounds of up to `max_batch` sequences (context rows and every draft step) from captured graphs
-        (`StaticCausalRound`), or run them eagerly (`--enforce-eager`). None: on CUDA only."""
-        if enabled is None:
-            enabled = self.model.lm_head.weight.device.type == "cuda"
-        self.static = StaticCausalRound(self, graphs=True, max_batch=max_batch) if enabled else None
+        (`StaticCausalRound`), or run them eagerly (`--enforce-eager`). None: on CUDA only. attention: the rounds' attention
+        kernel (`dspark.models.static_step.static_forwards`)."""
+        self.static = static_forwards(self.model.lm_head.weight.device, enabled, attention,
+                                      lambda **kw: StaticCausalRound(self, max_batch=max_batch, **kw))
 
     @torch.inference_mode()
     def propose(self, batch: list[DraftInput], generator: torch.Generator | None = None) -> DraftProposal:

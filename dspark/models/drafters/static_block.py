@@ -22,7 +22,7 @@ import torch
 
 from dspark.decoding.sampling import RowSampling, SamplingParams
 from dspark.devices import to_device
-from dspark.models.kv_cache import PagedKVCache, StaticLayout
+from dspark.models.kv_cache import PagedKVCache
 from dspark.models.static_step import RoundBucket, StaticRound
 
 
@@ -84,8 +84,7 @@ class StaticDraftStep(StaticRound):
         longs, features, floats, greedy, uniforms = inputs
         anchors, top_k, packed = longs.split([batch, batch, longs.numel() - 2 * batch])
         temperature, top_p = floats.split([batch, batch])
-        meta = StaticLayout.metadata(packed, batch, block_size, bucket.context_pages * self.cache.page_size,
-                                     bucket.context_rows)
+        meta = self.metadata(packed, batch, block_size, bucket.context_pages, bucket.context_rows)
         hidden = self.model.block_pass(self.cache, meta, self.model.fuse_context(features), anchors)
         rows = RowSampling(temperature, top_k, top_p, greedy, bucket.sampling)
         tokens, probs, confidence = self.drafter.sample_block(hidden.view(batch, block_size, -1), anchors, rows, None,

@@ -89,12 +89,12 @@ class StaticCausalRound(StaticRound):
             [batch * context, batch, batch, StaticLayout.packed_size(batch, context, width)] + [step_size] * (steps - 1))
         temperature, top_p = floats.split([batch, batch])
         rows = RowSampling(temperature, top_k, top_p, greedy, bucket.sampling)
-        meta = StaticLayout.metadata(context_layout, batch, context, width)
+        meta = self.metadata(context_layout, batch, context, bucket.context_pages)
         last = self.model.ingest_pass(self.cache, meta, features, next_tokens).index_select(0, last_rows)
         hidden, tokens, probs = last, [], []
         for k in range(steps):
             if k > 0:
-                meta = StaticLayout.metadata(step_layouts[k - 1], batch, 1, width)
+                meta = self.metadata(step_layouts[k - 1], batch, 1, bucket.context_pages)
                 hidden = self.model.draft_step_pass(self.cache, meta, hidden, tokens[-1])
             q = logits_to_probs_by_row(self.model.logits(hidden), rows)
             token = q.argmax(-1)
