@@ -175,6 +175,20 @@ def save_dspark_folder(target_dir, out, *, seed: int = 1, block_size: int = 3, t
     return init_from_target(config, runner.model, seed=seed, std=std).save_pretrained(out)
 
 
+STATIC_PROMPTS = [[1, 5, 9, 2, 7], [3, 3, 8], [4, 11, 2, 6, 6, 1, 9], [40, 2], [7] * 19]
+
+
+def static_path_folders(root) -> tuple:
+    """(target, DSpark drafter) folders under `root` for the static-path tests: a tiny Qwen3 (V = 48, three
+    layers, GQA 4:2, no tokenizer) and a random DSpark drafter for it (γ = 4, features of layers 0 and 2)."""
+    from dspark.models.random_init import build_random_model
+
+    target = build_random_model(root / "target", "tiny-qwen3", seed=4, init_std=0.3, with_tokenizer=False,
+                                vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+    return target, save_dspark_folder(target, root / "dspark", block_size=4, target_layer_ids=(0, 2))
+
+
 def with_static_rounds(drafter, graphs: bool, max_context_rows: int = 8):
     """`drafter`, set to run its rounds padded to capture buckets (dspark.models.static_step.StaticRound):
     replayed from `HostGraph`s when `graphs`, else padded but run eagerly; a round with more than

@@ -21,19 +21,15 @@ from dspark.models.random_init import build_random_model
 from dspark.models.static_step import configure_graphs
 from dspark.models.target_runner import TargetRunner
 
-from drafters_for_tests import save_dspark_folder
+from drafters_for_tests import STATIC_PROMPTS, static_path_folders
 
 REFERENCE = FlexPagedAttention(compiled=False)
-MODEL = dict(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
-PROMPTS = [[1, 5, 9, 2, 7], [3, 3, 8], [4, 11, 2, 6, 6, 1, 9], [40, 2], [7] * 19]
+PROMPTS = STATIC_PROMPTS
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flex")
-    target = build_random_model(root / "target", "tiny-qwen3", seed=4, init_std=0.3, with_tokenizer=False, **MODEL)
-    return target, save_dspark_folder(target, root / "dspark", block_size=4, target_layer_ids=(0, 2))
+    return static_path_folders(tmp_path_factory.mktemp("flex"))
 
 
 def filled_cache(lengths: list[int], page_size: int, generator: torch.Generator) -> tuple[PagedKVCache, list[int]]:

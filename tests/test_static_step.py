@@ -14,22 +14,17 @@ from dspark.decoding.sampling import RowSampling, SamplingParams, logits_to_prob
 from dspark.engine.generation import generate
 from dspark.errors import CacheCapacityError
 from dspark.models.drafters.dspark import load_dspark_drafter
-from dspark.models.random_init import build_random_model
 from dspark.models.static_step import StaticStep, batch_bucket, configure_graphs, power_of_two_bucket
 from dspark.models.target_runner import TargetRunner
 
-from drafters_for_tests import next_round_input, save_dspark_folder, with_static_rounds
+from drafters_for_tests import STATIC_PROMPTS, next_round_input, static_path_folders, with_static_rounds
 
-MODEL = dict(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
-PROMPTS = [[1, 5, 9, 2, 7], [3, 3, 8], [4, 11, 2, 6, 6, 1, 9], [40, 2], [7] * 19]
+PROMPTS = STATIC_PROMPTS
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("static")
-    target = build_random_model(root / "target", "tiny-qwen3", seed=4, init_std=0.3, with_tokenizer=False, **MODEL)
-    return target, save_dspark_folder(target, root / "dspark", block_size=4, target_layer_ids=(0, 2))
+    return static_path_folders(tmp_path_factory.mktemp("static"))
 
 
 def runner(target, graphs: bool | None, **kwargs) -> TargetRunner:
