@@ -139,6 +139,32 @@ def draft_and_plan(runner: TargetRunner, requests: list[Request], drafter: Draft
     return StepDrafts.of(requests, proposal, plan, True, gate_open)
 
 
+class _ForwardClock:
+    """Seconds of one forward without a host sync of its own: on CUDA two timing events around its kernels,
+    read after the step's transfer has waited for them; elsewhere the wall time of the (synchronous) call.
+    Both count from the forward's call, its host-side layouts included."""
+
+    def __init__(self, device: torch.device):
+        self.started = time.perf_counter()
+        self.events = None
+        if device.type == "cuda":
+            self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self.events[0].record()
+        self.wall: float | None = None
+
+    def stop(self) -> None:
+        if self.events is not None:
+            self.events[1].record()
+        else:
+            self.wall = time.perf_counter() - self.started
+
+    def seconds(self) -> float:
+        if self.events is None:
+            return self.wall
+        self.events[1].synchronize()  # done already after the step's transfer (an empty one may not have waited)
+        return self.events[0].elapsed_time(self.events[1]) / 1e3
+
+
 @dataclass
 class _StepResults:
     """What the step computed on the device, read by the host in one transfer (`to_host`)."""
@@ -170,17 +196,15 @@ def run_step(runner: TargetRunner, drafts: StepDrafts, chunks: Sequence[tuple[Re
     decode_tokens = [[r.last_token] + d for r, d in zip(requests, drafts.draft_lists)]
     chunk_tokens = [r.prefill_ids[r.num_computed: r.num_computed + n] for r, n in chunks]
     samples_first = [r.num_computed + n == r.prefill_length and not r.resuming for r, n in chunks]
-    started = time.perf_counter()
+    clock = _ForwardClock(runner.device) if timer is not None else None
     out = runner.forward(
         [r.seq_id for r in requests] + [r.seq_id for r, _ in chunks], decode_tokens + chunk_tokens,
         logits_per_sequence=[len(t) for t in decode_tokens] + [int(s) for s in samples_first], feature_layer_ids=layers,
     )
+    if clock is not None:
+        clock.stop()
     if while_running is not None:
         while_running()
-    if timer is not None:
-        if out.logits.is_cuda:
-            torch.cuda.synchronize(out.logits.device)
-        timer.target_s += time.perf_counter() - started
     decode_rows = sum(len(t) for t in decode_tokens)
     finishing = [r for (r, _), s in zip(chunks, samples_first) if s]
     accepted, next_tokens, bad_drafts = _verify(drafts, out.logits[:decode_rows], out.query_lens[:batch], random)
@@ -191,6 +215,8 @@ def run_step(runner: TargetRunner, drafts: StepDrafts, chunks: Sequence[tuple[Re
         first_tokens = sample_tokens(prefill_logits, [r.sampling for r in finishing], first_uniforms[index])
     results = _StepResults(*to_host([accepted, next_tokens, first_tokens, nonfinite_rows(out.logits[:decode_rows]),
                                      nonfinite_rows(prefill_logits), bad_drafts]))
+    if clock is not None:
+        timer.target_s += clock.seconds()  # the transfer above waited for the forward: no sync of its own
     raise_if_nonfinite(results.bad_decode_rows, [r.request_id for r, t in zip(requests, decode_tokens) for _ in t],
                        "target's logits")
     raise_if_nonfinite(results.bad_prefill_rows, [r.request_id for r in finishing], "target's prefill logits")
