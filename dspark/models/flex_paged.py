@@ -5,8 +5,10 @@ The SDPA attention of a static forward (`StaticLayout.metadata`) gathers every s
 [B, Hkv, P · page, D] buffer per layer before attending: the context's K/V are read, written and read again.
 `FlexPagedAttention` instead hands `torch.nn.attention.flex_attention` the whole pool as one key sequence of
 `pool_pages · page` slots ([1, Hkv, slots, D], a view: nothing is copied) and a `BlockMask` whose KV blocks are
-the cache's pages. Sequence b visits only the pages of its page table (kv_indices[b] = its pages in order,
-kv_num_blocks[b] = ⌈c_b / page⌉), so the kernel streams each context page once from the pool.
+the cache's pages. Sequence b visits only the pages of its page table (⌈c_b / page⌉ of them), so the kernel
+streams each context page once from the pool. The pages every query row sees whole (below c_b and not past
+query row 0's position) are the mask's full blocks, which skip the mask function; the rest (a decoding row's
+last page, the pages of a verification's own rows) are its partial blocks.
 
 The mask_mod maps a visited slot back to its place in the sequence: `owner` and `logical_page` of every
 physical page are scattered from the page tables once per forward (on the device, shared by all layers). A
@@ -130,8 +132,19 @@ class FlexPagedGroup:
             position = logical_page[page] * size + kv_idx % size
             return (owner[page] == b) & (position < context_lens[b]) & (position <= query_starts[b] + q_idx)
 
-        kv_indices = torch.zeros(batch, 1, 1, pool_pages, dtype=torch.int32, device=device)
-        kv_indices[:, 0, 0, :pages] = table.to(torch.int32)
-        return BlockMask.from_kv_blocks(used.to(torch.int32).view(batch, 1, 1), kv_indices,
+        # Full pages (every query row sees every slot: below the context and not past query row 0) skip the
+        # mask function; the rest of the used pages, the partial ones, apply it.
+        full = torch.div(torch.minimum(self.context_lens, self.query_starts + 1), size, rounding_mode="floor")
+        full = torch.where(live[:, 0], full, 0)
+        columns = torch.arange(pages, device=device)
+        partial = table.gather(1, (columns + full.unsqueeze(1)).clamp(max=pages - 1))  # pages full_b, full_b + 1, ...
+
+        def indices(rows: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(batch, 1, 1, pool_pages, dtype=torch.int32, device=device)
+            out[:, 0, 0, :pages] = rows.to(torch.int32)
+            return out
+
+        return BlockMask.from_kv_blocks((used - full).to(torch.int32).view(batch, 1, 1), indices(partial),
+                                        full.to(torch.int32).view(batch, 1, 1), indices(table),
                                         BLOCK_SIZE=(max(128, self.query_len), size), mask_mod=mask_mod,
                                         seq_lengths=(self.query_len, pool_pages * size), **_SKIP_Q_BLOCKS)

@@ -176,8 +176,17 @@ MUTANTS: tuple[Mutant, ...] = (
         FLEX,
         "            return (owner[page] == b) & (position < context_lens[b]) & (position <= query_starts[b] + q_idx)",
         "            return (owner[page] == b) & (position < context_lens[b])",
-        (f"{FLEX_TESTS}::test_flex_attention_equals_gathered_sdpa_on_every_static_layout[True]",
+        (f"{FLEX_TESTS}::test_flex_attention_equals_gathered_sdpa_on_every_static_layout[False-True]",
          f"{FLEX_TESTS}::test_greedy_decoding_with_the_flex_kernel_equals_eager_plain_decoding[True]"),
+    ),
+    Mutant(
+        "flex-full-pages-past-the-query",
+        "the paged FlexAttention kernel counts a page as full (no mask) when it lies below the context, even where "
+        "it holds the keys after a verification row",
+        FLEX,
+        "        full = torch.div(torch.minimum(self.context_lens, self.query_starts + 1), size, rounding_mode=\"floor\")",
+        "        full = torch.div(self.context_lens, size, rounding_mode=\"floor\")",
+        (f"{FLEX_TESTS}::test_flex_attention_equals_gathered_sdpa_on_every_static_layout[True-True]",),
     ),
     Mutant(
         "flex-last-page-dropped",
@@ -185,8 +194,8 @@ MUTANTS: tuple[Mutant, ...] = (
         FLEX,
         "        used = torch.div(self.context_lens + size - 1, size, rounding_mode=\"floor\")",
         "        used = torch.div(self.context_lens, size, rounding_mode=\"floor\")",
-        (f"{FLEX_TESTS}::test_flex_attention_equals_gathered_sdpa_on_every_static_layout[True]",
-         f"{FLEX_TESTS}::test_greedy_decoding_with_the_compiled_flex_kernel"),
+        (f"{FLEX_TESTS}::test_flex_attention_equals_gathered_sdpa_on_every_static_layout[False-True]",
+         f"{FLEX_TESTS}::test_flex_attention_equals_gathered_sdpa_on_every_static_layout[True-True]"),
     ),
     Mutant(
         "async-output-streams-past-a-late-stop",
