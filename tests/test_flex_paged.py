@@ -13,6 +13,7 @@ import torch
 from dspark.cli import main
 from dspark.decoding.sampling import SamplingParams
 from dspark.engine.generation import generate
+from dspark.errors import ConfigError
 from dspark.models.drafters.dspark import load_dspark_drafter
 from dspark.models.flex_paged import FlexPagedAttention, FlexPagedGroup, attention_kernel
 from dspark.models.kv_cache import PagedKVCache, StaticLayout
@@ -83,7 +84,7 @@ def test_the_attention_backend_choice():
     assert attention_kernel("auto", torch.device("cuda")) is None  # until a GPU run shows flex faster
     assert attention_kernel("flex", torch.device("cpu")).compiled and attention_kernel("flex", torch.device("cuda")).compiled
     assert attention_kernel(REFERENCE, torch.device("cpu")) is REFERENCE
-    with pytest.raises(ValueError, match="one of auto, sdpa, flex"):
+    with pytest.raises(ConfigError, match="one of auto, sdpa, flex"):
         attention_kernel("flashinfer", torch.device("cpu"))
 
 

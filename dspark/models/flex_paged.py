@@ -37,6 +37,8 @@ import inspect
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from dspark.errors import ConfigError
+
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")  # `--attention-backend`
 RECOMPILE_LIMIT = 1024  # one compilation per bucket shape; dynamo's default limit (8) would drop to eager
 
@@ -52,7 +54,7 @@ def attention_kernel(backend: "str | FlexPagedAttention", device: torch.device) 
     if isinstance(backend, FlexPagedAttention):
         return backend
     if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}")
+        raise ConfigError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}")
     return FlexPagedAttention() if backend == "flex" else None
 
 
