@@ -132,6 +132,7 @@ class Plan:
     prompt_len: int
     new_tokens: int
     counted_steps: int  # steady steps counted by host_syncs and profiled by profiler
+    mixed: tuple[int, int]  # profiler's mixed step: requests decoding, tokens of the prompt prefilled beside them
     profile_args: tuple[str, ...]  # `dspark profile` grid
 
 
@@ -139,7 +140,7 @@ QWEN3_4B = RANDOM_SHAPES["qwen3-4b"]
 FULL = Plan(
     preset=QWEN3_4B["preset"], overrides=QWEN3_4B["overrides"], init_std=0.02, drafter=QWEN3_4B["drafter"], shards=3,
     greedy_prompt_lens=(17, 40, 64, 101), greedy_new_tokens=32, concurrency=(1, 8, 32), prompt_len=128,
-    new_tokens=128, counted_steps=5,
+    new_tokens=128, counted_steps=5, mixed=(8, 512),
     profile_args=("--context", "1024", "--requests", "1,4,16,64", "--lengths", "1,2,4,8", "--repeats", "5"),
 )
 SMOKE = Plan(
@@ -148,7 +149,8 @@ SMOKE = Plan(
                    num_key_value_heads=2, head_dim=16, max_position_embeddings=512),
     init_std=0.3, drafter=dict(target_layer_ids=(0, 1), num_draft_layers=1, block_size=7, markov_rank=8), shards=3,
     greedy_prompt_lens=(5, 9, 16), greedy_new_tokens=16, concurrency=(1, 2), prompt_len=8, new_tokens=8,
-    counted_steps=3, profile_args=("--context", "16", "--requests", "1,2", "--lengths", "1,2", "--repeats", "2"),
+    counted_steps=3, mixed=(2, 40),
+    profile_args=("--context", "16", "--requests", "1,2", "--lengths", "1,2", "--repeats", "2"),
 )
 SECTION_NAMES = ("build", "greedy", "host_syncs", "throughput", "profiler", "profile", "compiled", "graphs", "attention")
 
@@ -584,13 +586,15 @@ def kernel_stats(events, cuda: bool, steps: int) -> dict:
             "top_kernels_per_round": {n: c / steps for n, c in Counter(e.name for e in kernels).most_common(10)}}
 
 
-def profile_round(check: Check, engine: Engine, steps: int) -> dict:
+def profile_round(check: Check, engine: Engine, steps: int, before_step: Callable[[], None] | None = None) -> dict:
     """Per round: wall ms (median of `steps` unprofiled steps), then kernels and the GPU-busy share over
-    `steps` steps under torch.profiler."""
+    `steps` steps under torch.profiler; `before_step` (untimed) runs before each step."""
     from torch.profiler import ProfilerActivity, profile
 
+    prepare = before_step or (lambda: None)
     walls = []
     for _ in range(steps):
+        prepare()
         check.sync()
         start = time.perf_counter()
         engine.step()
@@ -600,6 +604,7 @@ def profile_round(check: Check, engine: Engine, steps: int) -> dict:
     cuda = check.device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for _ in range(steps):
+            prepare()
             engine.step()
         check.sync()
     stats = kernel_stats(prof.events(), cuda, steps)
@@ -614,6 +619,35 @@ def count_ops(engine: Engine, steps: int) -> dict:
             engine.step()
     return {"aten_ops_per_round": sum(counter.ops.values()) / steps,
             "top_aten_ops_per_round": {n: c / steps for n, c in counter.ops.most_common(10)}}
+
+
+def mixed_round(check: Check, steps: int) -> dict:
+    """`profile_round` of a mixed step (issue 17 item 4): `plan.mixed` = (R, N), R greedy requests decoding
+    beside a new prompt of N tokens prefilled whole — above every capture bucket, so the step runs ragged and
+    eagerly. A fresh prompt arrives before every step (each then decodes too: R grows by one per step)."""
+    plan, runner = check.plan, check.runner(check.fast_dtype)
+    decoding, prompt_tokens = plan.mixed
+    max_new = 2 * steps + 4
+    engine = make_engine(runner, None, decoding + 2 * steps, max(prompt_tokens, plan.prompt_len) + max_new)
+    vocab = runner.config.vocab_size
+    try:
+        for i, prompt in enumerate(random_prompts(vocab, [plan.prompt_len] * decoding, seed=5)):
+            engine.add_request(("decoding", i), prompt, sampling=GREEDY, max_new_tokens=max_new)
+        while engine.last_step.get("decoding", 0) < decoding:
+            engine.step()
+        arrivals = iter(random_prompts(vocab, [prompt_tokens] * 2 * steps, seed=6))
+
+        def arrive() -> None:
+            engine.add_request(("prompt", engine.steps), next(arrivals), sampling=GREEDY, max_new_tokens=max_new)
+
+        measured = profile_round(check, engine, steps, before_step=arrive)
+        if engine.last_step["prefill_tokens"] != prompt_tokens:
+            raise RuntimeError(f"the last mixed step prefilled {engine.last_step['prefill_tokens']} tokens, "
+                               f"not one whole prompt of {prompt_tokens}")
+    finally:
+        engine.close()
+    return {"decoding_requests": f"{decoding} to {decoding + 2 * steps - 1}", "prompt_tokens": prompt_tokens,
+            **measured}
 
 
 def section_profiler(check: Check, out: dict) -> None:
@@ -633,6 +667,11 @@ def section_profiler(check: Check, out: dict) -> None:
             engine.close()
         check.say(f"profiler: {kind} {out[kind]['kernels_per_round']} kernels, "
                   f"{out[kind]['aten_ops_per_round']:.0f} ATen ops per round, {out[kind]['round_ms']:.2f} ms")
+    out["mixed"] = mixed_round(check, steps)
+    out["kernels_per_round"]["mixed"] = out["mixed"]["kernels_per_round"]
+    out["gpu_busy_fraction"]["mixed"] = out["mixed"]["gpu_busy_fraction"]
+    check.say(f"profiler: mixed step {out['mixed']['kernels_per_round']} kernels, {out['mixed']['round_ms']:.2f} ms, "
+              f"GPU busy {out['mixed']['gpu_busy_fraction']}")
 
 
 # -- 6. profile ----------------------------------------------------------------------------------------

@@ -63,9 +63,9 @@ def test_smoke_headline_fields(smoke):
         assert set(table) == SMOKE_CONCURRENCY, (key, table)
         assert all(is_number(v) and v > 0 for v in table.values()), (key, table)
     assert report["load_peak_over_weights"] is None  # measured on a GPU only
-    assert set(report["kernels_per_round"]) == {"plain", "dspark"}
+    assert set(report["kernels_per_round"]) == {"plain", "dspark", "mixed"}
     assert all(is_number(v) and v > 0 for v in report["kernels_per_round"].values())
-    assert report["gpu_busy_fraction"] == {"plain": None, "dspark": None}
+    assert report["gpu_busy_fraction"] == {"plain": None, "dspark": None, "mixed": None}
     # The headline numbers are the sections' own.
     assert report["greedy_identical"] == report["sections"]["greedy"]["greedy_identical"]
     assert report["plain_tok_s"] == report["sections"]["throughput"]["plain_tok_s"]
@@ -88,6 +88,9 @@ def test_smoke_sections_report_what_they_measured(smoke):
         profiled = sections["profiler"][kind]
         assert profiled["aten_ops_per_round"] > 0 and profiled["round_ms"] > 0
     assert sections["profiler"]["aten_ops_per_round"]["dspark"] > sections["profiler"]["aten_ops_per_round"]["plain"]
+    mixed = sections["profiler"]["mixed"]  # decoding rows beside a 40-token prompt: the ragged path's operations too
+    assert mixed["prompt_tokens"] == 40 and mixed["round_ms"] > 0
+    assert mixed["kernels_per_round"] > sections["profiler"]["plain"]["kernels_per_round"]
     throughput = sections["throughput"]
     assert throughput["roofline_tok_s_1req"] is None and throughput["hbm_gbps"] == 3350
     assert all(tau >= 1 for tau in throughput["speculative_tau"].values())
