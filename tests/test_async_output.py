@@ -21,6 +21,7 @@ from dspark.models.drafters import load_drafter
 from dspark.models.target_runner import TargetRunner
 from dspark.models.tokenizer import load_tokenizer
 from dspark.models.zoo import resolve_drafter, resolve_target
+from dspark.serving.metrics import ServerMetrics
 
 PROMPTS = ["The history of the city", "Once upon a time", "The river", "In the morning the market"]
 
@@ -97,6 +98,10 @@ def test_async_outputs_equal_the_synchronous_engines(models):
     assert all(ends == 1 for *_, ends in got.values())  # each request finished exactly once
     assert engine.async_output and not sync_engine.async_output
     assert engine.late_stops > 0 and sync_engine.late_stops == 0  # requests that ran a step past their stop string
+    metrics = ServerMetrics("m")  # what /metrics shows
+    metrics.snapshot = engine.stats().to_dict()
+    late = next(f for f in metrics.collect() if f.name == "dspark:num_late_stops")
+    assert late.samples[0].value == engine.late_stops
 
 
 def test_an_aborted_request_gets_no_output_after_the_abort(models):

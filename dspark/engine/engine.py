@@ -145,6 +145,7 @@ class EngineStats:
     times: dict = field(default_factory=dict)
     spec_live: dict = field(default_factory=dict)  # SpecStats of every round so far, running requests included
     calibration: dict = field(default_factory=dict)  # `Engine.calibration_report`
+    late_stops: int = 0  # async output: requests that ran one step past the stop string that ended them
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -523,6 +524,7 @@ class Engine:
                    "draft_s": self.times.draft_s, "overhead_share": self.times.overhead_share},
             spec_live=self.spec_live.to_dict(),
             calibration=dict(self.calibration_report(), expected_accepted_per_position=list(self.expected_accepted_per_position)),
+            late_stops=self.late_stops,
         )
 
     def close(self) -> None:

@@ -98,6 +98,9 @@ class ServerMetrics:
         yield gauge("num_requests_waiting", "Requests queued (new or preempted).", snap["waiting"])
         yield gauge("kv_cache_usage_perc", "KV pages in use, as a fraction (1 = 100 %).", snap["kv_usage"])
         yield counter("num_preemptions", "Requests preempted (their KV freed, recomputed later).", snap["num_preemptions"])
+        yield counter("num_late_stops", "Requests that ran one engine step past the stop string that ended them (async "
+                      "output processing finds stop strings a step late; that step's tokens are dropped).",
+                      snap.get("late_stops", 0))
         times = snap["times"]
         yield counter("engine_steps", "Engine steps run.", times["steps"])
         yield counter("engine_step_seconds", "Seconds spent in engine steps.", times["step_s"])
