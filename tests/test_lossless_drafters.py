@@ -34,6 +34,7 @@ from dspark.decoding.sampling import SamplingParams, logits_to_probs
 from dspark.engine.generation import generate
 from dspark.models.drafters import load_drafter
 from dspark.models.drafters.base import DraftInput, DraftProposal, Drafter
+from dspark.models.flex_paged import FlexPagedAttention
 from dspark.models.static_step import StaticStep
 from dspark.models.target_runner import TargetRunner
 
@@ -122,20 +123,25 @@ def test_sampled_output_has_the_target_distribution(dist_runner, load, kind, set
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["dspark", "eagle3"])
-def test_sampled_output_on_the_static_path_has_the_target_distribution(dist_target, load, kind):
+@pytest.mark.parametrize("kind,attention", [("dspark", "sdpa"), ("eagle3", "sdpa"), ("dspark", "flex")])
+def test_sampled_output_on_the_static_path_has_the_target_distribution(dist_target, distilled, kind, attention):
     """The same test with the target's steps and the drafter's rounds padded to capture buckets and replayed
     from their captured graphs (dspark.models.static_step; `HostGraph`s on the CPU): the per-row sampling of
-    the captured rounds (`logits_to_probs_by_row`, the requests' uniforms) keeps the output exact."""
-    big = dict(graphs=True, max_batch=CHUNK, max_rows=16 * CHUNK)  # buckets for all CHUNK sequences of a batch
-    runner = TargetRunner.from_pretrained(dist_target, dtype="float64")
+    the captured rounds (`logits_to_probs_by_row`, the requests' uniforms) keeps the output exact — with the
+    attention gathering the keys (SDPA, float64) or reading the pages in place (the compiled FlexAttention
+    kernel, dspark.models.flex_paged; float32, the CPU kernel's widest type)."""
+    dtype = "float32" if attention == "flex" else "float64"
+    kernel = FlexPagedAttention() if attention == "flex" else None
+    big = dict(graphs=True, max_batch=CHUNK, max_rows=16 * CHUNK, kernel=kernel)  # buckets for a batch's CHUNK sequences
+    runner = TargetRunner.from_pretrained(dist_target, dtype=dtype)
     runner.static = StaticStep(runner.model, runner.cache, **big)
-    drafter = load(kind)
+    drafter = load_drafter(str(distilled(kind)), dtype=dtype, device="cpu")
     drafter.use_graphs(True)
     drafter.static = type(drafter.static)(drafter, **big)
     pvalue, info = run_gof(runner, GOF_SETTINGS["T1-top_k3"], drafter=drafter, num_draft_tokens=drafter.block_size,
                            seed=5)
     assert runner.static.replays > 0 and drafter.static.replays > 0  # both static paths ran
+    assert runner.static.kernel is kernel and drafter.static.kernel is kernel  # the kernel did not fall back
     assert info["accepted"] >= ACCEPTANCE_FLOOR * info["verified"], info
     _assert_matches(pvalue, info)
 

@@ -150,7 +150,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "kv_only_len=bucket.context_rows, causal=False)",
         "kv_only_len=bucket.context_rows, causal=True)",
         (f"{STATIC}::test_the_drafters_padded_round_equals_the_eager_one[True]",
-         f"{LOSSLESS}::test_sampled_output_on_the_static_path_has_the_target_distribution[dspark]"),
+         f"{LOSSLESS}::test_sampled_output_on_the_static_path_has_the_target_distribution[dspark-sdpa]"),
     ),
     Mutant(
         "static-draft-argmax-for-sampled-rows",
@@ -159,7 +159,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "                    prev = torch.where(samplings.greedy, prev, sample(q, uniforms=uniforms[:, k]))",
         "                    prev = torch.where(samplings.greedy, prev, prev)",
         (f"{STATIC}::test_the_drafters_padded_round_equals_the_eager_one[True]",
-         f"{LOSSLESS}::test_sampled_output_on_the_static_path_has_the_target_distribution[dspark]"),
+         f"{LOSSLESS}::test_sampled_output_on_the_static_path_has_the_target_distribution[dspark-sdpa]"),
     ),
     Mutant(
         "static-causal-round-argmax-for-sampled-rows",
@@ -168,7 +168,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "                token = torch.where(rows.greedy, token, sample(q, uniforms=uniforms[:, k]))",
         "                token = torch.where(rows.greedy, token, token)",
         ("tests/test_eagle3_mtp.py::test_the_padded_round_equals_the_eager_one[True-eagle3]",
-         f"{LOSSLESS}::test_sampled_output_on_the_static_path_has_the_target_distribution[eagle3]"),
+         f"{LOSSLESS}::test_sampled_output_on_the_static_path_has_the_target_distribution[eagle3-sdpa]"),
     ),
     Mutant(
         "flex-mask-not-causal",
