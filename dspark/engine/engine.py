@@ -387,12 +387,11 @@ class Engine:
         stepped = [(r, emitted[r.request_id]) for r in decoding + [r for r, _ in chunks] if r.request_id in emitted]
         if self.async_output:
             retired = {id(r) for r, _ in self._stopped}
-            self._take_ready_stops()
+            outputs = self._take_ready()
             self._pending = [(r, tokens) for r, tokens in stepped if id(r) not in retired]
             for request, _ in self._pending:
                 if request.finished:  # a stop token or max_new_tokens: its pages go back now, its output next step
                     self._finish(request)
-            outputs = self._take_ready()
         else:
             now = time.perf_counter()
             outputs = []
@@ -427,7 +426,7 @@ class Engine:
 
     def _process_pending(self) -> None:
         """Async output: the outputs of the last step's tokens, made while this step's forward runs. A request
-        still running whose tokens complete a stop string is retired after the step (`_take_ready_stops`):
+        still running whose tokens complete a stop string is retired after the step (`_take_ready`):
         its cache and its place in the forward in flight stay untouched until then."""
         now = time.perf_counter()
         for request, tokens in self._pending:
@@ -439,9 +438,9 @@ class Engine:
                 self._stopped.append((request, len(request.output_ids)))
         self._pending = []
 
-    def _take_ready_stops(self) -> None:
-        """Retire the requests a stop string ended during this step: the tokens this step appended go, the
-        output stays as the stop string cut it."""
+    def _take_ready(self) -> list[RequestOutput]:
+        """Async output: the outputs made during this step, once the requests a stop string ended are retired:
+        the tokens this step appended go, the output stays as the stop string cut it."""
         for request, length in self._stopped:
             del request.output_ids[length:]
             del request.output_logprobs[length:]
@@ -450,9 +449,6 @@ class Engine:
                 self.late_stops += 1
                 self._finish(request)
         self._stopped = []
-
-    def _take_ready(self) -> list[RequestOutput]:
-        self._take_ready_stops()
         outputs, self._ready = self._ready, []
         return outputs
 
