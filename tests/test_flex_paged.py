@@ -62,9 +62,9 @@ def test_flex_attention_equals_gathered_sdpa_on_every_static_layout(compiled, ca
         kv_only = torch.randint(0, 4, (3,), generator=gen).tolist() if trial % 2 else None
         layout = cache.prepare_static(seqs, query_lens, 5, 4, 16, kv_only_lens=kv_only, kv_only_len=3 if kv_only else 0,
                                       causal=causal)
-        args = (layout.packed(), 5, 4, 16 * 4, 3 if kv_only else 0)
+        args = (layout.packed(), 5, 4, 16, 4, cache.scratch_slot, 3 if kv_only else 0)
         sdpa = StaticLayout.metadata(*args)
-        flex = StaticLayout.metadata(*args, kernel=kernel, page_size=4)
+        flex = StaticLayout.metadata(*args, kernel=kernel)
         assert isinstance(flex.groups[0], FlexPagedGroup)
         k, v = cache.k_pools[0], cache.v_pools[0]
         for kv_only_rows in (flex.kv_only_slot_mapping, flex.slot_mapping):  # what the layers write first

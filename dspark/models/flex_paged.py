@@ -5,8 +5,8 @@ The SDPA attention of a static forward (`StaticLayout.metadata`) gathers every s
 [B, Hkv, P · page, D] buffer per layer before attending: the context's K/V are read, written and read again.
 `FlexPagedAttention` instead hands `torch.nn.attention.flex_attention` the whole pool as one key sequence of
 `pool_pages · page` slots ([1, Hkv, slots, D], a view: nothing is copied) and a `BlockMask` whose KV blocks are
-the cache's pages. Sequence b visits only the pages of its page table (⌈c_b / page⌉ of them), so the kernel
-streams each context page once from the pool. The pages every query row sees whole (below c_b and not past
+the cache's pages. Sequence b visits only the ⌈c_b / page⌉ pages of its page table (`StaticLayout.page_table`),
+so the kernel streams each context page once from the pool. The pages every query row sees whole (below c_b and not past
 query row 0's position) are the mask's full blocks, which skip the mask function; the rest (a decoding row's
 last page, the pages of a verification's own rows) are its partial blocks.
 
@@ -69,12 +69,10 @@ class FlexPagedAttention:
     def name(self) -> str:
         return "flex" if self.compiled else "flex (reference)"
 
-    def group(self, gather_slots: torch.Tensor, context_lens: torch.Tensor, query_starts: torch.Tensor,
+    def group(self, page_table: torch.Tensor, context_lens: torch.Tensor, query_starts: torch.Tensor,
               page_size: int, query_len: int) -> "FlexPagedGroup":
-        """The attention group of one static forward from its `StaticLayout` fields (device tensors): keys
-        gathered [B, P · page] (slot j of a used page p is table[p] · page + j; unused pages are the scratch
-        page), context_lens [B], query_starts [B]."""
-        page_table = torch.div(gather_slots[:, ::page_size], page_size, rounding_mode="floor")  # [B, P]
+        """The attention group of one static forward from its `StaticLayout` fields (device tensors): page_table
+        [B, P] (the scratch page past each sequence's pages), context_lens [B], query_starts [B]."""
         return FlexPagedGroup(self, page_table, context_lens, query_starts, page_size, query_len)
 
     def __call__(self, query, key, value, block_mask: BlockMask, scale: float, enable_gqa: bool) -> torch.Tensor:

@@ -97,8 +97,8 @@ class AttentionMetadata:
 class StaticLayout:
     """Host-built inputs of one static-shape forward (`PagedKVCache.prepare_static`): `batch` sequences, each
     with `kv_only_len` K/V-only rows (row n of sequence b is flat row b · kv_only_len + n) and `query_len`
-    query rows (flat row b · query_len + r), keys gathered `width` wide. Query row r of sequence b sees key j
-    iff j < context_lens[b] and j ≤ query_starts[b] + r (a non-causal forward sets query_starts[b] to the
+    query rows (flat row b · query_len + r), keys read from `pages` pages each. Query row r of sequence b sees
+    key j iff j < context_lens[b] and j ≤ query_starts[b] + r (a non-causal forward sets query_starts[b] to the
     context length: every key of the sequence)."""
 
     positions: torch.Tensor  # [batch · query_len] long
@@ -107,16 +107,17 @@ class StaticLayout:
     kv_only_slot_mapping: torch.Tensor  # [batch · kv_only_len] long (scratch for padding)
     query_starts: torch.Tensor  # [batch] long: the last key query row 0 sees (see above)
     context_lens: torch.Tensor  # [batch] long: keys of each sequence after the forward (1 for padding)
-    gather_slots: torch.Tensor  # [batch, width] long: slot of key j of sequence b (scratch past its context)
+    page_table: torch.Tensor  # [batch, pages] long: the pages of each sequence's keys (the scratch page past them)
     real_rows: torch.Tensor  # [T] long: flat query rows of the real tokens, in the ragged batch's order
     real_kv_only_rows: torch.Tensor  # [Σ n_b] long: flat K/V-only rows of the real ones, in order
 
     PACKED = ("positions", "slot_mapping", "kv_only_positions", "kv_only_slot_mapping", "query_starts",
-              "context_lens", "gather_slots")
+              "context_lens", "page_table")
 
     @classmethod
-    def idle(cls, batch: int, query_len: int, width: int, scratch_slot: int, kv_only_len: int = 0) -> "StaticLayout":
-        """Every row padding: writes to and reads the scratch slot only."""
+    def idle(cls, batch: int, query_len: int, pages: int, scratch_slot: int, page_size: int, kv_only_len: int = 0
+             ) -> "StaticLayout":
+        """Every row padding: writes to the scratch slot and reads the scratch page only."""
         def full(size: int, value: int) -> torch.Tensor:
             return torch.full((size,), value, dtype=torch.long)
 
@@ -125,37 +126,43 @@ class StaticLayout:
                    kv_only_positions=full(batch * kv_only_len, 0),
                    kv_only_slot_mapping=full(batch * kv_only_len, scratch_slot),
                    query_starts=full(batch, 0), context_lens=full(batch, 1),
-                   gather_slots=torch.full((batch, width), scratch_slot, dtype=torch.long),
+                   page_table=torch.full((batch, pages), scratch_slot // page_size, dtype=torch.long),
                    real_rows=empty, real_kv_only_rows=empty)
 
     @staticmethod
-    def packed_size(batch: int, query_len: int, width: int, kv_only_len: int = 0) -> int:
+    def packed_size(batch: int, query_len: int, pages: int, kv_only_len: int = 0) -> int:
         """Elements of `packed()` for these shapes."""
-        return 2 * batch * query_len + 2 * batch * kv_only_len + 2 * batch + batch * width
+        return 2 * batch * query_len + 2 * batch * kv_only_len + 2 * batch + batch * pages
 
     def packed(self) -> torch.Tensor:
         """The `PACKED` fields as one flat long tensor (one copy to the device, one into a capture's buffer)."""
         return torch.cat([getattr(self, name).reshape(-1) for name in self.PACKED])
 
     @classmethod
-    def metadata(cls, packed: torch.Tensor, batch: int, query_len: int, width: int, kv_only_len: int = 0, *,
-                 kernel=None, page_size: int = 0) -> AttentionMetadata:
-        """`packed()` on the device → the forward's AttentionMetadata: one attention group of fixed shapes, its
-        mask [B, 1, Q, width] made on the device (no host value read: capturable in a CUDA graph). With a paged
-        `kernel` (`dspark.models.flex_paged.FlexPagedAttention`; `width` a multiple of `page_size`) the group is
-        the kernel's, which reads the keys in the pools through the page table instead of gathering them."""
+    def metadata(cls, packed: torch.Tensor, batch: int, query_len: int, pages: int, page_size: int, scratch_slot: int,
+                 kv_only_len: int = 0, *, kernel=None) -> AttentionMetadata:
+        """`packed()` on the device → the forward's AttentionMetadata: one attention group of fixed shapes, made
+        on the device (no host value read: capturable in a CUDA graph). By default the group gathers each
+        sequence's keys, width = pages · page_size slots (those past its context: the scratch slot, so padding
+        never reads another sequence's or a stale slot), under a mask [B, 1, Q, width]. With a paged `kernel`
+        (`dspark.models.flex_paged.FlexPagedAttention`) the group is the kernel's, which reads the keys in the
+        pools through the page table instead."""
         rows, kv_rows = batch * query_len, batch * kv_only_len
-        positions, slots, kv_positions, kv_slots, query_starts, context_lens, gather = packed.split(
-            [rows, rows, kv_rows, kv_rows, batch, batch, batch * width])
+        positions, slots, kv_positions, kv_slots, query_starts, context_lens, table = packed.split(
+            [rows, rows, kv_rows, kv_rows, batch, batch, batch * pages])
+        table, width = table.view(batch, pages), pages * page_size
         if kernel is not None:
-            group = kernel.group(gather.view(batch, width), context_lens, query_starts, page_size, query_len)
+            group = kernel.group(table, context_lens, query_starts, page_size, query_len)
             return AttentionMetadata(positions=positions, slot_mapping=slots, query_lens=[query_len] * batch,
                                      context_lens=[width] * batch, groups=[group], kv_only_positions=kv_positions,
                                      kv_only_slot_mapping=kv_slots)
-        keys = torch.arange(width, device=packed.device).view(1, 1, width)
+        keys = torch.arange(width, device=packed.device)
+        gather = table.repeat_interleave(page_size, dim=1) * page_size + keys % page_size  # [B, width]
+        gather = torch.where(keys < context_lens.view(batch, 1), gather, scratch_slot)
+        keys = keys.view(1, 1, width)
         last_key = (query_starts.view(batch, 1) + torch.arange(query_len, device=packed.device)).unsqueeze(-1)
         mask = (keys < context_lens.view(batch, 1, 1)) & (keys <= last_key)  # [B, Q, C]
-        group = AttentionGroup(token_rows=None, gather_slots=gather.view(batch, width), padded_index=positions[:0],
+        group = AttentionGroup(token_rows=None, gather_slots=gather, padded_index=positions[:0],
                                attn_mask=mask.unsqueeze(1), max_query_len=query_len, num_tokens=rows)
         return AttentionMetadata(positions=positions, slot_mapping=slots, query_lens=[query_len] * batch,
                                  context_lens=[width] * batch, groups=[group], kv_only_positions=kv_positions,
@@ -399,10 +406,10 @@ class PagedKVCache:
                        context_pages: int, *, kv_only_lens: list[int] | None = None, kv_only_len: int = 0,
                        causal: bool = True) -> StaticLayout:
         """`prepare` in the fixed shapes of a capture bucket: `batch` ≥ B sequences, `query_len` ≥ max q_b query
-        rows and `kv_only_len` ≥ max n_b K/V-only rows each, keys gathered `context_pages` pages wide. Padding
-        rows (past q_b or n_b, or whole padding sequences) write their K/V to the scratch slot and see only real
-        keys (a padding sequence: the scratch slot), so they change no sequence and no row attends to nothing.
-        On failure nothing is changed."""
+        rows and `kv_only_len` ≥ max n_b K/V-only rows each, keys read from `context_pages` pages each (the
+        scratch page past a sequence's own). Padding rows (past q_b or n_b, or whole padding sequences) write
+        their K/V to the scratch slot and see only real keys (a padding sequence: the scratch slot), so they
+        change no sequence and no row attends to nothing. On failure nothing is changed."""
         kv_only = kv_only_lens or [0] * len(seq_ids)
         width = context_pages * self.page_size
         if len(seq_ids) > batch or max(query_lens, default=0) > query_len or max(kv_only, default=0) > kv_only_len:
@@ -414,7 +421,7 @@ class PagedKVCache:
                 self.truncate(seq_id, start)
             raise ValueError(f"a context of {max(context_lens)} tokens exceeds the bucket's {width} keys")
         scratch = self.scratch_slot
-        layout = StaticLayout.idle(batch, query_len, width, scratch, kv_only_len)
+        layout = StaticLayout.idle(batch, query_len, context_pages, scratch, self.page_size, kv_only_len)
         count = len(seq_ids)
         start, first_query, context = (torch.tensor(v, dtype=torch.long) for v in (starts, query_starts, context_lens))
         slots = torch.cat(all_slots + [torch.tensor([scratch])])  # the last one: scratch
@@ -427,7 +434,9 @@ class PagedKVCache:
             index = torch.where(j < lengths.unsqueeze(1), offsets.unsqueeze(1) + positions, slots.numel() - 1)
             return positions, slots[index]
 
-        positions, layout.gather_slots[:count] = positions_and_slots(torch.zeros_like(start), context, width)
+        page_starts = torch.arange(context_pages) * self.page_size  # the first position of each page
+        first_slots = torch.where(page_starts < context.unsqueeze(1), offsets.unsqueeze(1) + page_starts, slots.numel() - 1)
+        layout.page_table[:count] = torch.div(slots[first_slots], self.page_size, rounding_mode="floor")
         positions, query_slots = positions_and_slots(first_query, torch.tensor(query_lens), query_len)
         layout.positions[: count * query_len] = positions.reshape(-1)
         layout.slot_mapping[: count * query_len] = query_slots.reshape(-1)

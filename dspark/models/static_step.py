@@ -219,8 +219,8 @@ class PaddedForwards:
 
     def metadata(self, packed: torch.Tensor, batch: int, query_len: int, context_pages: int, kv_only_len: int = 0):
         """`StaticLayout.metadata` of a padded forward, read by this forwards' attention kernel."""
-        return StaticLayout.metadata(packed, batch, query_len, context_pages * self.cache.page_size, kv_only_len,
-                                     kernel=self.kernel, page_size=self.cache.page_size)
+        return StaticLayout.metadata(packed, batch, query_len, context_pages, self.cache.page_size,
+                                     self.cache.scratch_slot, kv_only_len, kernel=self.kernel)
 
     def run(self, bucket, inputs: list[torch.Tensor], forward: Callable[[list[torch.Tensor]], list]) -> list:
         """forward(inputs), replayed from the bucket's capture when there are graphs."""

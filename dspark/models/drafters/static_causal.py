@@ -82,19 +82,19 @@ class StaticCausalRound(StaticRound):
         layouts of the context rows and of each draft step; features [B·N, F]; temperature and top-p [2B];
         greedy [B]; uniforms [B, γ]] → [tokens [B, γ], probs [B·γ, V], the last context rows' outputs [B, H]]."""
         steps, batch, context = self.drafter.block_size, bucket.batch, bucket.context_rows
-        width = bucket.context_pages * self.cache.page_size
+        pages = bucket.context_pages
         longs, features, floats, greedy, uniforms = inputs
-        step_size = StaticLayout.packed_size(batch, 1, width)
+        step_size = StaticLayout.packed_size(batch, 1, pages)
         next_tokens, last_rows, top_k, context_layout, *step_layouts = longs.split(
-            [batch * context, batch, batch, StaticLayout.packed_size(batch, context, width)] + [step_size] * (steps - 1))
+            [batch * context, batch, batch, StaticLayout.packed_size(batch, context, pages)] + [step_size] * (steps - 1))
         temperature, top_p = floats.split([batch, batch])
         rows = RowSampling(temperature, top_k, top_p, greedy, bucket.sampling)
-        meta = self.metadata(context_layout, batch, context, bucket.context_pages)
+        meta = self.metadata(context_layout, batch, context, pages)
         last = self.model.ingest_pass(self.cache, meta, features, next_tokens).index_select(0, last_rows)
         hidden, tokens, probs = last, [], []
         for k in range(steps):
             if k > 0:
-                meta = self.metadata(step_layouts[k - 1], batch, 1, bucket.context_pages)
+                meta = self.metadata(step_layouts[k - 1], batch, 1, pages)
                 hidden = self.model.draft_step_pass(self.cache, meta, hidden, tokens[-1])
             q = logits_to_probs_by_row(self.model.logits(hidden), rows)
             token = q.argmax(-1)
